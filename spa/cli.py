@@ -1,0 +1,126 @@
+"""The `spa` command: one entry point, one subcommand per job.
+
+Handlers import their role's modules lazily: torch and ExecuTorch take
+seconds to import, and `spa --help` should not.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from spa.errors import SpaError
+
+
+def _quiet_libraries() -> None:
+    """Hide library noise that says nothing to a user (deprecations, progress bars of loads)."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "torch._export", "torch.utils._pytree", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def cmd_train(args) -> int:
+    from spa.backbone import load_backbone
+    from spa.plugin import save_plugin
+    from training.train import TrainSettings, train_plugin
+
+    settings = TrainSettings.quick(args.profile, args.seed) if args.quick else TrainSettings(args.profile, args.seed)
+    for name in ("epochs", "rank", "tap_every", "skip_cost", "lr", "max_doc_tokens", "train_docs", "val_docs"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    backbone = load_backbone(args.backbone)
+    plugin, metrics = train_plugin(backbone, settings)
+    digest = save_plugin(plugin, args.out)
+    val = metrics["val"]
+    summary = {"plugin": str(args.out), "content_hash": digest, "profile": settings.profile, "tau": plugin.config.tau,
+               "taps": len(plugin.config.taps), "metrics": metrics}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for split in ("train", "val"):
+            m = metrics[split]
+            print(f"{split:5} loss: backbone {m['loss_backbone']:.3f} | side always on {m['loss_side_always']:.3f} | "
+                  f"gated at tau {plugin.config.tau:.3g}: {m['loss_gated']:.3f} with side usage {m['side_usage']:.0%}")
+        print(f"saved plugin {digest} to {args.out} "
+              f"(val loss {val['loss_backbone']:.3f} -> {val['loss_gated']:.3f})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from export.export import export_plugin, format_manifest
+
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
+    manifest = export_plugin(args.plugin_dir, args.out, variants=args.variants, progress=progress)
+    print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest, Path(args.out)))
+    return 0 if all(v["parity"]["ok"] for v in manifest["variants"].values()) else 1
+
+
+def cmd_demo(args) -> int:
+    from spa.demo import run_demo
+
+    return run_demo(args.profile, args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spa", description="Side Plugin Adaptation: personalized generation split "
+                                     "between a phone (ExecuTorch plugin) and a cloud (frozen backbone).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a reader's side plugin (side network + gate) on ACLSum")
+    p.add_argument("--profile", required=True, help="reader profile: challenge, approach or outcome")
+    p.add_argument("--out", required=True, type=Path, help="plugin directory to write")
+    p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="16 train / 8 val papers, 128-token documents: ~1 minute")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--rank", type=int, help="side network width r (default 32)")
+    p.add_argument("--tap-every", type=int, help="tap every k-th layer (default 1: all layers)")
+    p.add_argument("--skip-cost", "--lambda", dest="skip_cost", type=float,
+                   help="lambda: nats a token's loss must drop to open the gate (default 0.05); higher -> less side usage")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-doc-tokens", type=int, help="truncate each paper to about this many tokens (default 384)")
+    p.add_argument("--train-docs", type=int, help="use only the first N train papers")
+    p.add_argument("--val-docs", type=int, help="use only the first N validation papers")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("export", help="export a plugin directory to ExecuTorch .pte files and verify them")
+    p.add_argument("plugin_dir", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="directory for the .pte files")
+    p.add_argument("--variants", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
+    p.add_argument("--json", action="store_true", help="print the manifest (sizes, parity errors) as JSON")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("demo", help="train a quick plugin, export it, and run it (the README's demo)")
+    p.add_argument("--profile", default="outcome", help="reader profile (default: outcome)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where the demo writes (default runs/demo)")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.run(args)
+    except SpaError as exc:
+        print(f"spa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""ACLSum papers, reader profiles and the prompt format.
+
+A *reader profile* is one ACLSum aspect: a reader who wants the paper's
+`challenge`, its `approach`, or its `outcome`. That aspect's human summary is
+the personalized summary the reader's plugin learns to write.
+
+Prompt format (documented in the README): the document comes first, then the
+instruction, inside the backbone's chat template, so that one prefill of the
+document can serve several instructions. The plugin's prompt uses a generic
+instruction; the personalization is the plugin's job. The prompted-backbone
+baseline (paper's one-shot row) names the aspect in its instruction instead.
+
+Truncation: a whole paper is ~1100 tokens; a CPU budget wants less. We keep
+the title, then whole sentences in priority order (abstract, conclusion,
+introduction) while they fit in `max_doc_tokens`, and print the kept sentences
+in the paper's own order.
+"""
+
+import json
+from dataclasses import dataclass
+
+from spa.errors import DataError
+from spa.paths import package_dir
+
+PROFILES = ("challenge", "approach", "outcome")
+SPLITS = ("train", "val", "test")
+GENERIC_INSTRUCTION = "Summarize this paper in one sentence."
+ASPECT_INSTRUCTIONS = {
+    "challenge": "In one sentence, what challenge or problem does this paper address?",
+    "approach": "In one sentence, what approach or method does this paper propose?",
+    "outcome": "In one sentence, what are the outcomes or results of this paper?",
+}
+_SECTION_PRIORITY = ("abstract", "conclusion", "introduction")
+_SECTION_ORDER = ("abstract", "introduction", "conclusion")
+
+
+@dataclass(frozen=True)
+class Paper:
+    id: str
+    title: str
+    sections: dict  # section name -> list of sentences
+    summaries: dict  # profile -> human summary
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise DataError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return profile
+
+
+def load_split(split: str, limit: int | None = None) -> list[Paper]:
+    """Read ACLSum's shipped `train`/`val`/`test` jsonl (100/50/100 papers)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = package_dir("aclsum") / "dataset" / f"{split}.jsonl"
+    if not path.exists():
+        raise DataError(f"{path} is missing; reinstall aclsum==0.1.2")
+    papers = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            papers.append(Paper(row["id"], row["title"], row["sentences"], row["summary"]))
+            if limit is not None and len(papers) >= limit:
+                break
+    return papers
+
+
+def document_text(paper: Paper, count_tokens, max_doc_tokens: int) -> str:
+    """The paper as prompt text, truncated to about `max_doc_tokens` tokens."""
+    budget = max_doc_tokens - count_tokens(paper.title)
+    keep = set()
+    for section in _SECTION_PRIORITY:
+        for i, sentence in enumerate(paper.sections.get(section, [])):
+            cost = count_tokens(" " + sentence)
+            if cost > budget:
+                break
+            budget -= cost
+            keep.add((section, i))
+    parts = [paper.title]
+    for section in _SECTION_ORDER:
+        kept = [s for i, s in enumerate(paper.sections.get(section, [])) if (section, i) in keep]
+        if kept:
+            parts.append(f"{section.capitalize()}: " + " ".join(kept))
+    return "\n".join(parts)
+
+
+def chat_template(tokenizer) -> str:
+    """The backbone's chat prompt with `{document}` and `{instruction}` placeholders."""
+    messages = [{"role": "user", "content": "{document}\n\n{instruction}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def format_prompt(template: str, document: str, instruction: str) -> str:
+    # str.replace, not str.format: documents contain braces. The document goes
+    # in last so that text inside it is never taken for a placeholder.
+    return template.replace("{instruction}", instruction).replace("{document}", document)

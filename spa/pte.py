@@ -1,0 +1,85 @@
+"""Run an exported plugin (`.pte`) with the ExecuTorch runtime.
+
+Used by everything that executes a plugin on the device side: the device
+runtime, export verification, the in-process reference and the benchmarks.
+Eager torch never stands in for the device.
+"""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spa.errors import PluginError
+from spa.plugin import PluginConfig
+
+REQUIRED_METHODS = ("gate", "side", "plugin_hash", "plugin_config")
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence the C++ runtime's cpuinfo chatter, which it writes straight to fd 2."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _runtime():
+    with _quiet_native_stderr():
+        from executorch.runtime import Runtime
+
+        return Runtime.get()
+
+
+class PtePlugin:
+    """A loaded `.pte` plugin: `gate(f) -> p`, `side(taps) -> s`, plus its config."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise PluginError(f"{self.path} does not exist")
+        runtime = _runtime()
+        try:
+            with _quiet_native_stderr():
+                self._program = runtime.load_program(self.path)
+        except Exception as exc:  # the runtime raises RuntimeError/ValueError variants
+            raise PluginError(f"{self.path} is not a valid ExecuTorch program: {exc}") from exc
+        missing = [m for m in REQUIRED_METHODS if m not in self._program.method_names]
+        if missing:
+            raise PluginError(f"{self.path} is not an SPA plugin (missing methods: {', '.join(missing)})")
+        self.content_hash = "".join(chr(c) for c in self._call("plugin_hash", [])[0].tolist())
+        data = json.loads(bytes(self._call("plugin_config", [])[0].tolist()).decode())
+        self.config = PluginConfig.from_dict(data)
+        with _quiet_native_stderr():  # XNNPACK initializes (and talks) on first use
+            self._gate = self._program.load_method("gate")
+            self._side = self._program.load_method("side")
+            self.gate(np.zeros(self.config.hidden_size, np.float32))
+
+    def _call(self, method: str, inputs: list):
+        return self._program.load_method(method).execute(inputs)
+
+    @property
+    def tau(self) -> float:
+        return self.config.tau
+
+    def gate(self, f) -> float:
+        """p_t for one position's final state f [H]."""
+        x = torch.as_tensor(np.asarray(f, dtype=np.float32)).reshape(1, -1)
+        return float(self._gate.execute([x])[0][0, 0])
+
+    def side(self, taps) -> np.ndarray:
+        """s_t [H] for one position's taps [len(taps), H]."""
+        x = torch.as_tensor(np.asarray(taps, dtype=np.float32)).unsqueeze(0)
+        return self._side.execute([x])[0][0].numpy()

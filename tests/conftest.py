@@ -1,0 +1,58 @@
+"""Expensive fixtures, built once per test run.
+
+The real SmolLM2 backbone (converted once into the per-user cache), one quick
+plugin trained by the real `spa train --quick`, and its `.pte` export by the
+real `spa export`. Tests that need them share these.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = "outcome"
+
+
+def run_spa(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
+    """Run the `spa` command as a user would, from the repository root."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "spa.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"spa {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from spa.backbone import load_backbone
+
+    return load_backbone()
+
+
+@pytest.fixture(scope="session")
+def quick_plugin_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plugin") / PROFILE
+    run_spa("train", "--quick", "--profile", PROFILE, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_train_result(tmp_path_factory) -> dict:
+    """`spa train --quick --json`, kept separately so tests can read its metrics."""
+    out = tmp_path_factory.mktemp("plugin_json") / PROFILE
+    proc = run_spa("train", "--quick", "--profile", PROFILE, "--out", out, "--json")
+    return json.loads(proc.stdout) | {"dir": out}
+
+
+@pytest.fixture(scope="session")
+def exported(quick_plugin_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """(export directory, manifest printed by `spa export --json`)."""
+    out = tmp_path_factory.mktemp("export")
+    proc = run_spa("export", quick_plugin_dir, "--out", out, "--json", check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return out, json.loads(proc.stdout)

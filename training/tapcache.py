@@ -1,0 +1,73 @@
+"""Backbone states at the summary positions, computed once and cached on disk.
+
+The backbone is frozen and the side network reads one position at a time, so
+training never needs the backbone again once the states at the positions that
+predict summary tokens are stored. For each (document, summary) pair we run
+one forward over prompt + summary + EOS and keep, for every position t that
+predicts a summary token, all L + 1 states (embedding and every layer; the last
+is f_t) and the target x_{t+1}.
+"""
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from spa.data import Paper, document_text, format_prompt
+from spa.paths import cache_dir
+
+
+@dataclass
+class TokenSet:
+    states: torch.Tensor  # [N, L + 1, H] float32, states[:, -1] is f_t
+    targets: torch.Tensor  # [N] int64, the summary token each position predicts
+    doc_index: torch.Tensor  # [N] int64, which paper the position belongs to
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, docs: int) -> "TokenSet":
+        keep = self.doc_index < docs
+        return TokenSet(self.states[keep], self.targets[keep], self.doc_index[keep])
+
+
+def prompt_for(backbone, paper: Paper, template: str, instruction: str, max_doc_tokens: int) -> str:
+    count = lambda text: len(backbone.encode(text))  # noqa: E731
+    return format_prompt(template, document_text(paper, count, max_doc_tokens), instruction)
+
+
+def _cache_key(backbone, papers, profile, template, instruction, max_doc_tokens) -> str:
+    spec = [backbone.identity.fingerprint, [p.id for p in papers], profile, template, instruction, max_doc_tokens, 1]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
+
+
+def build_token_set(backbone, papers: list[Paper], profile: str, template: str, instruction: str,
+                    max_doc_tokens: int, label: str = "taps") -> TokenSet:
+    """States and targets for every summary token of `papers`, cached on disk."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / "taps" / f"{_cache_key(backbone, papers, profile, template, instruction, max_doc_tokens)}.safetensors"
+    if path.exists():
+        data = load_file(path)
+        print(f"{label}: {len(data['targets'])} summary tokens from cache {path}", file=sys.stderr, flush=True)
+        return TokenSet(data["states"], data["targets"], data["doc_index"])
+    eos = min(backbone.eos_token_ids)
+    states, targets, doc_index = [], [], []
+    for i, paper in enumerate(tqdm(papers, desc=f"{label}: caching backbone states", unit="doc")):
+        prompt = backbone.encode(prompt_for(backbone, paper, template, instruction, max_doc_tokens))
+        summary = backbone.encode(paper.summaries[profile]) + [eos]
+        ids = torch.tensor([prompt + summary])
+        out = backbone.forward(ids, backbone.new_cache())[0]
+        first = len(prompt) - 1  # this position predicts the first summary token
+        states.append(out[first:first + len(summary)].clone())
+        targets.append(torch.tensor(summary))
+        doc_index.append(torch.full((len(summary),), i))
+    data = {"states": torch.cat(states), "targets": torch.cat(targets), "doc_index": torch.cat(doc_index)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(data, tmp)
+    tmp.rename(path)
+    return TokenSet(**data)

@@ -1,0 +1,175 @@
+"""Train a reader's side plugin on cached backbone states (DESIGN §1, "Training").
+
+The recipe trains exactly what the runtime runs, the *hard* gate:
+
+1. Side network with sigma = 1 on every summary token (LM loss), keeping the
+   epoch with the best validation loss.
+2. Gate as a classifier. The skip cost `lam` (lambda) is the price, in nats,
+   of opening the gate for one token. A token is labelled "open" when the side
+   lowers its loss by more than `lam`; the gate (M_c on rms(f_t)) learns those
+   labels with a cross-entropy loss.
+3. tau on the validation split: the threshold minimizing
+   hard-gate loss + lam * side usage.
+
+Why not the soft gate `p * s` with a cost `lam * mean(p)`: the optimizer
+shrinks p and grows s, the cost vanishes and the hard gate then means nothing
+(measured: 96-98 % usage or a dead gate). Raising `lam` here lowers usage.
+"""
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from spa.data import GENERIC_INSTRUCTION, chat_template, check_profile, load_split
+from spa.plugin import Plugin, PluginConfig, every_kth_layer, rms
+from training.tapcache import TokenSet, build_token_set
+
+
+@dataclass
+class TrainSettings:
+    profile: str
+    seed: int = 0
+    train_docs: int | None = None  # None: the whole train split (100 papers)
+    val_docs: int | None = None  # None: the whole val split (50 papers)
+    max_doc_tokens: int = 384
+    rank: int = 32
+    tap_every: int = 1  # 1: every layer, as the SPA reference code
+    epochs: int = 6
+    lr: float = 2e-3
+    batch_tokens: int = 64
+    skip_cost: float = 0.05  # lambda: nats a token's loss must drop for the gate to open
+    gate_steps: int = 300
+
+    @classmethod
+    def quick(cls, profile: str, seed: int = 0) -> "TrainSettings":
+        """About a minute on a 2-core CPU: for tests and the demo."""
+        return cls(profile, seed, train_docs=16, val_docs=8, max_doc_tokens=128, epochs=4)
+
+
+@dataclass
+class Split:
+    """Per-token losses of one split: the inputs of the gate and the report."""
+
+    base: torch.Tensor  # [N] CE of the backbone alone
+    side: torch.Tensor  # [N] CE with sigma = 1
+    p: torch.Tensor  # [N] gate probability
+
+    def gated_loss(self, tau: float) -> tuple[float, float]:
+        """(hard-gate loss, side usage) at threshold tau."""
+        open_ = self.p > tau
+        return torch.where(open_, self.side, self.base).mean().item(), open_.float().mean().item()
+
+
+def token_losses(backbone, plugin: Plugin, data: TokenSet, sigma: float, batch: int = 512) -> torch.Tensor:
+    """Per-token CE of lm_head(norm(f + sigma * s)), no gradient."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            states, targets = data.states[i:i + batch], data.targets[i:i + batch]
+            f = states[:, -1]
+            state = f + sigma * plugin.side(states[:, plugin.config.taps]) if sigma else f
+            out.append(F.cross_entropy(backbone.lm_head(backbone.norm(state)), targets, reduction="none"))
+    return torch.cat(out)
+
+
+def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: TrainSettings, gen) -> list[dict]:
+    opt = torch.optim.AdamW(plugin.side.parameters(), lr=s.lr, weight_decay=0.01)
+    taps = plugin.config.taps
+    history, best, best_state = [], float("inf"), None
+    for epoch in range(1, s.epochs + 1):
+        t0, total = time.time(), 0.0
+        order = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(order), s.batch_tokens):
+            idx = order[i:i + s.batch_tokens]
+            states = train.states[idx]
+            state = states[:, -1] + plugin.side(states[:, taps])
+            loss = F.cross_entropy(backbone.lm_head(backbone.norm(state)), train.targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        val_loss = token_losses(backbone, plugin, val, sigma=1.0).mean().item()
+        history.append({"epoch": epoch, "train_loss": total / len(train), "val_loss": val_loss})
+        print(f"  side epoch {epoch}/{s.epochs}: train loss {total / len(train):.3f}, "
+              f"val loss {val_loss:.3f} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+        if val_loss < best:
+            best, best_state = val_loss, {k: v.clone() for k, v in plugin.side.state_dict().items()}
+    plugin.side.load_state_dict(best_state)
+    return history
+
+
+def train_gate(plugin: Plugin, f: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+    """Fit M_c to the "side helps" labels (full batch: a few thousand tokens)."""
+    opt = torch.optim.AdamW(plugin.gate.parameters(), lr=1e-2, weight_decay=0.01)
+    x = rms(f)
+    for _ in range(steps):
+        loss = F.cross_entropy(plugin.gate.classifier(x), labels.long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def choose_tau(val: Split, skip_cost: float) -> float:
+    """The threshold minimizing validation hard-gate loss + skip_cost * usage."""
+    candidates = torch.cat([torch.tensor([0.0, 1.0]), val.p.unique()])
+    # Put tau between neighbouring probabilities, never on one, so that no
+    # validation token sits exactly at the threshold.
+    candidates = candidates.sort().values
+    mids = ((candidates[1:] + candidates[:-1]) / 2).tolist() + [0.0, 1.0]
+    return min(mids, key=lambda tau: (lambda l, u: l + skip_cost * u)(*val.gated_loss(tau)))
+
+
+def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
+    check_profile(s.profile)
+    torch.manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(s.seed)
+    template = chat_template(backbone.tokenizer)
+    papers = {name: load_split(name, limit) for name, limit in (("train", s.train_docs), ("val", s.val_docs))}
+    data = {
+        name: build_token_set(backbone, docs, s.profile, template, GENERIC_INSTRUCTION, s.max_doc_tokens, label=name)
+        for name, docs in papers.items()
+    }
+    train, val = data["train"], data["val"]
+    print(f"train: {len(papers['train'])} papers, {len(train)} summary tokens; "
+          f"val: {len(papers['val'])} papers, {len(val)} summary tokens", file=sys.stderr, flush=True)
+
+    config = PluginConfig(
+        backbone=backbone.identity.to_dict(),
+        taps=every_kth_layer(backbone.num_layers, s.tap_every),
+        rank=s.rank,
+        side_scale=rms_of(train.states[:, -1]),
+        profile=s.profile,
+        prompt_template=template,
+        instruction=GENERIC_INSTRUCTION,
+        max_doc_tokens=s.max_doc_tokens,
+    )
+    plugin = Plugin(config)
+    history = train_side(backbone, plugin, train, val, s, gen)
+
+    splits = {}
+    for name, tokens in (("train", train), ("val", val)):
+        base, side = token_losses(backbone, plugin, tokens, 0.0), token_losses(backbone, plugin, tokens, 1.0)
+        splits[name] = Split(base, side, torch.zeros_like(base))
+    labels = (splits["train"].base - splits["train"].side) > s.skip_cost
+    train_gate(plugin, train.states[:, -1], labels, s.gate_steps)
+    with torch.no_grad():
+        for name, tokens in (("train", train), ("val", val)):
+            splits[name].p = plugin.gate(tokens.states[:, -1])[:, 0]
+    config.tau = choose_tau(splits["val"], s.skip_cost)
+
+    metrics = {}
+    for name, split in splits.items():
+        gated, usage = split.gated_loss(config.tau)
+        metrics[name] = {"loss_backbone": split.base.mean().item(), "loss_side_always": split.side.mean().item(),
+                         "loss_gated": gated, "side_usage": usage, "tokens": len(split.base)}
+    metrics["gate_positive_labels"] = labels.float().mean().item()
+    config.training = {"settings": asdict(s), "side_history": history, "metrics": metrics}
+    return plugin.eval(), metrics
+
+
+def rms_of(f: torch.Tensor) -> float:
+    """Median RMS of the final states: the side output's fixed scale."""
+    return f.pow(2).mean(-1).sqrt().median().item()
