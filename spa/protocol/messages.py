@@ -1,0 +1,436 @@
+"""Protocol messages (version 1) as dataclasses; docs/PROTOCOL.md §4 is the spec.
+
+`parse(d)` turns an unpacked msgpack map into a message, validating every field
+(type and range) and raising ProtocolError("bad_field", "<path>: <why>") on the
+first defect. `msg.to_dict()` builds the map to send. Keys a message does not
+define are ignored, so a later version can add optional fields.
+
+Activations (`f`, `taps`, `s`) stay in their encoded form (spa.codec); parsing
+decodes them once to validate them.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from spa import codec
+from spa.protocol.errors import ProtocolError
+
+VERSION = 1
+INT32_MAX = (1 << 31) - 1  # positions, epochs, token ids, counts: a Java int
+INT64_MAX = (1 << 63) - 1  # seeds: a Java long
+MAX_LAYER = 1024
+MAX_NAME = 256  # ids, fingerprints, hashes, codes
+CODECS = codec.SCHEMES
+END_REASONS = ("eos", "max_tokens")
+
+
+class _Fields:
+    """Typed access to one msgpack map; `path` names it in error messages."""
+
+    def __init__(self, d, path: str):
+        if not isinstance(d, dict):
+            raise ProtocolError("bad_field", f"{path}: expected a map")
+        self.d, self.path = d, path
+
+    def _get(self, name: str):
+        if name not in self.d:
+            raise ProtocolError("bad_field", f"{self.path}.{name}: missing")
+        return self.d[name]
+
+    def _bad(self, name: str, why: str):
+        raise ProtocolError("bad_field", f"{self.path}.{name}: {why}")
+
+    def integer(self, name: str, lo: int = 0, hi: int = INT32_MAX) -> int:
+        v = self._get(name)
+        if type(v) is not int or not lo <= v <= hi:  # bool is not an int here
+            self._bad(name, f"expected an int in [{lo}, {hi}]")
+        return v
+
+    def number(self, name: str, lo: float) -> float:
+        v = self._get(name)
+        if type(v) not in (int, float) or not math.isfinite(v) or v < lo:
+            self._bad(name, f"expected a finite number >= {lo}")
+        return float(v)
+
+    def flag(self, name: str) -> bool:
+        v = self._get(name)
+        if type(v) is not bool:
+            self._bad(name, "expected a bool")
+        return v
+
+    def text(self, name: str, max_len: int | None = MAX_NAME, choices=None) -> str:
+        v = self._get(name)
+        if type(v) is not str or (max_len is not None and len(v) > max_len):
+            self._bad(name, f"expected a str of at most {max_len} characters")
+        if choices is not None and v not in choices:
+            self._bad(name, f"expected one of {', '.join(choices)}")
+        return v
+
+    def blob(self, name: str) -> bytes:
+        v = self._get(name)
+        if type(v) is not bytes:
+            self._bad(name, "expected bin (bytes)")
+        return v
+
+    def map(self, name: str) -> "_Fields":
+        return _Fields(self._get(name), f"{self.path}.{name}")
+
+    def numbers(self, name: str) -> dict:
+        """A map of str -> finite int or float (stats, limits)."""
+        v = self._get(name)
+        if not isinstance(v, dict) or not all(
+            type(k) is str and type(x) in (int, float) and math.isfinite(x) for k, x in v.items()
+        ):
+            self._bad(name, "expected a map of str to finite numbers")
+        return v
+
+    def layers(self, name: str) -> tuple[int, ...]:
+        v = self._get(name)
+        if (
+            not isinstance(v, list)
+            or not v
+            or not all(type(x) is int and 0 <= x <= MAX_LAYER for x in v)
+            or any(a >= b for a, b in zip(v, v[1:]))
+        ):
+            self._bad(name, f"expected a non-empty ascending list of ints in [0, {MAX_LAYER}]")
+        return tuple(v)
+
+    def activation(self, name: str) -> dict:
+        v = self._get(name)
+        try:
+            codec.decode(v)
+        except ProtocolError as e:
+            self._bad(name, e.message)
+        return v
+
+
+@dataclass(frozen=True)
+class Plugin:
+    fingerprint: str  # backbone fingerprint the plugin was trained on
+    taps: tuple[int, ...]  # layer indices, ascending; 0 = embedding output
+    content_hash: str
+
+    def to_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "taps": list(self.taps), "content_hash": self.content_hash}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Plugin":
+        return cls(f.text("fingerprint"), f.layers("taps"), f.text("content_hash"))
+
+
+@dataclass(frozen=True)
+class Options:
+    window: int = 0  # W: drafted-but-unverified positions beyond the first; 0 = lock-step
+    codec: str = "int8"  # activation scheme for f, taps and s
+    outliers: int = 8  # outlier channels per row
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0  # sampling noise for position t comes from (seed, t)
+
+    def to_dict(self) -> dict:
+        return {
+            "window": self.window,
+            "codec": self.codec,
+            "outliers": self.outliers,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": float(self.temperature),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Options":
+        return cls(
+            window=f.integer("window"),
+            codec=f.text("codec", choices=CODECS),
+            outliers=f.integer("outliers", hi=codec.MAX_COLS),
+            max_new_tokens=f.integer("max_new_tokens", lo=1),
+            temperature=f.number("temperature", lo=0.0),
+            seed=f.integer("seed", hi=INT64_MAX),
+        )
+
+
+@dataclass(frozen=True)
+class Resume:
+    session: str
+    secret: str
+
+    def to_dict(self) -> dict:
+        return {"session": self.session, "secret": self.secret}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Resume":
+        return cls(f.text("session"), f.text("secret"))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    fingerprint: str
+    num_layers: int  # L; taps may name layers 0..L
+    hidden_size: int  # H; columns of f, taps and s
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+        }
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Backbone":
+        return cls(
+            f.text("name"),
+            f.text("fingerprint"),
+            f.integer("num_layers", lo=1, hi=MAX_LAYER),
+            f.integer("hidden_size", lo=1, hi=codec.MAX_COLS),
+        )
+
+
+# --- device -> gateway ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[str] = "hello"
+    token: str  # auth token; "" when the gateway needs none
+    plugin: Plugin
+    prompt: str  # formatted by the device (chat template included)
+    options: Options
+    resume: Resume | None = None  # reserved: v1 gateways answer resume_failed
+    version: int = VERSION
+
+    def to_dict(self) -> dict:
+        d = {
+            "type": self.TYPE,
+            "version": self.version,
+            "token": self.token,
+            "plugin": self.plugin.to_dict(),
+            "prompt": self.prompt,
+            "options": self.options.to_dict(),
+        }
+        if self.resume is not None:
+            d["resume"] = self.resume.to_dict()
+        return d
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Hello":
+        # Version first: a hello of another version may have other fields.
+        version = f.integer("version")
+        if version != VERSION:
+            raise ProtocolError("version", f"protocol version {version} is not supported (only {VERSION})")
+        resume = f.d.get("resume")
+        return cls(
+            token=f.text("token"),
+            plugin=Plugin.read(f.map("plugin")),
+            prompt=f.text("prompt", max_len=None),
+            options=Options.read(f.map("options")),
+            resume=None if resume is None else Resume.read(f.map("resume")),
+        )
+
+
+@dataclass(frozen=True)
+class Accept:
+    TYPE: ClassVar[str] = "accept"
+    epoch: int
+    upto: int  # every position <= upto had sigma = 0: its draft is committed
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "epoch": self.epoch, "upto": self.upto}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Accept":
+        return cls(f.integer("epoch"), f.integer("upto"))
+
+
+@dataclass(frozen=True)
+class NeedTaps:
+    TYPE: ClassVar[str] = "need_taps"
+    epoch: int
+    pos: int  # sigma = 1 here; every position < pos is accepted
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "NeedTaps":
+        return cls(f.integer("epoch"), f.integer("pos"))
+
+
+@dataclass(frozen=True)
+class Side:
+    TYPE: ClassVar[str] = "side"
+    epoch: int
+    pos: int
+    s: dict  # encoded activation, 1 row
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "s": self.s}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Side":
+        return cls(f.integer("epoch"), f.integer("pos"), f.activation("s"))
+
+
+@dataclass(frozen=True)
+class Bye:
+    TYPE: ClassVar[str] = "bye"
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Bye":
+        return cls()
+
+
+# --- gateway -> device ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    TYPE: ClassVar[str] = "ready"
+    session: str
+    secret: str  # resume secret
+    backbone: Backbone
+    prompt_tokens: int  # P; the first step has pos = P - 1
+    limits: dict = field(default_factory=dict)  # the gateway's Limits, by name
+
+    def to_dict(self) -> dict:
+        return {
+            "type": self.TYPE,
+            "session": self.session,
+            "secret": self.secret,
+            "backbone": self.backbone.to_dict(),
+            "prompt_tokens": self.prompt_tokens,
+            "limits": self.limits,
+        }
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Ready":
+        return cls(
+            f.text("session"),
+            f.text("secret"),
+            Backbone.read(f.map("backbone")),
+            f.integer("prompt_tokens", lo=1),
+            f.numbers("limits"),
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    TYPE: ClassVar[str] = "step"
+    epoch: int
+    pos: int  # t
+    f: dict  # encoded f_t, 1 row
+    draft: int  # the backbone's token x_{t+1}, kept if sigma_t = 0
+    piece: bytes  # UTF-8 bytes of the draft's text, possibly a partial character
+
+    def to_dict(self) -> dict:
+        return {
+            "type": self.TYPE,
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "f": self.f,
+            "draft": self.draft,
+            "piece": self.piece,
+        }
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Step":
+        return cls(
+            f.integer("epoch"), f.integer("pos"), f.activation("f"), f.integer("draft"), f.blob("piece")
+        )
+
+
+@dataclass(frozen=True)
+class Taps:
+    TYPE: ClassVar[str] = "taps"
+    epoch: int
+    pos: int
+    taps: dict  # encoded activation, one row per tapped layer, in plugin.taps order
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "taps": self.taps}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Taps":
+        return cls(f.integer("epoch"), f.integer("pos"), f.activation("taps"))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    TYPE: ClassVar[str] = "verdict"
+    epoch: int  # the epoch after the verdict: old + 1 when changed
+    pos: int
+    token: int  # the committed x_{pos+1}
+    piece: bytes
+    changed: bool  # token != the draft; drafts after pos are void
+
+    def to_dict(self) -> dict:
+        return {
+            "type": self.TYPE,
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "token": self.token,
+            "piece": self.piece,
+            "changed": self.changed,
+        }
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Verdict":
+        return cls(
+            f.integer("epoch"), f.integer("pos"), f.integer("token"), f.blob("piece"), f.flag("changed")
+        )
+
+
+@dataclass(frozen=True)
+class End:
+    TYPE: ClassVar[str] = "end"
+    reason: str  # "eos" | "max_tokens"
+    stats: dict  # str -> number; "tokens" (generated tokens) is always there
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "reason": self.reason, "stats": self.stats}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "End":
+        end = cls(f.text("reason", choices=END_REASONS), f.numbers("stats"))
+        if type(end.stats.get("tokens")) is not int:
+            raise ProtocolError("bad_field", "end.stats.tokens: expected an int")
+        return end
+
+
+# --- either direction ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Error:
+    TYPE: ClassVar[str] = "error"
+    code: str  # a key of spa.protocol.errors.CODES (receivers accept others)
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "code": self.code, "message": self.message}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Error":
+        return cls(f.text("code"), f.text("message", max_len=4096))
+
+    @classmethod
+    def of(cls, e: ProtocolError) -> "Error":
+        return cls(e.code, e.message[:4096])
+
+
+MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Bye, Ready, Step, Taps, Verdict, End, Error)}
+Message = Hello | Accept | NeedTaps | Side | Bye | Ready | Step | Taps | Verdict | End | Error
+
+
+def parse(d: dict) -> Message:
+    """Validate an unpacked map and return its message; raises ProtocolError."""
+    f = _Fields(d, "message")
+    kind = f.text("type", max_len=32)
+    if kind not in MESSAGES:
+        raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+    return MESSAGES[kind].read(_Fields(d, kind))

@@ -1,0 +1,559 @@
+"""The sans-I/O protocol: frames, messages, and both state machines driven against
+each other in memory (a fake backbone, gate and side stand in for the models)."""
+
+import copy
+import random
+import struct
+import tracemalloc
+import zlib
+
+import msgpack
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spa import codec
+from spa.protocol import messages as m
+from spa.protocol.device import DeviceProtocol, RunGate, RunSide
+from spa.protocol.errors import CODES, PeerError, ProtocolError
+from spa.protocol.frames import FrameCodec
+from spa.protocol.gateway import Accepted, Closed, GatewayProtocol, SideReceived, Start, TapsWanted
+from spa.protocol.limits import Limits
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def code_of(fn, *args) -> str:
+    with pytest.raises(ProtocolError) as e:
+        fn(*args)
+    return e.value.code
+
+
+# --- frames ------------------------------------------------------------------
+
+
+def test_frame_round_trip():
+    fc = FrameCodec()
+    msg = {"type": "x", "b": b"\x00\xff" * 100, "s": "héllo", "n": [1, -2, 3.5, None, True], "m": {"k": 1}}
+    data = fc.pack(msg)
+    assert zstandard.get_frame_parameters(data).content_size > 0  # stated, as the spec requires
+    assert fc.unpack(data) == msg
+    assert FrameCodec().unpack(data) == msg  # frames are independent of each other
+
+
+def _stream_bomb(size: int) -> bytes:
+    """A real zstd frame of `size` zero bytes, built without holding them in memory."""
+    c = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+    chunk = bytes(1 << 20)
+    parts = [c.compress(chunk) for _ in range(size // len(chunk))]
+    return b"".join(parts) + c.flush()
+
+
+def _rle_frame(claimed_size: int, block_len: int = 128 * 1024) -> bytes:
+    """A hand-made frame: header claiming `claimed_size`, one RLE block of block_len."""
+    header = struct.pack("<I", 0xFD2FB528) + bytes([0b11100000]) + struct.pack("<Q", claimed_size)
+    block = (1 | (1 << 1) | (block_len << 3)).to_bytes(3, "little") + b"\x00"
+    return header + block
+
+
+@pytest.mark.parametrize(
+    "bomb, code",
+    [
+        (_stream_bomb(64 << 20), "too_large"),  # 64 MiB of zeros in ~2 KB
+        (_rle_frame(1 << 40), "too_large"),  # header claims 1 TiB
+        (_rle_frame(1000), "bad_frame"),  # claims little, holds more
+    ],
+)
+def test_zstd_bomb_rejected_without_allocating(bomb, code):
+    fc = FrameCodec(max_message_bytes=1 << 20)
+    tracemalloc.start()
+    try:
+        assert code_of(fc.unpack, bomb) == code
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20
+
+
+def test_frame_without_content_size_is_refused():
+    data = zstandard.ZstdCompressor(write_content_size=False).compress(msgpack.packb({"type": "bye"}))
+    assert code_of(FrameCodec().unpack, data) == "bad_frame"
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", "bad_frame"),
+        (b"not zstd at all", "bad_frame"),
+        ("a text frame", "bad_frame"),
+        (FrameCodec().pack({"type": "bye"})[:-2], "bad_frame"),  # truncated
+        (FrameCodec().pack({"type": "bye"}) * 2, "bad_frame"),  # two frames
+        (zstandard.compress(msgpack.packb([1, 2])), "bad_frame"),  # not a map
+        (zstandard.compress(msgpack.packb({1: 2})), "bad_frame"),  # int key
+        (zstandard.compress(msgpack.packb({"a": 1}) + b"\x00"), "bad_frame"),  # trailing byte
+        (zstandard.compress(b"\xdd\xff\xff\xff\xff"), "bad_frame"),  # array header of 4G items
+        (zstandard.compress(b"\x91" * 5000 + b"\xc0"), "bad_frame"),  # nesting too deep
+        (zstandard.compress(msgpack.packb(msgpack.Timestamp(1, 0))), "bad_frame"),  # ext type
+    ],
+)
+def test_bad_frames(data, code):
+    assert code_of(FrameCodec().unpack, data) == code
+
+
+def test_oversized_frames():
+    fc = FrameCodec(max_frame_bytes=1000, max_message_bytes=5000)
+    assert code_of(fc.unpack, fc.pack({"b": np.random.default_rng(0).bytes(2000)})) == "too_large"
+    assert code_of(fc.unpack, fc.pack({"b": bytes(6000)})) == "too_large"  # compresses, but too big inside
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_protocol_error(data):
+    for frame in (data, zstandard.compress(data)):
+        try:
+            FrameCodec().unpack(frame)
+        except ProtocolError as e:
+            assert e.code in CODES
+
+
+# --- messages ----------------------------------------------------------------
+
+H = 16
+TAPS = (0, 2, 4)
+BACKBONE = m.Backbone("fake-lm", "fp-123", num_layers=4, hidden_size=H)
+RNG = np.random.default_rng(7)
+F = codec.encode(RNG.normal(0, 15, (1, H)))
+T = codec.encode(RNG.normal(0, 15, (len(TAPS), H)))
+
+EXAMPLES = [
+    m.Hello(
+        token="secret",
+        plugin=m.Plugin("fp-123", TAPS, "sha256:abc"),
+        prompt="Summarize: ...",
+        options=m.Options(window=2, codec="int4", outliers=4, max_new_tokens=50, temperature=0.7, seed=2**40),
+    ),
+    m.Hello("", m.Plugin("fp", (1,), "h"), "p", m.Options(), resume=m.Resume("s1", "r1")),
+    m.Ready("s1", "r1", BACKBONE, 12, Limits().to_dict()),
+    m.Step(0, 11, F, 42, b"\xc3"),
+    m.Accept(0, 11),
+    m.NeedTaps(1, 12),
+    m.Taps(1, 12, T),
+    m.Side(1, 12, F),
+    m.Verdict(2, 12, 7, b"\xa9 ", True),
+    m.End("eos", {"tokens": 3, "rollbacks": 1, "seconds": 0.5}),
+    m.Error("limit", "too many"),
+    m.Bye(),
+]
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda msg: msg.TYPE)
+def test_message_round_trip(msg):
+    fc = FrameCodec()
+    assert m.parse(fc.unpack(fc.pack(msg.to_dict()))) == msg
+
+
+HELLO, STEP, VERDICT = EXAMPLES[0].to_dict(), EXAMPLES[3].to_dict(), EXAMPLES[8].to_dict()
+OPTIONS, PLUGIN = HELLO["options"], HELLO["plugin"]
+
+
+@pytest.mark.parametrize(
+    "d, code, where",
+    [
+        ({"epoch": 0, "upto": 1}, "bad_field", "message.type"),
+        ({"type": 5}, "bad_field", "message.type"),
+        ({"type": "teleport"}, "unknown_type", ""),
+        ({"type": "accept", "epoch": 0}, "bad_field", "accept.upto"),
+        ({"type": "accept", "epoch": True, "upto": 1}, "bad_field", "accept.epoch"),
+        ({"type": "accept", "epoch": -1, "upto": 1}, "bad_field", "accept.epoch"),
+        ({"type": "accept", "epoch": 0, "upto": 2**31}, "bad_field", "accept.upto"),
+        ({"type": "accept", "epoch": 0, "upto": 1.0}, "bad_field", "accept.upto"),
+        ({**STEP, "piece": "text"}, "bad_field", "step.piece"),
+        ({**STEP, "f": {**F, "q": b""}}, "bad_field", "step.f"),
+        ({**VERDICT, "changed": 1}, "bad_field", "verdict.changed"),
+        ({"type": "end", "reason": "tired", "stats": {"tokens": 1}}, "bad_field", "end.reason"),
+        ({"type": "end", "reason": "eos", "stats": {"rollbacks": 1}}, "bad_field", "end.stats.tokens"),
+        ({"type": "end", "reason": "eos", "stats": {"tokens": float("nan")}}, "bad_field", "end.stats"),
+        ({**HELLO, "version": 2, "plugin": None}, "version", ""),
+        ({**HELLO, "options": {**OPTIONS, "codec": "int2"}}, "bad_field", "hello.options.codec"),
+        ({**HELLO, "options": {**OPTIONS, "temperature": -1}}, "bad_field", "hello.options.temperature"),
+        ({**HELLO, "plugin": {**PLUGIN, "taps": [2, 1]}}, "bad_field", "hello.plugin.taps"),
+        ({**HELLO, "resume": {"session": "s"}}, "bad_field", "hello.resume.secret"),
+    ],
+)
+def test_bad_messages(d, code, where):
+    with pytest.raises(ProtocolError) as e:
+        m.parse(d)
+    assert e.value.code == code
+    assert e.value.message.startswith(where)
+
+
+def test_unknown_keys_are_ignored():
+    assert m.parse({**m.Accept(0, 3).to_dict(), "future": [1, 2]}) == m.Accept(0, 3)
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=24),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=16,
+)
+FIELD_NAMES = sorted({k for ex in EXAMPLES for k in ex.to_dict()} | set(codec.FIELDS))
+
+
+@st.composite
+def mutated_messages(draw) -> dict:
+    """A valid message map with one value, at any depth, replaced or removed."""
+    d = copy.deepcopy(draw(st.sampled_from(EXAMPLES)).to_dict())  # to_dict shares nested maps
+    node, paths = d, []
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                paths.append(path + [k])
+                walk(v, path + [k])
+
+    walk(node, [])
+    path = draw(st.sampled_from(paths))
+    for k in path[:-1]:
+        node = node[k]
+    if draw(st.booleans()):
+        node[path[-1]] = draw(msgpack_values)
+    else:
+        del node[path[-1]]
+    return d
+
+
+random_maps = st.tuples(
+    st.sampled_from(sorted(m.MESSAGES)), st.dictionaries(st.sampled_from(FIELD_NAMES), msgpack_values, max_size=8)
+).map(lambda t: {**t[1], "type": t[0]})
+
+
+@FAST
+@given(st.one_of(mutated_messages(), random_maps))
+def test_random_maps_only_raise_protocol_errors(d):
+    frame = FrameCodec().pack(d)
+    for receive in (m.parse, _generating_gateway().receive, _generating_device().receive):
+        try:
+            receive(FrameCodec().unpack(frame))
+        except (ProtocolError, PeerError):
+            pass
+
+
+@FAST
+@given(msgpack_values)
+def test_random_values_only_raise_protocol_errors(v):
+    try:
+        m.parse(FrameCodec().unpack(FrameCodec().pack(v)))
+    except ProtocolError:
+        pass
+
+
+# --- state machines: unit rules ----------------------------------------------
+
+
+def _hello(window=0, max_new_tokens=30, token="tok", **kw) -> m.Hello:
+    opts = m.Options(window=window, max_new_tokens=max_new_tokens, **kw)
+    return m.Hello(token, m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", opts)
+
+
+def _generating_gateway(window=2, prompt_tokens=5) -> GatewayProtocol:
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok")
+    assert isinstance(gp.receive(_hello(window).to_dict()), Start)
+    gp.ready("s", "r", prompt_tokens)
+    return gp
+
+
+def _generating_device(window=2, prompt_tokens=5) -> DeviceProtocol:
+    dp = DeviceProtocol(_hello(window))
+    dp.receive(m.Ready("s", "r", BACKBONE, prompt_tokens, {}).to_dict())
+    return dp
+
+
+def _f() -> np.ndarray:
+    return RNG.normal(0, 15, (1, H)).astype(np.float32)
+
+
+RESUME = m.Resume("a", "b")
+
+
+@pytest.mark.parametrize(
+    "gp_kwargs, hello, code",
+    [
+        ({"auth_token": "tok"}, _hello(token="nope"), "unauthorized"),
+        ({}, m.Hello("", m.Plugin("other", TAPS, "h"), "p", m.Options()), "backbone_mismatch"),
+        ({}, m.Hello("", m.Plugin(BACKBONE.fingerprint, (0, 5), "h"), "p", m.Options()), "backbone_mismatch"),
+        ({"limits": Limits(max_window=4)}, _hello(window=5), "limit"),
+        ({"limits": Limits(max_new_tokens=10)}, _hello(max_new_tokens=11), "limit"),
+        ({}, m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "p", m.Options(), RESUME), "resume_failed"),
+    ],
+)
+def test_gateway_handshake_refusals(gp_kwargs, hello, code):
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0], **gp_kwargs)
+    assert code_of(gp.receive, hello.to_dict()) == code
+
+
+def test_gateway_refuses_long_prompts_and_early_messages():
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0], limits=Limits(max_prompt_tokens=8))
+    assert code_of(gp.receive, m.Accept(0, 0).to_dict()) == "out_of_order"
+    gp.receive(_hello().to_dict())
+    assert code_of(gp.receive, _hello().to_dict()) == "out_of_order"
+    assert code_of(gp.ready, "s", "r", 9) == "limit"
+
+
+def test_gateway_ordering_rules():
+    gp = _generating_gateway(window=2)  # first position 4
+    assert gp.can_draft() and gp.next_draft_pos == 4
+    for pos in (4, 5, 6):
+        assert gp.step(gp.epoch, pos, _f(), 10 + pos, b"x") is not None
+    assert not gp.can_draft()  # W + 1 = 3 unverified
+    assert code_of(gp.receive, m.Accept(0, 7).to_dict()) == "out_of_order"  # never drafted
+    assert code_of(gp.receive, m.Accept(1, 5).to_dict()) == "out_of_order"  # future epoch
+    assert code_of(gp.receive, m.Side(0, 5, F).to_dict()) == "out_of_order"  # not asked
+    assert code_of(gp.receive, m.Step(0, 4, F, 1, b"").to_dict()) == "unknown_type"  # wrong way
+    assert gp.receive(m.Accept(0, 4).to_dict()) == Accepted(4)
+    assert code_of(gp.receive, m.Accept(0, 4).to_dict()) == "out_of_order"  # already verified
+    assert gp.receive(m.NeedTaps(0, 6).to_dict()) == TapsWanted(6)  # accepts 5 too
+    assert gp.verified == 6 and gp.drafted == [(6, 16)]
+    assert code_of(gp.receive, m.Accept(0, 6).to_dict()) == "out_of_order"  # 6 awaits its side
+    assert code_of(gp.receive, m.Side(0, 6, F).to_dict()) == "out_of_order"  # taps not sent yet
+    gp.taps(6, RNG.normal(0, 15, (3, H)))
+    wrong = codec.encode(np.zeros((1, H + 1), np.float32))
+    assert code_of(gp.receive, m.Side(0, 6, wrong).to_dict()) == "bad_field"
+    assert isinstance(gp.receive(m.Side(0, 6, F).to_dict()), SideReceived)
+    epoch, pos = gp.epoch, gp.next_draft_pos
+    assert gp.verdict(6, 99, b"y")["changed"] is True and gp.epoch == 1
+    assert gp.step(epoch, pos, _f(), 5, b"z") is None  # drafted before the rollback
+    assert gp.next_draft_pos == 7 and gp.step(1, 7, _f(), 5, b"z")["epoch"] == 1
+    with pytest.raises(RuntimeError):
+        gp.step(1, 9, _f(), 5, b"z")  # caller bug: skips a position
+    assert gp.receive(m.Bye().to_dict()) == Closed()
+
+
+def test_gateway_ends_on_eos_and_max_tokens():
+    gp = _generating_gateway(window=3)
+    gp.step(0, 4, _f(), 3, b"a")
+    gp.step(0, 5, _f(), 0, b"")  # EOS: no drafting past it
+    assert not gp.can_draft()
+    gp.receive(m.Accept(0, 5).to_dict())
+    assert gp.finish_reason == "eos"
+    assert m.parse(gp.end(seconds=1.5)) == m.End("eos", {**gp.stats, "tokens": 2, "seconds": 1.5})
+    assert code_of(gp.receive, m.Accept(0, 5).to_dict()) == "out_of_order"
+
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0])
+    gp.receive(_hello(window=8, max_new_tokens=2).to_dict())
+    gp.ready("s", "r", 1)
+    gp.step(0, 0, _f(), 3, b"a")
+    gp.step(0, 1, _f(), 4, b"b")
+    assert not gp.can_draft()
+    gp.receive(m.Accept(0, 1).to_dict())
+    assert gp.finish_reason == "max_tokens"
+
+
+def test_device_ordering_rules():
+    dp = _generating_device(window=1)  # first position 4
+    step = lambda epoch, pos, draft=3: m.Step(epoch, pos, F, draft, b"a").to_dict()  # noqa: E731
+    assert code_of(dp.receive, step(0, 5)) == "out_of_order"  # gap
+    assert code_of(dp.receive, step(1, 4)) == "out_of_order"  # wrong epoch
+    dp.receive(step(0, 4))
+    dp.receive(step(0, 5))
+    assert code_of(dp.receive, step(0, 6)) == "out_of_order"  # beyond W + 1
+    assert isinstance(dp.next_action(), RunGate)
+    dp.gated(4, True)
+    assert dp.next_action() is None
+    assert dp.flush() == [m.NeedTaps(0, 4).to_dict()]
+    assert code_of(dp.receive, m.Verdict(0, 4, 3, b"a", False).to_dict()) == "out_of_order"  # no side yet
+    assert code_of(dp.receive, m.Taps(0, 4, F).to_dict()) == "bad_field"  # 1 row, 3 taps
+    dp.receive(m.Taps(0, 4, T).to_dict())
+    action = dp.next_action()
+    assert isinstance(action, RunSide) and action.taps.shape == (3, H)
+    dp.side_output(4, _f())
+    assert dp.flush()[0]["type"] == "side"
+    assert code_of(dp.receive, m.Verdict(0, 4, 9, b"b", False).to_dict()) == "out_of_order"  # changed lies
+    assert code_of(dp.receive, m.Verdict(0, 4, 9, b"b", True).to_dict()) == "out_of_order"  # epoch not bumped
+    dp.receive(m.Verdict(1, 4, 9, b"b", True).to_dict())
+    assert (dp.rollbacks, dp.dropped, dp.epoch) == (1, 1, 1)  # step 5 was void
+    assert code_of(dp.receive, step(0, 5)) == "out_of_order"  # old epoch after the verdict
+    dp.receive(step(1, 5, draft=0))
+    dp.gated(5, False)
+    assert dp.flush() == [m.Accept(1, 5).to_dict()]
+    assert code_of(dp.receive, m.End("eos", {"tokens": 3}).to_dict()) == "out_of_order"  # 2 committed
+    dp.receive(m.End("eos", {"tokens": 2}).to_dict())
+    assert dp.ended and [c.token for c in dp.committed] == [9, 0] and dp.text() == "ba"
+    with pytest.raises(PeerError):
+        _generating_device().receive(m.Error("internal", "boom").to_dict())
+
+
+def test_device_rejects_other_backbone():
+    dp = DeviceProtocol(_hello())
+    other = m.Backbone("x", "other-fp", 4, H)
+    assert code_of(dp.receive, m.Ready("s", "r", other, 5, {}).to_dict()) == "backbone_mismatch"
+
+
+# --- state machines against each other ----------------------------------------
+
+VOCAB, EOS, PROMPT = 64, 0, [5, 9, 2, 33, 17]
+
+
+def fake_backbone(seq: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(f_t, T_t, draft) for the last position of seq: a pure function of seq."""
+    h = zlib.crc32(np.array(seq, np.int32).tobytes())
+    rng = np.random.default_rng(h)
+    f = rng.normal(0, 15, (1, H)).astype(np.float32)
+    f[0, 3] = 2000.0  # an outlier channel, as in real states
+    taps = rng.normal(0, 15, (len(TAPS), H)).astype(np.float32)
+    draft = EOS if h % 40 == 0 else 1 + h % (VOCAB - 1)
+    return f, taps, draft
+
+
+def fake_gate(f: np.ndarray) -> bool:
+    return bool(f[0, 0] > 8.0)
+
+
+def fake_side(taps: np.ndarray) -> np.ndarray:
+    return taps[:1] * 0.5
+
+
+def fake_combine(f: np.ndarray, s: np.ndarray, draft: int) -> int:
+    """The side-corrected token: a different one about half the time."""
+    return draft if (f + s)[0, 1] < 0 else 1 + (draft + 6) % (VOCAB - 1)
+
+
+def piece(token: int) -> bytes:
+    return "aé€😀"[token % 4].encode()[: 1 + token % 3]  # partial UTF-8 on purpose
+
+
+def lock_step_reference(opts: m.Options, prompt: list[int]) -> list[int]:
+    """The semantics, with no protocol: what every window must commit."""
+    q = lambda x: codec.quantize(x, opts.codec, opts.outliers)  # noqa: E731
+    seq, out = list(prompt), []
+    while len(out) < opts.max_new_tokens and (not out or out[-1] != EOS):
+        f, taps, draft = fake_backbone(seq)
+        token = fake_combine(f, q(fake_side(q(taps))), draft) if fake_gate(q(f)) else draft
+        seq.append(token)
+        out.append(token)
+    return out
+
+
+class FakeGateway:
+    """The caller of GatewayProtocol: owns the token sequence (its 'KV cache')."""
+
+    def __init__(self, prompt: list[int]):
+        self.gp = GatewayProtocol(BACKBONE, eos_ids=[EOS])
+        self.frames = FrameCodec()
+        self.seq = list(prompt)
+        self.pending = None  # a draft computed but not yet handed to gp.step
+        self.done = False
+
+    def receive(self, data: bytes) -> list[bytes]:
+        event = self.gp.receive(self.frames.unpack(data))
+        out = []
+        if isinstance(event, Start):
+            out.append(self.gp.ready("sess", "secret", len(self.seq)))
+        elif isinstance(event, TapsWanted):
+            out.append(self.gp.taps(event.pos, fake_backbone(self.seq[: event.pos + 1])[1]))
+        elif isinstance(event, SideReceived):
+            f, _, draft = fake_backbone(self.seq[: event.pos + 1])
+            token = fake_combine(f, event.s, draft)
+            verdict = self.gp.verdict(event.pos, token, piece(token))
+            if verdict["changed"]:
+                self.seq = self.seq[: event.pos + 1] + [token]
+            out.append(verdict)
+        if self.gp.finish_reason:
+            out.append(self.gp.end())
+            self.done = True
+        return [self.frames.pack(d) for d in out]
+
+    def compute_draft(self) -> None:
+        epoch, pos = self.gp.epoch, self.gp.next_draft_pos
+        assert len(self.seq) == pos + 1
+        f, _, draft = fake_backbone(self.seq)
+        self.pending = (epoch, pos, f, draft)
+
+    def submit_draft(self) -> list[bytes]:
+        epoch, pos, f, draft = self.pending
+        self.pending = None
+        step = self.gp.step(epoch, pos, f, draft, piece(draft))
+        if step is None:  # a rollback arrived while we computed
+            return []
+        self.seq.append(draft)
+        return [self.frames.pack(step)]
+
+
+class FakeDevice:
+    """The caller of DeviceProtocol: runs the fake gate and side network."""
+
+    def __init__(self, hello: m.Hello):
+        self.dp = DeviceProtocol(hello)
+        self.frames = FrameCodec()
+
+    def receive(self, data: bytes) -> None:
+        self.dp.receive(self.frames.unpack(data))
+        while (action := self.dp.next_action()) is not None:
+            if isinstance(action, RunGate):
+                self.dp.gated(action.pos, fake_gate(action.f))
+            else:
+                self.dp.side_output(action.pos, fake_side(action.taps))
+
+    def flush(self) -> list[bytes]:
+        return [self.frames.pack(d) for d in self.dp.flush()]
+
+
+def simulate(opts: m.Options, prompt: list[int], seed: int) -> tuple[FakeGateway, FakeDevice]:
+    """Both sides over two in-order queues, interleaved at random."""
+    hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", opts)
+    gw, dev = FakeGateway(prompt), FakeDevice(hello)
+    down, up = [], [dev.frames.pack(dev.dp.hello_message())]
+    rng = random.Random(seed)
+    for _ in range(100_000):
+        if dev.dp.ended:
+            return gw, dev
+        moves = [lambda: up.extend(dev.flush())]
+        if up:
+            moves.append(lambda: down.extend(gw.receive(up.pop(0))))
+        if down:
+            moves.append(lambda: dev.receive(down.pop(0)))
+        if gw.pending is None and gw.gp.can_draft():
+            moves.append(gw.compute_draft)
+        if gw.pending is not None:
+            moves.append(lambda: down.extend(gw.submit_draft()))
+        rng.choice(moves)()
+    raise AssertionError("the simulation stalled")
+
+
+def test_fake_world_is_interesting():
+    """The fake data has sigma = 1 positions whose side output changes the token."""
+    opts = m.Options(max_new_tokens=40)
+    seq, changes = list(PROMPT), 0
+    for token in lock_step_reference(opts, PROMPT):
+        f, taps, draft = fake_backbone(seq)
+        changes += token != draft
+        seq.append(token)
+    assert changes >= 3
+
+
+@pytest.mark.parametrize("window", [0, 2, 8])
+@pytest.mark.parametrize("codec_name", ["int8", "int4"])
+def test_draft_ahead_commits_exactly_the_lock_step_tokens(window, codec_name):
+    totals = {"rollbacks": 0, "dropped": 0}
+    reasons = set()
+    for seed in range(6):
+        opts = m.Options(window=window, codec=codec_name, outliers=2, max_new_tokens=40)
+        prompt = PROMPT + [seed]  # some end on EOS, some run to max_new_tokens
+        gw, dev = simulate(opts, prompt, seed)
+        assert [c.token for c in dev.dp.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
+        assert [c.pos for c in dev.dp.committed] == list(range(len(prompt) - 1, gw.gp.verified))
+        assert dev.dp.end.stats["tokens"] == len(dev.dp.committed)
+        assert dev.dp.end.stats["rollbacks"] == dev.dp.rollbacks
+        assert dev.dp.end.stats["discarded"] == dev.dp.dropped
+        reasons.add(dev.dp.end.reason)
+        totals["rollbacks"] += dev.dp.rollbacks
+        totals["dropped"] += dev.dp.dropped
+    assert totals["rollbacks"] > 0
+    assert (totals["dropped"] > 0) == (window > 0)  # rollbacks void drafts only when drafting ahead
+    assert reasons == {"eos", "max_tokens"}
