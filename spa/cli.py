@@ -66,6 +66,55 @@ def cmd_export(args) -> int:
     return 0 if all(v["parity"]["ok"] for v in manifest["variants"].values()) else 1
 
 
+def _limits(args):
+    from spa.protocol.limits import Limits
+
+    overrides = {name: getattr(args, name) for name in ("max_sessions", "max_prompt_tokens", "max_new_tokens",
+                                                           "idle_timeout_s", "max_frame_bytes") if getattr(args, name) is not None}
+    return Limits(**overrides)
+
+
+def cmd_gateway(args) -> int:
+    import asyncio
+
+    from cloud_gateway.server import run_gateway
+    from spa.backbone import load_backbone
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = args.token or os.environ.get("SPA_GATEWAY_TOKEN") or None
+    backbone = load_backbone(args.backbone)
+    asyncio.run(run_gateway(backbone, args.host, args.port, _limits(args), token,
+                            announce=lambda line: print(line, flush=True)))
+    return 0
+
+
+def cmd_summarize(args) -> int:
+    import asyncio
+
+    from device_runtime.client import run_session
+    from device_runtime.documents import device_prompt, load_document
+    from device_runtime.render import StreamPrinter, format_stats
+    from spa.protocol.messages import Options
+    from spa.pte import PtePlugin
+
+    pte = PtePlugin(args.plugin)
+    prompt = device_prompt(pte.config, load_document(args.document, pte.config.max_doc_tokens))
+    options = Options(window=args.window, codec=args.codec, outliers=args.outliers,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    highlight = args.highlight or ("ansi" if sys.stdout.isatty() else "brackets")
+    printer = None if args.json else StreamPrinter(sys.stdout, highlight)
+    token = args.token or os.environ.get("SPA_GATEWAY_TOKEN", "")
+    result = asyncio.run(run_session(args.gateway, pte, prompt, options, tau=args.tau, token=token, on_commit=printer))
+    if args.json:
+        print(json.dumps({"text": result.text, "tokens": result.tokens, "sigmas": result.sigmas,
+                          "finish_reason": result.finish_reason, "stats": result.stats}, indent=2))
+    else:
+        printer.finish()
+        print(format_stats(result.stats))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from spa.demo import run_demo
 
@@ -101,6 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     p.add_argument("--json", action="store_true", help="print the manifest (sizes, parity errors) as JSON")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("gateway", help="serve the backbone to devices over websockets")
+    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; any other needs --token)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (0: pick a free one; the banner says which)")
+    p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--token", help="auth token devices must send (default: $SPA_GATEWAY_TOKEN; required off loopback)")
+    p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 8); more are refused with 'busy'")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default 4096)")
+    p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a session may ask (default 2048)")
+    p.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds of device silence before a session is closed (default 120)")
+    p.add_argument("--max-frame-bytes", type=int, help="largest websocket message accepted (default 2 MiB)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log sessions")
+    p.set_defaults(run=cmd_gateway)
+
+    p = sub.add_parser("summarize", help="write a personalized summary through the gateway (the device side)")
+    p.add_argument("document", help="a text file, '-' for stdin, or aclsum:SPLIT:INDEX (e.g. aclsum:test:0)")
+    p.add_argument("--gateway", default="ws://127.0.0.1:8765", help="gateway URL (default ws://127.0.0.1:8765)")
+    p.add_argument("--plugin", required=True, type=Path, help="the reader's exported plugin (.pte)")
+    p.add_argument("--tau", type=float, help="gate threshold (default: the plugin's, chosen on validation)")
+    p.add_argument("--window", type=int, default=4, help="draft-ahead window W (0: lock-step; default 4)")
+    p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"], help="activation encoding on the wire")
+    p.add_argument("--outliers", type=int, default=8, help="outlier channels per row sent in fp16 (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling seeded by --seed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token", help="auth token (default: $SPA_GATEWAY_TOKEN)")
+    p.add_argument("--highlight", choices=["ansi", "brackets", "none"], help="mark side-network tokens (default: ansi on a terminal)")
+    p.add_argument("--json", action="store_true", help="print text, tokens, sigmas and stats as one JSON object")
+    p.set_defaults(run=cmd_summarize)
 
     p = sub.add_parser("demo", help="train a quick plugin, export it, and run it (the README's demo)")
     p.add_argument("--profile", default="outcome", help="reader profile (default: outcome)")

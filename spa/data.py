@@ -13,7 +13,9 @@ baseline (paper's one-shot row) names the aspect in its instruction instead.
 Truncation: a whole paper is ~1100 tokens; a CPU budget wants less. We keep
 the title, then whole sentences in priority order (abstract, conclusion,
 introduction) while they fit in `max_doc_tokens`, and print the kept sentences
-in the paper's own order.
+in the paper's own order. Lengths are estimated as 4 characters per token, so
+that a device without a tokenizer (the phone, the Java client) builds exactly
+the same prompt as training and evaluation.
 """
 
 import json
@@ -65,13 +67,18 @@ def load_split(split: str, limit: int | None = None) -> list[Paper]:
     return papers
 
 
-def document_text(paper: Paper, count_tokens, max_doc_tokens: int) -> str:
+def approx_tokens(text: str) -> int:
+    """Token estimate without a tokenizer: 4 characters per token."""
+    return (len(text) + 3) // 4
+
+
+def document_text(paper: Paper, max_doc_tokens: int) -> str:
     """The paper as prompt text, truncated to about `max_doc_tokens` tokens."""
-    budget = max_doc_tokens - count_tokens(paper.title)
+    budget = max_doc_tokens - approx_tokens(paper.title)
     keep = set()
     for section in _SECTION_PRIORITY:
         for i, sentence in enumerate(paper.sections.get(section, [])):
-            cost = count_tokens(" " + sentence)
+            cost = approx_tokens(" " + sentence)
             if cost > budget:
                 break
             budget -= cost
@@ -84,6 +91,16 @@ def document_text(paper: Paper, count_tokens, max_doc_tokens: int) -> str:
     return "\n".join(parts)
 
 
+def plain_document(text: str, max_doc_tokens: int) -> str:
+    """Any text as a document: cut at a word boundary to about `max_doc_tokens` tokens."""
+    text = " ".join(text.split())
+    limit = 4 * max_doc_tokens
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[: cut if cut > 0 else limit]
+
+
 def chat_template(tokenizer) -> str:
     """The backbone's chat prompt with `{document}` and `{instruction}` placeholders."""
     messages = [{"role": "user", "content": "{document}\n\n{instruction}"}]
@@ -94,3 +111,7 @@ def format_prompt(template: str, document: str, instruction: str) -> str:
     # str.replace, not str.format: documents contain braces. The document goes
     # in last so that text inside it is never taken for a placeholder.
     return template.replace("{instruction}", instruction).replace("{document}", document)
+
+
+def paper_prompt(paper: Paper, template: str, instruction: str, max_doc_tokens: int) -> str:
+    return format_prompt(template, document_text(paper, max_doc_tokens), instruction)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from spa.data import Paper, document_text, format_prompt
+from spa.data import Paper, paper_prompt
 from spa.paths import cache_dir
 
 
@@ -34,13 +34,8 @@ class TokenSet:
         return TokenSet(self.states[keep], self.targets[keep], self.doc_index[keep])
 
 
-def prompt_for(backbone, paper: Paper, template: str, instruction: str, max_doc_tokens: int) -> str:
-    count = lambda text: len(backbone.encode(text))  # noqa: E731
-    return format_prompt(template, document_text(paper, count, max_doc_tokens), instruction)
-
-
 def _cache_key(backbone, papers, profile, template, instruction, max_doc_tokens) -> str:
-    spec = [backbone.identity.fingerprint, [p.id for p in papers], profile, template, instruction, max_doc_tokens, 1]
+    spec = [backbone.identity.fingerprint, [p.id for p in papers], profile, template, instruction, max_doc_tokens, 2]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
 
 
@@ -57,7 +52,7 @@ def build_token_set(backbone, papers: list[Paper], profile: str, template: str, 
     eos = min(backbone.eos_token_ids)
     states, targets, doc_index = [], [], []
     for i, paper in enumerate(tqdm(papers, desc=f"{label}: caching backbone states", unit="doc")):
-        prompt = backbone.encode(prompt_for(backbone, paper, template, instruction, max_doc_tokens))
+        prompt = backbone.encode(paper_prompt(paper, template, instruction, max_doc_tokens))
         summary = backbone.encode(paper.summaries[profile]) + [eos]
         ids = torch.tensor([prompt + summary])
         out = backbone.forward(ids, backbone.new_cache())[0]

@@ -1,0 +1,51 @@
+"""Generation step functions shared by the cloud gateway and the in-process reference.
+
+Numerics contract (DESIGN): "same tokens" means bit-identical tokens, so the
+gateway and the reference must run the *same* computations: one prefill of
+the prompt, then one-token KV-cache steps. (A one-token step and a full
+forward over the same sequence differ by ~1e-4: never mix them.)
+
+Sampling noise for position t comes from (seed, t) alone, never from a
+stateful generator, so a position recomputed after a rollback samples the
+same way.
+"""
+
+import torch
+
+# Positions index the sequence: the prompt holds positions 0..P-1, and the
+# state at position t decides token x_{t+1}. The first generated token comes
+# from position P-1.
+
+
+def prefill(backbone, prompt_ids: list[int]):
+    """(KV cache, states [L + 1, H] of the last prompt position)."""
+    cache = backbone.new_cache()
+    states = backbone.forward(torch.tensor([prompt_ids]), cache)
+    return cache, states[0, -1]
+
+
+def decode_one_token(backbone, cache, token: int) -> torch.Tensor:
+    """Feed one token at the next position; its states [L + 1, H]."""
+    return backbone.forward(torch.tensor([[token]]), cache)[0, -1]
+
+
+def truncate(cache, positions: int) -> None:
+    """Keep the KV cache of positions 0..positions-1 (a rollback)."""
+    extra = cache.get_seq_length() - positions
+    if extra < 0:
+        raise ValueError(f"cannot truncate a cache of {cache.get_seq_length()} positions to {positions}")
+    cache.crop(-extra)  # transformers 5: crop(-n) removes the last n positions
+
+
+def _noise_seed(seed: int, pos: int) -> int:
+    return (seed * 1_000_003 + pos * 7_919 + 1) % (1 << 62)
+
+
+def choose_token(logits: torch.Tensor, temperature: float, seed: int, pos: int) -> int:
+    """Greedy for temperature 0; otherwise Gumbel-max sampling with noise from (seed, pos)."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    gen = torch.Generator().manual_seed(_noise_seed(seed, pos))
+    uniform = torch.rand(logits.shape[-1], generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    gumbel = -torch.log(-torch.log(uniform))
+    return int(torch.argmax(logits.to(torch.float64) / temperature + gumbel))

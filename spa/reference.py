@@ -1,0 +1,56 @@
+"""The in-process reference for collaborative generation (DESIGN, numerics contract).
+
+One loop, no sockets: the gateway's step functions, the device's `.pte` run
+by the ExecuTorch runtime, and every activation that would cross the wire
+quantized and dequantized by the same codec:
+
+    gate on dequant(Q(f_t)); side on dequant(Q(T_t)); the cloud adds dequant(Q(s_t)) to its exact f_t.
+
+The split (gateway + device over websockets, any draft-ahead window W) must
+produce exactly these tokens.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from spa import codec
+from spa.generate import choose_token, decode_one_token, prefill
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)  # generated token ids, EOS included if reached
+    sigmas: list[int] = field(default_factory=list)  # sigma_t of the position that chose each token
+    gate_p: list[float] = field(default_factory=list)  # p_t of each position
+    finish_reason: str = ""
+
+
+def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, scheme: str = "int8",
+                       outliers: int = 8, temperature: float = 0.0, seed: int = 0) -> Generation:
+    ids = backbone.encode(prompt)
+    taps_index = pte.config.taps
+    cache, states = prefill(backbone, ids)
+    pos, out = len(ids) - 1, Generation()
+    while True:
+        f = states[-1]
+        p = pte.gate(codec.quantize(f.numpy()[None], scheme, outliers))
+        sigma = p > tau
+        if sigma:
+            s = pte.side(codec.quantize(states[taps_index].numpy(), scheme, outliers))
+            s_wire = torch.from_numpy(codec.quantize(s[None], scheme, outliers)[0])
+            logits = backbone.logits(f + s_wire)
+        else:
+            logits = backbone.logits(f)
+        token = choose_token(logits, temperature, seed, pos)
+        out.tokens.append(token)
+        out.sigmas.append(int(sigma))
+        out.gate_p.append(p)
+        if token in backbone.eos_token_ids:
+            out.finish_reason = "eos"
+            return out
+        if len(out.tokens) >= max_new_tokens:
+            out.finish_reason = "max_tokens"
+            return out
+        states = decode_one_token(backbone, cache, token)
+        pos += 1

@@ -1,0 +1,103 @@
+"""Collaborative generation over a real gateway on loopback: lossless, and transfers really skipped.
+
+Everything is real: the SmolLM2 gateway subprocess, websockets over TCP, the
+quick plugin's `.pte` run by the ExecuTorch runtime on the device side.
+"""
+
+import asyncio
+
+import pytest
+
+from device_runtime.client import run_session
+from device_runtime.documents import device_prompt, load_document
+from spa.protocol.messages import Options
+from spa.pte import PtePlugin
+from spa.reference import reference_generate
+from tests.conftest import GATEWAY_TOKEN
+
+DOCS = ["aclsum:test:0", "aclsum:test:1", "aclsum:test:2"]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def pte(pte_path):
+    return PtePlugin(pte_path)
+
+
+def prompt_of(pte, doc):
+    return device_prompt(pte.config, load_document(doc, pte.config.max_doc_tokens))
+
+
+def split(gateway, pte, doc, window, tau=None, codec="int8", max_new=MAX_NEW, temperature=0.0):
+    options = Options(window=window, codec=codec, max_new_tokens=max_new, temperature=temperature, seed=7)
+    return asyncio.run(run_session(gateway.url, pte, prompt_of(pte, doc), options, tau=tau, token=GATEWAY_TOKEN))
+
+
+@pytest.fixture(scope="module")
+def references(backbone, pte):
+    return {doc: reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW)
+            for doc in DOCS}
+
+
+def test_split_equals_the_in_process_reference_for_every_window(gateway, pte, references):
+    rollbacks = {}
+    for window in (0, 2, 8):
+        for doc in DOCS:
+            result = split(gateway, pte, doc, window)
+            ref = references[doc]
+            assert result.tokens == ref.tokens, (doc, window)
+            assert result.sigmas == ref.sigmas, (doc, window)
+            assert result.finish_reason == ref.finish_reason
+            rollbacks[window] = rollbacks.get(window, 0) + result.stats["rollbacks"]
+    # Draft-ahead was exercised: the side changed drafted tokens and the gateway rolled back.
+    assert rollbacks[2] > 0 and rollbacks[8] > 0, rollbacks
+    assert any(sum(r.sigmas) not in (0, len(r.sigmas)) for r in references.values())  # the gate really decides
+
+
+def test_seeded_sampling_is_lossless_and_reproducible(gateway, pte, backbone):
+    doc = DOCS[0]
+    ref = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW,
+                             temperature=0.8, seed=7)
+    lock_step = split(gateway, pte, doc, 0, temperature=0.8)
+    ahead = split(gateway, pte, doc, 8, temperature=0.8)
+    assert lock_step.tokens == ahead.tokens == ref.tokens
+    greedy = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW)
+    assert greedy.tokens != ref.tokens  # the sampling path ran
+
+
+def test_int4_codec_is_lossless_against_its_reference(gateway, pte, backbone):
+    doc = DOCS[1]
+    ref = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW, scheme="int4")
+    assert split(gateway, pte, doc, 2, codec="int4").tokens == ref.tokens
+
+
+def test_closed_gate_sends_no_taps_and_no_side_output(gateway, pte):
+    closed = split(gateway, pte, DOCS[0], 2, tau=1.0)  # p is never above 1: sigma = 0 everywhere
+    assert closed.stats["side_tokens"] == 0
+    assert closed.stats["messages_down"].get("taps", 0) == 0
+    assert closed.stats["messages_up"].get("side", 0) == 0
+    assert closed.stats["messages_up"].get("need_taps", 0) == 0
+    # Only f_t and the draft travel down; accepts are batched on the way up.
+    assert closed.stats["messages_down"]["step"] >= closed.stats["tokens"]
+    assert closed.stats["messages_up"]["accept"] <= closed.stats["tokens"]
+
+
+def test_taps_move_exactly_for_the_gated_positions_and_lower_tau_costs_bytes(gateway, pte):
+    by_tau = {tau: split(gateway, pte, DOCS[0], 2, tau=tau) for tau in (1.0, pte.tau, -1.0)}
+    for result in by_tau.values():
+        s = result.stats
+        assert s["messages_down"].get("taps", 0) == s["messages_up"].get("side", 0) == s["side_tokens"]
+    assert by_tau[-1.0].stats["side_usage"] == 1.0
+    down = [by_tau[tau].stats["bytes_down_per_token"] for tau in (1.0, pte.tau, -1.0)]
+    up = [by_tau[tau].stats["bytes_up_per_token"] for tau in (1.0, pte.tau, -1.0)]
+    assert down[0] < down[1] <= down[2] and up[0] < up[1] <= up[2], (down, up)
+    # A closed gate moves about one int8 f_t per token, an open one all the taps too.
+    assert down[0] < 1500 < 5000 < down[2]
+
+
+def test_lock_step_costs_a_round_trip_per_token_and_draft_ahead_fewer(gateway, pte):
+    lock_step = split(gateway, pte, DOCS[2], 0, tau=1.0)
+    ahead = split(gateway, pte, DOCS[2], 8, tau=1.0)
+    assert lock_step.tokens == ahead.tokens
+    assert lock_step.stats["round_trips_per_token"] >= 1.0
+    assert ahead.stats["round_trips_per_token"] < 0.5
