@@ -82,7 +82,11 @@ def cmd_gateway(args) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from cloud_gateway.server import is_loopback
+
     token = args.token or os.environ.get("SPA_GATEWAY_TOKEN") or None
+    if not is_loopback(args.host) and not token:  # before the slow backbone load
+        raise SpaError(f"refusing to listen on {args.host} without an auth token: pass --token or set SPA_GATEWAY_TOKEN")
     backbone = load_backbone(args.backbone)
     asyncio.run(run_gateway(backbone, args.host, args.port, _limits(args), token,
                             announce=lambda line: print(line, flush=True)))

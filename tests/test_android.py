@@ -1,0 +1,206 @@
+"""The Android demo, on a host without a phone.
+
+* The pure-Java protocol module's JUnit tests (android_demo/scripts/host_test.sh):
+  codec vectors, frame limits, message validation, the device state machine,
+  the host plugin executor against the shared plugin vectors.
+* Every app source compiles against android.jar (API 23) and ExecuTorch's Java
+  API (android_demo/scripts/compile_app.sh).
+* Python checks the same plugin vectors as Java, so a drift on either side shows.
+* Java and Python talk through real frames: activations the Java encoder
+  produced decode in Python exactly as Python's own, and every message type
+  round-trips through the Java parser (and invalid ones are refused with the
+  same error code).
+
+Live sessions of the Java client against `spa gateway` live elsewhere.
+"""
+
+import json
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spa import codec
+from spa.plugin import load_plugin
+from spa.protocol import messages as m
+from spa.protocol.errors import ProtocolError
+from spa.protocol.frames import FrameCodec
+from spa.protocol.limits import Limits
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "android_demo"
+VECTORS = ROOT / "tests" / "vectors"
+
+
+def _run(cmd: list, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def java_ready():
+    """Debian's JDK and Java libraries, android.jar and the ExecuTorch classes (idempotent, fast when done)."""
+    proc = _run([ROOT / "scripts" / "setup_java.sh"])
+    assert proc.returncode == 0, _explain(proc)
+
+
+@pytest.fixture(scope="module")
+def junit_run(java_ready) -> subprocess.CompletedProcess:
+    """Builds the protocol module and its tests, runs JUnit; leaves build/host/test-classpath."""
+    return _run([DEMO / "scripts" / "host_test.sh"])
+
+
+def test_java_protocol_module_passes_its_junit_tests(junit_run):
+    assert junit_run.returncode == 0, _explain(junit_run)
+    assert "OK (" in junit_run.stdout, _explain(junit_run)
+
+
+def test_all_app_sources_compile_against_android_and_executorch(java_ready):
+    proc = _run([DEMO / "scripts" / "compile_app.sh"])
+    assert proc.returncode == 0, _explain(proc)
+    classes = DEMO / "build" / "app-classes"
+    for name in ("org/spa/demo/MainActivity", "org/spa/demo/BenchmarkActivity",
+                 "org/spa/demo/ExecuTorchPluginExecutor", "org/spa/protocol/GatewayClient"):
+        assert (classes / f"{name}.class").is_file(), name
+
+
+# --- the shared plugin vectors, from the Python side ---------------------------------
+
+
+def test_plugin_vectors_match_eager_torch():
+    """The file the Java executor is checked against still says what spa/plugin.py computes."""
+    doc = json.loads((VECTORS / "plugin_vectors.json").read_text())
+    plugin = load_plugin(VECTORS / doc["plugin_dir"])  # checks the content hash, so the weights are intact
+    assert plugin.content_hash() == doc["content_hash"]
+    h, taps, tol = doc["hidden_size"], doc["taps"], doc["tolerance"]
+    assert plugin.config.hidden_size == h and plugin.config.taps == taps
+    f32 = lambda s: np.frombuffer(bytes.fromhex(s), "<f4")  # noqa: E731
+    ps = []
+    with torch.no_grad():
+        for case in doc["gate"]:
+            p = plugin.gate(torch.from_numpy(f32(case["f"]).copy())[None])[0, 0].item()
+            assert abs(p - f32(case["p"])[0]) <= tol["gate_abs"]
+            ps.append(p)
+        for case in doc["side"]:
+            want = f32(case["s"])
+            s = plugin.side(torch.from_numpy(f32(case["taps"]).reshape(len(taps), h).copy())[None])[0].numpy()
+            assert np.abs(s - want).max() <= tol["side_rel_to_max_abs"] * np.abs(want).max()
+            assert np.abs(want).max() > 1  # a plugin that outputs something
+    assert min(ps) < 0.2 and max(ps) > 0.8  # gate values spread over (0, 1), both sides of tau
+
+
+# --- Java <-> Python through real frames ---------------------------------------------
+
+
+def _write_frames(path: Path, frames: list[bytes]) -> None:
+    path.write_bytes(b"".join(struct.pack("<I", len(f)) + f for f in frames))
+
+
+def _read_frames(path: Path) -> list[bytes]:
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        (n,) = struct.unpack_from("<I", data, i)
+        out.append(data[i + 4: i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def _interop(junit_run, mode: str, maps: list[dict], tmp_path: Path) -> list[dict]:
+    classpath_file = DEMO / "build" / "host" / "test-classpath"
+    assert classpath_file.is_file(), _explain(junit_run)
+    fc = FrameCodec()
+    src, dst = tmp_path / f"{mode}.in", tmp_path / f"{mode}.out"
+    _write_frames(src, [fc.pack(d) for d in maps])
+    proc = _run(["java", "-cp", classpath_file.read_text().strip(), "org.spa.protocol.InteropTool", mode, src, dst])
+    assert proc.returncode == 0, _explain(proc)
+    replies = [fc.unpack(f) for f in _read_frames(dst)]  # Java's frames pass Python's strict checks
+    assert len(replies) == len(maps)
+    return replies
+
+
+def _activation_cases() -> list[tuple[np.ndarray, str, int]]:
+    rng = np.random.default_rng(11)
+    states = rng.normal(0, 15, (3, 576)).astype(np.float32)
+    states[:, [3, 77, 300]] = [[2100.5, -1875.25, 900.0]]
+    ties = np.array([[0.5, -3, 3, 0, 3, -0.25, 1, 2, -2]], np.float32)
+    huge = states[:1].copy()
+    huge[0, 10] = -70000.0  # beyond fp16: outliers as fp32
+    tiny = (rng.normal(0, 1, (2, 33)) * 1e-30).astype(np.float32)  # scales near underflow
+    halves = rng.normal(0, 1, (1, 64)).astype(np.float32) * np.float32(2.0 ** -15)  # fp16 subnormal outliers
+    cases = []
+    for x in (states, ties, huge, tiny, halves, np.zeros((1, 7), np.float32)):
+        for scheme, k in (("int8", 8), ("int4", 8), ("int8", 0), ("int4", 3), ("f32", 0)):
+            cases.append((x, scheme, k))
+    return cases
+
+
+def test_java_encoded_activations_decode_in_python_exactly(junit_run, tmp_path):
+    cases = _activation_cases()
+    maps = [{"type": "encode", "x": x.astype("<f4").tobytes(), "rows": x.shape[0], "cols": x.shape[1],
+             "scheme": scheme, "outliers": k} for x, scheme, k in cases]
+    for (x, scheme, k), reply in zip(cases, _interop(junit_run, "encode", maps, tmp_path)):
+        ours = codec.encode(x, scheme, k)
+        theirs = reply["encoded"]
+        assert theirs == ours, (scheme, k, x.shape)  # byte for byte the reference encoder
+        assert codec.decode(theirs).tobytes() == codec.decode(ours).tobytes()
+
+
+def _messages() -> list[dict]:
+    rng = np.random.default_rng(3)
+    f = codec.encode(rng.normal(0, 15, (1, 16)))
+    taps = codec.encode(rng.normal(0, 15, (3, 16)), "int4", 4)
+    bb = m.Backbone("fake-lm", "fp-123", num_layers=4, hidden_size=16)
+    opts = m.Options(window=2, codec="int4", outliers=4, max_new_tokens=50, temperature=0.7, seed=2**62)
+    return [msg.to_dict() for msg in (
+        m.Hello("secret", m.Plugin("fp-123", (0, 2, 4), "sha256:abc"), "Résumé: {document} ✓", opts),
+        m.Hello("", m.Plugin("fp", (1,), "h"), "p", m.Options(), resume=m.Resume("s1", "r1")),
+        m.Ready("s1", "r1", bb, 12, Limits().to_dict()),
+        m.Step(0, 11, f, 42, b"\xc3"),
+        m.Accept(0, 11),
+        m.NeedTaps(1, 12),
+        m.Taps(1, 12, taps),
+        m.Side(1, 12, f),
+        m.Verdict(2, 12, 7, b"\xa9 ", True),
+        m.End("max_tokens", {"tokens": 3, "rollbacks": 1, "seconds": 0.5}),
+        m.Error("limit", "too many"),
+        m.Bye(),
+    )]
+
+
+def _invalid_messages() -> list[dict]:
+    good = _messages()
+    hello, step = good[0], good[3]
+    return [
+        {"type": "teleport"},
+        {"type": "accept", "epoch": 0},
+        {"type": "accept", "epoch": True, "upto": 1},
+        {"type": "accept", "epoch": 0, "upto": 2**31},
+        {"type": "accept", "epoch": 0, "upto": 1.0},
+        {**step, "piece": "text"},
+        {**step, "f": {**step["f"], "scale": b""}},
+        {**hello, "version": 2},
+        {**hello, "options": {**hello["options"], "codec": "int2"}},
+        {**hello, "plugin": {**hello["plugin"], "taps": [2, 1]}},
+        {"type": "end", "reason": "eos", "stats": {"rollbacks": 1}},
+        {"type": "error", "code": "x" * 257, "message": ""},
+    ]
+
+
+def test_messages_round_trip_through_the_java_parser(junit_run, tmp_path):
+    maps = _messages()
+    for sent, back in zip(maps, _interop(junit_run, "messages", maps, tmp_path)):
+        assert m.parse(back) == m.parse(sent), sent["type"]
+
+
+def test_java_refuses_invalid_messages_with_pythons_codes(junit_run, tmp_path):
+    maps = _invalid_messages()
+    for sent, back in zip(maps, _interop(junit_run, "messages", maps, tmp_path)):
+        with pytest.raises(ProtocolError) as e:
+            m.parse(sent)
+        assert back["type"] == "error" and back["code"] == e.value.code, (sent, back)
