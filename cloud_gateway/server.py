@@ -16,6 +16,7 @@ from websockets.asyncio.server import serve
 
 from cloud_gateway.session import GatewaySession
 from spa.errors import SpaError
+from spa.generate import decode_one_token, prefill
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES
 from spa.protocol.frames import FrameCodec
@@ -34,6 +35,10 @@ class Engine:
         self.identity = m.Backbone(ident.name, ident.fingerprint, ident.num_layers, ident.hidden_size)
         self.eos_ids = backbone.eos_token_ids
         self.pieces = token_pieces(backbone.tokenizer)
+        # torch initializes lazily on the first forward (~seconds): pay it before
+        # the first device does, so time to first token measures the session.
+        cache, _ = prefill(backbone, backbone.encode("warm up the backbone"))
+        decode_one_token(backbone, cache, 0)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-compute")
 
     async def run(self, fn, *args):

@@ -122,7 +122,7 @@ def cmd_summarize(args) -> int:
 def cmd_demo(args) -> int:
     from spa.demo import run_demo
 
-    return run_demo(args.profile, args.workdir)
+    return run_demo(args.profile, args.workdir, args.document)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print text, tokens, sigmas and stats as one JSON object")
     p.set_defaults(run=cmd_summarize)
 
-    p = sub.add_parser("demo", help="train a quick plugin, export it, and run it (the README's demo)")
+    p = sub.add_parser("demo", help="train, export, serve and summarize through the split (the README's demo)")
     p.add_argument("--profile", default="outcome", help="reader profile (default: outcome)")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where the demo writes (default runs/demo)")
+    p.add_argument("--document", default="aclsum:test:0", help="what to summarize (default aclsum:test:0)")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -1,26 +1,44 @@
 """`spa demo`: the README's first command, end to end on the packaged defaults.
 
 1. train a quick plugin for one reader profile (real SmolLM2, real ACLSum),
-2. export it to ExecuTorch `.pte` files and verify them with the runtime.
+2. export it to ExecuTorch `.pte` files and verify them with the runtime,
+3. start the cloud gateway on loopback,
+4. summarize an ACLSum test paper through the split (the device side runs the
+   `.pte` in the ExecuTorch runtime), first lock-step then with draft-ahead,
+5. shut the gateway down.
 """
 
 import sys
 from pathlib import Path
 
+from cloud_gateway.process import GatewayProcess
 from spa.cli import main as spa
 
 
-def run_demo(profile: str, workdir: Path) -> int:
+def _step(number: int, total: int, what: str, argv: list[str]) -> None:
+    print(f"\n== demo step {number}/{total}: {what}\n$ spa {' '.join(argv)}", flush=True)
+    code = spa(argv)
+    if code != 0:
+        raise SystemExit(f"demo stopped: step {number} failed (exit {code})")
+
+
+def run_demo(profile: str, workdir: Path, document: str) -> int:
     plugin_dir, export_dir = workdir / f"plugin-{profile}", workdir / f"export-{profile}"
-    steps = [
-        ("train a quick plugin", ["train", "--quick", "--profile", profile, "--out", str(plugin_dir)]),
-        ("export it to ExecuTorch and verify", ["export", str(plugin_dir), "--out", str(export_dir)]),
-    ]
-    for i, (what, argv) in enumerate(steps, 1):
-        print(f"\n== demo step {i}/{len(steps)}: {what}: spa {' '.join(argv)}", flush=True)
-        code = spa(argv)
-        if code != 0:
-            print(f"demo stopped: step {i} failed", file=sys.stderr)
-            return code
-    print(f"\ndemo done: plugin in {plugin_dir}, .pte files in {export_dir}")
+    pte = str(export_dir / "plugin-fp32.pte")
+    _step(1, 5, f"train a quick plugin for the '{profile}' reader",
+          ["train", "--quick", "--profile", profile, "--out", str(plugin_dir)])
+    _step(2, 5, "export it to ExecuTorch and verify it", ["export", str(plugin_dir), "--out", str(export_dir)])
+    print("\n== demo step 3/5: start the cloud gateway on loopback\n$ spa gateway --port 0", flush=True)
+    with GatewayProcess() as gateway:
+        print(gateway.output[-1].rstrip(), flush=True)
+        common = ["summarize", document, "--plugin", pte, "--gateway", gateway.url, "--max-new-tokens", "48"]
+        _step(4, 5, "summarize a test paper through the split, lock-step "
+              "(tokens chosen with the side network are marked)", [*common, "--window", "0"])
+        _step(5, 5, "the same with draft-ahead (W = 4): same tokens, fewer round trips", [*common, "--window", "4"])
+    print(f"\ndemo done: gateway stopped; plugin in {plugin_dir}, .pte files in {export_dir}.\n"
+          f"Try: spa gateway & spa summarize aclsum:test:5 --plugin {pte}", flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo("outcome", Path("runs/demo"), "aclsum:test:0"))

@@ -9,10 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+
+from cloud_gateway.process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = "outcome"
@@ -62,42 +63,11 @@ def exported(quick_plugin_dir, tmp_path_factory) -> tuple[Path, dict]:
 GATEWAY_TOKEN = "test-token-7f3a"
 
 
-class RunningGateway:
-    """A real `spa gateway` subprocess on loopback, with its output kept for failure reports."""
-
-    def __init__(self, *extra_args):
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "spa.cli", "gateway", "--port", "0", *extra_args],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output: list[str] = []
-        self.url = None
-        for line in self.proc.stdout:  # the banner names the port it bound
-            self.output.append(line)
-            if " on ws://" in line:
-                self.url = "ws://" + line.split(" on ws://")[1].split()[0]
-                break
-        if self.url is None:
-            raise AssertionError("gateway did not start:\n" + "".join(self.output))
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        for line in self.proc.stdout:
-            self.output.append(line)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @pytest.fixture(scope="session")
 def gateway():
     """One gateway for the whole run, auth on (every client must send GATEWAY_TOKEN)."""
-    gw = RunningGateway("--token", GATEWAY_TOKEN, "--max-sessions", "16", "--verbose")
-    yield gw
-    gw.stop()
+    with GatewayProcess("--token", GATEWAY_TOKEN, "--max-sessions", "16", "--verbose") as gw:
+        yield gw
 
 
 @pytest.fixture(scope="session")
