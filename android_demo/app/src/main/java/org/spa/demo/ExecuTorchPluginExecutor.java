@@ -1,0 +1,71 @@
+package org.spa.demo;
+
+import java.io.Closeable;
+import java.nio.charset.StandardCharsets;
+
+import org.pytorch.executorch.EValue;
+import org.pytorch.executorch.Module;
+import org.pytorch.executorch.Tensor;
+import org.spa.protocol.PluginConfig;
+import org.spa.protocol.PluginExecutor;
+
+/**
+ * The reader's plugin run by ExecuTorch on the phone CPU (XNNPACK-delegated .pte
+ * from `spa export`). Methods, as export/pte.py lowers them:
+ * <pre>
+ *   gate(f: float32[1, H])             -> p: float32[1, 1]
+ *   side(taps: float32[1, n_taps, H])  -> s: float32[1, H]
+ *   plugin_config()                    -> uint8[n]  (the plugin's config.json, UTF-8)
+ * </pre>
+ * Not thread-safe: use it from one thread (the session thread).
+ */
+public final class ExecuTorchPluginExecutor implements PluginExecutor, Closeable {
+    public final PluginConfig config;
+    private final Module module;
+    private final int hidden, nTaps;
+
+    private ExecuTorchPluginExecutor(Module module, PluginConfig config) {
+        this.module = module;
+        this.config = config;
+        this.hidden = config.hiddenSize;
+        this.nTaps = config.taps.length;
+    }
+
+    /** Load a .pte and its methods; the config comes from the program itself. */
+    public static ExecuTorchPluginExecutor load(String ptePath) {
+        Module module = Module.load(ptePath);
+        try {
+            module.loadMethod("gate");
+            module.loadMethod("side");
+            return new ExecuTorchPluginExecutor(module, PluginConfig.parse(readConfig(module)));
+        } catch (RuntimeException e) {
+            module.destroy();
+            throw e;
+        }
+    }
+
+    /** The config.json embedded by export as the constant method `plugin_config`. */
+    public static String readConfig(Module module) {
+        EValue[] out = module.execute("plugin_config");
+        return new String(out[0].toTensor().getDataAsUnsignedByteArray(), StandardCharsets.UTF_8);
+    }
+
+    @Override
+    public float gate(float[] f) {
+        Tensor in = Tensor.fromBlob(f, new long[] {1, hidden});
+        return module.execute("gate", EValue.from(in))[0].toTensor().getDataAsFloatArray()[0];
+    }
+
+    @Override
+    public float[] side(float[][] taps) {
+        float[] flat = new float[nTaps * hidden];
+        for (int i = 0; i < nTaps; i++) System.arraycopy(taps[i], 0, flat, i * hidden, hidden);
+        Tensor in = Tensor.fromBlob(flat, new long[] {1, nTaps, hidden});
+        return module.execute("side", EValue.from(in))[0].toTensor().getDataAsFloatArray();
+    }
+
+    @Override
+    public void close() {
+        module.destroy();
+    }
+}

@@ -1,0 +1,101 @@
+package org.spa.protocol;
+
+import java.io.File;
+import java.io.IOException;
+import java.io.PrintStream;
+
+/**
+ * The Java device client on a host, for tests and comparisons with the Python
+ * client. The plugin runs in {@link HostPluginExecutor} (no ExecuTorch here).
+ *
+ * <pre>
+ * java -cp ... org.spa.protocol.Cli --gateway ws://127.0.0.1:PORT --plugin EXPORT_DIR --prompt-file FILE
+ *      [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] [--max-new-tokens N]
+ *      [--temperature X] [--seed S] [--tau X] [--timeout SECONDS]
+ * </pre>
+ *
+ * The prompt file holds the final prompt text (chat template applied), UTF-8.
+ * Prints one JSON object (ASCII, non-ASCII escaped): tokens, text, sigma (and sigmas),
+ * gate_p (the gate's p at each token's position, to check margins to tau), finish_reason, stats.
+ * Defaults match `spa summarize`: window 4, int8, 8 outliers, 64 new tokens,
+ * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN.
+ * Exit status: 0 on success, 1 when the session failed, 2 on bad arguments.
+ */
+public final class Cli {
+    private Cli() {}
+
+    public static void main(String[] args) {
+        System.exit(run(args, System.out, System.err));
+    }
+
+    static int run(String[] args, PrintStream out, PrintStream err) {
+        String gateway = "ws://127.0.0.1:8765", plugin = null, promptFile = null;
+        String token = System.getenv("SPA_GATEWAY_TOKEN");
+        Double tau = null;
+        int timeout = 120;
+        Messages.Options options = new Messages.Options();
+        options.window = 4;
+        options.maxNewTokens = 64;
+        String current = "";
+        try {
+            for (int i = 0; i < args.length; i++) {
+                String a = args[i];
+                if (a.equals("-h") || a.equals("--help")) {
+                    out.println(usage());
+                    return 0;
+                }
+                if (i + 1 >= args.length) throw new IllegalArgumentException(a + " needs a value");
+                String v = args[++i];
+                current = a + " " + v;
+                if (a.equals("--gateway")) gateway = v;
+                else if (a.equals("--plugin")) plugin = v;
+                else if (a.equals("--prompt-file")) promptFile = v;
+                else if (a.equals("--token")) token = v;
+                else if (a.equals("--window")) options.window = Integer.parseInt(v);
+                else if (a.equals("--codec")) options.codec = v;
+                else if (a.equals("--outliers")) options.outliers = Integer.parseInt(v);
+                else if (a.equals("--max-new-tokens")) options.maxNewTokens = Integer.parseInt(v);
+                else if (a.equals("--temperature")) options.temperature = Double.parseDouble(v);
+                else if (a.equals("--seed")) options.seed = Long.parseLong(v);
+                else if (a.equals("--tau")) tau = Double.parseDouble(v);
+                else if (a.equals("--timeout")) timeout = Integer.parseInt(v);
+                else throw new IllegalArgumentException("unknown option " + a);
+            }
+            if (plugin == null || promptFile == null) throw new IllegalArgumentException("--plugin and --prompt-file are required");
+            if (!ActivationCodec.isScheme(options.codec)) throw new IllegalArgumentException("--codec must be int8, int4 or f32");
+            if (options.window < 0 || options.outliers < 0 || options.maxNewTokens < 1) {
+                throw new IllegalArgumentException("--window and --outliers must be >= 0, --max-new-tokens >= 1");
+            }
+        } catch (NumberFormatException e) {
+            err.println("error: not a number: " + current);
+            err.println(usage());
+            return 2;
+        } catch (IllegalArgumentException e) {
+            err.println("error: " + e.getMessage());
+            err.println(usage());
+            return 2;
+        }
+        try {
+            HostPluginExecutor executor = HostPluginExecutor.load(new File(plugin));
+            String prompt = Files2.readUtf8(new File(promptFile));
+            double threshold = tau != null ? tau : executor.config.tau;
+            GatewayClient client = new GatewayClient(gateway, executor, executor.config.helloPlugin(), threshold, token)
+                    .timeout(timeout);
+            SessionResult result = client.run(prompt, options, null);
+            out.println(Json.write(result.toMap()));
+            return 0;
+        } catch (IOException e) {
+            err.println("error: " + e.getMessage());
+            return 1;
+        } catch (ClientException e) {
+            err.println("error: " + e.getMessage());
+            return 1;
+        }
+    }
+
+    static String usage() {
+        return "usage: java -cp CLASSPATH org.spa.protocol.Cli --gateway ws://HOST:PORT --plugin EXPORT_DIR "
+                + "--prompt-file FILE [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] "
+                + "[--max-new-tokens N] [--temperature X] [--seed S] [--tau X] [--timeout SECONDS]";
+    }
+}

@@ -1,0 +1,479 @@
+package org.spa.protocol;
+
+import java.util.ArrayList;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+
+/**
+ * Protocol messages, version 1 (docs/PROTOCOL.md section 4; reference
+ * spa/protocol/messages.py). {@link #parse} validates every field of an unpacked
+ * map and returns the message; {@code toMap()} builds the map to send. Unknown
+ * keys are ignored so that version 1 can gain optional fields.
+ */
+public final class Messages {
+    public static final int VERSION = 1;
+    public static final String[] CODECS = {"int8", "int4", "f32"};
+    public static final String[] END_REASONS = {"eos", "max_tokens"};
+
+    private Messages() {}
+
+    /** Any message; {@link #type()} is its `type` field. */
+    public abstract static class Message {
+        public abstract String type();
+
+        public abstract Map<String, Object> toMap();
+
+        Map<String, Object> start() {
+            Map<String, Object> d = new LinkedHashMap<String, Object>();
+            d.put("type", type());
+            return d;
+        }
+    }
+
+    /** Validate an unpacked map and return its message. */
+    public static Message parse(Map<String, Object> d) throws ProtocolException {
+        Fields f = new Fields(d, "message");
+        String kind = f.text("type", 32);
+        Fields g = new Fields(d, kind);
+        if ("hello".equals(kind)) return Hello.read(g);
+        if ("accept".equals(kind)) return new Accept(g.integer("epoch"), g.integer("upto"));
+        if ("need_taps".equals(kind)) return new NeedTaps(g.integer("epoch"), g.integer("pos"));
+        if ("side".equals(kind)) return new Side(g.integer("epoch"), g.integer("pos"), g.activation("s"));
+        if ("bye".equals(kind)) return new Bye();
+        if ("ready".equals(kind)) return Ready.read(g);
+        if ("step".equals(kind)) {
+            return new Step(g.integer("epoch"), g.integer("pos"), g.activation("f"), g.integer("draft"), g.blob("piece"));
+        }
+        if ("taps".equals(kind)) return new Taps(g.integer("epoch"), g.integer("pos"), g.activation("taps"));
+        if ("verdict".equals(kind)) {
+            return new Verdict(g.integer("epoch"), g.integer("pos"), g.integer("token"), g.blob("piece"), g.flag("changed"));
+        }
+        if ("end".equals(kind)) return End.read(g);
+        if ("error".equals(kind)) return new Error(g.text("code"), g.text("message", 4096));
+        throw new ProtocolException("unknown_type", "unknown message type '" + kind + "'");
+    }
+
+    // ------------------------------------------------------------------ parts
+
+    public static final class Plugin {
+        public final String fingerprint; // backbone fingerprint the plugin was trained on
+        public final int[] taps; // layer indices, ascending; 0 = embedding output
+        public final String contentHash;
+
+        public Plugin(String fingerprint, int[] taps, String contentHash) {
+            this.fingerprint = fingerprint;
+            this.taps = taps.clone();
+            this.contentHash = contentHash;
+        }
+
+        Map<String, Object> toMap() {
+            Map<String, Object> d = new LinkedHashMap<String, Object>();
+            d.put("fingerprint", fingerprint);
+            List<Object> t = new ArrayList<Object>();
+            for (int x : taps) t.add((long) x);
+            d.put("taps", t);
+            d.put("content_hash", contentHash);
+            return d;
+        }
+
+        static Plugin read(Fields f) throws ProtocolException {
+            return new Plugin(f.text("fingerprint"), f.layers("taps"), f.text("content_hash"));
+        }
+    }
+
+    public static final class Options {
+        public int window = 0; // W: drafted-but-unverified positions beyond the first; 0 = lock-step
+        public String codec = "int8"; // activation scheme for f, taps and s
+        public int outliers = 8; // outlier channels per row
+        public int maxNewTokens = 256;
+        public double temperature = 0.0; // 0 = greedy
+        public long seed = 0; // sampling noise for position t comes from (seed, t)
+
+        Map<String, Object> toMap() {
+            Map<String, Object> d = new LinkedHashMap<String, Object>();
+            d.put("window", (long) window);
+            d.put("codec", codec);
+            d.put("outliers", (long) outliers);
+            d.put("max_new_tokens", (long) maxNewTokens);
+            d.put("temperature", temperature);
+            d.put("seed", seed);
+            return d;
+        }
+
+        static Options read(Fields f) throws ProtocolException {
+            Options o = new Options();
+            o.window = (int) f.integer("window");
+            o.codec = f.text("codec", Fields.MAX_NAME, CODECS);
+            o.outliers = (int) f.integer("outliers", 0, ActivationCodec.MAX_COLS);
+            o.maxNewTokens = (int) f.integer("max_new_tokens", 1, Fields.INT32_MAX);
+            o.temperature = f.number("temperature", 0.0);
+            o.seed = f.integer("seed", 0, Fields.INT64_MAX);
+            return o;
+        }
+    }
+
+    public static final class Backbone {
+        public final String name;
+        public final String fingerprint;
+        public final int numLayers; // L; taps may name layers 0..L
+        public final int hiddenSize; // H; columns of f, taps and s
+
+        public Backbone(String name, String fingerprint, int numLayers, int hiddenSize) {
+            this.name = name;
+            this.fingerprint = fingerprint;
+            this.numLayers = numLayers;
+            this.hiddenSize = hiddenSize;
+        }
+
+        Map<String, Object> toMap() {
+            Map<String, Object> d = new LinkedHashMap<String, Object>();
+            d.put("name", name);
+            d.put("fingerprint", fingerprint);
+            d.put("num_layers", (long) numLayers);
+            d.put("hidden_size", (long) hiddenSize);
+            return d;
+        }
+
+        static Backbone read(Fields f) throws ProtocolException {
+            return new Backbone(f.text("name"), f.text("fingerprint"),
+                    (int) f.integer("num_layers", 1, Fields.MAX_LAYER),
+                    (int) f.integer("hidden_size", 1, ActivationCodec.MAX_COLS));
+        }
+    }
+
+    // ------------------------------------------------------------------ device -> gateway
+
+    public static final class Hello extends Message {
+        public final String token; // "" when the gateway needs none
+        public final Plugin plugin;
+        public final String prompt; // formatted by the device (chat template included)
+        public final Options options;
+        public final String resumeSession, resumeSecret; // reserved: null unless resuming
+
+        public Hello(String token, Plugin plugin, String prompt, Options options) {
+            this(token, plugin, prompt, options, null, null);
+        }
+
+        public Hello(String token, Plugin plugin, String prompt, Options options, String resumeSession, String resumeSecret) {
+            this.token = token;
+            this.plugin = plugin;
+            this.prompt = prompt;
+            this.options = options;
+            this.resumeSession = resumeSession;
+            this.resumeSecret = resumeSecret;
+        }
+
+        @Override
+        public String type() {
+            return "hello";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("version", (long) VERSION);
+            d.put("token", token);
+            d.put("plugin", plugin.toMap());
+            d.put("prompt", prompt);
+            d.put("options", options.toMap());
+            if (resumeSession != null) {
+                Map<String, Object> r = new LinkedHashMap<String, Object>();
+                r.put("session", resumeSession);
+                r.put("secret", resumeSecret);
+                d.put("resume", r);
+            }
+            return d;
+        }
+
+        static Hello read(Fields f) throws ProtocolException {
+            // Version first: a hello of another version may have other fields.
+            long version = f.integer("version");
+            if (version != VERSION) {
+                throw new ProtocolException("version", "protocol version " + version + " is not supported (only " + VERSION + ")");
+            }
+            String token = f.text("token");
+            Plugin plugin = Plugin.read(f.map("plugin"));
+            String prompt = f.text("prompt", -1);
+            Options options = Options.read(f.map("options"));
+            if (f.d.get("resume") == null) return new Hello(token, plugin, prompt, options);
+            Fields r = f.map("resume");
+            return new Hello(token, plugin, prompt, options, r.text("session"), r.text("secret"));
+        }
+    }
+
+    public static final class Accept extends Message {
+        public final long epoch, upto; // every position <= upto had sigma = 0
+
+        public Accept(long epoch, long upto) {
+            this.epoch = epoch;
+            this.upto = upto;
+        }
+
+        @Override
+        public String type() {
+            return "accept";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("epoch", epoch);
+            d.put("upto", upto);
+            return d;
+        }
+    }
+
+    public static final class NeedTaps extends Message {
+        public final long epoch, pos; // sigma = 1 at pos; every position < pos is accepted
+
+        public NeedTaps(long epoch, long pos) {
+            this.epoch = epoch;
+            this.pos = pos;
+        }
+
+        @Override
+        public String type() {
+            return "need_taps";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("epoch", epoch);
+            d.put("pos", pos);
+            return d;
+        }
+    }
+
+    public static final class Side extends Message {
+        public final long epoch, pos;
+        public final Activation s; // 1 row
+
+        public Side(long epoch, long pos, Activation s) {
+            this.epoch = epoch;
+            this.pos = pos;
+            this.s = s;
+        }
+
+        @Override
+        public String type() {
+            return "side";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("epoch", epoch);
+            d.put("pos", pos);
+            d.put("s", s.encoded);
+            return d;
+        }
+    }
+
+    public static final class Bye extends Message {
+        @Override
+        public String type() {
+            return "bye";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            return start();
+        }
+    }
+
+    // ------------------------------------------------------------------ gateway -> device
+
+    public static final class Ready extends Message {
+        public final String session, secret;
+        public final Backbone backbone;
+        public final long promptTokens; // P; the first step has pos = P - 1
+        public final Map<String, Object> limits; // the gateway's limits, by name
+
+        public Ready(String session, String secret, Backbone backbone, long promptTokens, Map<String, Object> limits) {
+            this.session = session;
+            this.secret = secret;
+            this.backbone = backbone;
+            this.promptTokens = promptTokens;
+            this.limits = limits;
+        }
+
+        @Override
+        public String type() {
+            return "ready";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("session", session);
+            d.put("secret", secret);
+            d.put("backbone", backbone.toMap());
+            d.put("prompt_tokens", promptTokens);
+            d.put("limits", limits);
+            return d;
+        }
+
+        static Ready read(Fields f) throws ProtocolException {
+            return new Ready(f.text("session"), f.text("secret"), Backbone.read(f.map("backbone")),
+                    f.integer("prompt_tokens", 1, Fields.INT32_MAX), f.numbers("limits"));
+        }
+    }
+
+    public static final class Step extends Message {
+        public final long epoch, pos; // t
+        public final Activation f; // f_t, 1 row
+        public final long draft; // the backbone's x_{t+1}, kept if sigma_t = 0
+        public final byte[] piece; // UTF-8 bytes of the draft, possibly a partial character
+
+        public Step(long epoch, long pos, Activation f, long draft, byte[] piece) {
+            this.epoch = epoch;
+            this.pos = pos;
+            this.f = f;
+            this.draft = draft;
+            this.piece = piece;
+        }
+
+        @Override
+        public String type() {
+            return "step";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("epoch", epoch);
+            d.put("pos", pos);
+            d.put("f", f.encoded);
+            d.put("draft", draft);
+            d.put("piece", piece);
+            return d;
+        }
+    }
+
+    public static final class Taps extends Message {
+        public final long epoch, pos;
+        public final Activation taps; // one row per tapped layer, in plugin.taps order
+
+        public Taps(long epoch, long pos, Activation taps) {
+            this.epoch = epoch;
+            this.pos = pos;
+            this.taps = taps;
+        }
+
+        @Override
+        public String type() {
+            return "taps";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("epoch", epoch);
+            d.put("pos", pos);
+            d.put("taps", taps.encoded);
+            return d;
+        }
+    }
+
+    public static final class Verdict extends Message {
+        public final long epoch; // the epoch after the verdict: old + 1 when changed
+        public final long pos;
+        public final long token; // the committed x_{pos+1}
+        public final byte[] piece;
+        public final boolean changed; // token != the draft; drafts after pos are void
+
+        public Verdict(long epoch, long pos, long token, byte[] piece, boolean changed) {
+            this.epoch = epoch;
+            this.pos = pos;
+            this.token = token;
+            this.piece = piece;
+            this.changed = changed;
+        }
+
+        @Override
+        public String type() {
+            return "verdict";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("epoch", epoch);
+            d.put("pos", pos);
+            d.put("token", token);
+            d.put("piece", piece);
+            d.put("changed", changed);
+            return d;
+        }
+    }
+
+    public static final class End extends Message {
+        public final String reason; // "eos" | "max_tokens"
+        public final Map<String, Object> stats; // always "tokens" (an int)
+
+        public End(String reason, Map<String, Object> stats) {
+            this.reason = reason;
+            this.stats = stats;
+        }
+
+        /** stats.tokens, checked to be an int when parsed. */
+        public long tokens() {
+            return ((Number) stats.get("tokens")).longValue();
+        }
+
+        @Override
+        public String type() {
+            return "end";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("reason", reason);
+            d.put("stats", stats);
+            return d;
+        }
+
+        static End read(Fields f) throws ProtocolException {
+            End end = new End(f.text("reason", Fields.MAX_NAME, END_REASONS), f.numbers("stats"));
+            if (!(end.stats.get("tokens") instanceof Long)) {
+                throw new ProtocolException("bad_field", "end.stats.tokens: expected an int");
+            }
+            return end;
+        }
+    }
+
+    // ------------------------------------------------------------------ either direction
+
+    public static final class Error extends Message {
+        public final String code; // receivers accept codes they do not know
+        public final String message;
+
+        public Error(String code, String message) {
+            this.code = code;
+            this.message = message;
+        }
+
+        /** The error message for a violation we detected (message cut to 4096 characters). */
+        public static Error of(ProtocolException e) {
+            String m = e.detail;
+            if (Fields.codePoints(m) > 4096) m = m.substring(0, m.offsetByCodePoints(0, 4096));
+            return new Error(e.code, m);
+        }
+
+        @Override
+        public String type() {
+            return "error";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("code", code);
+            d.put("message", message);
+            return d;
+        }
+    }
+}

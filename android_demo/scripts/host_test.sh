@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Compile the protocol module and its JUnit tests, and run them on the host JVM.
+# The tests read the shared vectors in tests/vectors (codec, plugin).
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+require "$JUNIT_JAR" "JUnit 4 (Debian junit4)"
+require "$HAMCREST_JAR" "Hamcrest (Debian libhamcrest-java)"
+"$DEMO_DIR/scripts/build_protocol.sh"
+
+rm -rf "$HOST_BUILD/test"
+mkdir -p "$HOST_BUILD/test"
+TEST_CP="$HOST_BUILD/main:$LIB_CLASSPATH:$JUNIT_JAR:$HAMCREST_JAR"
+javac -source 8 -target 8 -Xlint:-options -encoding UTF-8 \
+    -cp "$TEST_CP" -d "$HOST_BUILD/test" $(java_sources "$PROTOCOL_TEST_SRC")
+echo "$HOST_BUILD/test:$TEST_CP" > "$HOST_BUILD/test-classpath"
+
+TESTS=$(cd "$PROTOCOL_TEST_SRC" && find . -name '*Test.java' | sed 's|^\./||; s|\.java$||; s|/|.|g' | sort)
+[ -n "$TESTS" ] || die "no JUnit tests found under $PROTOCOL_TEST_SRC"
+exec java -Dspa.repo="$REPO_DIR" -cp "$HOST_BUILD/test:$TEST_CP" org.junit.runner.JUnitCore $TESTS
