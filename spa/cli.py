@@ -119,6 +119,21 @@ def cmd_summarize(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from evaluation.run import evaluate, write_report
+    from spa.backbone import load_backbone
+
+    backbone = load_backbone(args.backbone)
+    results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir)
+    write_report(results, args.out, "spa eval " + " ".join(sys.argv[2:]))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print((args.out / "results.md").read_text())
+        print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {args.out / 'tau_sweep.png'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from spa.demo import run_demo
 
@@ -183,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--highlight", choices=["ansi", "brackets", "none"], help="mark side-network tokens (default: ansi on a terminal)")
     p.add_argument("--json", action="store_true", help="print text, tokens, sigmas and stats as one JSON object")
     p.set_defaults(run=cmd_summarize)
+
+    p = sub.add_parser("eval", help="Rouge-L of the paper's rows (prompted backbone, side always on, SPA, tau sweep, "
+                       "training size) on the ACLSum test split")
+    p.add_argument("--profiles", nargs="+", default=["challenge", "approach", "outcome"])
+    p.add_argument("--papers", type=int, help="only the first N test papers (default: all 100)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation cap (default 48: summaries are one sentence)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/eval"), help="plugins and exports (reused when unchanged)")
+    p.add_argument("--out", type=Path, default=Path("results/quality"), help="results.md, results.json, tau_sweep.png")
+    p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("demo", help="train, export, serve and summarize through the split (the README's demo)")
     p.add_argument("--profile", default="outcome", help="reader profile (default: outcome)")

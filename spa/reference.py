@@ -23,6 +23,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)  # generated token ids, EOS included if reached
     sigmas: list[int] = field(default_factory=list)  # sigma_t of the position that chose each token
     gate_p: list[float] = field(default_factory=list)  # p_t of each position
+    logit_gap: list[float] = field(default_factory=list)  # top-1 minus top-2 logit: the margin of each choice
     finish_reason: str = ""
 
 
@@ -43,6 +44,8 @@ def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens
         else:
             logits = backbone.logits(f)
         token = choose_token(logits, temperature, seed, pos)
+        top2 = torch.topk(logits, 2).values
+        out.logit_gap.append(float(top2[0] - top2[1]))
         out.tokens.append(token)
         out.sigmas.append(int(sigma))
         out.gate_p.append(p)

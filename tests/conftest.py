@@ -74,3 +74,10 @@ def gateway():
 def pte_path(exported) -> Path:
     out, manifest = exported
     return out / manifest["variants"]["fp32"]["file"]
+
+
+@pytest.fixture(scope="session")
+def java_ready():
+    """Debian's JDK and Java libraries, android.jar and the ExecuTorch classes (idempotent, fast when done)."""
+    proc = subprocess.run([str(ROOT / "scripts" / "setup_java.sh")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -44,13 +44,6 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def java_ready():
-    """Debian's JDK and Java libraries, android.jar and the ExecuTorch classes (idempotent, fast when done)."""
-    proc = _run([ROOT / "scripts" / "setup_java.sh"])
-    assert proc.returncode == 0, _explain(proc)
-
-
-@pytest.fixture(scope="module")
 def junit_run(java_ready) -> subprocess.CompletedProcess:
     """Builds the protocol module and its tests, runs JUnit; leaves build/host/test-classpath."""
     return _run([DEMO / "scripts" / "host_test.sh"])

@@ -1,0 +1,170 @@
+"""`spa eval`: the SPA paper's quality tables on ACLSum with the real backbone.
+
+For each reader profile, on the ACLSum test split, Rouge-L of:
+  * prompted backbone: the backbone alone, its instruction naming the aspect (the paper's one-shot row);
+  * backbone, generic instruction: what the plugin starts from;
+  * side always on (sigma = 1 on every token: the paper's S1 / LST-style row);
+  * SPA: gated at the plugin's trained tau, with its side usage;
+  * a tau sweep of the same plugin (taus hitting 20/40/60/80 % usage on the *validation* split);
+  * SPA trained on less data (small / medium train split), each at its own trained tau.
+
+Everything tunable was tuned on the validation split (training defaults in
+training/train.py); test papers are only generated here. Plugins are trained
+by the real training recipe and exported to `.pte`; gate and side run in the
+ExecuTorch runtime with the wire's int8 quantization, as on a device.
+Generation: greedy, at most `max_new_tokens` (summaries are one sentence).
+"""
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from evaluation.batched import ALWAYS, NEVER, Row, generate_rows
+from evaluation.rouge import rouge_l, side_usage
+from export.export import export_plugin
+from spa.data import ASPECT_INSTRUCTIONS, GENERIC_INSTRUCTION, chat_template, check_profile, load_split, paper_prompt
+from spa.plugin import load_plugin, save_plugin
+from spa.pte import PtePlugin
+from training.tapcache import build_token_set
+from training.train import TrainSettings, train_plugin
+
+SWEEP_USAGE = (0.2, 0.4, 0.6, 0.8)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def plugin_for(backbone, settings: TrainSettings, workdir: Path) -> PtePlugin:
+    """Train (or reuse, when trained with the same settings) and export a plugin."""
+    name = f"{settings.profile}-{settings.train_docs or 'full'}"
+    plugin_dir, export_dir = workdir / "plugins" / name, workdir / "exports" / name
+    pte_file = export_dir / "plugin-fp32.pte"
+    try:
+        reusable = load_plugin(plugin_dir).config.training["settings"] == asdict(settings) and pte_file.exists()
+    except Exception:  # missing or stale: train anew
+        reusable = False
+    if not reusable:
+        log(f"training plugin {name}")
+        plugin, _ = train_plugin(backbone, settings)
+        save_plugin(plugin, plugin_dir)
+        export_plugin(plugin_dir, export_dir, variants=("fp32",), progress=log)
+    return PtePlugin(pte_file)
+
+
+def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float, float]:
+    """usage target -> tau giving that side usage on the validation tokens (teacher-forced)."""
+    val = build_token_set(backbone, load_split("val", settings.val_docs), settings.profile,
+                          pte.config.prompt_template, pte.config.instruction, pte.config.max_doc_tokens, label="val")
+    p = torch.tensor([pte.gate(f.numpy()) for f in val.states[:, -1]])
+    return {u: float(torch.quantile(p, 1 - u)) for u in SWEEP_USAGE}
+
+
+def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdir: Path, sizes=(25, 50)) -> dict:
+    t0 = time.time()
+    for profile in profiles:
+        check_profile(profile)
+    template = chat_template(backbone.tokenizer)
+    rows, plugins = [Row("backbone, generic instruction", None, NEVER)], {}
+    for profile in profiles:
+        full = TrainSettings(profile)
+        pte = plugin_for(backbone, full, workdir)
+        plugins[profile] = {"tau": pte.tau, "settings": asdict(full), "sweep": sweep_taus(backbone, pte, full)}
+        rows += [Row(f"{profile}|side always on", pte, ALWAYS), Row(f"{profile}|SPA", pte, pte.tau)]
+        rows += [Row(f"{profile}|SPA tau={tau:.4g}", pte, tau) for tau in plugins[profile]["sweep"].values()]
+        for size in sizes:
+            small = plugin_for(backbone, TrainSettings(profile, train_docs=size), workdir)
+            rows.append(Row(f"{profile}|SPA, {size} train papers", small, small.tau))
+    test = load_split("test", papers)
+    max_doc_tokens = TrainSettings(profiles[0]).max_doc_tokens
+    generations = {row.name: [] for row in rows}
+    prompted = {profile: [] for profile in profiles}
+    for paper in tqdm(test, desc=f"generating {len(rows)} + {len(profiles)} rows per paper", unit="paper"):
+        ids = backbone.encode(paper_prompt(paper, template, GENERIC_INSTRUCTION, max_doc_tokens))
+        for row, gen in zip(rows, generate_rows(backbone, ids, rows, max_new_tokens)):
+            generations[row.name].append(gen)
+        for profile in profiles:
+            ids = backbone.encode(paper_prompt(paper, template, ASPECT_INSTRUCTIONS[profile], max_doc_tokens))
+            prompted[profile].append(generate_rows(backbone, ids, [Row("prompted", None, NEVER)], max_new_tokens)[0])
+
+    def score(gens, profile) -> dict:
+        texts = [backbone.decode(g.tokens) for g in gens]
+        refs = [p.summaries[profile] for p in test]
+        return {"rouge_l": sum(map(rouge_l, texts, refs)) / len(refs), "side_usage": side_usage([g.sigmas for g in gens]),
+                "mean_tokens": sum(len(g.tokens) for g in gens) / len(gens), "examples": texts[:3]}
+
+    results = {"papers": len(test), "max_new_tokens": max_new_tokens, "max_doc_tokens": max_doc_tokens,
+               "seconds": 0.0, "profiles": {}}
+    for profile in profiles:
+        table = {"prompted backbone (aspect instruction)": score(prompted[profile], profile),
+                 "backbone, generic instruction": score(generations["backbone, generic instruction"], profile)}
+        for name, gens in generations.items():
+            if name.startswith(profile + "|"):
+                table[name.split("|", 1)[1]] = score(gens, profile)
+        results["profiles"][profile] = {"plugin": plugins[profile], "rows": table,
+                                        "references": [p.summaries[profile] for p in test[:3]]}
+    results["seconds"] = time.time() - t0
+    return results
+
+
+def markdown(results: dict, command: str) -> str:
+    lines = ["# SPA quality on ACLSum (test split)", "",
+             f"{results['papers']} test papers, SmolLM2-135M-Instruct backbone, greedy decoding, at most "
+             f"{results['max_new_tokens']} new tokens, documents truncated to ~{results['max_doc_tokens']} tokens; "
+             f"gate and side run from the exported `.pte` with int8 wire quantization. "
+             f"Took {results['seconds'] / 60:.0f} min on a 2-core CPU.", "",
+             f"Regenerate: `{command}`", ""]
+    profiles = list(results["profiles"])
+    names = list(next(iter(results["profiles"].values()))["rows"])
+    lines.append("| row | " + " | ".join(f"{p} Rouge-L | usage" for p in profiles) + " |")
+    lines.append("|---|" + "---:|---:|" * len(profiles))
+    for name in names:
+        cells = []
+        for p in profiles:
+            r = results["profiles"][p]["rows"].get(name)
+            cells.append(f"{r['rouge_l']:.2f} | {r['side_usage']:.0%}" if r else "- | -")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for p in profiles:
+        info = results["profiles"][p]
+        lines.append(f"**{p}**: trained tau {info['plugin']['tau']:.4g}; example (SPA): "
+                     f"\"{info['rows']['SPA']['examples'][0]}\" — reference: \"{info['references'][0]}\"")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for profile, info in results["profiles"].items():
+        rows = info["rows"]
+        points = [rows["backbone, generic instruction"]] + [r for n, r in rows.items() if n.startswith("SPA tau=")]
+        points += [rows["SPA"], rows["side always on"]]
+        points.sort(key=lambda r: r["side_usage"])
+        line, = ax.plot([100 * r["side_usage"] for r in points], [r["rouge_l"] for r in points], "o-", label=profile)
+        spa = rows["SPA"]
+        ax.plot([100 * spa["side_usage"]], [spa["rouge_l"]], "*", ms=14, color=line.get_color())
+        ax.axhline(rows["prompted backbone (aspect instruction)"]["rouge_l"], ls=":", color=line.get_color(), lw=1)
+    ax.set_xlabel("side usage on the test split (% of generated tokens)")
+    ax.set_ylabel("Rouge-L")
+    ax.set_title("Rouge-L against side usage (tau sweep; * = trained tau, dotted = prompted backbone)", fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_report(results: dict, out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results, command) + "\n\n![tau sweep](tau_sweep.png)\n")
+    plot(results, out / "tau_sweep.png")

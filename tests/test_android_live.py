@@ -1,0 +1,63 @@
+"""The Java client (host JVM) against the real Python gateway commits the Python device's tokens.
+
+The Java client computes gate and side with its own float32 executor from the
+exported weights; the Python device runs the `.pte` in ExecuTorch. Those
+numerics legitimately differ (Java math vs XNNPACK), so, per the numerics
+contract, the test first asserts that its data has margin (no p_t within 1e-3
+of tau, top-2 logit gap > 1e-3 on every position), then demands identical
+tokens.
+"""
+
+import asyncio
+import json
+import subprocess
+
+import pytest
+
+from device_runtime.client import run_session
+from device_runtime.documents import device_prompt, load_document
+from spa.protocol.messages import Options
+from spa.pte import PtePlugin
+from spa.reference import reference_generate
+from tests.conftest import GATEWAY_TOKEN, ROOT
+
+MAX_NEW = 20
+CLI = ROOT / "android_demo" / "scripts" / "cli.sh"
+
+
+@pytest.fixture(scope="module")
+def pte(pte_path):
+    return PtePlugin(pte_path)
+
+
+def _with_margin(backbone, pte, prompt):
+    """A tau at which this document's reference run has margin and uses the side on some tokens only."""
+    for tau in (0.5, 0.3, 0.7, 0.1, 0.9, 0.05):
+        ref = reference_generate(backbone, pte, prompt, tau=tau, max_new_tokens=MAX_NEW)
+        margin = min(abs(p - tau) for p in ref.gate_p) > 1e-3 and min(ref.logit_gap) > 1e-3
+        if margin and 0 < sum(ref.sigmas) < len(ref.sigmas):
+            return tau, ref
+    pytest.fail("no tau gives this document margin and a mixed gate; pick another document")
+
+
+@pytest.mark.parametrize("doc", ["aclsum:test:0", "aclsum:test:4"])
+def test_java_client_commits_the_python_device_tokens(gateway, exported, pte, backbone, doc, tmp_path, java_ready):
+    export_dir, _ = exported
+    prompt = device_prompt(pte.config, load_document(doc, pte.config.max_doc_tokens))
+    tau, ref = _with_margin(backbone, pte, prompt)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(prompt)
+    for window in (0, 4):
+        python = asyncio.run(run_session(gateway.url, pte, prompt, Options(window=window, max_new_tokens=MAX_NEW),
+                                         tau=tau, token=GATEWAY_TOKEN))
+        proc = subprocess.run([str(CLI), "--gateway", gateway.url, "--plugin", str(export_dir),
+                               "--prompt-file", str(prompt_file), "--token", GATEWAY_TOKEN, "--window", str(window),
+                               "--max-new-tokens", str(MAX_NEW), "--tau", repr(tau)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        java = json.loads(proc.stdout)
+        assert python.tokens == ref.tokens
+        assert java["tokens"] == python.tokens, (window, java["text"], python.text)
+        assert java["sigma"] == python.sigmas
+        assert java["text"] == python.text
+        assert java["stats"]["bytes_up"] == python.stats["bytes_up"]  # same messages, same encoder
