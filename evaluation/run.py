@@ -65,7 +65,8 @@ def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float,
     return {u: float(torch.quantile(p, 1 - u)) for u in SWEEP_USAGE}
 
 
-def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdir: Path, sizes=(25, 50)) -> dict:
+def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdir: Path, sizes=(25, 50),
+             split: str = "test") -> dict:
     t0 = time.time()
     for profile in profiles:
         check_profile(profile)
@@ -80,7 +81,7 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
         for size in sizes:
             small = plugin_for(backbone, TrainSettings(profile, train_docs=size), workdir)
             rows.append(Row(f"{profile}|SPA, {size} train papers", small, small.tau))
-    test = load_split("test", papers)
+    test = load_split(split, papers)  # "val" only for tuning; the reported tables use "test"
     max_doc_tokens = TrainSettings(profiles[0]).max_doc_tokens
     generations = {row.name: [] for row in rows}
     prompted = {profile: [] for profile in profiles}
@@ -98,7 +99,7 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
         return {"rouge_l": sum(map(rouge_l, texts, refs)) / len(refs), "side_usage": side_usage([g.sigmas for g in gens]),
                 "mean_tokens": sum(len(g.tokens) for g in gens) / len(gens), "examples": texts[:3]}
 
-    results = {"papers": len(test), "max_new_tokens": max_new_tokens, "max_doc_tokens": max_doc_tokens,
+    results = {"split": split, "papers": len(test), "max_new_tokens": max_new_tokens, "max_doc_tokens": max_doc_tokens,
                "seconds": 0.0, "profiles": {}}
     for profile in profiles:
         table = {"prompted backbone (aspect instruction)": score(prompted[profile], profile),
@@ -113,8 +114,8 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
 
 
 def markdown(results: dict, command: str) -> str:
-    lines = ["# SPA quality on ACLSum (test split)", "",
-             f"{results['papers']} test papers, SmolLM2-135M-Instruct backbone, greedy decoding, at most "
+    lines = [f"# SPA quality on ACLSum ({results['split']} split)", "",
+             f"{results['papers']} {results['split']} papers, SmolLM2-135M-Instruct backbone, greedy decoding, at most "
              f"{results['max_new_tokens']} new tokens, documents truncated to ~{results['max_doc_tokens']} tokens; "
              f"gate and side run from the exported `.pte` with int8 wire quantization. "
              f"Took {results['seconds'] / 60:.0f} min on a 2-core CPU.", "",

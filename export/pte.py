@@ -2,6 +2,9 @@
 
     gate(f: float32[1, H])              -> p: float32[1, 1]     (p_t; the runtime compares it with tau)
     side(taps: float32[1, len(taps), H]) -> s: float32[1, H]
+    side_projected(proj: float32[1, len(taps), r]) -> s: float32[1, H]
+                                        (the side network after its per-tap projections, for the
+                                         cloud-side projection option: the cloud sends r values per tap)
     plugin_hash()   -> int64[16]   the plugin's content hash as ASCII codes
     plugin_config() -> uint8[n]    the plugin's config.json, UTF-8
 
@@ -41,13 +44,23 @@ class _SideMethod(nn.Module):
         return self.side(taps)
 
 
+class _SideProjectedMethod(nn.Module):
+    def __init__(self, plugin: Plugin):
+        super().__init__()
+        self.side = plugin.side
+
+    def forward(self, projected):
+        return self.side.mix(projected)
+
+
 def example_inputs(plugin: Plugin) -> dict:
     """Deterministic inputs with the right shapes, scaled like real backbone states."""
     gen = torch.Generator().manual_seed(0)
-    hidden, n_taps = plugin.config.hidden_size, len(plugin.config.taps)
+    hidden, n_taps, rank = plugin.config.hidden_size, len(plugin.config.taps), plugin.config.rank
     return {
         "gate": (torch.randn(1, hidden, generator=gen) * 15,),
         "side": (torch.randn(1, n_taps, hidden, generator=gen) * 15,),
+        "side_projected": (torch.randn(1, n_taps, rank, generator=gen),),
     }
 
 
@@ -75,7 +88,8 @@ def lower(plugin: Plugin, variant: str, content_hash: str, calibration: dict | N
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     plugin = plugin.eval().requires_grad_(False)
     inputs = example_inputs(plugin)
-    modules = {"gate": _GateMethod(plugin), "side": _SideMethod(plugin)}
+    modules = {"gate": _GateMethod(plugin), "side": _SideMethod(plugin),
+               "side_projected": _SideProjectedMethod(plugin)}
     programs = {}
     for name, module in modules.items():
         if variant == "int8":

@@ -36,7 +36,7 @@ def cmd_train(args) -> int:
     from training.train import TrainSettings, train_plugin
 
     settings = TrainSettings.quick(args.profile, args.seed) if args.quick else TrainSettings(args.profile, args.seed)
-    for name in ("epochs", "rank", "tap_every", "skip_cost", "lr", "max_doc_tokens", "train_docs", "val_docs"):
+    for name in ("epochs", "rank", "tap_every", "skip_cost", "max_usage", "lr", "max_doc_tokens", "train_docs", "val_docs"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     backbone = load_backbone(args.backbone)
@@ -70,7 +70,8 @@ def _limits(args):
     from spa.protocol.limits import Limits
 
     overrides = {name: getattr(args, name) for name in ("max_sessions", "max_prompt_tokens", "max_new_tokens",
-                                                           "idle_timeout_s", "max_frame_bytes") if getattr(args, name) is not None}
+                                                           "idle_timeout_s", "max_frame_bytes", "resume_grace_s",
+                                                           "send_timeout_s") if getattr(args, name) is not None}
     return Limits(**overrides)
 
 
@@ -87,9 +88,14 @@ def cmd_gateway(args) -> int:
     token = args.token or os.environ.get("SPA_GATEWAY_TOKEN") or None
     if not is_loopback(args.host) and not token:  # before the slow backbone load
         raise SpaError(f"refusing to listen on {args.host} without an auth token: pass --token or set SPA_GATEWAY_TOKEN")
+    from cloud_gateway.server import tls_context
+
+    if args.keyfile and not args.certfile:
+        raise SpaError("--keyfile needs --certfile")
+    tls = tls_context(args.certfile, args.keyfile) if args.certfile else None  # before the slow backbone load
     backbone = load_backbone(args.backbone)
     asyncio.run(run_gateway(backbone, args.host, args.port, _limits(args), token,
-                            announce=lambda line: print(line, flush=True)))
+                            announce=lambda line: print(line, flush=True), ssl_context=tls, max_batch=args.max_batch))
     return 0
 
 
@@ -109,7 +115,8 @@ def cmd_summarize(args) -> int:
     highlight = args.highlight or ("ansi" if sys.stdout.isatty() else "brackets")
     printer = None if args.json else StreamPrinter(sys.stdout, highlight)
     token = args.token or os.environ.get("SPA_GATEWAY_TOKEN", "")
-    result = asyncio.run(run_session(args.gateway, pte, prompt, options, tau=args.tau, token=token, on_commit=printer))
+    result = asyncio.run(run_session(args.gateway, pte, prompt, options, tau=args.tau, token=token, on_commit=printer,
+                                     cafile=args.cafile, reconnect=not args.no_reconnect))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "sigmas": result.sigmas,
                           "finish_reason": result.finish_reason, "stats": result.stats}, indent=2))
@@ -124,7 +131,8 @@ def cmd_eval(args) -> int:
     from spa.backbone import load_backbone
 
     backbone = load_backbone(args.backbone)
-    results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir)
+    sizes = () if args.no_sizes else (25, 50)
+    results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir, sizes, args.split)
     write_report(results, args.out, "spa eval " + " ".join(sys.argv[2:]))
     if args.json:
         print(json.dumps(results, indent=2))
@@ -155,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="side network width r (default 32)")
     p.add_argument("--tap-every", type=int, help="tap every k-th layer (default 1: all layers)")
     p.add_argument("--skip-cost", "--lambda", dest="skip_cost", type=float,
-                   help="lambda: nats a token's loss must drop to open the gate (default 0.05); higher -> less side usage")
+                   help="lambda: nats a token's loss must drop to open the gate (default 0.3); higher -> less side usage")
+    p.add_argument("--max-usage", type=float,
+                   help="tau keeps the side usage on validation at most this share (default 0.5)")
     p.add_argument("--lr", type=float)
     p.add_argument("--max-doc-tokens", type=int, help="truncate each paper to about this many tokens (default 384)")
     p.add_argument("--train-docs", type=int, help="use only the first N train papers")
@@ -180,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a session may ask (default 2048)")
     p.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds of device silence before a session is closed (default 120)")
     p.add_argument("--max-frame-bytes", type=int, help="largest websocket message accepted (default 2 MiB)")
+    p.add_argument("--resume-grace", dest="resume_grace_s", type=float,
+                   help="seconds a session whose connection was lost waits for its device to resume (default 30; 0: off)")
+    p.add_argument("--send-timeout", dest="send_timeout_s", type=float,
+                   help="seconds a device may leave sent data unread before it is dropped as a slow reader (default 30)")
+    p.add_argument("--certfile", help="TLS certificate chain (PEM): serve wss:// instead of ws://")
+    p.add_argument("--keyfile", help="TLS private key (PEM), if not inside --certfile")
+    p.add_argument("--max-batch", type=int, default=64, help="most sessions' decode steps run as one batched forward "
+                   "(default 64; 1: no batching)")
     p.add_argument("-v", "--verbose", action="store_true", help="log sessions")
     p.set_defaults(run=cmd_gateway)
 
@@ -195,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling seeded by --seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token", help="auth token (default: $SPA_GATEWAY_TOKEN)")
+    p.add_argument("--cafile", help="CA bundle (PEM) to trust for a wss:// gateway, e.g. its self-signed certificate")
+    p.add_argument("--no-reconnect", action="store_true", help="fail instead of resuming after a lost connection")
     p.add_argument("--highlight", choices=["ansi", "brackets", "none"], help="mark side-network tokens (default: ansi on a terminal)")
     p.add_argument("--json", action="store_true", help="print text, tokens, sigmas and stats as one JSON object")
     p.set_defaults(run=cmd_summarize)
@@ -202,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="Rouge-L of the paper's rows (prompted backbone, side always on, SPA, tau sweep, "
                        "training size) on the ACLSum test split")
     p.add_argument("--profiles", nargs="+", default=["challenge", "approach", "outcome"])
-    p.add_argument("--papers", type=int, help="only the first N test papers (default: all 100)")
+    p.add_argument("--papers", type=int, help="only the first N papers of the split (default: all)")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="test (the report) or val (for tuning)")
+    p.add_argument("--no-sizes", action="store_true", help="skip the training-size rows (small/medium plugins)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation cap (default 48: summaries are one sentence)")
     p.add_argument("--workdir", type=Path, default=Path("runs/eval"), help="plugins and exports (reused when unchanged)")
     p.add_argument("--out", type=Path, default=Path("results/quality"), help="results.md, results.json, tau_sweep.png")
@@ -215,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where the demo writes (default runs/demo)")
     p.add_argument("--document", default="aclsum:test:0", help="what to summarize (default aclsum:test:0)")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("bench", help="performance benchmarks: emulated links, device micro-benchmarks, bytes per token")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    from benchmarks.cli import add_bench_parsers  # argparse only: cheap
+
+    add_bench_parsers(bench)  # link, device, bytes
+    from benchmarks.load import add_load_parser
+
+    add_load_parser(bench)  # load: many concurrent sessions against one gateway
     return parser
 
 

@@ -115,12 +115,26 @@ class SideNetwork(nn.Module):
         self.register_buffer("scale", torch.tensor(float(config.side_scale)))
         self.act = nn.GELU()
 
-    def forward(self, taps: torch.Tensor) -> torch.Tensor:
+    def project(self, taps: torch.Tensor) -> torch.Tensor:
+        """Per-tap projections [..., len(taps), r]: W_in rms(h^0), then Down_l rms(h^l).
+
+        This part reads each tap on its own, so it can run in the cloud when
+        the user allows it (cloud-side projection): r values per tap cross the
+        wire instead of H.
+        """
         x = rms(taps)
-        z = self.w_in(x[..., 0, :])
-        for i, (down, adapter) in enumerate(zip(self.down, self.adapter)):
-            z = down(x[..., i + 1, :]) + adapter(self.act(z))
+        rows = [self.w_in(x[..., 0, :])] + [down(x[..., i + 1, :]) for i, down in enumerate(self.down)]
+        return torch.stack(rows, dim=-2)
+
+    def mix(self, projected: torch.Tensor) -> torch.Tensor:
+        """s_t from the per-tap projections: z = d_0; z = d_l + Adapter_l(act(z)); s = scale W_out act(z)."""
+        z = projected[..., 0, :]
+        for i, adapter in enumerate(self.adapter):
+            z = projected[..., i + 1, :] + adapter(self.act(z))
         return self.scale * self.w_out(self.act(z))
+
+    def forward(self, taps: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.project(taps))
 
 
 class Gate(nn.Module):

@@ -65,6 +65,9 @@ class PtePlugin:
         with _quiet_native_stderr():  # XNNPACK initializes (and talks) on first use
             self._gate = self._program.load_method("gate")
             self._side = self._program.load_method("side")
+            # exports before the cloud-side projection option lack this method
+            self._side_projected = (self._program.load_method("side_projected")
+                                    if "side_projected" in self._program.method_names else None)
             self.gate(np.zeros(self.config.hidden_size, np.float32))
 
     def _call(self, method: str, inputs: list):
@@ -83,3 +86,14 @@ class PtePlugin:
         """s_t [H] for one position's taps [len(taps), H]."""
         x = torch.as_tensor(np.asarray(taps, dtype=np.float32)).unsqueeze(0)
         return self._side.execute([x])[0][0].numpy()
+
+    @property
+    def supports_projection(self) -> bool:
+        return self._side_projected is not None
+
+    def side_projected(self, projected) -> np.ndarray:
+        """s_t [H] from the cloud's per-tap projections [len(taps), r]."""
+        if self._side_projected is None:
+            raise PluginError(f"{self.path} predates the cloud-side projection option; export it again")
+        x = torch.as_tensor(np.asarray(projected, dtype=np.float32)).unsqueeze(0)
+        return self._side_projected.execute([x])[0][0].numpy()

@@ -167,6 +167,15 @@ async def _in_process(backbone, limits, body):
             gateway.engine.close()
 
 
+async def _sessions_drained(gateway, seconds: float = 10.0) -> bool:
+    """The gateway drops a session just after its socket closes: give it a moment."""
+    for _ in range(int(seconds / 0.05)):
+        if not gateway.sessions:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 def test_disconnect_mid_generation_frees_the_session(backbone, pte, prompt):
     async def body(gateway, url):
         codec = FrameCodec()
@@ -177,11 +186,8 @@ def test_disconnect_mid_generation_frees_the_session(backbone, pte, prompt):
             assert len(gateway.sessions) == 1
             session = next(iter(gateway.sessions))
             assert session.cache is not None and session.states
-        for _ in range(100):  # the client is gone; its state must go too
-            if not gateway.sessions:
-                break
-            await asyncio.sleep(0.05)
-        assert not gateway.sessions and session.cache is None and not session.states
+        assert await _sessions_drained(gateway)  # the client is gone; its state must go too
+        assert session.cache is None and not session.states
         # and the gateway still serves
         result = await run_session(url, pte, prompt, m.Options(window=2, max_new_tokens=8))
         assert len(result.tokens) > 0
@@ -205,3 +211,13 @@ def test_session_limit_answers_busy_and_idle_sessions_time_out(backbone, pte, pr
             assert first.close_code == CODES["idle_timeout"][0]
 
     asyncio.run(_in_process(backbone, Limits(max_sessions=1, idle_timeout_s=1.0), body))
+
+
+def test_prompt_over_the_limit_is_refused_before_any_compute(backbone, pte, prompt):
+    async def body(gateway, url):
+        received, close_code = await exchange(url, [FrameCodec().pack(hello(pte, prompt, token=""))])
+        expect_error((received, close_code), "limit")
+        assert "prompt has" in received[-1]["message"]
+        assert await _sessions_drained(gateway)
+
+    asyncio.run(_in_process(backbone, Limits(max_prompt_tokens=32), body))

@@ -27,7 +27,7 @@ def test_raising_lambda_lowers_side_usage(backbone):
     usage = {}
     for skip_cost in (0.0, 0.5):
         settings = TrainSettings.quick("outcome")
-        settings.skip_cost = skip_cost
+        settings.skip_cost, settings.max_usage = skip_cost, 1.0  # no usage cap: lambda alone decides
         plugin, metrics = train_plugin(backbone, settings)
         usage[skip_cost] = metrics["val"]["side_usage"]
         assert plugin.config.training["settings"]["skip_cost"] == skip_cost
@@ -43,3 +43,5 @@ def test_tau_minimizes_gated_loss_plus_cost():
     # A cost above token 2's gain (0.1 nats) closes it; a cost above every gain closes all.
     assert 0.6 < choose_tau(split, skip_cost=0.2) < 0.9
     assert choose_tau(split, skip_cost=5.0) >= 0.9
+    # A usage cap of one token in three keeps only the most useful token open.
+    assert 0.6 < choose_tau(split, skip_cost=0.0, max_usage=0.34) < 0.9

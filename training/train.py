@@ -7,9 +7,14 @@ The recipe trains exactly what the runtime runs, the *hard* gate:
 2. Gate as a classifier. The skip cost `lam` (lambda) is the price, in nats,
    of opening the gate for one token. A token is labelled "open" when the side
    lowers its loss by more than `lam`; the gate (M_c on rms(f_t)) learns those
-   labels with a cross-entropy loss.
+   labels with a cross-entropy loss. The gains are cross-fitted: two helper
+   side networks, each trained on half the papers, label the other half. A
+   side's gains on its own training tokens are inflated by overfitting, and
+   a gate taught on them opens too often (measured on validation, outcome
+   profile, 50 % usage: loss 2.515 with in-sample labels, 2.500 cross-fitted).
 3. tau on the validation split: the threshold minimizing
-   hard-gate loss + lam * side usage.
+   hard-gate loss + lam * side usage, among those keeping the side usage at
+   most `max_usage` (default 0.5: the side network on at most half the tokens).
 
 Why not the soft gate `p * s` with a cost `lam * mean(p)`: the optimizer
 shrinks p and grows s, the cost vanishes and the hard gate then means nothing
@@ -37,16 +42,17 @@ class TrainSettings:
     max_doc_tokens: int = 384
     rank: int = 32
     tap_every: int = 1  # 1: every layer, as the SPA reference code
-    epochs: int = 6
-    lr: float = 2e-3
+    epochs: int = 5  # the side overfits after ~3 epochs; the best validation epoch is kept
+    lr: float = 1e-3
     batch_tokens: int = 64
-    skip_cost: float = 0.05  # lambda: nats a token's loss must drop for the gate to open
+    skip_cost: float = 0.3  # lambda: nats a token's loss must drop for the gate to open
+    max_usage: float = 0.5  # largest side usage tau may give on the validation split
     gate_steps: int = 300
 
     @classmethod
     def quick(cls, profile: str, seed: int = 0) -> "TrainSettings":
         """About a minute on a 2-core CPU: for tests and the demo."""
-        return cls(profile, seed, train_docs=16, val_docs=8, max_doc_tokens=128, epochs=4)
+        return cls(profile, seed, train_docs=16, val_docs=8, max_doc_tokens=128, epochs=4, lr=2e-3)
 
 
 @dataclass
@@ -112,14 +118,16 @@ def train_gate(plugin: Plugin, f: torch.Tensor, labels: torch.Tensor, steps: int
         opt.step()
 
 
-def choose_tau(val: Split, skip_cost: float) -> float:
-    """The threshold minimizing validation hard-gate loss + skip_cost * usage."""
+def choose_tau(val: Split, skip_cost: float, max_usage: float = 1.0) -> float:
+    """The threshold minimizing validation hard-gate loss + skip_cost * usage, with usage <= max_usage."""
     candidates = torch.cat([torch.tensor([0.0, 1.0]), val.p.unique()])
     # Put tau between neighbouring probabilities, never on one, so that no
     # validation token sits exactly at the threshold.
     candidates = candidates.sort().values
     mids = ((candidates[1:] + candidates[:-1]) / 2).tolist() + [0.0, 1.0]
-    return min(mids, key=lambda tau: (lambda l, u: l + skip_cost * u)(*val.gated_loss(tau)))
+    scored = [(loss + skip_cost * usage, tau) for tau in mids for loss, usage in [val.gated_loss(tau)]
+              if usage <= max_usage]
+    return min(scored)[1]
 
 
 def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
@@ -153,12 +161,12 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
     for name, tokens in (("train", train), ("val", val)):
         base, side = token_losses(backbone, plugin, tokens, 0.0), token_losses(backbone, plugin, tokens, 1.0)
         splits[name] = Split(base, side, torch.zeros_like(base))
-    labels = (splits["train"].base - splits["train"].side) > s.skip_cost
+    labels = cross_fitted_gains(backbone, config, train, val, s) > s.skip_cost
     train_gate(plugin, train.states[:, -1], labels, s.gate_steps)
     with torch.no_grad():
         for name, tokens in (("train", train), ("val", val)):
             splits[name].p = plugin.gate(tokens.states[:, -1])[:, 0]
-    config.tau = choose_tau(splits["val"], s.skip_cost)
+    config.tau = choose_tau(splits["val"], s.skip_cost, s.max_usage)
 
     metrics = {}
     for name, split in splits.items():
@@ -168,6 +176,20 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
     metrics["gate_positive_labels"] = labels.float().mean().item()
     config.training = {"settings": asdict(s), "side_history": history, "metrics": metrics}
     return plugin.eval(), metrics
+
+
+def cross_fitted_gains(backbone, config: PluginConfig, train: TokenSet, val: TokenSet, s: TrainSettings) -> torch.Tensor:
+    """Per train token: how much a side network that never saw its paper lowers its loss."""
+    gains = torch.zeros(len(train))
+    for half in (0, 1):
+        fit = (train.doc_index % 2) != half
+        part = lambda keep: TokenSet(train.states[keep], train.targets[keep], train.doc_index[keep])  # noqa: E731
+        helper = Plugin(config)
+        print(f"  gate labels: side network on half {half + 1}/2 of the papers", file=sys.stderr, flush=True)
+        train_side(backbone, helper, part(fit), val, s, torch.Generator().manual_seed(s.seed + 1 + half))
+        held = part(~fit)
+        gains[~fit] = token_losses(backbone, helper, held, 0.0) - token_losses(backbone, helper, held, 1.0)
+    return gains
 
 
 def rms_of(f: torch.Tensor) -> float:
