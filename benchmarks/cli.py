@@ -1,0 +1,134 @@
+"""Parsers and handlers of `spa bench link|device|bytes` (wired into spa/cli.py's `bench` subcommand).
+
+Importing this module is cheap (argparse only); handlers import their modules lazily.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_DOCS = ["aclsum:test:0", "aclsum:test:1", "aclsum:test:2"]
+
+
+def cmd_bench_link(args) -> int:
+    from benchmarks.linkbench import ROWS, format_result, plot_result, run_link_bench
+
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    results = []
+    for profile in args.profile:
+        result = run_link_bench(profile, plugin=args.plugin, docs=args.docs, max_new_tokens=args.max_new_tokens,
+                                per_layer_tokens=args.per_layer_tokens, window=args.window, codec=args.codec,
+                                rows=args.rows or ROWS, link_mode=args.link, device_variant=args.device_variant,
+                                workdir=args.workdir, pin=not args.no_pin, tau=args.tau, skip_cost=args.skip_cost,
+                                log=log)
+        result["command"] = "spa " + " ".join(sys.argv[1:])
+        out = args.out / f"link-{profile}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        png = plot_result(result, args.out / f"link-{profile}.png")
+        results.append(result)
+        if not args.json:
+            print()
+            print(format_result(result))
+            print(f"written: {out}, {png}", flush=True)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return 0
+
+
+def cmd_bench_device(args) -> int:
+    from benchmarks.devicebench import format_table, run_adb, run_local
+
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    ptes = args.pte or None
+    if args.adb:
+        result = run_adb(ptes, plugin_dir=args.workdir, serial=args.serial, adb=args.adb_path,
+                         iterations=args.iterations, warmup=args.warmup, timeout=args.timeout, log=log)
+    else:
+        result = run_local(ptes, workdir=args.workdir, iterations=args.iterations, warmup=args.warmup, log=log)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / ("device-adb.json" if args.adb else "device-local.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+        print(f"written: {out}")
+    return 0 if result.get("ok", True) else 1
+
+
+def cmd_bench_bytes(args) -> int:
+    from benchmarks.bytesbench import format_bytes, run_bytes_bench
+
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    result = run_bytes_bench(plugin=args.plugin, docs=args.docs, max_new_tokens=args.max_new_tokens,
+                             tap_every=args.tap_every, levels=args.levels, workdir=args.workdir, tau=args.tau,
+                             skip_cost=args.skip_cost, log=log)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "bytes.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_bytes(result))
+        print(f"written: {out}")
+    return 0
+
+
+def add_bench_parsers(bench_sub) -> None:
+    """Add `link`, `device` and `bytes` to the `spa bench` sub-subcommands."""
+    p = bench_sub.add_parser("link", help="every baseline side by side over an emulated mobile link (ratios, plot)")
+    p.add_argument("--profile", nargs="+", default=["4g"], choices=["loopback", "5g", "4g", "3g"],
+                   help="link profile(s): loopback, 5g (20 ms, 100/50 Mbit/s), 4g (50 ms, 20 Mbit/s), "
+                        "3g (150 ms, 2/1 Mbit/s); default 4g")
+    p.add_argument("--plugin", help="plugin .pte (default: train and export a quick one into --workdir)")
+    p.add_argument("--docs", nargs="+", default=DEFAULT_DOCS, help="documents (default: aclsum:test:0..2)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--per-layer-tokens", type=int, default=8,
+                   help="tokens per document for the per-layer row (each costs one round trip per layer; default 8)")
+    p.add_argument("--window", type=int, default=8, help="draft-ahead window W of the draft-ahead row (default 8)")
+    p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"])
+    p.add_argument("--rows", nargs="+", help="only these rows (cloud_only side_every_token per_layer spa_lockstep "
+                                             "spa_draft device_only)")
+    p.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
+                   help="netns: namespaces + tbf + NFQUEUE delay (root); proxy: userspace delay proxy; "
+                        "auto: netns when possible (default)")
+    p.add_argument("--device-variant", default="fp32", choices=["fp32", "8da4w"], help="device-only model variant")
+    p.add_argument("--tau", type=float, help="gate threshold of the SPA rows (default: the plugin's trained tau)")
+    p.add_argument("--skip-cost", type=float, default=0.3,
+                   help="lambda of the quick plugin trained when --plugin is not given (default 0.3; spa train's "
+                        "default 0.05 makes the quick plugin's gate open on ~95%% of tokens)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin gateway and device to different CPUs")
+    p.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="quick plugin and exports (reused)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where link-PROFILE.json/.png go")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
+    p.set_defaults(run=cmd_bench_link)
+
+    p = bench_sub.add_parser("device", help="per-.pte load time, gate/side latency, peak memory, size "
+                                           "(locally, or on a phone with --adb)")
+    p.add_argument("pte", nargs="*", help=".pte files (default: the quick plugin's fp32 and int8 in --workdir)")
+    p.add_argument("--adb", action="store_true", help="run on a phone over adb (the Android app's benchmark mode)")
+    p.add_argument("--serial", help="adb device serial (adb -s)")
+    p.add_argument("--adb-path", default="adb", help="the adb executable (default: adb on PATH)")
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the phone's result")
+    p.add_argument("--workdir", type=Path, default=Path("runs/bench"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_bench_device)
+
+    p = bench_sub.add_parser("bytes", help="bytes per token of each way down (taps, int4, zstd level) "
+                                          "beside its effect on tokens")
+    p.add_argument("--plugin", help="plugin .pte (default: the quick plugin in --workdir)")
+    p.add_argument("--docs", nargs="+", default=DEFAULT_DOCS)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--tau", type=float, help="gate threshold (default: the plugin's)")
+    p.add_argument("--tap-every", type=int, nargs="*", default=[3, 5],
+                   help="also train quick plugins tapping every k-th layer (default 3 5; none: skip)")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 3, 9, 19], help="zstd levels (default 1 3 9 19)")
+    p.add_argument("--skip-cost", type=float, default=0.3, help="lambda of the quick plugins trained here (default 0.3)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/bench"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_bench_bytes)
