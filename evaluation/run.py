@@ -30,7 +30,7 @@ from export.export import export_plugin
 from spa.data import ASPECT_INSTRUCTIONS, GENERIC_INSTRUCTION, chat_template, check_profile, load_split, paper_prompt
 from spa.plugin import load_plugin, save_plugin
 from spa.pte import PtePlugin
-from training.tapcache import build_token_set
+from training.tapcache import split_token_set
 from training.train import TrainSettings, train_plugin
 
 SWEEP_USAGE = (0.2, 0.4, 0.6, 0.8)
@@ -59,8 +59,8 @@ def plugin_for(backbone, settings: TrainSettings, workdir: Path) -> PtePlugin:
 
 def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float, float]:
     """usage target -> tau giving that side usage on the validation tokens (teacher-forced)."""
-    val = build_token_set(backbone, load_split("val", settings.val_docs), settings.profile,
-                          pte.config.prompt_template, pte.config.instruction, pte.config.max_doc_tokens, label="val")
+    val = split_token_set(backbone, "val", settings.val_docs, settings.profile, pte.config.prompt_template,
+                          pte.config.instruction, pte.config.max_doc_tokens)
     p = torch.tensor([pte.gate(f.numpy()) for f in val.states[:, -1]])
     return {u: float(torch.quantile(p, 1 - u)) for u in SWEEP_USAGE}
 

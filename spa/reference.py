@@ -6,6 +6,10 @@ quantized and dequantized by the same codec:
 
     gate on dequant(Q(f_t)); side on dequant(Q(T_t)); the cloud adds dequant(Q(s_t)) to its exact f_t.
 
+With the cloud-side projection (spa/projection.py) the cloud projects its exact
+taps with the uploaded weights and the side's remainder runs on
+dequant(Q(projection)).
+
 The split (gateway + device over websockets, any draft-ahead window W) must
 produce exactly these tokens.
 """
@@ -16,6 +20,7 @@ import torch
 
 from spa import codec
 from spa.generate import choose_token, decode_one_token, prefill
+from spa.projection import project
 
 
 @dataclass
@@ -28,7 +33,9 @@ class Generation:
 
 
 def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, scheme: str = "int8",
-                       outliers: int = 8, temperature: float = 0.0, seed: int = 0) -> Generation:
+                       outliers: int = 8, temperature: float = 0.0, seed: int = 0,
+                       projection: tuple | None = None) -> Generation:
+    """`projection`: (weight, bias) as uploaded for the cloud-side projection, or None."""
     ids = backbone.encode(prompt)
     taps_index = pte.config.taps
     cache, states = prefill(backbone, ids)
@@ -38,7 +45,11 @@ def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens
         p = pte.gate(codec.quantize(f.numpy()[None], scheme, outliers))
         sigma = p > tau
         if sigma:
-            s = pte.side(codec.quantize(states[taps_index].numpy(), scheme, outliers))
+            taps = states[taps_index].numpy()
+            if projection is None:
+                s = pte.side(codec.quantize(taps, scheme, outliers))
+            else:
+                s = pte.side_projected(codec.quantize(project(taps, *projection), scheme, outliers))
             s_wire = torch.from_numpy(codec.quantize(s[None], scheme, outliers)[0])
             logits = backbone.logits(f + s_wire)
         else:

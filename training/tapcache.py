@@ -11,12 +11,13 @@ is f_t) and the target x_{t+1}.
 import hashlib
 import json
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from spa.data import Paper, paper_prompt
+from spa.data import Paper, load_split, paper_prompt
 from spa.paths import cache_dir
 
 
@@ -39,12 +40,28 @@ def _cache_key(backbone, papers, profile, template, instruction, max_doc_tokens)
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
 
 
+def _cache_path(backbone, papers, profile, template, instruction, max_doc_tokens) -> Path:
+    key = _cache_key(backbone, papers, profile, template, instruction, max_doc_tokens)
+    return cache_dir() / "taps" / f"{key}.safetensors"
+
+
+def split_token_set(backbone, split: str, limit: int | None, profile: str, template: str, instruction: str,
+                    max_doc_tokens: int) -> TokenSet:
+    """The first `limit` papers of a split; cut from the whole split's cache when that exists."""
+    papers = load_split(split)
+    if limit is not None and limit < len(papers):
+        if _cache_path(backbone, papers, profile, template, instruction, max_doc_tokens).exists():
+            return build_token_set(backbone, papers, profile, template, instruction, max_doc_tokens, split).subset(limit)
+        papers = papers[:limit]
+    return build_token_set(backbone, papers, profile, template, instruction, max_doc_tokens, split)
+
+
 def build_token_set(backbone, papers: list[Paper], profile: str, template: str, instruction: str,
                     max_doc_tokens: int, label: str = "taps") -> TokenSet:
     """States and targets for every summary token of `papers`, cached on disk."""
     from safetensors.torch import load_file, save_file
 
-    path = cache_dir() / "taps" / f"{_cache_key(backbone, papers, profile, template, instruction, max_doc_tokens)}.safetensors"
+    path = _cache_path(backbone, papers, profile, template, instruction, max_doc_tokens)
     if path.exists():
         data = load_file(path)
         print(f"{label}: {len(data['targets'])} summary tokens from cache {path}", file=sys.stderr, flush=True)

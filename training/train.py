@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from spa.data import GENERIC_INSTRUCTION, chat_template, check_profile, load_split
+from spa.data import GENERIC_INSTRUCTION, chat_template, check_profile
 from spa.plugin import Plugin, PluginConfig, every_kth_layer, rms
-from training.tapcache import TokenSet, build_token_set
+from training.tapcache import TokenSet, split_token_set
 
 
 @dataclass
@@ -135,14 +135,10 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
     torch.manual_seed(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
     template = chat_template(backbone.tokenizer)
-    papers = {name: load_split(name, limit) for name, limit in (("train", s.train_docs), ("val", s.val_docs))}
-    data = {
-        name: build_token_set(backbone, docs, s.profile, template, GENERIC_INSTRUCTION, s.max_doc_tokens, label=name)
-        for name, docs in papers.items()
-    }
-    train, val = data["train"], data["val"]
-    print(f"train: {len(papers['train'])} papers, {len(train)} summary tokens; "
-          f"val: {len(papers['val'])} papers, {len(val)} summary tokens", file=sys.stderr, flush=True)
+    train, val = (split_token_set(backbone, name, limit, s.profile, template, GENERIC_INSTRUCTION, s.max_doc_tokens)
+                  for name, limit in (("train", s.train_docs), ("val", s.val_docs)))
+    print(f"train: {int(train.doc_index.max()) + 1} papers, {len(train)} summary tokens; "
+          f"val: {int(val.doc_index.max()) + 1} papers, {len(val)} summary tokens", file=sys.stderr, flush=True)
 
     config = PluginConfig(
         backbone=backbone.identity.to_dict(),
