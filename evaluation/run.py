@@ -66,7 +66,8 @@ def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float,
 
 
 def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdir: Path, sizes=(25, 50),
-             split: str = "test") -> dict:
+             split: str = "test", on_checkpoint=None, checkpoint_every: int = 10) -> dict:
+    """The results table; `on_checkpoint(results)` also gets it every `checkpoint_every` papers."""
     t0 = time.time()
     for profile in profiles:
         check_profile(profile)
@@ -85,37 +86,50 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
     max_doc_tokens = TrainSettings(profiles[0]).max_doc_tokens
     generations = {row.name: [] for row in rows}
     prompted = {profile: [] for profile in profiles}
-    for paper in tqdm(test, desc=f"generating {len(rows)} + {len(profiles)} rows per paper", unit="paper"):
+    results = None
+    for done, paper in enumerate(tqdm(test, desc=f"generating {len(rows)} + {len(profiles)} rows per paper",
+                                      unit="paper"), 1):
         ids = backbone.encode(paper_prompt(paper, template, GENERIC_INSTRUCTION, max_doc_tokens))
         for row, gen in zip(rows, generate_rows(backbone, ids, rows, max_new_tokens)):
             generations[row.name].append(gen)
         for profile in profiles:
             ids = backbone.encode(paper_prompt(paper, template, ASPECT_INSTRUCTIONS[profile], max_doc_tokens))
             prompted[profile].append(generate_rows(backbone, ids, [Row("prompted", None, NEVER)], max_new_tokens)[0])
+        if done % checkpoint_every == 0 or done == len(test):
+            results = _score(backbone, test[:done], len(test), split, max_new_tokens, max_doc_tokens, plugins,
+                             generations, prompted, time.time() - t0)
+            if on_checkpoint is not None:
+                on_checkpoint(results)  # an interrupted run still leaves a report on what it covered
+    return results
 
+
+def _score(backbone, papers, planned, split, max_new_tokens, max_doc_tokens, plugins, generations, prompted,
+           seconds) -> dict:
     def score(gens, profile) -> dict:
         texts = [backbone.decode(g.tokens) for g in gens]
-        refs = [p.summaries[profile] for p in test]
+        refs = [p.summaries[profile] for p in papers]
         return {"rouge_l": sum(map(rouge_l, texts, refs)) / len(refs), "side_usage": side_usage([g.sigmas for g in gens]),
                 "mean_tokens": sum(len(g.tokens) for g in gens) / len(gens), "examples": texts[:3]}
 
-    results = {"split": split, "papers": len(test), "max_new_tokens": max_new_tokens, "max_doc_tokens": max_doc_tokens,
-               "seconds": 0.0, "profiles": {}}
-    for profile in profiles:
+    results = {"split": split, "papers": len(papers), "planned_papers": planned, "max_new_tokens": max_new_tokens,
+               "max_doc_tokens": max_doc_tokens, "seconds": seconds, "profiles": {}}
+    for profile, plugin in plugins.items():
         table = {"prompted backbone (aspect instruction)": score(prompted[profile], profile),
                  "backbone, generic instruction": score(generations["backbone, generic instruction"], profile)}
         for name, gens in generations.items():
             if name.startswith(profile + "|"):
                 table[name.split("|", 1)[1]] = score(gens, profile)
-        results["profiles"][profile] = {"plugin": plugins[profile], "rows": table,
-                                        "references": [p.summaries[profile] for p in test[:3]]}
-    results["seconds"] = time.time() - t0
+        results["profiles"][profile] = {"plugin": plugin, "rows": table,
+                                        "references": [p.summaries[profile] for p in papers[:3]]}
     return results
 
 
 def markdown(results: dict, command: str) -> str:
     lines = [f"# SPA quality on ACLSum ({results['split']} split)", "",
-             f"{results['papers']} {results['split']} papers, SmolLM2-135M-Instruct backbone, greedy decoding, at most "
+             f"{results['papers']} {results['split']} papers"
+             + (f" (a checkpoint: {results['papers']} of the {results['planned_papers']} planned papers)"
+                if results["papers"] < results["planned_papers"] else "")
+             + ", SmolLM2-135M-Instruct backbone, greedy decoding, at most "
              f"{results['max_new_tokens']} new tokens, documents truncated to ~{results['max_doc_tokens']} tokens; "
              f"gate and side run from the exported `.pte` with int8 wire quantization. "
              f"Took {results['seconds'] / 60:.0f} min on a 2-core CPU.", "",

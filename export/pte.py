@@ -26,31 +26,23 @@ from spa.plugin import Plugin
 VARIANTS = ("fp32", "int8")
 
 
-class _GateMethod(nn.Module):
-    def __init__(self, plugin: Plugin):
+# What each method of the program computes, from the plugin.
+_METHODS = {
+    "gate": lambda plugin, x: plugin.gate(x),
+    "side": lambda plugin, x: plugin.side(x),
+    "side_projected": lambda plugin, x: plugin.side.mix(x),
+}
+
+
+class _Method(nn.Module):
+    """One program method as a module of its own (torch.export exports `forward`)."""
+
+    def __init__(self, plugin: Plugin, name: str):
         super().__init__()
-        self.gate = plugin.gate
+        self.plugin, self.name = plugin, name
 
-    def forward(self, f):
-        return self.gate(f)
-
-
-class _SideMethod(nn.Module):
-    def __init__(self, plugin: Plugin):
-        super().__init__()
-        self.side = plugin.side
-
-    def forward(self, taps):
-        return self.side(taps)
-
-
-class _SideProjectedMethod(nn.Module):
-    def __init__(self, plugin: Plugin):
-        super().__init__()
-        self.side = plugin.side
-
-    def forward(self, projected):
-        return self.side.mix(projected)
+    def forward(self, x):
+        return _METHODS[self.name](self.plugin, x)
 
 
 def example_inputs(plugin: Plugin) -> dict:
@@ -88,8 +80,7 @@ def lower(plugin: Plugin, variant: str, content_hash: str, calibration: dict | N
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     plugin = plugin.eval().requires_grad_(False)
     inputs = example_inputs(plugin)
-    modules = {"gate": _GateMethod(plugin), "side": _SideMethod(plugin),
-               "side_projected": _SideProjectedMethod(plugin)}
+    modules = {name: _Method(plugin, name) for name in _METHODS}
     programs = {}
     for name, module in modules.items():
         if variant == "int8":

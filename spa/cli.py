@@ -132,8 +132,9 @@ def cmd_eval(args) -> int:
 
     backbone = load_backbone(args.backbone)
     sizes = () if args.no_sizes else (25, 50)
-    results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir, sizes, args.split)
-    write_report(results, args.out, "spa eval " + " ".join(sys.argv[2:]))
+    command = "spa eval " + " ".join(sys.argv[2:])
+    results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir, sizes, args.split,
+                       on_checkpoint=lambda partial: write_report(partial, args.out, command))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
