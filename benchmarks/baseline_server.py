@@ -1,0 +1,205 @@
+"""A benchmark-only server for the two baselines the SPA gateway does not serve.
+
+Same backbone, same step functions (`spa.generate`), same framing (one zstd
+frame of one msgpack map per binary websocket message, `FrameCodec`), same
+websockets settings and one compute thread, as `spa gateway` — so that rows
+differ only in what the split sends and waits for.
+
+* **stream** (the *cloud-only* row: no plugin at all): prefill, then greedy
+  decoding with the backbone alone; every token is sent as soon as it is
+  chosen (`token`: pos, token, piece). The device only displays text. No
+  activation crosses the wire.
+* **per_layer** (the paper's adapter/LoRA row: a personalization that lives
+  *inside* the backbone's layers on the device): for every forward pass (the
+  prompt's prefill, then each token) and every decoder layer l, the server
+  sends that layer's output `h^l` (`act`: [T, H], the wire codec) and waits for
+  the device's `delta` ([T, H]) which it adds before layer l + 1. One round
+  trip per layer per token. The device really computes a rank-r adapter
+  (`B @ A @ rms(h)`, fixed random weights scaled small) — a latency and
+  bytes row, not a quality one.
+
+Messages (benchmark-only, not part of docs/PROTOCOL.md):
+
+    device -> server  hello {mode, prompt, max_new_tokens, codec, outliers, token}
+    server -> device  ready {prompt_tokens, num_layers, hidden_size}
+    server -> device  act {layer, pos, h}          (per_layer only)
+    device -> server  delta {layer, pos, d}        (per_layer only)
+    server -> device  token {pos, token, piece}
+    server -> device  end {tokens, reason}
+
+    python -m benchmarks.baseline_server --host H --port 0 [--token T]
+"""
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from spa import codec
+from spa.generate import choose_token, decode_one_token, prefill
+from spa.protocol.frames import FrameCodec
+from spa.protocol.limits import Limits
+from spa.tokens import token_pieces
+
+log = logging.getLogger("spa.bench.server")
+LIMITS = Limits()
+MODES = ("stream", "per_layer")
+
+
+class LayerPass:
+    """One forward pass over `input_ids`, one decoder layer at a time (spa.backbone.Backbone.forward, unrolled)."""
+
+    def __init__(self, backbone, cache, input_ids: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask
+
+        self.backbone, self.cache = backbone, cache
+        with torch.inference_mode():
+            self.hidden = backbone._embed(input_ids)
+            start = cache.get_seq_length()
+            self.position_ids = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
+            self.mask = create_causal_mask(config=backbone.model.config, inputs_embeds=self.hidden,
+                                           attention_mask=None, past_key_values=cache, position_ids=self.position_ids)
+            self.rope = backbone._rotary(self.hidden, position_ids=self.position_ids)
+
+    def layer(self, index: int) -> torch.Tensor:
+        with torch.inference_mode():
+            self.hidden = self.backbone._layers[index](
+                self.hidden, attention_mask=self.mask, position_embeddings=self.rope,
+                position_ids=self.position_ids, past_key_values=self.cache, use_cache=True)
+        return self.hidden
+
+    def add(self, delta: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.hidden = self.hidden + delta
+
+    def last_logits(self) -> torch.Tensor:
+        return self.backbone.logits(self.hidden[0, -1])
+
+
+class BaselineServer:
+    def __init__(self, backbone, auth_token: str | None = None):
+        self.backbone = backbone
+        self.auth_token = auth_token
+        self.pieces = token_pieces(backbone.tokenizer)
+        self.eos = backbone.eos_token_ids
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-bench-compute")
+        cache, _ = prefill(backbone, backbone.encode("warm up the backbone"))  # pay torch's lazy init now
+        decode_one_token(backbone, cache, 0)
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)
+
+    async def handle(self, conn) -> None:
+        frames = FrameCodec(LIMITS.max_frame_bytes, LIMITS.max_message_bytes)
+        try:
+            hello = frames.unpack(await conn.recv())
+            if hello.get("type") != "hello" or hello.get("mode") not in MODES:
+                raise ValueError("expected hello with mode stream or per_layer")
+            if self.auth_token is not None and not hmac.compare_digest(
+                    str(hello.get("token", "")).encode(), self.auth_token.encode()):
+                raise ValueError("wrong auth token")
+            max_new = int(hello["max_new_tokens"])
+            ids = self.backbone.encode(hello["prompt"])
+            if hello["mode"] == "stream":
+                await self._stream(conn, frames, ids, max_new)
+            else:
+                await self._per_layer(conn, frames, ids, max_new, hello.get("codec", "int8"),
+                                      int(hello.get("outliers", 8)))
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # benchmark tool: report and close this connection only
+            log.warning("baseline session failed: %s", exc)
+            try:
+                await conn.send(frames.pack({"type": "error", "code": "internal", "message": str(exc)[:4000]}))
+                await conn.close(1011)
+            except ConnectionClosed:
+                pass
+
+    async def _stream(self, conn, frames, ids, max_new) -> None:
+        bb = self.backbone
+        cache, states = await self.run(prefill, bb, ids)
+        await conn.send(frames.pack(self._ready(ids)))
+        pos, n = len(ids) - 1, 0
+        while True:
+            token = await self.run(lambda st=states, p=pos: choose_token(bb.logits(st[-1]), 0.0, 0, p))
+            n += 1
+            await conn.send(frames.pack({"type": "token", "pos": pos, "token": token, "piece": self.pieces[token]}))
+            if token in self.eos or n >= max_new:
+                await conn.send(frames.pack({"type": "end", "tokens": n, "reason": "eos" if token in self.eos
+                                             else "max_tokens"}))
+                await conn.close()
+                return
+            states = await self.run(decode_one_token, bb, cache, token)
+            pos += 1
+
+    async def _per_layer(self, conn, frames, ids, max_new, scheme, outliers) -> None:
+        bb = self.backbone
+        cache = bb.new_cache()
+        await conn.send(frames.pack(self._ready(ids)))
+        feed, pos, n = ids, 0, 0
+        while True:
+            layer_pass = await self.run(LayerPass, bb, cache, torch.tensor([feed]))
+            for index in range(bb.num_layers):
+                h = await self.run(layer_pass.layer, index)
+                await conn.send(frames.pack({"type": "act", "layer": index + 1, "pos": pos,
+                                             "h": codec.encode(h[0].numpy(), scheme, outliers)}))
+                reply = frames.unpack(await conn.recv())
+                if reply.get("type") != "delta" or reply.get("layer") != index + 1:
+                    raise ValueError(f"expected delta for layer {index + 1}, got {reply.get('type')}")
+                delta = torch.from_numpy(codec.decode(reply["d"]))[None]
+                await self.run(layer_pass.add, delta)
+            last = pos + len(feed) - 1
+            token = await self.run(lambda: choose_token(layer_pass.last_logits(), 0.0, 0, last))
+            n += 1
+            await conn.send(frames.pack({"type": "token", "pos": last, "token": token, "piece": self.pieces[token]}))
+            if token in self.eos or n >= max_new:
+                await conn.send(frames.pack({"type": "end", "tokens": n, "reason": "eos" if token in self.eos
+                                             else "max_tokens"}))
+                await conn.close()
+                return
+            pos, feed = last + 1, [token]
+
+    def _ready(self, ids) -> dict:
+        return {"type": "ready", "prompt_tokens": len(ids), "num_layers": self.backbone.num_layers,
+                "hidden_size": self.backbone.hidden_size}
+
+
+async def _main(host: str, port: int, token: str | None) -> None:
+    from spa.backbone import load_backbone
+
+    server = BaselineServer(load_backbone(), token)
+    stop = asyncio.get_running_loop().create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    async with serve(server.handle, host, port, compression=None, max_size=LIMITS.max_frame_bytes,
+                     max_queue=16, ping_interval=None) as ws:
+        bound = ws.sockets[0].getsockname()
+        print(f"spa baseline server: cloud-only stream and per-layer split on ws://{bound[0]}:{bound[1]} "
+              f"(pid {os.getpid()})", flush=True)
+        await stop
+    server.thread.shutdown(wait=False, cancel_futures=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--token", default=os.environ.get("SPA_GATEWAY_TOKEN") or None)
+    args = ap.parse_args(argv)
+    from spa.cli import _quiet_libraries
+
+    _quiet_libraries()
+    asyncio.run(_main(args.host, args.port, args.token))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

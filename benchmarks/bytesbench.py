@@ -1,0 +1,206 @@
+"""`spa bench bytes`: the ways to fewer bytes per token, each beside its effect on the tokens.
+
+One in-process loop per configuration, with the gateway's step functions and
+the device's `.pte` (as `spa.reference`), building the very protocol messages
+the split would send for each position and packing them with the wire's
+`FrameCodec` (msgpack + zstd at the given level):
+
+    down: step (f_t, draft) every token; taps + verdict for sigma = 1 tokens
+    up:   need_taps + side for sigma = 1 tokens; one accept per run of sigma = 0 tokens
+
+That is the lock-step message set (draft-ahead adds the drafts a rollback
+discards; `spa bench link` measures those). Sizes are compressed websocket
+payloads, as `spa summarize` counts them.
+
+Ways down, measured:
+* codec: int8 / int4 with 8 fp16 outlier channels per row, without outliers,
+  and f32 (the reference every other codec is compared with);
+* zstd level (lossless: the tokens cannot change, only bytes and CPU time);
+* fewer taps: quick plugins tapping every k-th layer (`spa train --tap-every k`),
+  compared with their own f32 run, and with their validation loss beside;
+* the per-tap `Down_l` projection done in the cloud for the session (r values
+  per tap instead of H): a row is reserved, with its payload size estimated
+  from the plugin's own projections of real taps; its tokens are pending
+  until the gateway implements the option (`cloud_projection_row`).
+
+Agreement = share of generated positions whose token equals the f32 run's
+token at the same position (per plugin).
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spa import codec
+from spa.generate import choose_token, decode_one_token, prefill
+from spa.protocol import messages as m
+from spa.protocol.frames import FrameCodec
+
+CODECS = (("f32", 0), ("int8", 8), ("int4", 8), ("int8", 0), ("int4", 0))
+
+
+def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, scheme: str, outliers: int,
+               pieces) -> dict:
+    """Tokens and the protocol messages (as dicts) of one lock-step generation."""
+    ids = backbone.encode(prompt)
+    cache, states = prefill(backbone, ids)
+    pos = len(ids) - 1
+    taps_index = pte.config.taps
+    tokens, sigmas, down, up = [], [], [], []
+    run_open = False
+    while True:
+        f = states[-1]
+        draft = int(torch.argmax(backbone.logits(f)))
+        enc_f = codec.encode(f.numpy()[None], scheme, outliers)
+        down.append(m.Step(epoch=0, pos=pos, f=enc_f, draft=draft, piece=pieces[draft]).to_dict())
+        p = pte.gate(codec.decode(enc_f))
+        if p > tau:
+            if run_open:
+                up.append(m.Accept(epoch=0, upto=pos - 1).to_dict())
+                run_open = False
+            up.append(m.NeedTaps(epoch=0, pos=pos).to_dict())
+            enc_taps = codec.encode(states[taps_index].numpy(), scheme, outliers)
+            down.append(m.Taps(epoch=0, pos=pos, taps=enc_taps).to_dict())
+            s = pte.side(codec.decode(enc_taps))
+            enc_s = codec.encode(s[None], scheme, outliers)
+            up.append(m.Side(epoch=0, pos=pos, s=enc_s).to_dict())
+            token = choose_token(backbone.logits(f + torch.from_numpy(codec.decode(enc_s)[0])), 0.0, 0, pos)
+            down.append(m.Verdict(epoch=0, pos=pos, token=token, piece=pieces[token], changed=token != draft).to_dict())
+            sigmas.append(1)
+        else:
+            token = draft
+            run_open = True
+            sigmas.append(0)
+        tokens.append(token)
+        if token in backbone.eos_token_ids or len(tokens) >= max_new_tokens:
+            if run_open:
+                up.append(m.Accept(epoch=0, upto=pos).to_dict())
+            return {"tokens": tokens, "sigmas": sigmas, "down": down, "up": up}
+        states = decode_one_token(backbone, cache, token)
+        pos += 1
+
+
+def packed_sizes(runs: list[dict], level: int) -> dict:
+    frames = FrameCodec(level=level)
+    n = sum(len(r["tokens"]) for r in runs)
+    t = time.perf_counter()
+    down = sum(len(frames.pack(msg)) for r in runs for msg in r["down"])
+    up = sum(len(frames.pack(msg)) for r in runs for msg in r["up"])
+    pack_s = time.perf_counter() - t
+    by_type: dict[str, int] = {}
+    for r in runs:
+        for msg in r["down"]:
+            by_type[msg["type"]] = by_type.get(msg["type"], 0) + len(frames.pack(msg))
+    return {"down_per_token": down / n, "up_per_token": up / n, "per_token": (down + up) / n,
+            "down_by_type_per_token": {k: v / n for k, v in by_type.items()},
+            "pack_us_per_message": pack_s / max(sum(len(r["down"]) + len(r["up"]) for r in runs), 1) * 1e6}
+
+
+def agreement(runs: list[dict], reference: list[dict]) -> float:
+    same = total = 0
+    for r, ref in zip(runs, reference):
+        for i, token in enumerate(ref["tokens"]):
+            total += 1
+            same += i < len(r["tokens"]) and r["tokens"][i] == token
+    return same / total if total else 1.0
+
+
+def cloud_projection_row(plugin_dir: Path, runs: list[dict], level: int = 3) -> dict:
+    """Hook for the cloud-side Down_l option (not implemented in the gateway yet).
+
+    Estimates its taps payload: the plugin's own projections (`w_in` for tap 0,
+    `down[i]` for the others, on rms-normalized taps) of the taps actually sent
+    in `runs`, encoded int8 with outliers and packed; tokens stay pending.
+    """
+    from spa.plugin import load_plugin, rms
+
+    plugin = load_plugin(plugin_dir)
+    frames = FrameCodec(level=level)
+    n = sum(len(r["tokens"]) for r in runs)
+    taps_bytes = projected = 0
+    for r in runs:
+        for msg in r["down"]:
+            if msg["type"] != "taps":
+                continue
+            taps = torch.from_numpy(codec.decode(msg["taps"]))
+            with torch.no_grad():
+                x = rms(taps)
+                z = [plugin.side.w_in(x[0])] + [down(x[i + 1]) for i, down in enumerate(plugin.side.down)]
+            proj = torch.stack(z).numpy()
+            taps_bytes += len(frames.pack(msg))
+            projected += len(frames.pack(dict(msg, taps=codec.encode(proj, "int8", 8))))
+    return {"taps_down_per_token_now": taps_bytes / n, "taps_down_per_token_projected": projected / n,
+            "status": "pending: the gateway's cloud-side Down_l option is not implemented yet; "
+                      "payload estimated from this plugin's projections, tokens not measured"}
+
+
+def run_bytes_bench(*, plugin: str | None, docs: list[str], max_new_tokens: int = 32, tap_every=(3, 5),
+                    levels=(1, 3, 9, 19), workdir: Path = Path("runs/bench"), tau: float | None = None,
+                    skip_cost: float = 0.3, backbone=None, log=print) -> dict:
+    from benchmarks.linkbench import _prompts, ensure_plugin
+    from spa.backbone import load_backbone
+    from spa.plugin import read_config
+    from spa.pte import PtePlugin
+    from spa.tokens import token_pieces
+
+    plugins = [("all taps", ensure_plugin(plugin, workdir, skip_cost=skip_cost, log=log))]
+    for k in tap_every or ():
+        plugins.append((f"taps every {k} layers", ensure_plugin(None, workdir, tap_every=k, skip_cost=skip_cost,
+                                                                  log=log)))
+    if backbone is None:
+        log("loading the backbone...")
+        backbone = load_backbone()
+    pieces = token_pieces(backbone.tokenizer)
+    result = {"docs": docs, "max_new_tokens": max_new_tokens, "levels": list(levels), "plugins": []}
+    for label, pte_path in plugins:
+        pte = PtePlugin(pte_path)
+        config, _ = read_config(pte_path.parent)
+        threshold = pte.tau if tau is None else tau
+        prompts = _prompts(pte_path, docs)
+        val = (config.training.get("metrics") or {}).get("val", {}) if isinstance(config.training, dict) else {}
+        entry = {"label": label, "pte": str(pte_path), "taps": len(config.taps), "tau": threshold,
+                 "val_loss_gated": val.get("loss_gated"), "val_loss_backbone": val.get("loss_backbone"),
+                 "rows": []}
+        reference = None
+        for scheme, outliers in CODECS:
+            log(f"{label} ({len(config.taps)} taps): codec {scheme}, {outliers} outliers...")
+            runs = [trajectory(backbone, pte, prompt, tau=threshold, max_new_tokens=max_new_tokens, scheme=scheme,
+                               outliers=outliers, pieces=pieces) for prompt in prompts]
+            if reference is None:
+                reference = runs
+            n = sum(len(r["tokens"]) for r in runs)
+            row = {"codec": scheme, "outliers": outliers, "tokens": n,
+                   "side_usage": sum(sum(r["sigmas"]) for r in runs) / n,
+                   "agreement_with_f32": agreement(runs, reference),
+                   "sizes": {str(level): packed_sizes(runs, level) for level in levels}}
+            entry["rows"].append(row)
+            if scheme == "int8" and outliers == 8:
+                entry["cloud_projection"] = cloud_projection_row(pte_path.parent, runs)
+        result["plugins"].append(entry)
+    return result
+
+
+def format_bytes(result: dict) -> str:
+    levels = result["levels"]
+    lines = [f"spa bench bytes: {len(result['docs'])} docs, {result['max_new_tokens']} new tokens, lock-step message set; "
+             f"bytes per token = compressed websocket payload (msgpack + zstd), down/up"]
+    head = f"{'plugin':22} {'taps':>4} {'val loss':>8} {'codec':>6} {'outl':>4} {'side':>5} {'=f32':>6} " + " ".join(
+        f"{'zstd ' + str(lv) + ' down/up':>17}" for lv in levels)
+    lines += [head, "-" * len(head)]
+    for p in result["plugins"]:
+        loss = "-" if p["val_loss_gated"] is None else f"{p['val_loss_gated']:.3f}"
+        for r in p["rows"]:
+            sizes = " ".join(f"{r['sizes'][str(lv)]['down_per_token']:>9.0f}/{r['sizes'][str(lv)]['up_per_token']:<7.0f}"
+                             for lv in levels)
+            lines.append(f"{p['label']:22} {p['taps']:>4} {loss:>8} {r['codec']:>6} {r['outliers']:>4} "
+                         f"{r['side_usage']:>5.0%} {r['agreement_with_f32']:>6.0%} {sizes}")
+        cp = p.get("cloud_projection")
+        if cp:
+            lines.append(f"{'':22} cloud-side Down_l (hook): taps down {cp['taps_down_per_token_now']:.0f} -> "
+                         f"~{cp['taps_down_per_token_projected']:.0f} B/token (estimate; {cp['status'].split(':')[0]})")
+    lines.append("=f32: share of tokens identical to the same plugin's f32-codec run at the same position. "
+                 "zstd levels are lossless: same tokens, fewer bytes, more CPU. "
+                 "val loss: the plugin's gated validation loss at its tau (quick plugins: 8 val papers).")
+    return "\n".join(lines)

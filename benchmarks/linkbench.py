@@ -1,0 +1,535 @@
+"""`spa bench link`: every way to split (or not split) generation, side by side over one emulated link.
+
+Rows (the same ACLSum test documents, the same prompt text, greedy):
+
+| row              | what runs                                                                         |
+|------------------|-----------------------------------------------------------------------------------|
+| cloud_only       | backbone alone in the cloud, tokens streamed as chosen (no plugin, no activations) |
+| side_every_token | SPA gateway, side network on every token (tau < 0), lock-step (W = 0)             |
+| per_layer        | adapter/LoRA-style split: one round trip per backbone layer per token              |
+| spa_lockstep     | SPA gateway, the plugin's trained tau, W = 0                                       |
+| spa_draft        | SPA gateway, the plugin's trained tau, draft-ahead W > 0                           |
+| device_only      | the whole backbone as one ExecuTorch program on the device, no network            |
+
+Process layout: the servers (`spa gateway`, `benchmarks.baseline_server`)
+run on the gateway side of the link pinned to CPU 0; each row's device side
+(`benchmarks.device_worker`) runs on the device side pinned to CPU 1, one
+process per row, ExecuTorch with one thread. Both with OMP_NUM_THREADS=1.
+
+Tear-down: the link, the servers and the workers are stopped in `finally`
+blocks; SIGTERM is turned into an exception like SIGINT, so both tear down.
+"""
+
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.link import PROFILES, ROOT, Link, _stop, make_link, measure_link, python_env, spawn
+from spa.errors import SpaError
+
+ROWS = ("cloud_only", "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "device_only")
+ROW_TITLES = {
+    "cloud_only": "cloud-only (backbone alone, streamed)",
+    "side_every_token": "side on every token, lock-step",
+    "per_layer": "per-layer split (adapter/LoRA, 1 RT/layer)",
+    "spa_lockstep": "SPA lock-step (W=0, trained tau)",
+    "spa_draft": "SPA draft-ahead (W>0, trained tau)",
+    "device_only": "device-only (whole backbone, ExecuTorch)",
+}
+FAIL_ENV = "SPA_BENCH_FAIL_AT"  # test hook: "link" or "servers" raises right after that stage
+
+
+class ServerProcess:
+    """A server child (gateway or baseline server) that prints a banner naming its ws:// URL."""
+
+    def __init__(self, cmd: list[str], what: str, start_timeout: float = 300.0):
+        env = python_env() | {"OMP_NUM_THREADS": "1"}
+        self.what = what
+        self.proc = spawn(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        self.url = None
+        timer = threading.Timer(start_timeout, self.stop)
+        timer.start()
+        try:
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if " on ws://" in line:
+                    self.url = "ws://" + line.split(" on ws://")[1].split()[0]
+                    break
+        except BaseException:  # Ctrl-C while it starts: do not leave it behind
+            self.stop()
+            raise
+        finally:
+            timer.cancel()
+        if self.url is None:
+            self.stop()
+            raise SpaError(f"{what} did not start:\n" + "".join(self.output[-20:]))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _sigterm_to_exception():
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _maybe_fail(stage: str) -> None:
+    if os.environ.get(FAIL_ENV) == stage:
+        raise RuntimeError(f"injected failure after the {stage} stage ({FAIL_ENV}={stage})")
+
+
+# --- plugin and device-only model -------------------------------------------
+
+
+def _spa(*args: str, quiet: bool = False) -> None:
+    proc = subprocess.run([sys.executable, "-m", "spa.cli", *args], cwd=ROOT, env=python_env(),
+                          capture_output=quiet, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stdout or "")[-2000:] + (proc.stderr or "")[-2000:] if quiet else ""
+        raise SpaError(f"spa {' '.join(args)} failed ({proc.returncode}) {detail}")
+
+
+DEFAULT_SKIP_COST = 0.3
+
+
+def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", tap_every: int = 1,
+                  skip_cost: float = DEFAULT_SKIP_COST, log=print) -> Path:
+    """The plugin .pte to use: the one given, or a quick one trained and exported with `spa train/export`.
+
+    The quick plugin is trained with skip cost (lambda) `skip_cost`: with the
+    training default (0.05) the quick plugin's gate opens on ~95 % of tokens,
+    which makes SPA the same as side-on-every-token; 0.3 opens it on ~60 %.
+    """
+    if plugin:
+        path = Path(plugin)
+        if not path.is_file():
+            raise SpaError(f"{path} does not exist")
+        return path
+    suffix = ("" if tap_every == 1 else f"-tap{tap_every}") + f"-lambda{skip_cost:g}"
+    plugin_dir, export_dir = workdir / f"plugin-{profile}-quick{suffix}", workdir / f"export-{profile}-quick{suffix}"
+    pte = export_dir / "plugin-fp32.pte"
+    if pte.exists() and (export_dir / "plugin-int8.pte").exists():
+        return pte
+    if not (plugin_dir / "config.json").exists():
+        log(f"training a quick plugin ({profile}, tap every {tap_every}, lambda {skip_cost:g}) into {plugin_dir} (spa train --quick)...")
+        extra = ["--skip-cost", str(skip_cost)] + ([] if tap_every == 1 else ["--tap-every", str(tap_every)])
+        _spa("train", "--quick", "--profile", profile, "--out", str(plugin_dir), *extra, quiet=True)
+    log(f"exporting it to {export_dir} (spa export)...")
+    try:
+        _spa("export", str(plugin_dir), "--out", str(export_dir), quiet=True)
+    except SpaError:
+        # `spa export` exits 1 when a variant misses its parity tolerance; the fp32 program is what
+        # the link rows run, so go on if that one is good, and say which variant failed.
+        manifest_file = export_dir / "manifest.json"
+        if not manifest_file.exists():
+            raise
+        variants = json.loads(manifest_file.read_text())["variants"]
+        if not variants.get("fp32", {}).get("parity", {}).get("ok"):
+            raise
+        failed = [v for v, info in variants.items() if not info["parity"]["ok"]]
+        log(f"  note: spa export reports variant(s) {', '.join(failed)} outside their parity tolerance "
+            f"(see {manifest_file}); the fp32 program is within it")
+    return pte
+
+
+def _backbone_fingerprint() -> str:
+    from spa.backbone import _IDENTITY_FILE, default_backbone_dir
+
+    return json.loads((default_backbone_dir() / _IDENTITY_FILE).read_text())["fingerprint"]
+
+
+def device_only_dir() -> Path:
+    from spa.paths import cache_dir
+
+    return cache_dir() / "device_only"
+
+
+def ensure_device_only(variant: str, log=print) -> tuple[Path, dict]:
+    """The whole-backbone .pte for the device-only row (exported once, cached with its parity report)."""
+    out = device_only_dir()
+    path, report_file = out / f"backbone-{variant}.pte", out / f"backbone-{variant}.json"
+    if path.exists() and report_file.exists():
+        report = json.loads(report_file.read_text())
+        from export.backbone import MODULE_VERSION
+
+        if (report.get("backbone", {}).get("fingerprint") == _backbone_fingerprint()
+                and report.get("module_version") == MODULE_VERSION):
+            return path, report
+    log(f"exporting the whole backbone to ExecuTorch ({variant}) for the device-only row (once, a few minutes)...")
+    proc = subprocess.run([sys.executable, "-m", "export.backbone", "--out", str(out), "--variant", variant],
+                          cwd=ROOT, env=python_env(), capture_output=True, text=True)
+    if proc.returncode != 0 or not report_file.exists():
+        raise SpaError(f"backbone export failed: {proc.stderr[-3000:]}")
+    return path, json.loads(report_file.read_text())
+
+
+# --- statistics --------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize_row(docs: list[dict], reference: list[list[int]] | None = None) -> dict:
+    """Per-row figures from the per-document results of a device worker."""
+    tokens = sum(len(d["tokens"]) for d in docs)
+    n = max(tokens, 1)
+    gaps = [b - a for d in docs for a, b in zip(d["commit_s"], d["commit_s"][1:])]
+    decode_tokens = sum(len(d["commit_s"]) - 1 for d in docs)
+    decode_time = sum(d["commit_s"][-1] - d["commit_s"][0] for d in docs if d["commit_s"])
+    side = sum(d["side_tokens"] for d in docs)
+    out = {
+        "docs": len(docs),
+        "tokens": tokens,
+        "tokens_per_s": decode_tokens / decode_time if decode_time > 0 else None,
+        "tokens_per_s_end_to_end": tokens / sum(d["commit_s"][-1] for d in docs if d["commit_s"]) if tokens else None,
+        "ttft_s": statistics.mean(d["ttft_s"] for d in docs if d["ttft_s"] is not None) if docs else None,
+        "itl_p50_ms": None if not gaps else _percentile(gaps, 50) * 1000,
+        "itl_p95_ms": None if not gaps else _percentile(gaps, 95) * 1000,
+        "bytes_down_per_token": sum(d["bytes_down"] for d in docs) / n,
+        "bytes_up_per_token": sum(d["bytes_up"] for d in docs) / n,
+        "bytes_per_token": sum(d["bytes_down"] + d["bytes_up"] for d in docs) / n,
+        "handshake_bytes": sum(d["handshake_down"] + d["handshake_up"] + d.get("prefill_down", 0) + d.get("prefill_up", 0)
+                               for d in docs) / max(len(docs), 1),
+        "round_trips_per_token": sum(d["round_trips"] for d in docs) / n,
+        "side_usage": side / n,
+        "rollbacks": sum(d["rollbacks"] for d in docs),
+        "change_rate": sum(d["rollbacks"] for d in docs) / side if side else 0.0,
+    }
+    if reference is not None:
+        same = total = 0
+        for d, ref in zip(docs, reference):
+            for a, b in zip(d["tokens"], ref):
+                same += a == b
+                total += 1
+        out["same_tokens_as_cloud_only"] = same / total if total else None
+    return out
+
+
+def add_ratios(rows: dict) -> None:
+    base = rows.get("cloud_only")
+    for name, r in rows.items():
+        if base is None or "error" in r:
+            continue
+        tps, btps = r.get("tokens_per_s"), base.get("tokens_per_s")
+        r["tokens_per_s_vs_cloud_only"] = tps / btps if tps and btps else None
+        r["ttft_vs_cloud_only"] = r["ttft_s"] / base["ttft_s"] if r.get("ttft_s") and base.get("ttft_s") else None
+
+
+def goals(result: dict) -> list[dict]:
+    """The issue's goals, measured against this run (not faked: missing rows are 'not measured')."""
+    rows = result["rows"]
+    out = []
+
+    def ratio(a, b):
+        ra, rb = rows.get(a, {}), rows.get(b, {})
+        x, y = ra.get("tokens_per_s"), rb.get("tokens_per_s")
+        return x / y if x and y else None
+
+    profile = result["profile"]["name"]
+    for a, b, target in (("spa_draft", "cloud_only", 0.8), ("spa_draft", "side_every_token", 3.0)):
+        value = ratio(a, b)
+        out.append({"goal": f"{a} tokens/s >= {target:g}x {b} ({profile}; the goal is stated for 4g)",
+                    "value": value, "target": target, "met": None if value is None else value >= target})
+    draft = rows.get("spa_draft", {})
+    if "bytes_per_token" in draft:
+        value = draft["bytes_per_token"]
+        out.append({"goal": "spa_draft bytes on the wire per token <= 2048 (websocket payload, both directions)",
+                    "value": value, "target": 2048, "met": value <= 2048})
+    return out
+
+
+# --- the run -------------------------------------------------------------------
+
+
+def _run_worker(link: Link, job: dict, core: str | None, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="spabench-") as tmp:
+        job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_file.write_text(json.dumps(job))
+        os.chmod(tmp, 0o755)
+        pin = ["taskset", "-c", core] if core else []
+        cmd = [*link.device_prefix(), *pin, sys.executable, "-m", "benchmarks.device_worker", str(job_file), str(out_file)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=python_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode != 0 or not out_file.exists():
+            raise SpaError(f"device worker ({job['mode']}) failed ({proc.returncode}): {proc.stderr.strip()[-3000:]}")
+        return json.loads(out_file.read_text())
+
+
+def _plugin_info(pte_path: Path) -> dict:
+    from spa.plugin import read_config
+
+    config, digest = read_config(pte_path.parent)
+    training = config.training if isinstance(config.training, dict) else {}
+    val = (training.get("metrics") or {}).get("val", {})
+    return {"content_hash": digest, "taps": len(config.taps), "tau": config.tau, "rank": config.rank,
+            "skip_cost": (training.get("settings") or {}).get("skip_cost"),
+            "val_loss_backbone": val.get("loss_backbone"), "val_loss_gated": val.get("loss_gated"),
+            "val_side_usage": val.get("side_usage")}
+
+
+def _prompts(pte_path: Path, docs: list[str]) -> list[str]:
+    from device_runtime.documents import device_prompt, load_document
+    from spa.plugin import read_config
+
+    config, _ = read_config(pte_path.parent)  # the export directory's config.json (same as the .pte's)
+    return [device_prompt(config, load_document(doc, config.max_doc_tokens)) for doc in docs]
+
+
+def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[str], max_new_tokens: int = 32,
+                   per_layer_tokens: int = 8, window: int = 8, codec: str = "int8", rows=ROWS,
+                   link_mode: str = "auto", device_variant: str = "fp32", workdir: Path = Path("runs/bench"),
+                   pin: bool = True, tau: float | None = None, skip_cost: float = DEFAULT_SKIP_COST,
+                   log=print) -> dict:
+    profile = PROFILES[profile_name]
+    workdir.mkdir(parents=True, exist_ok=True)
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        raise SpaError(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    needs_plugin = True  # the prompts come from the plugin's template, for every row
+    pte_path = ensure_plugin(plugin, workdir, skip_cost=skip_cost, log=log) if needs_plugin else None
+    prompts = _prompts(pte_path, docs)
+    backbone_pte, device_report = (ensure_device_only(device_variant, log=log) if "device_only" in rows
+                                   else (None, None))
+    cores = os.cpu_count() or 1
+    gw_core, dev_core = ("0", "1") if pin and cores >= 2 else (None, None)
+    plugin_info = _plugin_info(pte_path)
+    result = {"profile": profile.to_dict(), "docs": docs, "max_new_tokens": max_new_tokens,
+              "plugin_info": plugin_info | {"tau_used": plugin_info["tau"] if tau is None else tau},
+              "per_layer_tokens": per_layer_tokens, "window": window, "codec": codec, "plugin": str(pte_path),
+              "pinning": {"gateway_cpu": gw_core, "device_cpu": dev_core, "cpus": cores},
+              "load_average_before": os.getloadavg(), "rows": {}}
+    if device_report:
+        result["device_only_model"] = {k: device_report[k] for k in ("file", "variant", "bytes", "parity")}
+    token = secrets.token_hex(8)
+    previous = _sigterm_to_exception()
+    servers: list[ServerProcess] = []
+    link = make_link(profile, link_mode)
+    try:
+        with link:
+            result["link"] = {"mode": link.mode, "description": link.describe()}
+            log(f"link: {link.describe()} (helper pids: {' '.join(map(str, link.child_pids())) or 'none'})")
+            _maybe_fail("link")
+            if profile_name != "loopback" or link.mode != "none":
+                result["link"]["measured"] = measured = measure_link(link)
+                log(f"link measured: RTT {measured['rtt_ms']:.1f} ms (median of 20), "
+                    f"{measured['down_mbit']:.1f} Mbit/s down, {measured['up_mbit']:.1f} Mbit/s up "
+                    f"(helper pids: {' '.join(map(str, link.child_pids())) or 'none'})")
+            pin_gw = ["taskset", "-c", gw_core] if gw_core else []
+            host = link.gateway_host
+            need_gateway = any(r in rows for r in ("side_every_token", "spa_lockstep", "spa_draft"))
+            need_baseline = any(r in rows for r in ("cloud_only", "per_layer"))
+            if need_gateway:
+                log("starting spa gateway on the gateway side...")
+                servers.append(ServerProcess([*link.gateway_prefix(), *pin_gw, sys.executable, "-m", "spa.cli",
+                                              "gateway", "--host", host, "--port", "0", "--token", token],
+                                             "spa gateway"))
+                gateway = servers[-1]
+                log(f"  spa gateway pid {gateway.pid} at {gateway.url}")
+            if need_baseline:
+                log("starting the baseline server (cloud-only stream, per-layer split) on the gateway side...")
+                servers.append(ServerProcess([*link.gateway_prefix(), *pin_gw, sys.executable, "-m",
+                                              "benchmarks.baseline_server", "--host", host, "--port", "0",
+                                              "--token", token], "baseline server"))
+                baseline = servers[-1]
+                log(f"  baseline server pid {baseline.pid} at {baseline.url}")
+            _maybe_fail("servers")
+            common = {"prompts": prompts, "token": token, "pte": str(pte_path.resolve()), "threads": 1 if dev_core else None,
+                      "options": {"window": 0, "codec": codec, "outliers": 8}}
+            jobs = {
+                "cloud_only": lambda: {"mode": "stream", "max_new_tokens": max_new_tokens,
+                                       "url": link.device_url(host, baseline.port)},
+                "side_every_token": lambda: {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": -1.0,
+                                             "url": link.device_url(host, gateway.port)},
+                "per_layer": lambda: {"mode": "per_layer", "max_new_tokens": min(per_layer_tokens, max_new_tokens),
+                                      "rank": 16, "url": link.device_url(host, baseline.port)},
+                "spa_lockstep": lambda: {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": tau,
+                                         "url": link.device_url(host, gateway.port)},
+                "spa_draft": lambda: {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": tau,
+                                      "url": link.device_url(host, gateway.port),
+                                      "options": {"window": window, "codec": codec, "outliers": 8}},
+                "device_only": lambda: {"mode": "device_only", "max_new_tokens": max_new_tokens,
+                                        "backbone_pte": str(backbone_pte), "eos_ids": _eos_ids()},
+            }
+            reference = None
+            for name in [r for r in ROWS if r in rows]:
+                log(f"row {name}: {ROW_TITLES[name]} ({len(docs)} docs)...")
+                job = common | jobs[name]()
+                before = link.counters()
+                t = time.perf_counter()
+                try:
+                    out = _run_worker(link, job, dev_core, timeout=1800)
+                except SpaError as exc:
+                    result["rows"][name] = {"error": str(exc)}
+                    log(f"  failed: {str(exc)[:500]}")
+                    continue
+                after = link.counters()
+                summary = summarize_row(out["docs"], reference)
+                summary["wall_s"] = time.perf_counter() - t
+                summary["load_s"] = out["load_s"]
+                if before and after:
+                    n = max(summary["tokens"], 1)
+                    summary["link_bytes_down_per_token"] = (after["down"] - before["down"]) / n
+                    summary["link_bytes_up_per_token"] = (after["up"] - before["up"]) / n
+                summary["per_doc_tokens"] = [d["tokens"] for d in out["docs"]]
+                result["rows"][name] = summary
+                if name == "cloud_only":
+                    reference = summary["per_doc_tokens"]
+                log("  " + _one_line(summary))
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    result["load_average_after"] = os.getloadavg()
+    add_ratios(result["rows"])
+    result["goals"] = goals(result)
+    return result
+
+
+def _eos_ids() -> list[int]:
+    from spa.backbone import default_backbone_dir
+
+    cfg = json.loads((default_backbone_dir() / "generation_config.json").read_text())
+    ids = cfg.get("eos_token_id")
+    return ids if isinstance(ids, list) else [ids]
+
+
+# --- output ------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _one_line(s: dict) -> str:
+    return (f"{s['tokens']} tokens, {_fmt(s['tokens_per_s'], '.1f')} tok/s, TTFT {_fmt(s['ttft_s'], '.2f')} s, "
+            f"{s['bytes_down_per_token']:.0f} B down/{s['bytes_up_per_token']:.0f} B up per token, "
+            f"{s['round_trips_per_token']:.2f} RT/token, side {s['side_usage']:.0%}")
+
+
+def format_result(result: dict) -> str:
+    p = result["profile"]
+    lines = [f"spa bench link --profile {p['name']}: {len(result['docs'])} docs ({', '.join(result['docs'])}), "
+             f"{result['max_new_tokens']} new tokens (per-layer row: {result['per_layer_tokens']}), greedy, "
+             f"codec {result['codec']}, draft window W={result['window']}"]
+    pi = result.get("plugin_info")
+    if pi:
+        lines.append(f"plugin: {result['plugin']} ({pi['taps']} taps, r={pi['rank']}, lambda {pi['skip_cost']}, "
+                     f"tau {pi['tau_used']:.3g}; val loss {_fmt(pi['val_loss_backbone'], '.3f')} backbone -> "
+                     f"{_fmt(pi['val_loss_gated'], '.3f')} gated at {_fmt(pi['val_side_usage'], '.0%')} side usage)")
+    link = result.get("link", {})
+    lines.append(f"link: {link.get('description', '-')}")
+    m = link.get("measured")
+    if m:
+        lines.append(f"      measured RTT {m['rtt_ms']:.1f} ms (min {m['rtt_min_ms']:.1f}), "
+                     f"{m['down_mbit']:.1f} Mbit/s down, {m['up_mbit']:.1f} Mbit/s up "
+                     f"(target {p['rtt_ms']:g} ms, {p['down_mbit'] or '-'} / {p['up_mbit'] or '-'} Mbit/s)")
+    pin = result["pinning"]
+    lines.append(f"cpu: gateway pinned to CPU {pin['gateway_cpu']}, device to CPU {pin['device_cpu']} (taskset) of "
+                 f"{pin['cpus']}; load average before {result['load_average_before'][0]:.2f}, after "
+                 f"{result['load_average_after'][0]:.2f}" + (" — a shared, noisy machine: read ratios, not absolutes"
+                                                              if result['load_average_before'][0] > 0.5 else ""))
+    header = (f"{'row':44} {'tok/s':>6} {'x cloud':>7} {'TTFT s':>7} {'ITL p50':>8} {'ITL p95':>8} {'B down/t':>9} "
+              f"{'B up/t':>7} {'RT/t':>6} {'side':>5} {'chg':>5} {'=cloud':>6}")
+    lines += ["", header, "-" * len(header)]
+    for name in ROWS:
+        r = result["rows"].get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"{ROW_TITLES[name]:44} failed: {r['error'][:200]}")
+            continue
+        lines.append(
+            f"{ROW_TITLES[name]:44} {_fmt(r['tokens_per_s'], '6.1f'):>6} {_fmt(r.get('tokens_per_s_vs_cloud_only'), '6.2f'):>7} "
+            f"{_fmt(r['ttft_s'], '7.2f'):>7} {_fmt(r['itl_p50_ms'], '8.1f'):>8} {_fmt(r['itl_p95_ms'], '8.1f'):>8} "
+            f"{r['bytes_down_per_token']:>9.0f} {r['bytes_up_per_token']:>7.0f} {r['round_trips_per_token']:>6.2f} "
+            f"{r['side_usage']:>5.0%} {r['change_rate']:>5.0%} {_fmt(r.get('same_tokens_as_cloud_only'), '6.0%'):>6}")
+    lines.append("tok/s: committed tokens per second after the first (decode); TTFT from opening the connection; "
+                 "ITL: inter-token latency as committed; B/t: websocket payload bytes per token after the handshake; "
+                 "RT/t: round trips the device waits on per token; chg: rollbacks / side tokens; "
+                 "=cloud: tokens identical to cloud-only at the same position.")
+    dev = result.get("device_only_model")
+    if dev:
+        par = dev["parity"]
+        same = (f"identical on {par['checked']} tokens with margin" if par["identical"] else
+                f"the same for the first {par.get('first_divergence', '?')} of {len(par['eager'])} tokens")
+        lines.append(f"device-only model: {dev['file']} ({dev['bytes'] / 2**20:.0f} MiB), greedy tokens vs the eager "
+                     f"backbone on a fixed prompt: {same}")
+    wire = [f"{ROW_TITLES[n].split(' (')[0]} {r['link_bytes_down_per_token']:.0f}/{r['link_bytes_up_per_token']:.0f}"
+            for n, r in result["rows"].items() if "link_bytes_down_per_token" in r]
+    if wire:
+        lines.append("bytes on the veth per token (down/up, with TCP/IP headers, handshake and prompt): " + "; ".join(wire))
+    if result.get("goals"):
+        lines.append("")
+        lines.append("goals:")
+        for g in result["goals"]:
+            state = "not measured" if g["met"] is None else ("met" if g["met"] else "MISSED")
+            value = "-" if g["value"] is None else f"{g['value']:.2f}"
+            lines.append(f"  {g['goal']}: {value} -> {state}")
+    return "\n".join(lines)
+
+
+def plot_result(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ROWS if n in result["rows"] and "error" not in result["rows"][n]]
+    labels = [ROW_TITLES[n].split(" (")[0] for n in names]
+    panels = (("tokens_per_s", "tokens/s"), ("ttft_s", "time to first token (s)"),
+              ("bytes_per_token", "bytes per token (down + up)"), ("round_trips_per_token", "round trips per token"))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    for ax, (key, title) in zip(axes, panels):
+        values = [result["rows"][n].get(key) or 0 for n in names]
+        ax.barh(labels, values, color=["#888" if n == "cloud_only" else "#3a7" if n.startswith("spa") else "#c84"
+                                       for n in names])
+        ax.set_title(title)
+        ax.invert_yaxis()
+        if key == "bytes_per_token" and any(values):
+            ax.set_xscale("symlog")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    m = result.get("link", {}).get("measured")
+    sub = f", measured RTT {m['rtt_ms']:.0f} ms, {m['down_mbit']:.0f} Mbit/s" if m else ""
+    fig.suptitle(f"spa bench link --profile {result['profile']['name']}{sub} ({result['link']['mode']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

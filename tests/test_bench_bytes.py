@@ -1,0 +1,44 @@
+"""`spa bench bytes`: each way to fewer bytes gets its size and its effect on tokens (harness checks, no timings)."""
+
+from benchmarks.bytesbench import format_bytes, run_bytes_bench, trajectory
+from spa import codec
+from spa.protocol.frames import FrameCodec
+from spa.pte import PtePlugin
+from spa.reference import reference_generate
+from spa.tokens import token_pieces
+from benchmarks.linkbench import _prompts
+
+
+def test_bytes_bench_rows_sizes_and_agreement(backbone, pte_path):
+    # tau < 0 opens the gate on every token, so taps and side outputs travel whatever the quick plugin learned.
+    result = run_bytes_bench(plugin=str(pte_path), docs=["aclsum:test:0"], max_new_tokens=3, tap_every=(),
+                             levels=(1, 19), backbone=backbone, tau=-1.0, log=lambda _: None)
+    (entry,) = result["plugins"]
+    rows = {(r["codec"], r["outliers"]): r for r in entry["rows"]}
+    assert set(rows) == {("f32", 0), ("int8", 8), ("int4", 8), ("int8", 0), ("int4", 0)}
+    assert rows[("f32", 0)]["agreement_with_f32"] == 1.0
+    for r in rows.values():
+        assert 0 <= r["agreement_with_f32"] <= 1 and r["tokens"] > 0
+        assert set(r["sizes"]) == {"1", "19"}
+    level = "1"
+    assert rows[("f32", 0)]["sizes"][level]["down_per_token"] > rows[("int8", 8)]["sizes"][level]["down_per_token"]
+    assert rows[("int8", 8)]["side_usage"] == 1.0
+    assert "taps" in rows[("int8", 8)]["sizes"][level]["down_by_type_per_token"]
+    assert entry["cloud_projection"]["status"].startswith("pending")
+    text = format_bytes(result)
+    assert "int4" in text and "cloud-side Down_l" in text
+
+
+def test_trajectory_tokens_are_the_reference_tokens_and_its_messages_are_the_wire_messages(backbone, pte_path):
+    pte = PtePlugin(pte_path)
+    prompt = _prompts(pte_path, ["aclsum:test:1"])[0]
+    pieces = token_pieces(backbone.tokenizer)
+    run = trajectory(backbone, pte, prompt, tau=pte.tau, max_new_tokens=5, scheme="int8", outliers=8, pieces=pieces)
+    ref = reference_generate(backbone, pte, prompt, tau=pte.tau, max_new_tokens=5)
+    assert run["tokens"] == ref.tokens and run["sigmas"] == ref.sigmas
+    frames = FrameCodec()
+    for msg in run["down"] + run["up"]:
+        assert frames.unpack(frames.pack(msg))["type"] == msg["type"]
+    steps = [msg for msg in run["down"] if msg["type"] == "step"]
+    assert len(steps) == len(run["tokens"]) and all(codec.decode(s["f"]).shape == (1, 576) for s in steps)
+    assert sum(msg["type"] == "taps" for msg in run["down"]) == sum(run["sigmas"])

@@ -1,0 +1,237 @@
+"""`spa bench link`: the emulated link is set up and always torn down; rows, ratios and JSON have their shape.
+
+These tests check the harness, never timings: performance figures come from
+`spa bench link` itself (README, "Performance"). Kernel-level links need root
+(network namespaces, tbf, NFQUEUE); without it those tests are skipped and the
+userspace proxy is tested instead.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.link import (NS_PREFIX, PROFILES, LinkProfile, NetnsLink, ProxyLink, _run, cleanup_stale, make_link,
+                             measure_link, netns_available, our_namespaces)
+from benchmarks.linkbench import add_ratios, format_result, goals, plot_result, summarize_row
+from tests.conftest import ROOT
+
+NETNS, WHY = netns_available()
+needs_netns = pytest.mark.skipif(not NETNS, reason=f"kernel-level link emulation unavailable: {WHY}")
+TINY = LinkProfile("tiny", rtt_ms=10.0, down_mbit=50.0, up_mbit=50.0)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent has not reaped it yet).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def spa_bench(*args, env_extra=None, merge=True) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "spa.cli", "bench", "link", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True)
+
+
+def helper_pids(output: str) -> set[int]:
+    pids = set()
+    for match in re.finditer(r"(?:helper pids: |pid )([\d ]+)", output):
+        pids.update(int(p) for p in match.group(1).split())
+    return pids
+
+
+def assert_nothing_left(driver_pid: int, output: str) -> None:
+    assert not [ns for ns in our_namespaces() if ns.startswith(f"{NS_PREFIX}{driver_pid}-")], output[-3000:]
+    pids = helper_pids(output)
+    left = [p for p in pids if alive(p)]
+    assert not left, f"processes left behind: {left}\n{output[-3000:]}"
+
+
+# --- the link itself -----------------------------------------------------------------
+
+
+@needs_netns
+def test_netns_link_has_its_qdiscs_rules_and_delay_program_and_leaves_nothing():
+    with NetnsLink(TINY) as link:
+        assert {link.ns_gw, link.ns_dev} <= set(our_namespaces())
+        qdisc = _run("ip", "netns", "exec", link.ns_gw, "tc", "qdisc", "show", "dev", link.veth_gw).stdout
+        assert "tbf" in qdisc and "50Mbit" in qdisc
+        rules = _run("ip", "netns", "exec", link.ns_dev, "iptables", "-t", "mangle", "-S", "PREROUTING").stdout
+        assert "NFQUEUE" in rules
+        helpers = link.child_pids()
+        assert len(helpers) == 2 and all(alive(p) for p in helpers)
+        measured = measure_link(link)
+        assert measured["rtt_ms"] > 0 and measured["down_mbit"] > 0 and measured["up_mbit"] > 0
+        counters = link.counters()
+        assert counters["down"] > measured["down_bytes"]  # the probe's bytes crossed the device's veth
+    assert not {link.ns_gw, link.ns_dev} & set(our_namespaces())
+    assert not [p for p in helpers if alive(p)]
+    assert _run("ip", "link", "show", link.veth_gw, check=False).returncode != 0
+
+
+@needs_netns
+def test_a_failing_setup_removes_what_it_created(monkeypatch):
+    import benchmarks.link as link_mod
+
+    real_run = link_mod._run
+
+    def failing(*cmd, check=True):
+        if "tbf" in cmd:
+            raise link_mod.SpaError("injected: tc failed")
+        return real_run(*cmd, check=check)
+
+    monkeypatch.setattr(link_mod, "_run", failing)
+    link = NetnsLink(TINY)
+    with pytest.raises(link_mod.SpaError, match="injected"):
+        with link:
+            pass
+    assert not {link.ns_gw, link.ns_dev} & set(our_namespaces())
+    assert real_run("ip", "link", "show", link.veth_gw, check=False).returncode != 0
+
+
+@needs_netns
+def test_namespaces_of_a_killed_run_are_cleaned_up():
+    dead = 4_000_000  # above pid_max: never a live process
+    name = f"{NS_PREFIX}{dead}-g"
+    _run("ip", "netns", "add", name)
+    try:
+        assert name in cleanup_stale()
+        assert name not in our_namespaces()
+    finally:
+        _run("ip", "netns", "del", name, check=False)
+
+
+def test_proxy_link_carries_data_and_stops_its_proxies():
+    with ProxyLink(TINY) as link:
+        measured = measure_link(link, seconds=0.2)
+        helpers = link.child_pids()
+        assert helpers and all(alive(p) for p in helpers)
+    assert measured["rtt_ms"] > 0 and measured["down_mbit"] > 0
+    time.sleep(0.2)
+    assert not [p for p in helpers if alive(p)]
+
+
+def test_profiles_and_link_choice():
+    assert PROFILES["4g"].rtt_ms == 50 and PROFILES["4g"].down_mbit == 20
+    assert make_link(PROFILES["loopback"]).mode == "none"
+    assert make_link(PROFILES["4g"], "proxy").mode == "proxy"
+    assert make_link(PROFILES["4g"]).mode == ("netns" if NETNS else "proxy")
+
+
+# --- tear-down of a whole run, on failure and on a signal ---------------------------------
+
+
+@pytest.mark.parametrize("stage", ["link", "servers"])
+def test_a_failure_mid_run_leaves_no_namespace_rule_or_process(pte_path, tmp_path, stage):
+    mode = "netns" if NETNS else "proxy"
+    proc = spa_bench("--profile", "4g", "--link", mode, "--plugin", pte_path, "--rows", "cloud_only", "spa_draft",
+                     "--docs", "aclsum:test:0", "--max-new-tokens", "2", "--out", tmp_path,
+                     env_extra={"SPA_BENCH_FAIL_AT": stage})
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "injected failure" in output, output[-3000:]
+    if stage == "servers":
+        assert "spa gateway pid" in output and "baseline server pid" in output, output[-3000:]
+    assert_nothing_left(proc.pid, output)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_run_tears_everything_down(pte_path, tmp_path, sig):
+    mode = "netns" if NETNS else "proxy"
+    proc = spa_bench("--profile", "3g", "--link", mode, "--plugin", pte_path, "--rows", "cloud_only",
+                     "--docs", "aclsum:test:0", "--max-new-tokens", "2", "--out", tmp_path)
+    lines = []
+    for line in proc.stdout:  # wait until the link is up and measured
+        lines.append(line)
+        if line.startswith("link measured"):
+            break
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert proc.returncode != 0, output[-3000:]
+    assert "interrupted" in output, output[-3000:]
+    assert_nothing_left(proc.pid, output)
+
+
+# --- statistics, ratios, output ---------------------------------------------------------
+
+
+def _doc(tokens, commit_s, **kw):
+    base = {"tokens": tokens, "commit_s": commit_s, "ttft_s": commit_s[0], "bytes_down": 100 * len(tokens),
+            "bytes_up": 10 * len(tokens), "handshake_down": 50, "handshake_up": 500, "round_trips": len(tokens),
+            "side_tokens": 0, "rollbacks": 0}
+    return base | kw
+
+
+def test_row_summary_ratios_and_goals_are_computed_from_the_documents(tmp_path):
+    cloud = [_doc([1, 2, 3], [1.0, 1.1, 1.2]), _doc([4, 5], [2.0, 2.1])]
+    spa = [_doc([1, 9, 3], [1.0, 1.2, 1.4], side_tokens=2, rollbacks=1), _doc([4, 5], [2.0, 2.2], side_tokens=1)]
+    rows = {"cloud_only": summarize_row(cloud)}
+    rows["spa_draft"] = summarize_row(spa, rows["cloud_only"] and [d["tokens"] for d in cloud])
+    rows["side_every_token"] = summarize_row([_doc([1, 2], [1.0, 1.5])])
+    c, s = rows["cloud_only"], rows["spa_draft"]
+    assert c["tokens"] == 5 and c["tokens_per_s"] == pytest.approx(3 / 0.3)
+    assert s["tokens_per_s"] == pytest.approx(3 / 0.6)
+    assert s["ttft_s"] == pytest.approx(1.5)
+    assert s["itl_p50_ms"] == pytest.approx(200)
+    assert s["bytes_down_per_token"] == 100 and s["bytes_up_per_token"] == 10 and s["bytes_per_token"] == 110
+    assert s["round_trips_per_token"] == 1 and s["side_usage"] == pytest.approx(3 / 5)
+    assert s["change_rate"] == pytest.approx(1 / 3)
+    assert s["same_tokens_as_cloud_only"] == pytest.approx(4 / 5)
+    add_ratios(rows)
+    assert c["tokens_per_s_vs_cloud_only"] == 1.0
+    assert s["tokens_per_s_vs_cloud_only"] == pytest.approx(0.5)
+    result = {"profile": PROFILES["4g"].to_dict(), "rows": rows, "docs": ["a", "b"], "max_new_tokens": 3,
+              "per_layer_tokens": 2, "codec": "int8", "window": 8, "link": {"mode": "proxy", "description": "x"},
+              "pinning": {"gateway_cpu": "0", "device_cpu": "1", "cpus": 2},
+              "load_average_before": (1.0, 1.0, 1.0), "load_average_after": (1.0, 1.0, 1.0)}
+    result["goals"] = goals(result)
+    met = {g["goal"].split(" (")[0]: g["met"] for g in result["goals"]}
+    assert met["spa_draft tokens/s >= 0.8x cloud_only"] is False
+    assert met["spa_draft tokens/s >= 3x side_every_token"] is False  # 5 vs 2 tokens/s: 2.5x
+    assert met["spa_draft bytes on the wire per token <= 2048"] is True
+    text = format_result(result)
+    assert "SPA draft-ahead" in text and "MISSED" in text and "shared, noisy machine" in text
+    png = plot_result(result, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
+    """A short real run: real gateway, real baseline server, real websockets over the emulated 4g link."""
+    profile = "4g"
+    proc = spa_bench("--profile", profile, "--plugin", pte_path, "--docs", "aclsum:test:0", "--max-new-tokens", "4",
+                     "--per-layer-tokens", "2", "--window", "4", "--rows", "cloud_only", "side_every_token",
+                     "per_layer", "spa_lockstep", "spa_draft", "--json", "--out", tmp_path, merge=False)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    result = json.loads(out)
+    rows = result["rows"]
+    assert set(rows) == {"cloud_only", "side_every_token", "per_layer", "spa_lockstep", "spa_draft"}, rows
+    for name, r in rows.items():
+        assert "error" not in r, (name, r)
+        for key in ("tokens_per_s", "ttft_s", "itl_p50_ms", "itl_p95_ms", "bytes_down_per_token",
+                    "bytes_up_per_token", "round_trips_per_token", "side_usage", "change_rate",
+                    "tokens_per_s_vs_cloud_only"):
+            assert key in r, (name, key)
+    assert rows["cloud_only"]["tokens_per_s_vs_cloud_only"] == 1.0
+    assert rows["cloud_only"]["bytes_up_per_token"] == 0 and rows["cloud_only"]["round_trips_per_token"] == 0
+    assert rows["side_every_token"]["side_usage"] == 1.0
+    assert rows["side_every_token"]["round_trips_per_token"] == 2.0  # need_taps -> taps, side -> verdict
+    assert rows["per_layer"]["round_trips_per_token"] == 30  # SmolLM2's 30 layers
+    assert rows["spa_lockstep"]["per_doc_tokens"] == rows["spa_draft"]["per_doc_tokens"]  # lossless draft-ahead
+    assert result["link"]["mode"] == ("netns" if NETNS else "proxy")
+    assert result["link"]["measured"]["rtt_ms"] > 0
+    assert {g["goal"].split(" (")[0] for g in result["goals"]} >= {"spa_draft tokens/s >= 0.8x cloud_only"}
+    assert (tmp_path / f"link-{profile}.json").exists() and (tmp_path / f"link-{profile}.png").exists()
+    assert_nothing_left(proc.pid, err)
