@@ -1,51 +1,37 @@
 """`spa gateway`: the websocket server hosting the frozen backbone.
 
 One process, one backbone, many sessions. Every torch call of every session
-runs on a single compute thread (the `Engine`): torch already spreads one
-forward over the cores, and one thread keeps sessions from fighting over them.
+runs on a single compute thread (the `Engine`, cloud_gateway/engine.py), which
+batches the decode steps of concurrent sessions into one forward.
+
+Sessions are kept by id so that a device whose connection was lost can
+resume (docs/PROTOCOL.md §6); `Gateway.sessions` holds every session that
+holds memory, attached to a connection or waiting for a resume.
 """
 
 import asyncio
+import ctypes
+import hmac
 import ipaddress
 import logging
 import os
+import secrets
 import signal
-from concurrent.futures import ThreadPoolExecutor
+import ssl
 
 from websockets.asyncio.server import serve
 
-from cloud_gateway.session import GatewaySession
+from cloud_gateway.engine import Engine
+from cloud_gateway.session import GatewaySession, Link, LinkLost
 from spa.errors import SpaError
-from spa.generate import decode_one_token, prefill
-from spa.protocol import messages as m
-from spa.protocol.errors import CODES
-from spa.protocol.frames import FrameCodec
+from spa.protocol.errors import NORMAL_CLOSE, PeerError, ProtocolError
+from spa.protocol.gateway import GatewayProtocol, ResumeWanted, Start
 from spa.protocol.limits import Limits
-from spa.tokens import token_pieces
+
+__all__ = ["Engine", "Gateway", "is_loopback", "run_gateway", "tls_context"]
 
 log = logging.getLogger("spa.gateway")
-
-
-class Engine:
-    """The backbone plus the one thread that runs it."""
-
-    def __init__(self, backbone):
-        self.backbone = backbone
-        ident = backbone.identity
-        self.identity = m.Backbone(ident.name, ident.fingerprint, ident.num_layers, ident.hidden_size)
-        self.eos_ids = backbone.eos_token_ids
-        self.pieces = token_pieces(backbone.tokenizer)
-        # torch initializes lazily on the first forward (~seconds): pay it before
-        # the first device does, so time to first token measures the session.
-        cache, _ = prefill(backbone, backbone.encode("warm up the backbone"))
-        decode_one_token(backbone, cache, 0)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-compute")
-
-    async def run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+_DUMMY_SECRET = secrets.token_urlsafe(24)
 
 
 def is_loopback(host: str) -> bool:
@@ -57,51 +43,163 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def tls_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
+    """A server TLS context for wss:// (TLS 1.2 or newer); a one-line error if the files are bad."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise SpaError(f"cannot load the TLS certificate {certfile} / key {keyfile or certfile}: {exc}") from None
+    return ctx
+
+
+def _trim_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Gateway:
-    def __init__(self, backbone, limits: Limits = Limits(), auth_token: str | None = None):
-        self.engine = Engine(backbone)
+    def __init__(self, backbone, limits: Limits = Limits(), auth_token: str | None = None,
+                 max_batch: int = 64, batching: bool = True, write_limit: int = 1 << 16,
+                 socket_sndbuf: int | None = None):
+        self.engine = Engine(backbone, max_batch=max_batch, batching=batching)
+        # Outgoing bytes one connection may buffer before a send waits for the
+        # device: the websockets write limit, and optionally the kernel's
+        # SO_SNDBUF (else the OS default, which autotunes up to MiBs).
+        self.write_limit = write_limit
+        self.socket_sndbuf = socket_sndbuf
         self.limits = limits
         self.auth_token = auth_token
-        self.sessions: set[GatewaySession] = set()
+        self.sessions: set[GatewaySession] = set()  # every session holding memory
+        self._by_id: dict[str, GatewaySession] = {}
+        self.connections = 0
+        self.stats = {"sessions": 0, "resumes": 0, "resume_refused": 0, "expired": 0, "slow_readers": 0}
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV caches and kept taps over all sessions."""
+        return sum(s.kv_bytes for s in self.sessions)
 
     async def handle(self, conn) -> None:
-        if len(self.sessions) >= self.limits.max_sessions:
-            frames = FrameCodec(self.limits.max_frame_bytes, self.limits.max_message_bytes)
-            await conn.send(frames.pack(m.Error("busy", f"the gateway serves {self.limits.max_sessions} "
-                                                        "sessions already; retry later").to_dict()))
-            await conn.close(CODES["busy"][0], "busy")
-            return
-        session = GatewaySession(conn, self.engine, self.limits, self.auth_token)
-        self.sessions.add(session)
+        self.connections += 1
+        link = Link(conn, self.limits, self.socket_sndbuf)
         try:
-            await session.run()
+            if self.connections > 2 * self.limits.max_sessions + 16:  # connections that never say hello
+                raise ProtocolError("busy", "too many connections; retry later")
+            proto = GatewayProtocol(self.engine.identity, self.engine.eos_ids, self.limits, self.auth_token,
+                                    resumable=self.limits.resume_grace_s > 0)
+            event = proto.receive(await link.recv(self.limits.idle_timeout_s))
+            if isinstance(event, Start):
+                if len(self.sessions) >= self.limits.max_sessions:
+                    raise ProtocolError("busy", f"the gateway serves {self.limits.max_sessions} sessions already; "
+                                                "retry later")
+                session = GatewaySession(self.engine, self.limits, proto)
+                self.sessions.add(session)
+                self._by_id[session.id] = session
+                self.stats["sessions"] += 1
+                await self._serve(session, link, event)
+            elif isinstance(event, ResumeWanted):
+                await self._resume(link, event)
+            else:
+                raise ProtocolError("out_of_order", "the first message must be hello")
+        except ProtocolError as exc:
+            log.info("connection refused: %s", exc)
+            await link.fail(exc.code, exc.message)
+        except PeerError as exc:
+            log.info("device reported %s", exc)
+            await link.close(NORMAL_CLOSE)
+        except LinkLost:
+            pass
         finally:
-            self.sessions.discard(session)
+            link.stop()
+            self.connections -= 1
 
-    def serve(self, host: str, port: int):
+    async def _resume(self, link: Link, event: ResumeWanted) -> None:
+        hello = event.hello
+        session = self._by_id.get(hello.resume.session)
+        try:
+            if session is None:  # the same work and answer as a wrong secret
+                hmac.compare_digest(hello.resume.secret.encode(), _DUMMY_SECRET.encode())
+                raise ProtocolError("resume_failed", "unknown session or wrong secret")
+            session.proto.check_resume(hello)
+        except ProtocolError:
+            self.stats["resume_refused"] += 1
+            raise
+        if session.link is not None:  # its old connection is still open (half-open TCP): take over
+            session.link.abort()
+        await self._serve(session, link, event)
+
+    async def _serve(self, session: GatewaySession, link: Link, event) -> None:
+        async with session.lock:
+            if isinstance(event, ResumeWanted):
+                if session.freed:  # expired while we waited
+                    raise ProtocolError("resume_failed", "unknown session or wrong secret")
+                session.proto.check_resume(event.hello)  # again: a concurrent resume may have rotated it
+                if session.expiry is not None:
+                    session.expiry.cancel()
+                    session.expiry = None
+                self.stats["resumes"] += 1
+            over = await session.run(link, event)
+            self.stats["slow_readers"] += session.close_reason == "slow_reader"
+            self.stats["resume_refused"] += session.close_reason == "resume_refused"
+            if over:
+                self._free(session)
+            else:
+                log.info("session %s: connection lost; kept %g s for a resume", session.id,
+                         self.limits.resume_grace_s)
+                session.expiry = asyncio.get_running_loop().call_later(
+                    self.limits.resume_grace_s, self._expire, session)
+
+    def _expire(self, session: GatewaySession) -> None:
+        if session.link is None and not session.lock.locked():
+            log.info("session %s: not resumed within %g s; freed", session.id, self.limits.resume_grace_s)
+            self.stats["expired"] += 1
+            self._free(session)
+
+    def _free(self, session: GatewaySession) -> None:
+        session.release()
+        self.sessions.discard(session)
+        self._by_id.pop(session.id, None)
+        if not self.sessions:
+            _trim_memory()
+
+    def serve(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None):
         """The websockets server (an async context manager)."""
         return serve(
             self.handle, host, port,
+            ssl=ssl_context,
             compression=None,  # zstd per message instead: deflate costs much CPU for little
             max_size=self.limits.max_frame_bytes,
-            max_queue=16,  # frames buffered per connection before the reader stops reading (backpressure)
-            ping_interval=20, ping_timeout=20,
+            max_queue=4,  # frames buffered per connection before the reader stops reading (backpressure)
+            write_limit=self.write_limit,  # outgoing bytes buffered before a send waits for the device
+            ping_interval=20, ping_timeout=20,  # a dead TCP connection is noticed within ~40 s
+            close_timeout=5,
         )
+
+    def close(self) -> None:
+        for session in list(self.sessions):
+            self._free(session)
+        self.engine.close()
 
 
 async def run_gateway(backbone, host: str, port: int, limits: Limits, auth_token: str | None,
-                      announce=print) -> None:
+                      announce=print, ssl_context: ssl.SSLContext | None = None, max_batch: int = 64) -> None:
     """Serve until SIGINT/SIGTERM."""
     if not is_loopback(host) and not auth_token:
         raise SpaError(f"refusing to listen on {host} without an auth token: pass --token or set SPA_GATEWAY_TOKEN")
-    gateway = Gateway(backbone, limits, auth_token)
+    gateway = Gateway(backbone, limits, auth_token, max_batch=max_batch)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    async with gateway.serve(host, port) as server:
+    async with gateway.serve(host, port, ssl_context) as server:
         bound = server.sockets[0].getsockname()
         ident = backbone.identity
-        announce(f"spa gateway: serving {ident.name} ({ident.fingerprint}) on ws://{bound[0]}:{bound[1]} "
-                 f"(auth {'on' if auth_token else 'off'}, max {limits.max_sessions} sessions, pid {os.getpid()})")
+        scheme = "wss" if ssl_context is not None else "ws"
+        announce(f"spa gateway: serving {ident.name} ({ident.fingerprint}) on {scheme}://{bound[0]}:{bound[1]} "
+                 f"(auth {'on' if auth_token else 'off'}, max {limits.max_sessions} sessions, "
+                 f"resume grace {limits.resume_grace_s:g} s, pid {os.getpid()})")
         await stop
-    gateway.engine.close()
+    gateway.close()

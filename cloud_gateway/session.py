@@ -1,65 +1,70 @@
 """One device session on the gateway: websocket I/O around `GatewayProtocol`.
 
-The protocol object decides what may be sent; this adapter owns the socket,
-the KV cache and the backbone calls. Draft-ahead: while `can_draft()` the
+The protocol object decides what may be sent; this adapter owns the KV cache
+and asks the engine for backbone work. Draft-ahead: while `can_draft()` the
 gateway keeps decoding with the backbone alone and streams `step`s; incoming
 messages are drained first, so a verdict that rolls back is applied before
 any further draft is computed on a stale token.
 
+A session outlives its connection (`Link`): when the connection is lost
+mid-generation without a close frame from the device (TCP reset, a cut link,
+a device that stopped reading), the session keeps its state for
+`resume_grace_s` and a new connection may take it over with `hello.resume`
+(docs/PROTOCOL.md §6, "Resumption"). A device that closes the websocket, says
+`bye`, breaks the protocol or stays silent past `idle_timeout_s` ends the
+session at once.
+
 Backbone work runs on the engine's compute thread, never on the event loop,
-so one session's forward pass does not stall another session's I/O.
+and sends never wait on a slow device for more than `send_timeout_s`: one
+session cannot stall another.
 """
 
 import asyncio
 import logging
 import secrets
+import socket
 
 import torch
 from websockets.exceptions import ConnectionClosed
 
-from spa.generate import choose_token, decode_one_token, prefill, truncate
+from cloud_gateway.engine import kv_bytes
+from spa.generate import prefill, truncate
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
-from spa.protocol.gateway import Accepted, Closed, GatewayProtocol, SideReceived, Start, TapsWanted
+from spa.protocol.gateway import Accepted, Closed, GatewayProtocol, ResumeWanted, SideReceived, Start, TapsWanted
 
 log = logging.getLogger("spa.gateway")
 _CLOSED = object()  # inbox marker: the connection is gone
+INBOX_FRAMES = 4  # decoded device messages buffered per connection before its reader stops reading
 
 
-class GatewaySession:
-    def __init__(self, conn, engine, limits, auth_token):
+class LinkLost(Exception):
+    """The connection ended (closed, reset, or dropped as a slow reader)."""
+
+
+class _ResumeRefused(Exception):
+    """A resume the session cannot honour; the session itself is unchanged."""
+
+    def __init__(self, error: ProtocolError):
+        self.error = error
+
+
+class Link:
+    """One websocket connection: a reader task feeding a bounded inbox, and
+    sends bounded in time. The websockets library buffers at most `max_queue`
+    incoming frames and `write_limit` outgoing bytes (+ one message)."""
+
+    def __init__(self, conn, limits, socket_sndbuf: int | None = None):
         self.conn = conn
-        self.engine = engine
+        sock = conn.transport.get_extra_info("socket")
+        if socket_sndbuf and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_sndbuf)
         self.limits = limits
         self.frames = FrameCodec(limits.max_frame_bytes, limits.max_message_bytes)
-        self.proto = GatewayProtocol(engine.identity, engine.eos_ids, limits, auth_token)
-        self.inbox: asyncio.Queue = asyncio.Queue()
-        self.cache = None
-        self.states: dict[int, torch.Tensor] = {}  # unverified position -> its states [L + 1, H]
-        self.next_states: torch.Tensor | None = None  # states of proto.next_draft_pos, if computed
-        self.next_feed: int | None = None  # token to feed to compute the next position
-        self.id = secrets.token_hex(8)
-
-    async def run(self) -> None:
-        reader = asyncio.create_task(self._read())
-        try:
-            await self._serve()
-        except ProtocolError as exc:
-            log.info("session %s: %s", self.id, exc)
-            await self._fail(exc.code, exc.message)
-        except PeerError as exc:
-            log.info("session %s: device reported %s", self.id, exc)
-            await self.conn.close(NORMAL_CLOSE)
-        except ConnectionClosed:
-            pass
-        except Exception:  # a bug: tell the device, keep serving others
-            log.exception("session %s failed", self.id)
-            await self._fail("internal", "the gateway failed on this session; see its log")
-        finally:
-            reader.cancel()
-            self.states.clear()
-            self.cache = None
+        self.inbox: asyncio.Queue = asyncio.Queue(maxsize=INBOX_FRAMES)
+        self.slow = False
+        self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         """Move frames from the socket to the inbox (unpacked, or the error)."""
@@ -72,82 +77,250 @@ class GatewaySession:
                         item = self.frames.unpack(data)
                     except ProtocolError as exc:
                         item = exc
-                await self.inbox.put(item)
+                await self.inbox.put(item)  # blocks when full: the socket is not read meanwhile
         except ConnectionClosed:
             pass
         finally:
-            await self.inbox.put(_CLOSED)
+            try:
+                self.inbox.put_nowait(_CLOSED)
+            except asyncio.QueueFull:  # the consumer finds the reader done once the inbox is empty
+                pass
 
-    async def _next(self):
+    async def recv(self, timeout: float) -> dict:
+        """The next device map; ProtocolError for a bad frame or silence, LinkLost when gone."""
+        if self.inbox.empty() and self.reader.done():
+            raise LinkLost()
         try:
-            item = await asyncio.wait_for(self.inbox.get(), self.limits.idle_timeout_s)
+            item = await asyncio.wait_for(self.inbox.get(), timeout)
         except asyncio.TimeoutError:
-            raise ProtocolError("idle_timeout", f"no message for {self.limits.idle_timeout_s:g} s") from None
+            raise ProtocolError("idle_timeout", f"no message for {timeout:g} s") from None
         if item is _CLOSED:
-            raise ConnectionClosed(None, None)
+            raise LinkLost()
         if isinstance(item, ProtocolError):
             raise item
-        return self.proto.receive(item)
+        return item
 
-    async def _send(self, msg: dict) -> None:
-        await self.conn.send(self.frames.pack(msg))
+    @property
+    def pending(self) -> bool:
+        return not self.inbox.empty()
 
-    async def _fail(self, code: str, message: str) -> None:
+    async def send(self, msg: dict) -> None:
+        data = self.frames.pack(msg)
         try:
-            await self._send(m.Error(code, message).to_dict())
-            await self.conn.close(CODES[code][0], code)
+            await asyncio.wait_for(self.conn.send(data), self.limits.send_timeout_s)
+        except asyncio.TimeoutError:
+            self.slow = True
+            raise LinkLost() from None
         except ConnectionClosed:
-            pass
+            raise LinkLost() from None
 
-    async def _serve(self) -> None:
-        event = await self._next()
-        if not isinstance(event, Start):
-            raise ProtocolError("out_of_order", "the first message must be hello")
-        hello = event.hello
-        ids = self.engine.backbone.encode(hello.prompt)
-        ready = self.proto.ready(self.id, secrets.token_urlsafe(16), len(ids))  # checks the prompt limit first
-        self.cache, self.next_states = await self.engine.run(prefill, self.engine.backbone, ids)
-        await self._send(ready)
+    @property
+    def device_closed(self) -> bool:
+        """True when the device sent a close frame (it left on purpose)."""
+        return self.conn.protocol.close_rcvd is not None
+
+    async def close(self, code: int, reason: str = "") -> None:
+        try:
+            await asyncio.wait_for(self.conn.close(code, reason), self.limits.send_timeout_s)
+        except (asyncio.TimeoutError, ConnectionClosed):
+            self.abort()
+
+    async def fail(self, code: str, message: str) -> None:
+        """Send `error` and close with the code's close code (best effort)."""
+        try:
+            await self.send(m.Error(code, message[:4096]).to_dict())
+        except LinkLost:
+            pass
+        await self.close(CODES[code][0], code)
+
+    def abort(self) -> None:
+        self.conn.transport.abort()
+
+    async def drop_slow(self) -> None:
+        """The device does not read: try the slow_reader close briefly, then reset."""
+        try:
+            await asyncio.wait_for(self.conn.close(CODES["slow_reader"][0], "slow_reader"), 1.0)
+        except (asyncio.TimeoutError, ConnectionClosed):
+            pass
+        self.abort()
+
+    def stop(self) -> None:
+        self.reader.cancel()
+
+
+class GatewaySession:
+    def __init__(self, engine, limits, proto: GatewayProtocol):
+        self.engine = engine
+        self.limits = limits
+        self.proto = proto  # has received the hello (Start)
+        self.id = secrets.token_hex(16)
+        self.link: Link | None = None
+        self.lock = asyncio.Lock()  # one connection serves the session at a time
+        self.expiry: asyncio.TimerHandle | None = None  # while waiting for a resume
+        self.freed = False
+        self.close_reason: str | None = None  # why the last connection ended (logs, tests)
+        self.prompt_tokens = 0
+        self.cache = None
+        self.states: dict[int, torch.Tensor] = {}  # unverified position -> its states [L + 1, H]
+        self.next_states: torch.Tensor | None = None  # states of proto.next_draft_pos, if computed
+        self.next_feed: int | None = None  # token to feed to compute the next position
+        self.decode_steps = 0  # one-token decode steps run for this session
+        self.batched_steps = 0  # of which ran batched with other sessions' steps
+        self.batch_rows = 0  # sum of the batch sizes of those steps (mean batch = batch_rows / decode_steps)
+        self.max_batch = 1
+
+    @property
+    def kv_bytes(self) -> int:
+        return kv_bytes(self.cache) + sum(s.numel() * s.element_size() for s in self.states.values())
+
+    def release(self) -> None:
+        """Free the KV cache and the taps (the session is over)."""
+        self.freed = True
+        self.states.clear()
+        self.cache = self.next_states = None
+
+    @property
+    def resumable(self) -> bool:
+        """May this session wait for a resume once its connection is lost?"""
+        p = self.proto
+        return (
+            self.limits.resume_grace_s > 0
+            and not self.freed
+            and (p.phase == "generating" or (p.phase == "ended" and p.end_msg is not None))
+        )
+
+    async def run(self, link: Link, event) -> bool:
+        """Serve the session on `link` (after `event`: Start, or ResumeWanted
+        already checked). Returns True when the session is over (free it),
+        False when it waits for a resume."""
+        self.link = link
+        try:
+            if isinstance(event, Start):
+                await self._start(event.hello)
+            else:
+                await self._resume(event.hello)
+            await self._generate()
+            self.close_reason = "end"
+            self.cache, self.next_states = None, None  # over: only `end` may be asked for again
+            self.states.clear()
+            # A device that got `end` answers our close frame; without that
+            # answer it may have missed `end` and may come back for it.
+            return self.proto.phase != "ended" or link.device_closed or not self.resumable
+        except _ResumeRefused as exc:  # e.g. a position the session never reached: keep waiting
+            log.info("session %s: resume refused: %s", self.id, exc.error)
+            self.close_reason = "resume_refused"
+            await link.fail(exc.error.code, exc.error.message)
+            return not self.resumable
+        except ProtocolError as exc:
+            log.info("session %s: %s", self.id, exc)
+            self.close_reason = exc.code
+            await link.fail(exc.code, exc.message)
+            return True
+        except PeerError as exc:
+            log.info("session %s: device reported %s", self.id, exc)
+            self.close_reason = "peer_error"
+            await link.close(NORMAL_CLOSE)
+            return True
+        except LinkLost:
+            if link.slow:
+                log.info("session %s: the device does not read; dropping the connection (slow_reader)", self.id)
+                self.close_reason = "slow_reader"
+                await link.drop_slow()
+            else:
+                self.close_reason = "lost"
+            if link.device_closed:  # the device left on purpose: like bye
+                return True
+            return not self.resumable
+        except Exception:  # a bug: tell the device, keep serving others
+            log.exception("session %s failed", self.id)
+            self.close_reason = "internal"
+            await link.fail("internal", "the gateway failed on this session; see its log")
+            return True
+        finally:
+            self.link = None
+
+    async def _start(self, hello: m.Hello) -> None:
+        engine, limits = self.engine, self.limits
+        if len(hello.prompt) > limits.max_prompt_tokens * engine.max_token_chars:
+            raise ProtocolError("limit", f"prompt of {len(hello.prompt)} characters is over "
+                                         f"{limits.max_prompt_tokens} tokens")
+        # Tokenizing off the event loop and off the compute thread.
+        ids = await asyncio.get_running_loop().run_in_executor(None, engine.backbone.encode, hello.prompt)
+        ready = self.proto.ready(self.id, secrets.token_urlsafe(24), len(ids))  # checks the prompt limit first
+        self.prompt_tokens = len(ids)
+        self.cache, self.next_states = await engine.run(prefill, engine.backbone, ids)
+        await self.link.send(ready)
+
+    async def _resume(self, hello: m.Hello) -> None:
+        proto = self.proto
+        try:
+            resumed = proto.resume(hello.resume.next, secrets.token_urlsafe(24))
+        except ProtocolError as exc:
+            raise _ResumeRefused(exc) from None
+        self._forget_through(proto.verified - 1)
+        log.info("session %s: resumed at position %d (epoch %d)", self.id, proto.verified, proto.epoch)
+        await self.link.send(resumed)
+        if proto.end_msg is not None:  # the device missed `end`
+            await self.link.send(proto.end_msg)
+            await self.link.close(NORMAL_CLOSE)
+            return
+        for pos, draft in list(proto.drafted):  # steps it may have missed, identical to the first time
+            await self.link.send(proto.restep(pos, self.states[pos][-1].numpy()[None], self.engine.pieces[draft]))
+
+    async def _generate(self) -> None:
+        proto, link = self.proto, self.link
+        if proto.phase == "ended":
+            return
         while True:
-            while not self.inbox.empty() or not self.proto.can_draft():
-                if self.proto.finish_reason:
-                    await self._send(self.proto.end(prompt_tokens=len(ids)))
-                    await self.conn.close(NORMAL_CLOSE)
+            while link.pending or not proto.can_draft():
+                if proto.finish_reason:
+                    steps = max(self.decode_steps, 1)
+                    await link.send(proto.end(prompt_tokens=self.prompt_tokens, decode_steps=self.decode_steps,
+                                              batched_steps=self.batched_steps, max_batch=self.max_batch,
+                                              mean_batch=round(self.batch_rows / steps, 3)))
+                    await link.close(NORMAL_CLOSE)
                     return
-                if isinstance(await self._handle(await self._next()), Closed):
+                event = proto.receive(await link.recv(self.limits.idle_timeout_s))
+                if isinstance(event, Closed):
+                    await link.close(NORMAL_CLOSE)
                     return
-            await self._draft_one(hello.options)
+                await self._handle(event)
+            await self._draft_one(proto.hello.options)
 
     async def _draft_one(self, options) -> None:
         engine = self.engine
+        epoch, pos = self.proto.epoch, self.proto.next_draft_pos
         if self.next_states is None:
-            self.next_states = await engine.run(decode_one_token, engine.backbone, self.cache, self.next_feed)
-        epoch, pos, states = self.proto.epoch, self.proto.next_draft_pos, self.next_states
-        draft = await engine.run(lambda: choose_token(engine.backbone.logits(states[-1]), options.temperature,
-                                                      options.seed, pos))
+            states, draft, batch = await engine.draft(self.cache, self.next_feed, options.temperature, options.seed,
+                                                      pos)
+            self.decode_steps += 1
+            self.batched_steps += batch > 1
+            self.batch_rows += batch
+            self.max_batch = max(self.max_batch, batch)
+        else:  # right after the prefill, or states computed before a lost connection
+            states = self.next_states
+            draft = await engine.head(states[-1], options.temperature, options.seed, pos)
         msg = self.proto.step(epoch, pos, states[-1].numpy()[None], draft, engine.pieces[draft])
         if msg is None:  # a rollback made this draft stale
             return
         self.states[pos], self.next_states, self.next_feed = states, None, draft
-        await self._send(msg)
+        await self.link.send(msg)
 
-    async def _handle(self, event):
+    async def _handle(self, event) -> None:
         if isinstance(event, Accepted):
             self._forget_through(event.upto)
         elif isinstance(event, TapsWanted):
             taps = self.states[event.pos][list(self.proto.hello.plugin.taps)].numpy()
-            await self._send(self.proto.taps(event.pos, taps))
+            await self.link.send(self.proto.taps(event.pos, taps))
         elif isinstance(event, SideReceived):
             await self._apply_side(event)
-        elif isinstance(event, Start):
+        elif isinstance(event, (Start, ResumeWanted)):
             raise ProtocolError("out_of_order", "second hello")
-        return event
 
     async def _apply_side(self, event: SideReceived) -> None:
         engine, options, pos = self.engine, self.proto.hello.options, event.pos
         f, s = self.states[pos][-1], torch.from_numpy(event.s[0])
-        token = await engine.run(lambda: choose_token(engine.backbone.logits(f + s), options.temperature,
-                                                      options.seed, pos))
+        token = await engine.head(f + s, options.temperature, options.seed, pos)
         verdict = self.proto.verdict(pos, token, engine.pieces[token])
         if verdict["changed"]:
             # Drafts after pos were built on the old token: drop their KV
@@ -156,7 +329,7 @@ class GatewaySession:
             self.states = {p: st for p, st in self.states.items() if p <= pos}
             self.next_states, self.next_feed = None, token
         self._forget_through(pos)
-        await self._send(verdict)
+        await self.link.send(verdict)
 
     def _forget_through(self, pos: int) -> None:
         """Verified positions need no taps any more."""

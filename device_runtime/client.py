@@ -13,9 +13,17 @@ Round trips: a message whose answer the device needs before it can commit its
 next token. `need_taps` (answered by taps) and `side` (answered by the
 verdict) always count; an `accept` counts when the gateway could not have
 drafted the next position without it (lock-step, or a full window).
+
+Reconnect: when the connection is lost mid-generation (no close frame, or the
+gateway going away), the client reconnects and resumes the session
+(`hello.resume`, docs/PROTOCOL.md §6) for up to the gateway's
+`resume_grace_s`, with backoff; nothing committed is lost or repeated. A
+refused resume (the gateway restarted, or the session expired) is a one-line
+error.
 """
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -43,10 +51,30 @@ class SummaryResult:
         return b"".join(self.pieces).decode("utf-8", errors="replace")
 
 
+class _Lost(Exception):
+    """The connection ended before the session did, in a way a resume may repair."""
+
+
+# Close codes after which a resume is worth trying: no close frame at all
+# (1006: reset, cut link) and a keepalive timeout (1011 with no error
+# message). 1001 (going away) means the gateway process is shutting down:
+# its sessions live in memory only, so there is nothing to resume.
+_RETRYABLE_CLOSE = (None, 1006, 1011)
+
+
+def client_tls(cafile: str | None) -> ssl.SSLContext:
+    """TLS for wss://: the system's CAs, or only the CA bundle `cafile` (e.g. a self-signed gateway)."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise SpaError(f"cannot load the CA bundle {cafile}: {exc}") from None
+
+
 class _Counters:
     def __init__(self):
         self.up = self.down = self.handshake_up = self.handshake_down = 0
         self.round_trips = 0
+        self.resumes_seen = 0
         self.messages_down: dict[str, int] = {}  # message type -> count
         self.messages_up: dict[str, int] = {}
 
@@ -57,55 +85,55 @@ class _Counters:
 
 async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: float | None = None,
                       token: str = "", on_commit=None, limits: Limits = Limits(),
-                      open_timeout: float = 30.0) -> SummaryResult:
-    """Generate one summary through the gateway at `url`; `on_commit(piece, sigma)` streams it."""
+                      open_timeout: float = 30.0, cafile: str | None = None,
+                      reconnect: bool = True) -> SummaryResult:
+    """Generate one summary through the gateway at `url`; `on_commit(piece, sigma)` streams it.
+
+    `cafile`: CA bundle to trust for wss:// (default: the system's). `reconnect`:
+    resume the session after a lost connection (within the gateway's grace)."""
     tau = pte.tau if tau is None else tau
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
     proto = DeviceProtocol(m.Hello(token, plugin, prompt, options))
-    frames = FrameCodec(limits.max_frame_bytes, limits.max_message_bytes)
     counters, result, sigma_of = _Counters(), SummaryResult(), {}
-    t_start = time.perf_counter()
-    t_first = t_last = None
-    try:
-        conn_ctx = connect(url, compression=None, max_size=limits.max_frame_bytes, open_timeout=open_timeout)
-        async with conn_ctx as conn:
-            hello = frames.pack(proto.hello_message())
-            counters.handshake_up += len(hello)
-            await conn.send(hello)
-            inbox: asyncio.Queue = asyncio.Queue()
-            reader = asyncio.create_task(_read(conn, inbox))
-            try:
-                while not proto.ended:
-                    data = await inbox.get()
-                    if data is None:
-                        raise SpaError("the gateway closed the connection before the summary ended")
-                    if proto.ready is None:
-                        counters.handshake_down += len(data)
-                    else:
-                        counters.down += len(data)
-                    msg = frames.unpack(data)
-                    counters.count(counters.messages_down, str(msg.get("type")))
-                    proto.receive(msg)  # a verdict commits a token
-                    _compute(proto, pte, tau, sigma_of)  # a sigma = 0 gate commits a draft
-                    for commit in proto.committed[len(result.tokens):]:
-                        t_last = time.perf_counter()
-                        t_first = t_first or t_last
-                        _record(result, commit, sigma_of, on_commit)
-                    if inbox.empty():
-                        await _flush(conn, proto, frames, counters)
-            finally:
-                reader.cancel()
-    except PeerError as exc:
-        raise SpaError(f"the gateway refused the session: {exc.code}: {exc.message}") from None
-    except ProtocolError as exc:
-        raise SpaError(f"the gateway broke the protocol: {exc}") from None
-    except (OSError, InvalidURI, InvalidHandshake, asyncio.TimeoutError) as exc:
-        raise SpaError(f"cannot reach the gateway at {url}: {exc or type(exc).__name__}") from None
-    except ConnectionClosed as exc:
-        raise SpaError(f"the gateway closed the connection: {exc}") from None
+    tls = client_tls(cafile) if url.startswith("wss://") else None
+    clock = {"start": time.perf_counter(), "first": None, "last": None}
+    lost_since, backoff, reason = None, 0.05, ""
+    while not proto.ended:
+        resuming = proto.ready is not None
+        try:
+            await _connection(url, proto, pte, tau, sigma_of, counters, result, on_commit, limits, open_timeout,
+                              tls, clock)
+        except _Lost as exc:
+            reason = str(exc)
+        except (OSError, InvalidURI, InvalidHandshake, asyncio.TimeoutError) as exc:
+            if not resuming:
+                raise SpaError(f"cannot reach the gateway at {url}: {exc or type(exc).__name__}") from None
+            reason = f"cannot reconnect: {exc or type(exc).__name__}"
+        except PeerError as exc:
+            if exc.code == "resume_failed":
+                raise SpaError(f"the gateway no longer has this session (it restarted, or the session expired): "
+                               f"resume_failed: {exc.message}") from None
+            raise SpaError(f"the gateway refused the session: {exc.code}: {exc.message}") from None
+        except ProtocolError as exc:
+            raise SpaError(f"the gateway broke the protocol: {exc}") from None
+        else:
+            continue
+        grace = float(proto.ready.limits.get("resume_grace_s", 0)) if proto.ready is not None else 0.0
+        if not reconnect or grace <= 0 or proto.session is None:
+            raise SpaError(f"lost the connection to the gateway mid-generation ({reason})")
+        if proto.resumes > counters.resumes_seen:  # the last resume worked: this is a new outage
+            lost_since, backoff, counters.resumes_seen = None, 0.05, proto.resumes
+        now = time.monotonic()
+        lost_since = lost_since or now
+        if now - lost_since > grace:
+            raise SpaError(f"lost the connection to the gateway mid-generation and could not resume within "
+                           f"{grace:g} s ({reason})")
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 1.0)
 
     result.finish_reason = proto.end.reason
     n = max(len(result.tokens), 1)
+    t_start, t_first, t_last = clock["start"], clock["first"], clock["last"]
     wall = time.perf_counter() - t_start
     result.stats = {
         "tokens": len(result.tokens),
@@ -131,8 +159,57 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "codec": options.codec,
         "tau": tau,
         "gateway": proto.end.stats,
+        "resumes": proto.resumes,
     }
     return result
+
+
+async def _connection(url, proto: DeviceProtocol, pte, tau, sigma_of, counters, result, on_commit, limits,
+                      open_timeout, tls, clock) -> None:
+    """One websocket connection: hello (or the resume hello), then messages until
+    the end. Raises _Lost when the connection ends early in a repairable way."""
+    frames = FrameCodec(limits.max_frame_bytes, limits.max_message_bytes)  # one per connection
+    ctx = connect(url, compression=None, max_size=limits.max_frame_bytes, open_timeout=open_timeout, ssl=tls)
+    async with ctx as conn:
+        hello = frames.pack(proto.resume_hello() if proto.ready is not None else proto.hello_message())
+        counters.handshake_up += len(hello)
+        inbox: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(_read(conn, inbox))
+        try:
+            await conn.send(hello)
+            while not proto.ended:
+                data = await inbox.get()
+                if data is None:
+                    raise _closed(conn)
+                if proto.phase != "generating":  # ready, or resumed
+                    counters.handshake_down += len(data)
+                else:
+                    counters.down += len(data)
+                msg = frames.unpack(data)
+                counters.count(counters.messages_down, str(msg.get("type")))
+                proto.receive(msg)  # a verdict (or a resumed's commit) commits a token
+                _compute(proto, pte, tau, sigma_of)  # a sigma = 0 gate commits a draft
+                for commit in proto.committed[len(result.tokens):]:
+                    clock["last"] = time.perf_counter()
+                    clock["first"] = clock["first"] or clock["last"]
+                    _record(result, commit, sigma_of, on_commit)
+                if inbox.empty():
+                    await _flush(conn, proto, frames, counters)
+        except ConnectionClosed:
+            raise _closed(conn) from None
+        finally:
+            reader.cancel()
+
+
+def _closed(conn) -> Exception:
+    """What a connection that ended before the session did means."""
+    rcvd = conn.protocol.close_rcvd
+    code = None if rcvd is None else rcvd.code
+    if code in _RETRYABLE_CLOSE:
+        return _Lost("no close frame" if code is None else f"close code {code}")
+    if code == 1001:
+        return SpaError("the gateway shut down mid-generation (close code 1001); the session is lost")
+    return SpaError(f"the gateway closed the connection before the summary ended (close code {code})")
 
 
 async def _read(conn, inbox: asyncio.Queue) -> None:

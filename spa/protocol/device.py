@@ -10,6 +10,9 @@ The caller owns the websocket, the gate and the side network:
     when no received message is waiting (or after each one: lock-step):
                             send each of dp.flush()
     dp.ended -> done; dp.committed holds the text
+    connection lost before the end: on a new connection send
+                            dp.resume_hello(); the gateway answers `resumed`,
+                            then steps (or `end`) follow as before
 
 A position is committed only once its sigma is known: sigma = 0 commits the
 draft, sigma = 1 commits the verdict's token. So nothing shown to the user is
@@ -51,7 +54,7 @@ class DeviceProtocol:
     def __init__(self, hello: m.Hello):
         self.hello = hello
         self.window = hello.options.window
-        self.phase = "hello"  # -> "generating" -> "ended"
+        self.phase = "hello"  # -> "generating" (<-> "resuming") -> "ended"
         self.ready: m.Ready | None = None
         self.epoch = 0
         self.next_pos = 0  # next position to gate
@@ -68,6 +71,9 @@ class DeviceProtocol:
         self.side_positions = 0
         self.rollbacks = 0  # verdicts with changed = True
         self.dropped = 0  # steps voided by those verdicts
+        self.session: str | None = None  # from ready
+        self.secret: str | None = None  # latest resume secret (ready, then each resumed)
+        self.resumes = 0
 
     @property
     def ended(self) -> bool:
@@ -88,6 +94,8 @@ class DeviceProtocol:
             raise PeerError(msg.code, msg.message)
         if isinstance(msg, m.Ready):
             return self._on_ready(msg)
+        if isinstance(msg, m.Resumed):
+            return self._on_resumed(msg)
         if not isinstance(msg, (m.Step, m.Taps, m.Verdict, m.End)):
             raise ProtocolError("unknown_type", f"the device does not receive {msg.TYPE!r}")
         if self.phase != "generating":
@@ -110,8 +118,36 @@ class DeviceProtocol:
                 f"plugin needs {self.hello.plugin.fingerprint!r}",
             )
         self.ready = ready
+        self.session, self.secret = ready.session, ready.secret
         self.next_pos = self.gateway_verified = ready.prompt_tokens - 1
         self.last_step_pos = self.next_pos - 1
+        self.phase = "generating"
+
+    def resume_hello(self) -> dict:
+        """The `hello` that resumes this session on a new connection. Everything
+        not committed is dropped: the gateway sends the steps again from the
+        first position it has not verified, and the device gates them again."""
+        self._require(self.phase in ("generating", "resuming") and self.session is not None, "resume_hello()")
+        self.phase = "resuming"
+        resume = m.Resume(self.session, self.secret, self.next_pos)
+        h = self.hello
+        return m.Hello(h.token, h.plugin, h.prompt, h.options, resume, h.version).to_dict()
+
+    def _on_resumed(self, r: m.Resumed) -> None:
+        self._expect(self.phase == "resuming", "resumed without a resume hello")
+        self._expect(r.session == self.session, f"resumed names session {r.session!r}, not {self.session!r}")
+        if r.commit is not None:  # the verdict of our side output was lost on the way
+            self._expect(r.commit.pos == self.next_pos and r.pos == self.next_pos + 1,
+                         f"resumed commits position {r.commit.pos} at {r.pos}; expected {self.next_pos}")
+            self._commit(r.commit.pos, r.commit.token, r.commit.piece)
+        else:
+            self._expect(r.pos == self.next_pos, f"resumed at position {r.pos}, device is at {self.next_pos}")
+        self.secret, self.epoch = r.secret, r.epoch
+        self.steps.clear()
+        self.last_step_pos = r.pos - 1
+        self.gateway_verified = r.pos
+        self.wait, self.taps, self.pending_accept, self.outbox = None, None, None, []
+        self.resumes += 1
         self.phase = "generating"
 
     def _on_step(self, step: m.Step) -> None:

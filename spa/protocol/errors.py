@@ -21,7 +21,8 @@ CODES = {
     "limit": (4006, "a request exceeds a gateway limit (prompt, tokens, window)"),
     "busy": (1013, "the gateway already serves max_sessions sessions; retry later"),
     "idle_timeout": (4007, "no message within idle_timeout_s"),
-    "resume_failed": (4008, "the session to resume is unknown, expired or unsupported"),
+    "resume_failed": (4008, "the session to resume is unknown, expired, not yours, or out of step"),
+    "slow_reader": (4009, "the device did not read what the gateway sent within send_timeout_s"),
     "internal": (1011, "a bug or an unexpected failure on the sending side"),
 }
 

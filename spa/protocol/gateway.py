@@ -16,6 +16,11 @@ A typical loop:
     after each event: if gp.finish_reason, send gp.end() and close
     drafting:     epoch, pos = gp.epoch, gp.next_draft_pos; compute; send
                   gp.step(epoch, pos, ...) unless it returns None (stale)
+
+Resumption (host-supported, `resumable=True`): a `hello` with `resume` on a
+fresh connection yields `ResumeWanted`; the host finds the session it names
+and calls that session's `check_resume(hello)` then `resume(next, secret)`,
+which answers `resumed` and says what to send again (docs/PROTOCOL.md §6).
 """
 
 import hmac
@@ -55,7 +60,12 @@ class Closed:
     """The device said bye."""
 
 
-Event = Start | Accepted | TapsWanted | SideReceived | Closed
+@dataclass(frozen=True)
+class ResumeWanted:
+    hello: m.Hello  # validated like a new hello; hello.resume.next is set
+
+
+Event = Start | Accepted | TapsWanted | SideReceived | Closed | ResumeWanted
 
 
 class GatewayProtocol:
@@ -65,8 +75,10 @@ class GatewayProtocol:
         eos_ids,  # token ids that end generation
         limits: Limits = Limits(),
         auth_token: str | None = None,  # None: no auth (loopback only)
+        resumable: bool = False,  # the host keeps sessions for `hello.resume`
     ):
         self.backbone = backbone
+        self.resumable = resumable
         self.eos_ids = frozenset(int(t) for t in eos_ids)
         self.limits = limits
         self.auth_token = auth_token
@@ -79,6 +91,10 @@ class GatewayProtocol:
         self.side_pos: int | None = None  # sigma = 1 position awaiting its verdict
         self.taps_sent = False
         self.finish_reason: str | None = None  # set when the final position is verified
+        self.session: str | None = None  # the id sent in ready
+        self.secret: str | None = None  # current resume secret (rotated on every resume)
+        self.last_verdict: m.Commit | None = None  # replayed if the device missed it
+        self.end_msg: dict | None = None  # replayed if the device missed it
         self.stats = {"drafts": 0, "discarded": 0, "side_positions": 0, "rollbacks": 0}
 
     # --- incoming ------------------------------------------------------
@@ -106,7 +122,7 @@ class GatewayProtocol:
             return self._on_need_taps(msg)
         return self._on_side(msg)
 
-    def _on_hello(self, hello: m.Hello) -> Start:
+    def _on_hello(self, hello: m.Hello) -> Start | ResumeWanted:
         if self.phase != "hello":
             raise ProtocolError("out_of_order", "second hello")
         if self.auth_token is not None and not hmac.compare_digest(
@@ -124,7 +140,11 @@ class GatewayProtocol:
                 "backbone_mismatch", f"tap {hello.plugin.taps[-1]} > {self.backbone.num_layers} layers"
             )
         if hello.resume is not None:
-            raise ProtocolError("resume_failed", "this gateway does not resume sessions")
+            if not self.resumable:
+                raise ProtocolError("resume_failed", "this gateway does not resume sessions")
+            if hello.resume.next is None:
+                raise ProtocolError("bad_field", "hello.resume.next: missing (required to resume)")
+            return ResumeWanted(hello)
         opts = hello.options
         if opts.window > self.limits.max_window:
             raise ProtocolError("limit", f"window {opts.window} > max_window {self.limits.max_window}")
@@ -194,6 +214,7 @@ class GatewayProtocol:
             )
         self.first_pos = self.verified = prompt_tokens - 1
         self.phase = "generating"
+        self.session, self.secret = session, secret
         return m.Ready(session, secret, self.backbone, prompt_tokens, self.limits.to_dict()).to_dict()
 
     @property
@@ -240,6 +261,7 @@ class GatewayProtocol:
             self.epoch += 1
         self.side_pos = None
         self._committed(pos, token)
+        self.last_verdict = m.Commit(pos, token, bytes(piece))
         return m.Verdict(self.epoch, pos, token, bytes(piece), changed).to_dict()
 
     def end(self, **extra_stats) -> dict:
@@ -247,7 +269,53 @@ class GatewayProtocol:
         self._require(self.finish_reason is not None and self.phase == "generating", "end() before the end")
         self.phase = "ended"
         tokens = self.verified - self.first_pos
-        return m.End(self.finish_reason, {"tokens": tokens, **self.stats, **extra_stats}).to_dict()
+        self.end_msg = m.End(self.finish_reason, {"tokens": tokens, **self.stats, **extra_stats}).to_dict()
+        return self.end_msg
+
+    # --- resumption ------------------------------------------------------
+
+    def check_resume(self, hello: m.Hello) -> None:
+        """On the session a `ResumeWanted` names: raise resume_failed unless the
+        secret is this session's current one (constant-time) and the hello asks
+        for the same generation (plugin, prompt, options)."""
+        if self.secret is None or not hmac.compare_digest(hello.resume.secret.encode(), self.secret.encode()):
+            raise ProtocolError("resume_failed", "unknown session or wrong secret")
+        if (hello.plugin, hello.prompt, hello.options) != (self.hello.plugin, self.hello.prompt, self.hello.options):
+            raise ProtocolError("resume_failed", "the resume hello differs from the session's (plugin, prompt, options)")
+
+    def resume(self, next_pos: int, secret: str) -> dict:
+        """Continue after a lost connection; the device has committed every
+        position < next_pos. Returns the `resumed` map. Then send, in order:
+        `end_msg` if set, else `end()` if finish_reason is set, else a step
+        (`restep`) for each position of `drafted`. Any pending need_taps/side
+        exchange is forgotten: the device gates the resent steps again."""
+        if self.phase == "ended" and self.end_msg is None or self.phase not in ("generating", "ended"):
+            raise ProtocolError("resume_failed", "the session is not generating")
+        commit = None
+        last = self.last_verdict
+        if last is not None and next_pos == last.pos == self.verified - 1:
+            commit = last  # the device sent its side output but missed the verdict
+        elif self.verified <= next_pos <= self.next_draft_pos:
+            if next_pos > self.verified:  # the device committed drafts; their accept was lost
+                if self.side_pos is not None and self.side_pos < next_pos:
+                    raise ProtocolError("resume_failed", f"position {self.side_pos} awaits a side output")
+                self._committed(next_pos - 1, self._pop_through(next_pos - 1))
+        else:
+            raise ProtocolError(
+                "resume_failed", f"device resumes at position {next_pos}; the gateway verified up to {self.verified}"
+            )
+        if self.side_pos is not None:  # asked again after the resent step
+            self.stats["side_positions"] -= 1
+            self.side_pos, self.taps_sent = None, False
+        self.secret = secret
+        self.stats["resumes"] = self.stats.get("resumes", 0) + 1
+        return m.Resumed(self.session, secret, self.epoch, self.verified, commit).to_dict()
+
+    def restep(self, pos: int, f: np.ndarray, piece: bytes) -> dict:
+        """A `step` sent again after a resume, for a drafted unverified position."""
+        drafts = dict(self.drafted)
+        self._require(pos in drafts, f"restep({pos}) of a position not drafted")
+        return m.Step(self.epoch, pos, self._encode(f), drafts[pos], bytes(piece)).to_dict()
 
     def _encode(self, x: np.ndarray) -> dict:
         return codec.encode(x, self.hello.options.codec, self.hello.options.outliers)

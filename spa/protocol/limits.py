@@ -26,6 +26,14 @@ class Limits:
     # Seconds without any message from the device before the gateway closes
     # the session with `idle_timeout`.
     idle_timeout_s: float = 120.0
+    # Seconds a session outlives a connection lost mid-generation (no close
+    # frame from the device): the device may resume it within this time
+    # (`hello.resume`); 0 turns resumption off.
+    resume_grace_s: float = 30.0
+    # Seconds one outgoing message may wait for the device to read (TCP and
+    # websocket buffers full) before the gateway drops the connection as a
+    # `slow_reader`; the session then waits for a resume like any lost link.
+    send_timeout_s: float = 30.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -152,15 +152,22 @@ class Options:
 
 @dataclass(frozen=True)
 class Resume:
-    session: str
-    secret: str
+    session: str  # ready.session
+    secret: str  # the latest secret: ready.secret, or the last resumed.secret
+    # The first position the device has not committed (P - 1 + its committed
+    # tokens). Optional in the map; a gateway that resumes requires it.
+    next: int | None = None
 
     def to_dict(self) -> dict:
-        return {"session": self.session, "secret": self.secret}
+        d = {"session": self.session, "secret": self.secret}
+        if self.next is not None:
+            d["next"] = self.next
+        return d
 
     @classmethod
     def read(cls, f: _Fields) -> "Resume":
-        return cls(f.text("session"), f.text("secret"))
+        nxt = None if f.d.get("next") is None else f.integer("next")
+        return cls(f.text("session"), f.text("secret"), nxt)
 
 
 @dataclass(frozen=True)
@@ -198,7 +205,7 @@ class Hello:
     plugin: Plugin
     prompt: str  # formatted by the device (chat template included)
     options: Options
-    resume: Resume | None = None  # reserved: v1 gateways answer resume_failed
+    resume: Resume | None = None  # continue a session whose connection was lost (PROTOCOL.md §6)
     version: int = VERSION
 
     def to_dict(self) -> dict:
@@ -402,6 +409,46 @@ class End:
         return end
 
 
+@dataclass(frozen=True)
+class Commit:
+    pos: int
+    token: int
+    piece: bytes
+
+    def to_dict(self) -> dict:
+        return {"pos": self.pos, "token": self.token, "piece": self.piece}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Commit":
+        return cls(f.integer("pos"), f.integer("token"), f.blob("piece"))
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Answer to a `hello` with `resume`: the session continues on this connection."""
+
+    TYPE: ClassVar[str] = "resumed"
+    session: str
+    secret: str  # the new resume secret; the one just used is void
+    epoch: int  # the gateway's epoch from now on
+    pos: int  # the first position the gateway has not verified; steps resume here
+    # The verdict the device missed: the token committed at the device's
+    # `next` (then pos = next + 1). None when pos = next.
+    commit: Commit | None = None
+
+    def to_dict(self) -> dict:
+        d = {"type": self.TYPE, "session": self.session, "secret": self.secret, "epoch": self.epoch,
+             "pos": self.pos}
+        if self.commit is not None:
+            d["commit"] = self.commit.to_dict()
+        return d
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Resumed":
+        commit = None if f.d.get("commit") is None else Commit.read(f.map("commit"))
+        return cls(f.text("session"), f.text("secret"), f.integer("epoch"), f.integer("pos"), commit)
+
+
 # --- either direction ----------------------------------------------------
 
 
@@ -423,8 +470,9 @@ class Error:
         return cls(e.code, e.message[:4096])
 
 
-MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Bye, Ready, Step, Taps, Verdict, End, Error)}
-Message = Hello | Accept | NeedTaps | Side | Bye | Ready | Step | Taps | Verdict | End | Error
+MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Bye, Ready, Step, Taps, Verdict, End, Error,
+                                 Resumed)}
+Message = Hello | Accept | NeedTaps | Side | Bye | Ready | Step | Taps | Verdict | End | Error | Resumed
 
 
 def parse(d: dict) -> Message:
