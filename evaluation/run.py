@@ -40,6 +40,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def sweep_label(usage: float) -> str:
+    """Sweep rows are named by their validation usage, the same for every profile (taus differ)."""
+    return f"SPA, tau for {usage:.0%} val usage"
+
+
 def plugin_for(backbone, settings: TrainSettings, workdir: Path) -> PtePlugin:
     """Train (or reuse, when trained with the same settings) and export a plugin."""
     name = f"{settings.profile}-{settings.train_docs or 'full'}"
@@ -78,7 +83,7 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
         pte = plugin_for(backbone, full, workdir)
         plugins[profile] = {"tau": pte.tau, "settings": asdict(full), "sweep": sweep_taus(backbone, pte, full)}
         rows += [Row(f"{profile}|side always on", pte, ALWAYS), Row(f"{profile}|SPA", pte, pte.tau)]
-        rows += [Row(f"{profile}|SPA tau={tau:.4g}", pte, tau) for tau in plugins[profile]["sweep"].values()]
+        rows += [Row(f"{profile}|{sweep_label(u)}", pte, tau) for u, tau in plugins[profile]["sweep"].items()]
         for size in sizes:
             small = plugin_for(backbone, TrainSettings(profile, train_docs=size), workdir)
             rows.append(Row(f"{profile}|SPA, {size} train papers", small, small.tau))
@@ -162,7 +167,7 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for profile, info in results["profiles"].items():
         rows = info["rows"]
-        points = [rows["backbone, generic instruction"]] + [r for n, r in rows.items() if n.startswith("SPA tau=")]
+        points = [rows["backbone, generic instruction"]] + [r for n, r in rows.items() if n.startswith("SPA, tau for")]
         points += [rows["SPA"], rows["side always on"]]
         points.sort(key=lambda r: r["side_usage"])
         line, = ax.plot([100 * r["side_usage"] for r in points], [r["rouge_l"] for r in points], "o-", label=profile)

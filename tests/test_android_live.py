@@ -60,4 +60,6 @@ def test_java_client_commits_the_python_device_tokens(gateway, exported, pte, ba
         assert java["tokens"] == python.tokens, (window, java["text"], python.text)
         assert java["sigma"] == python.sigmas
         assert java["text"] == python.text
-        assert java["stats"]["bytes_up"] == python.stats["bytes_up"]  # same messages, same encoder
+        if window == 0:  # lock-step: the same messages, from the same encoder (with W > 0 how many
+            # sigma = 0 positions one accept covers depends on when steps arrive)
+            assert java["stats"]["bytes_up"] == python.stats["bytes_up"]
