@@ -18,10 +18,10 @@ Ways down, measured:
 * zstd level (lossless: the tokens cannot change, only bytes and CPU time);
 * fewer taps: quick plugins tapping every k-th layer (`spa train --tap-every k`),
   compared with their own f32 run, and with their validation loss beside;
-* the per-tap `Down_l` projection done in the cloud for the session (r values
-  per tap instead of H): a row is reserved, with its payload size estimated
-  from the plugin's own projections of real taps; its tokens are pending
-  until the gateway implements the option (`cloud_projection_row`).
+* the cloud-side projection (`spa summarize --cloud-projection`): the gateway
+  applies the side network's per-tap projections and sends r values per tap
+  instead of H; rows "int8+proj" and "int4+proj", with the one-off upload of
+  the weights (hello) beside them.
 
 Agreement = share of generated positions whose token equals the f32 run's
 token at the same position (per plugin).
@@ -36,14 +36,18 @@ import torch
 from spa import codec
 from spa.generate import choose_token, decode_one_token, prefill
 from spa.protocol import messages as m
+from spa.projection import project
 from spa.protocol.frames import FrameCodec
 
-CODECS = (("f32", 0), ("int8", 8), ("int4", 8), ("int8", 0), ("int4", 0))
+# (codec, outlier channels, cloud-side projection); the first is the reference.
+WAYS = (("f32", 0, False), ("int8", 8, False), ("int4", 8, False), ("int8", 0, False), ("int4", 0, False),
+        ("int8", 8, True), ("int4", 8, True))
 
 
 def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, scheme: str, outliers: int,
-               pieces) -> dict:
-    """Tokens and the protocol messages (as dicts) of one lock-step generation."""
+               pieces, projection: tuple | None = None) -> dict:
+    """Tokens and the protocol messages (as dicts) of one lock-step generation;
+    `projection`: (weight, bias) for the cloud-side projection, or None."""
     ids = backbone.encode(prompt)
     cache, states = prefill(backbone, ids)
     pos = len(ids) - 1
@@ -61,9 +65,14 @@ def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, s
                 up.append(m.Accept(epoch=0, upto=pos - 1).to_dict())
                 run_open = False
             up.append(m.NeedTaps(epoch=0, pos=pos).to_dict())
-            enc_taps = codec.encode(states[taps_index].numpy(), scheme, outliers)
+            taps = states[taps_index].numpy()
+            if projection is None:
+                enc_taps = codec.encode(taps, scheme, outliers)
+                s = pte.side(codec.decode(enc_taps))
+            else:
+                enc_taps = codec.encode(project(taps, *projection), scheme, outliers)
+                s = pte.side_projected(codec.decode(enc_taps))
             down.append(m.Taps(epoch=0, pos=pos, taps=enc_taps).to_dict())
-            s = pte.side(codec.decode(enc_taps))
             enc_s = codec.encode(s[None], scheme, outliers)
             up.append(m.Side(epoch=0, pos=pos, s=enc_s).to_dict())
             token = choose_token(backbone.logits(f + torch.from_numpy(codec.decode(enc_s)[0])), 0.0, 0, pos)
@@ -107,35 +116,6 @@ def agreement(runs: list[dict], reference: list[dict]) -> float:
     return same / total if total else 1.0
 
 
-def cloud_projection_row(plugin_dir: Path, runs: list[dict], level: int = 3) -> dict:
-    """Hook for the cloud-side Down_l option (not implemented in the gateway yet).
-
-    Estimates its taps payload: the plugin's own projections (`w_in` for tap 0,
-    `down[i]` for the others, on rms-normalized taps) of the taps actually sent
-    in `runs`, encoded int8 with outliers and packed; tokens stay pending.
-    """
-    from spa.plugin import load_plugin, rms
-
-    plugin = load_plugin(plugin_dir)
-    frames = FrameCodec(level=level)
-    n = sum(len(r["tokens"]) for r in runs)
-    taps_bytes = projected = 0
-    for r in runs:
-        for msg in r["down"]:
-            if msg["type"] != "taps":
-                continue
-            taps = torch.from_numpy(codec.decode(msg["taps"]))
-            with torch.no_grad():
-                x = rms(taps)
-                z = [plugin.side.w_in(x[0])] + [down(x[i + 1]) for i, down in enumerate(plugin.side.down)]
-            proj = torch.stack(z).numpy()
-            taps_bytes += len(frames.pack(msg))
-            projected += len(frames.pack(dict(msg, taps=codec.encode(proj, "int8", 8))))
-    return {"taps_down_per_token_now": taps_bytes / n, "taps_down_per_token_projected": projected / n,
-            "status": "pending: the gateway's cloud-side Down_l option is not implemented yet; "
-                      "payload estimated from this plugin's projections, tokens not measured"}
-
-
 def run_bytes_bench(*, plugin: str | None, docs: list[str], max_new_tokens: int = 32, tap_every=(3, 5),
                     levels=(1, 3, 9, 19), workdir: Path = Path("runs/bench"), tau: float | None = None,
                     skip_cost: float = 0.3, backbone=None, log=print) -> dict:
@@ -164,20 +144,25 @@ def run_bytes_bench(*, plugin: str | None, docs: list[str], max_new_tokens: int 
                  "val_loss_gated": val.get("loss_gated"), "val_loss_backbone": val.get("loss_backbone"),
                  "rows": []}
         reference = None
-        for scheme, outliers in CODECS:
-            log(f"{label} ({len(config.taps)} taps): codec {scheme}, {outliers} outliers...")
+        weights = pte.projection_weights()
+        upload = m.Projection(weights[0].shape[1], weights[0].astype("<f2").tobytes(),
+                              weights[1].astype("<f4").tobytes())
+        for scheme, outliers, projected in WAYS:
+            log(f"{label} ({len(config.taps)} taps): codec {scheme}, {outliers} outliers"
+                f"{', cloud-side projection' if projected else ''}...")
             runs = [trajectory(backbone, pte, prompt, tau=threshold, max_new_tokens=max_new_tokens, scheme=scheme,
-                               outliers=outliers, pieces=pieces) for prompt in prompts]
+                               outliers=outliers, pieces=pieces, projection=weights if projected else None)
+                    for prompt in prompts]
             if reference is None:
                 reference = runs
             n = sum(len(r["tokens"]) for r in runs)
-            row = {"codec": scheme, "outliers": outliers, "tokens": n,
+            row = {"codec": scheme, "outliers": outliers, "cloud_projection": projected, "tokens": n,
                    "side_usage": sum(sum(r["sigmas"]) for r in runs) / n,
                    "agreement_with_f32": agreement(runs, reference),
                    "sizes": {str(level): packed_sizes(runs, level) for level in levels}}
+            if projected:  # once per session, in the hello
+                row["upload_bytes"] = len(FrameCodec().pack({"projection": upload.to_dict()}))
             entry["rows"].append(row)
-            if scheme == "int8" and outliers == 8:
-                entry["cloud_projection"] = cloud_projection_row(pte_path.parent, runs)
         result["plugins"].append(entry)
     return result
 
@@ -186,7 +171,7 @@ def format_bytes(result: dict) -> str:
     levels = result["levels"]
     lines = [f"spa bench bytes: {len(result['docs'])} docs, {result['max_new_tokens']} new tokens, lock-step message set; "
              f"bytes per token = compressed websocket payload (msgpack + zstd), down/up"]
-    head = f"{'plugin':22} {'taps':>4} {'val loss':>8} {'codec':>6} {'outl':>4} {'side':>5} {'=f32':>6} " + " ".join(
+    head = f"{'plugin':22} {'taps':>4} {'val loss':>8} {'codec':>9} {'outl':>4} {'side':>5} {'=f32':>6} " + " ".join(
         f"{'zstd ' + str(lv) + ' down/up':>17}" for lv in levels)
     lines += [head, "-" * len(head)]
     for p in result["plugins"]:
@@ -194,13 +179,13 @@ def format_bytes(result: dict) -> str:
         for r in p["rows"]:
             sizes = " ".join(f"{r['sizes'][str(lv)]['down_per_token']:>9.0f}/{r['sizes'][str(lv)]['up_per_token']:<7.0f}"
                              for lv in levels)
-            lines.append(f"{p['label']:22} {p['taps']:>4} {loss:>8} {r['codec']:>6} {r['outliers']:>4} "
+            way = r["codec"] + ("+proj" if r.get("cloud_projection") else "")
+            lines.append(f"{p['label']:22} {p['taps']:>4} {loss:>8} {way:>9} {r['outliers']:>4} "
                          f"{r['side_usage']:>5.0%} {r['agreement_with_f32']:>6.0%} {sizes}")
-        cp = p.get("cloud_projection")
-        if cp:
-            lines.append(f"{'':22} cloud-side Down_l (hook): taps down {cp['taps_down_per_token_now']:.0f} -> "
-                         f"~{cp['taps_down_per_token_projected']:.0f} B/token (estimate; {cp['status'].split(':')[0]})")
     lines.append("=f32: share of tokens identical to the same plugin's f32-codec run at the same position. "
                  "zstd levels are lossless: same tokens, fewer bytes, more CPU. "
+                 "+proj: cloud-side projection (r values per tap instead of H); its one-off upload of the weights: "
+                 + ", ".join(sorted({f"{r['upload_bytes'] / 1e6:.2f} MB ({p['taps']} taps)" for p in result["plugins"]
+                                     for r in p["rows"] if "upload_bytes" in r})) + ". "
                  "val loss: the plugin's gated validation loss at its tau (quick plugins: 8 val papers).")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from cloud_gateway.engine import kv_bytes
 from spa.generate import prefill, truncate
+from spa.projection import project
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
@@ -178,6 +179,7 @@ class GatewaySession:
         self.freed = True
         self.states.clear()
         self.cache = self.next_states = None
+        self.proto.projection = None  # the device's weights: memory only, gone with the session
 
     @property
     def resumable(self) -> bool:
@@ -311,6 +313,8 @@ class GatewaySession:
             self._forget_through(event.upto)
         elif isinstance(event, TapsWanted):
             taps = self.states[event.pos][list(self.proto.hello.plugin.taps)].numpy()
+            if self.proto.projection is not None:  # the device's weights, for this session only
+                taps = await self.engine.run(project, taps, *self.proto.projection)
             await self.link.send(self.proto.taps(event.pos, taps))
         elif isinstance(event, SideReceived):
             await self._apply_side(event)

@@ -62,6 +62,12 @@ class _Lost(Exception):
 _RETRYABLE_CLOSE = (None, 1006, 1011)
 
 
+def upload_projection(pte) -> m.Projection:
+    """The `hello.projection` of a plugin: its float16 weights and float32 biases, little-endian."""
+    weight, bias = pte.projection_weights()
+    return m.Projection(weight.shape[1], weight.astype("<f2").tobytes(), bias.astype("<f4").tobytes())
+
+
 def client_tls(cafile: str | None) -> ssl.SSLContext:
     """TLS for wss://: the system's CAs, or only the CA bundle `cafile` (e.g. a self-signed gateway)."""
     try:
@@ -86,14 +92,19 @@ class _Counters:
 async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: float | None = None,
                       token: str = "", on_commit=None, limits: Limits = Limits(),
                       open_timeout: float = 30.0, cafile: str | None = None,
-                      reconnect: bool = True) -> SummaryResult:
+                      reconnect: bool = True, cloud_projection: bool = False) -> SummaryResult:
     """Generate one summary through the gateway at `url`; `on_commit(piece, sigma)` streams it.
 
     `cafile`: CA bundle to trust for wss:// (default: the system's). `reconnect`:
-    resume the session after a lost connection (within the gateway's grace)."""
+    resume the session after a lost connection (within the gateway's grace).
+    `cloud_projection`: upload the side network's per-tap projections with the
+    hello (~1.1 MB for 31 taps) so that taps come down as r values per tap
+    instead of H (spa/projection.py: fewer bytes, but the cloud holds those
+    weights for the session)."""
     tau = pte.tau if tau is None else tau
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
-    proto = DeviceProtocol(m.Hello(token, plugin, prompt, options))
+    proto = DeviceProtocol(m.Hello(token, plugin, prompt, options,
+                                   projection=upload_projection(pte) if cloud_projection else None))
     counters, result, sigma_of = _Counters(), SummaryResult(), {}
     tls = client_tls(cafile) if url.startswith("wss://") else None
     clock = {"start": time.perf_counter(), "first": None, "last": None}
@@ -157,6 +168,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "wall_s": wall,
         "window": options.window,
         "codec": options.codec,
+        "cloud_projection": cloud_projection,
         "tau": tau,
         "gateway": proto.end.stats,
         "resumes": proto.resumes,
@@ -230,7 +242,8 @@ def _compute(proto: DeviceProtocol, pte, tau: float, sigma_of: dict) -> None:
             sigma_of[action.pos] = int(sigma)
             proto.gated(action.pos, sigma)
         elif isinstance(action, RunSide):
-            proto.side_output(action.pos, pte.side(action.taps)[None])
+            side = pte.side_projected if action.projected else pte.side
+            proto.side_output(action.pos, side(action.taps)[None])
 
 
 async def _flush(conn, proto: DeviceProtocol, frames: FrameCodec, counters: _Counters) -> None:

@@ -7,10 +7,16 @@
                                          cloud-side projection option: the cloud sends r values per tap)
     plugin_hash()   -> int64[16]   the plugin's content hash as ASCII codes
     plugin_config() -> uint8[n]    the plugin's config.json, UTF-8
+    projection_weight() -> float16[len(taps), r, H]   W_in, then each Down_l
+    projection_bias()   -> float32[len(taps), r]
 
-The two constant methods make a `.pte` self-describing: the device runtime
-reads the taps, tau and backbone fingerprint from the program itself and
-checks them against the config written beside it.
+The constant methods make a `.pte` self-describing: the device runtime reads
+the taps, tau and backbone fingerprint from the program itself and checks
+them against the config written beside it. The projection weights are what
+the device uploads when the user turns on the cloud-side projection
+(spa/projection.py); they are read from the float plugin in both variants
+(the compiled methods keep their own, possibly int8, copy inaccessible), and
+add ~1.1 MB to the file for SmolLM2 with all 31 taps.
 
 Variants: `fp32`, and `int8` = the side network with dynamic int8 activations
 and per-channel int8 weights (PT2E, XNNPACKQuantizer), the tiny gate in fp32.
@@ -23,6 +29,7 @@ import torch
 from torch import nn
 
 from spa.plugin import Plugin
+from spa.projection import projection_weights
 
 VARIANTS = ("fp32", "int8")
 
@@ -91,9 +98,12 @@ def lower(plugin: Plugin, variant: str, content_hash: str, calibration: dict | N
             module = _quantize(module, inputs[name], (calibration or {}).get(name, [inputs[name]]))
         programs[name] = torch.export.export(module, inputs[name], strict=False)
     config = json.dumps(plugin.config.to_dict() | {"content_hash": content_hash}, sort_keys=True)
+    weight, bias = projection_weights(plugin.state_dict(), len(plugin.config.taps))
     constants = {
         "plugin_hash": torch.tensor([ord(c) for c in content_hash], dtype=torch.int64),
         "plugin_config": torch.tensor(list(config.encode()), dtype=torch.uint8),
+        "projection_weight": torch.from_numpy(weight),
+        "projection_bias": torch.from_numpy(bias),
     }
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()], constant_methods=constants)
     return edge.to_executorch().buffer

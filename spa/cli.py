@@ -116,7 +116,8 @@ def cmd_summarize(args) -> int:
     printer = None if args.json else StreamPrinter(sys.stdout, highlight)
     token = args.token or os.environ.get("SPA_GATEWAY_TOKEN", "")
     result = asyncio.run(run_session(args.gateway, pte, prompt, options, tau=args.tau, token=token, on_commit=printer,
-                                     cafile=args.cafile, reconnect=not args.no_reconnect))
+                                     cafile=args.cafile, reconnect=not args.no_reconnect,
+                                     cloud_projection=args.cloud_projection))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "sigmas": result.sigmas,
                           "finish_reason": result.finish_reason, "stats": result.stats}, indent=2))
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=4, help="draft-ahead window W (0: lock-step; default 4)")
     p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"], help="activation encoding on the wire")
     p.add_argument("--outliers", type=int, default=8, help="outlier channels per row sent in fp16 (default 8)")
+    p.add_argument("--cloud-projection", action="store_true",
+                   help="upload the side network's per-tap projections (~1.1 MB, kept in the gateway's memory for "
+                        "this session only) so each side token moves r values per tap instead of H: ~18x fewer "
+                        "bytes down")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling seeded by --seed")
     p.add_argument("--seed", type=int, default=0)

@@ -89,7 +89,16 @@ class PtePlugin:
 
     @property
     def supports_projection(self) -> bool:
-        return self._side_projected is not None
+        return self._side_projected is not None and "projection_weight" in self._program.method_names
+
+    def projection_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight float16 [len(taps), r, H], bias float32 [len(taps), r]): what the
+        device uploads for the cloud-side projection (spa/projection.py)."""
+        if not self.supports_projection:
+            raise PluginError(f"{self.path} predates the cloud-side projection option; export it again")
+        weight = self._call("projection_weight", [])[0].numpy()
+        bias = self._call("projection_bias", [])[0].numpy()
+        return weight.astype(np.float16, copy=False), bias.astype(np.float32, copy=False)
 
     def side_projected(self, projected) -> np.ndarray:
         """s_t [H] from the cloud's per-tap projections [len(taps), r]."""

@@ -14,8 +14,10 @@ def test_bytes_bench_rows_sizes_and_agreement(backbone, pte_path):
     result = run_bytes_bench(plugin=str(pte_path), docs=["aclsum:test:0"], max_new_tokens=3, tap_every=(),
                              levels=(1, 19), backbone=backbone, tau=-1.0, log=lambda _: None)
     (entry,) = result["plugins"]
-    rows = {(r["codec"], r["outliers"]): r for r in entry["rows"]}
-    assert set(rows) == {("f32", 0), ("int8", 8), ("int4", 8), ("int8", 0), ("int4", 0)}
+    rows = {(r["codec"], r["outliers"], r["cloud_projection"]): r for r in entry["rows"]}
+    assert set(rows) == {("f32", 0, False), ("int8", 8, False), ("int4", 8, False), ("int8", 0, False),
+                         ("int4", 0, False), ("int8", 8, True), ("int4", 8, True)}
+    rows = {k if k[2] else k[:2]: r for k, r in rows.items()}
     assert rows[("f32", 0)]["agreement_with_f32"] == 1.0
     for r in rows.values():
         assert 0 <= r["agreement_with_f32"] <= 1 and r["tokens"] > 0
@@ -23,10 +25,12 @@ def test_bytes_bench_rows_sizes_and_agreement(backbone, pte_path):
     level = "1"
     assert rows[("f32", 0)]["sizes"][level]["down_per_token"] > rows[("int8", 8)]["sizes"][level]["down_per_token"]
     assert rows[("int8", 8)]["side_usage"] == 1.0
-    assert "taps" in rows[("int8", 8)]["sizes"][level]["down_by_type_per_token"]
-    assert entry["cloud_projection"]["status"].startswith("pending")
+    taps_per_token = {k: rows[k]["sizes"][level]["down_by_type_per_token"]["taps"]
+                      for k in [("int8", 8), ("int8", 8, True)]}
+    assert taps_per_token[("int8", 8, True)] * 5 < taps_per_token[("int8", 8)]  # r = 32 values per tap, not H = 576
+    assert rows[("int8", 8, True)]["upload_bytes"] > 500_000  # 31 taps x 32 x 576 float16, once per session
     text = format_bytes(result)
-    assert "int4" in text and "cloud-side Down_l" in text
+    assert "int4" in text and "int8+proj" in text and "upload" in text
 
 
 def test_trajectory_tokens_are_the_reference_tokens_and_its_messages_are_the_wire_messages(backbone, pte_path):
@@ -42,3 +46,15 @@ def test_trajectory_tokens_are_the_reference_tokens_and_its_messages_are_the_wir
     steps = [msg for msg in run["down"] if msg["type"] == "step"]
     assert len(steps) == len(run["tokens"]) and all(codec.decode(s["f"]).shape == (1, 576) for s in steps)
     assert sum(msg["type"] == "taps" for msg in run["down"]) == sum(run["sigmas"])
+
+
+def test_projected_trajectory_is_the_projected_reference(backbone, pte_path):
+    pte = PtePlugin(pte_path)
+    prompt = _prompts(pte_path, ["aclsum:test:1"])[0]
+    weights = pte.projection_weights()
+    run = trajectory(backbone, pte, prompt, tau=-1.0, max_new_tokens=4, scheme="int8", outliers=8,
+                     pieces=token_pieces(backbone.tokenizer), projection=weights)
+    ref = reference_generate(backbone, pte, prompt, tau=-1.0, max_new_tokens=4, projection=weights)
+    assert run["tokens"] == ref.tokens and sum(run["sigmas"]) == 4
+    taps = [codec.decode(msg["taps"]) for msg in run["down"] if msg["type"] == "taps"]
+    assert all(t.shape == (len(pte.config.taps), pte.config.rank) for t in taps)

@@ -135,6 +135,7 @@ EXAMPLES = [
         options=m.Options(window=2, codec="int4", outliers=4, max_new_tokens=50, temperature=0.7, seed=2**40),
     ),
     m.Hello("", m.Plugin("fp", (1,), "h"), "p", m.Options(), resume=m.Resume("s1", "r1")),
+    m.Hello("", m.Plugin("fp", (1,), "h"), "p", m.Options(), projection=m.Projection(2, b"\x00" * 8, b"\x01" * 8)),
     m.Ready("s1", "r1", BACKBONE, 12, Limits().to_dict()),
     m.Step(0, 11, F, 42, b"\xc3"),
     m.Accept(0, 11),
@@ -154,7 +155,7 @@ def test_message_round_trip(msg):
     assert m.parse(fc.unpack(fc.pack(msg.to_dict()))) == msg
 
 
-HELLO, STEP, VERDICT = EXAMPLES[0].to_dict(), EXAMPLES[3].to_dict(), EXAMPLES[8].to_dict()
+HELLO, STEP, VERDICT = EXAMPLES[0].to_dict(), EXAMPLES[4].to_dict(), EXAMPLES[9].to_dict()
 OPTIONS, PLUGIN = HELLO["options"], HELLO["plugin"]
 
 
@@ -387,6 +388,55 @@ def test_device_ordering_rules():
     assert dp.ended and [c.token for c in dp.committed] == [9, 0] and dp.text() == "ba"
     with pytest.raises(PeerError):
         _generating_device().receive(m.Error("internal", "boom").to_dict())
+
+
+R = 2  # rank of the test projection
+
+
+def _projection(weight=None, bias=None) -> m.Projection:
+    weight = RNG.normal(0, 0.1, (len(TAPS), R, H)) if weight is None else weight
+    bias = RNG.normal(0, 0.1, (len(TAPS), R)) if bias is None else bias
+    return m.Projection(R, np.asarray(weight, "<f2").tobytes(), np.asarray(bias, "<f4").tobytes())
+
+
+@pytest.mark.parametrize("projection, why", [
+    (_projection(weight=np.zeros((len(TAPS), R, H + 1))), "hello.projection.weight: 204 bytes, expected 192"),
+    (_projection(bias=np.zeros((len(TAPS), R + 1))), "hello.projection.bias: 36 bytes, expected 24"),
+    (_projection(weight=np.full((len(TAPS), R, H), np.inf)), "hello.projection.weight: non-finite values"),
+    (_projection(bias=np.full((len(TAPS), R), np.nan)), "hello.projection.bias: non-finite values"),
+])
+def test_gateway_refuses_a_malformed_projection(projection, why):
+    hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "p", m.Options(), projection=projection)
+    with pytest.raises(ProtocolError) as exc:
+        GatewayProtocol(BACKBONE, eos_ids=[0]).receive(hello.to_dict())
+    assert exc.value.code == "bad_field" and exc.value.message.startswith(why)
+
+
+def test_projected_taps_travel_as_r_columns_and_the_device_runs_side_projected():
+    proj = _projection()
+    hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "p", m.Options(), projection=proj)
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0])
+    gp.receive(hello.to_dict())
+    weight, bias = gp.projection
+    assert weight.dtype == np.float32 and weight.shape == (len(TAPS), R, H) and bias.shape == (len(TAPS), R)
+    assert np.array_equal(weight, np.frombuffer(proj.weight, "<f2").reshape(weight.shape))  # exact widening
+    gp.ready("s", "r", 5)
+    gp.step(0, 4, _f(), 3, b"a")
+    gp.receive(m.NeedTaps(0, 4).to_dict())
+    with pytest.raises(RuntimeError):  # unprojected taps are a caller bug once a projection was uploaded
+        gp.taps(4, RNG.normal(0, 15, (len(TAPS), H)).astype(np.float32))
+    taps = gp.taps(4, RNG.normal(0, 1, (len(TAPS), R)).astype(np.float32))
+
+    dp = DeviceProtocol(hello)
+    dp.receive(m.Ready("s", "r", BACKBONE, 5, {}).to_dict())
+    dp.receive(m.Step(0, 4, F, 3, b"a").to_dict())
+    dp.gated(4, True)
+    assert code_of(dp.receive, m.Taps(0, 4, T).to_dict()) == "bad_field"  # H columns where r were agreed
+    dp.receive(taps)
+    action = dp.next_action()
+    assert isinstance(action, RunSide) and action.projected and action.taps.shape == (len(TAPS), R)
+    # A resume hello does not upload the weights again: the session keeps them.
+    assert "projection" not in dp.resume_hello()
 
 
 def test_device_rejects_other_backbone():

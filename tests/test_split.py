@@ -28,9 +28,11 @@ def prompt_of(pte, doc):
     return device_prompt(pte.config, load_document(doc, pte.config.max_doc_tokens))
 
 
-def split(gateway, pte, doc, window, tau=None, codec="int8", max_new=MAX_NEW, temperature=0.0):
+def split(gateway, pte, doc, window, tau=None, codec="int8", max_new=MAX_NEW, temperature=0.0,
+          cloud_projection=False):
     options = Options(window=window, codec=codec, max_new_tokens=max_new, temperature=temperature, seed=7)
-    return asyncio.run(run_session(gateway.url, pte, prompt_of(pte, doc), options, tau=tau, token=GATEWAY_TOKEN))
+    return asyncio.run(run_session(gateway.url, pte, prompt_of(pte, doc), options, tau=tau, token=GATEWAY_TOKEN,
+                                   cloud_projection=cloud_projection))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,33 @@ def test_int4_codec_is_lossless_against_its_reference(gateway, pte, backbone):
     doc = DOCS[1]
     ref = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW, scheme="int4")
     assert split(gateway, pte, doc, 2, codec="int4").tokens == ref.tokens
+
+
+def test_cloud_projection_is_lossless_against_its_reference(gateway, pte, backbone):
+    doc = DOCS[0]
+    projection = pte.projection_weights()
+    ref = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW,
+                             projection=projection)
+    assert 0 < sum(ref.sigmas) < len(ref.sigmas)
+    rollbacks = 0
+    for window in (0, 4):
+        result = split(gateway, pte, doc, window, cloud_projection=True)
+        assert result.tokens == ref.tokens and result.sigmas == ref.sigmas, window
+        assert result.stats["handshake_bytes_up"] > projection[0].nbytes // 2  # the weights were uploaded
+        rollbacks += result.stats["rollbacks"]
+    assert rollbacks > 0  # draft-ahead rolled back on projected side outputs too
+
+
+def test_cloud_projection_moves_r_values_per_tap_instead_of_h(gateway, pte):
+    # tau < 0: every token asks for taps, so the taps message dominates the bytes down.
+    full = split(gateway, pte, DOCS[1], 0, tau=-1.0, max_new=6)
+    projected = split(gateway, pte, DOCS[1], 0, tau=-1.0, max_new=6, cloud_projection=True)
+    assert full.stats["side_usage"] == projected.stats["side_usage"] == 1.0
+    hidden, rank = pte.config.hidden_size, pte.config.rank
+    saved = full.stats["bytes_down_per_token"] - projected.stats["bytes_down_per_token"]
+    # int8 taps: one byte per value (plus scales and outliers) -> at least (H - r) bytes saved per tap.
+    assert saved > len(pte.config.taps) * (hidden - rank) * 0.9, (full.stats["bytes_down_per_token"],
+                                                                 projected.stats["bytes_down_per_token"])
 
 
 def test_closed_gate_sends_no_taps_and_no_side_output(gateway, pte):

@@ -6,7 +6,8 @@ The caller owns the websocket, the gate and the side network:
     on each received map:   dp.receive(frames.unpack(data))
     then until it is None:  action = dp.next_action()
         RunGate(pos, f)     -> dp.gated(pos, gate(f) > tau)
-        RunSide(pos, taps)  -> dp.side_output(pos, side(taps))
+        RunSide(pos, taps)  -> dp.side_output(pos, side(taps)), or
+                               side_projected(taps) when action.projected
     when no received message is waiting (or after each one: lock-step):
                             send each of dp.flush()
     dp.ended -> done; dp.committed holds the text
@@ -37,7 +38,8 @@ class RunGate:
 @dataclass(frozen=True)
 class RunSide:
     pos: int
-    taps: np.ndarray  # decoded T_pos, [n_taps, hidden_size]
+    taps: np.ndarray  # decoded T_pos, [n_taps, hidden_size]; [n_taps, r] when projected
+    projected: bool = False  # the cloud applied the per-tap projections (hello.projection)
 
 
 Action = RunGate | RunSide
@@ -165,7 +167,9 @@ class DeviceProtocol:
     def _on_taps(self, taps: m.Taps) -> None:
         self._expect(self.wait == ("taps", taps.pos), f"taps for position {taps.pos} not asked for")
         self._expect(taps.epoch == self.epoch, f"taps of epoch {taps.epoch}, expected {self.epoch}")
-        self.taps = self._decoded(taps.taps, "taps.taps", len(self.hello.plugin.taps))
+        proj = self.hello.projection
+        cols = self.ready.backbone.hidden_size if proj is None else proj.rank
+        self.taps = self._decoded(taps.taps, "taps.taps", len(self.hello.plugin.taps), cols)
         self.wait = ("side", taps.pos)
 
     def _on_verdict(self, v: m.Verdict) -> None:
@@ -204,7 +208,7 @@ class DeviceProtocol:
             return None
         if self.wait is not None:
             kind, pos = self.wait
-            return RunSide(pos, self.taps) if kind == "side" else None
+            return RunSide(pos, self.taps, self.hello.projection is not None) if kind == "side" else None
         if self.next_pos not in self.steps:
             return None
         return RunGate(self.next_pos, self.steps[self.next_pos][1])
@@ -247,9 +251,9 @@ class DeviceProtocol:
         self.committed.append(Commit(pos, token, piece))
         self.next_pos = pos + 1
 
-    def _decoded(self, encoded: dict, what: str, rows: int) -> np.ndarray:
+    def _decoded(self, encoded: dict, what: str, rows: int, cols: int | None = None) -> np.ndarray:
         x = codec.decode(encoded)
-        shape = (rows, self.ready.backbone.hidden_size)
+        shape = (rows, cols or self.ready.backbone.hidden_size)
         if x.shape != shape:
             raise ProtocolError("bad_field", f"{what} has shape {x.shape}, expected {shape}")
         return x

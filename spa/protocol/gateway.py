@@ -10,7 +10,8 @@ A typical loop:
     event = gp.receive(frames.unpack(data))
     Start        -> tokenize/prefill, send gp.ready(...), then draft
     Accepted     -> draft more while gp.can_draft()
-    TapsWanted   -> send gp.taps(pos, cached taps of pos)
+    TapsWanted   -> send gp.taps(pos, cached taps of pos), projected first
+                    with gp.projection when the device uploaded it
     SideReceived -> token of lm_head(norm(f_pos + s)); send gp.verdict(...);
                     if it says changed, truncate the KV cache after pos
     after each event: if gp.finish_reason, send gp.end() and close
@@ -84,6 +85,9 @@ class GatewayProtocol:
         self.auth_token = auth_token
         self.phase = "hello"  # -> "ready" -> "generating" -> "ended"
         self.hello: m.Hello | None = None
+        # Cloud-side projection weights (weight float32 [n_taps, r, H], widened
+        # from the uploaded float16; bias float32 [n_taps, r]), or None.
+        self.projection: tuple[np.ndarray, np.ndarray] | None = None
         self.epoch = 0
         self.first_pos = 0  # P - 1: the position of the first step
         self.verified = 0  # next position to verify
@@ -152,9 +156,27 @@ class GatewayProtocol:
             raise ProtocolError(
                 "limit", f"max_new_tokens {opts.max_new_tokens} > {self.limits.max_new_tokens}"
             )
+        if hello.projection is not None:
+            self.projection = self._projection(hello.projection, len(hello.plugin.taps))
         self.hello = hello
         self.phase = "ready"
         return Start(hello)
+
+    def _projection(self, proj: m.Projection, n_taps: int) -> tuple[np.ndarray, np.ndarray]:
+        hidden = self.backbone.hidden_size
+        shapes = {"weight": (n_taps, proj.rank, hidden), "bias": (n_taps, proj.rank)}
+        arrays = {}
+        for name, dtype in (("weight", "<f2"), ("bias", "<f4")):
+            raw, shape = getattr(proj, name), shapes[name]
+            expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if len(raw) != expected:
+                raise ProtocolError("bad_field", f"hello.projection.{name}: {len(raw)} bytes, expected {expected} "
+                                                 f"({'x'.join(map(str, shape))} {np.dtype(dtype).name})")
+            x = np.frombuffer(raw, dtype).reshape(shape).astype(np.float32)
+            if not np.isfinite(x).all():
+                raise ProtocolError("bad_field", f"hello.projection.{name}: non-finite values")
+            arrays[name] = x
+        return arrays["weight"], arrays["bias"]
 
     def _on_accept(self, msg: m.Accept) -> Accepted:
         self._check_no_side(msg)
@@ -243,8 +265,11 @@ class GatewayProtocol:
         return m.Step(epoch, pos, self._encode(f), int(draft), bytes(piece)).to_dict()
 
     def taps(self, pos: int, taps: np.ndarray) -> dict:
-        """The `taps` map answering TapsWanted(pos); taps is [n_taps, H]."""
+        """The `taps` map answering TapsWanted(pos); taps is [n_taps, H], or
+        [n_taps, r] projected with `self.projection` when the device uploaded it."""
         self._require(pos == self.side_pos and not self.taps_sent, f"taps({pos}) not asked for")
+        cols = self.backbone.hidden_size if self.projection is None else self.projection[1].shape[1]
+        self._require(taps.shape == (len(self.hello.plugin.taps), cols), f"taps of shape {taps.shape}")
         self.taps_sent = True
         return m.Taps(self.epoch, pos, self._encode(taps)).to_dict()
 

@@ -150,6 +150,28 @@ class Options:
         )
 
 
+MAX_RANK = 4096
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The side network's per-tap input projections, uploaded for the cloud-side
+    projection option (PROTOCOL.md §4.1): the gateway then sends r values per
+    tap instead of H. Little-endian raw arrays; sizes are checked by the
+    gateway, which knows H."""
+
+    rank: int  # r
+    weight: bytes  # float16 [len(taps), r, H]: W_in, then Down_l for each further tap
+    bias: bytes  # float32 [len(taps), r]
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "weight": self.weight, "bias": self.bias}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "Projection":
+        return cls(f.integer("rank", lo=1, hi=MAX_RANK), f.blob("weight"), f.blob("bias"))
+
+
 @dataclass(frozen=True)
 class Resume:
     session: str  # ready.session
@@ -207,6 +229,8 @@ class Hello:
     options: Options
     resume: Resume | None = None  # continue a session whose connection was lost (PROTOCOL.md §6)
     version: int = VERSION
+    # Cloud-side projection (opt-in, new sessions only; a resume keeps the session's).
+    projection: Projection | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         d = {
@@ -219,6 +243,8 @@ class Hello:
         }
         if self.resume is not None:
             d["resume"] = self.resume.to_dict()
+        if self.projection is not None:
+            d["projection"] = self.projection.to_dict()
         return d
 
     @classmethod
@@ -227,13 +253,14 @@ class Hello:
         version = f.integer("version")
         if version != VERSION:
             raise ProtocolError("version", f"protocol version {version} is not supported (only {VERSION})")
-        resume = f.d.get("resume")
+        resume, projection = f.d.get("resume"), f.d.get("projection")
         return cls(
             token=f.text("token"),
             plugin=Plugin.read(f.map("plugin")),
             prompt=f.text("prompt", max_len=None),
             options=Options.read(f.map("options")),
             resume=None if resume is None else Resume.read(f.map("resume")),
+            projection=None if projection is None else Projection.read(f.map("projection")),
         )
 
 
