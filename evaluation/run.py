@@ -4,9 +4,10 @@ For each reader profile, on the ACLSum test split, Rouge-L of:
   * prompted backbone: the backbone alone, its instruction naming the aspect (the paper's one-shot row);
   * backbone, generic instruction: what the plugin starts from;
   * side always on (sigma = 1 on every token: the paper's S1 / LST-style row);
-  * SPA: gated at the plugin's trained tau, with its side usage;
+  * SPA: gated at the plugin's tau, tuned on validation Rouge-L (evaluation/tune.py), with its side usage;
   * a tau sweep of the same plugin (taus hitting 20/40/60/80 % usage on the *validation* split);
-  * SPA trained on less data (small / medium train split), each at its own trained tau.
+  * SPA trained on less data (small / medium train split), each at the tau giving its profile's tuned
+    validation usage.
 
 Everything tunable was tuned on the validation split (training defaults in
 training/train.py); test papers are only generated here. Plugins are trained
@@ -26,11 +27,11 @@ from tqdm import tqdm
 
 from evaluation.batched import ALWAYS, NEVER, Row, generate_rows
 from evaluation.rouge import rouge_l, side_usage
+from evaluation.tune import tune_usage, usage_taus
 from export.export import export_plugin
 from spa.data import ASPECT_INSTRUCTIONS, GENERIC_INSTRUCTION, chat_template, check_profile, load_split, paper_prompt
 from spa.plugin import load_plugin, save_plugin
 from spa.pte import PtePlugin
-from training.tapcache import split_token_set
 from training.train import TrainSettings, train_plugin
 
 SWEEP_USAGE = (0.2, 0.4, 0.6, 0.8)
@@ -45,47 +46,83 @@ def sweep_label(usage: float) -> str:
     return f"SPA, tau for {usage:.0%} val usage"
 
 
+def _dirs(settings: TrainSettings, workdir: Path) -> tuple[Path, Path]:
+    name = f"{settings.profile}-{settings.train_docs or 'full'}"
+    return workdir / "plugins" / name, workdir / "exports" / name
+
+
 def plugin_for(backbone, settings: TrainSettings, workdir: Path) -> PtePlugin:
     """Train (or reuse, when trained with the same settings) and export a plugin."""
-    name = f"{settings.profile}-{settings.train_docs or 'full'}"
-    plugin_dir, export_dir = workdir / "plugins" / name, workdir / "exports" / name
+    plugin_dir, export_dir = _dirs(settings, workdir)
     pte_file = export_dir / "plugin-fp32.pte"
     try:
         reusable = load_plugin(plugin_dir).config.training["settings"] == asdict(settings) and pte_file.exists()
     except Exception:  # missing or stale: train anew
         reusable = False
     if not reusable:
-        log(f"training plugin {name}")
+        log(f"training plugin {plugin_dir.name}")
         plugin, _ = train_plugin(backbone, settings)
         save_plugin(plugin, plugin_dir)
         export_plugin(plugin_dir, export_dir, variants=("fp32",), progress=log)
     return PtePlugin(pte_file)
 
 
+def with_tuned_tau(backbone, settings: TrainSettings, workdir: Path, tuning: dict) -> PtePlugin:
+    """The plugin with tau set for its profile's tuned validation usage, recorded in its config."""
+    pte = plugin_for(backbone, settings, workdir)
+    tau = usage_taus(backbone, pte, settings, [tuning["usage"]])[tuning["usage"]]
+    if pte.tau == tau:
+        return pte
+    plugin_dir, export_dir = _dirs(settings, workdir)
+    plugin = load_plugin(plugin_dir)
+    loss_tau = (plugin.config.training.get("tau_tuning") or {}).get("loss_tau", plugin.config.tau)
+    plugin.config.tau = tau
+    rule = ("tau for the validation usage at which the profile's full-data plugin wrote the best validation "
+            "Rouge-L (evaluation/tune.py)")
+    plugin.config.training["tau_tuning"] = {"rule": rule, "loss_tau": loss_tau, **tuning}
+    save_plugin(plugin, plugin_dir)
+    export_plugin(plugin_dir, export_dir, variants=("fp32",), progress=log)
+    return PtePlugin(export_dir / "plugin-fp32.pte")
+
+
+def tuned_usages(backbone, profiles, workdir: Path, papers: int | None, max_new_tokens: int) -> dict:
+    """profile -> tune_usage's record, cached in workdir (keyed by training settings and tuning size)."""
+    cache = workdir / "tau_tuning.json"
+    key = {p: asdict(TrainSettings(p)) for p in profiles} | {"papers": papers, "max_new_tokens": max_new_tokens}
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["tuning"]
+    full = {p: (plugin_for(backbone, TrainSettings(p), workdir), TrainSettings(p)) for p in profiles}
+    tuning = tune_usage(backbone, full, papers, max_new_tokens, log)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "tuning": tuning}, indent=2) + "\n")
+    return tuning
+
+
 def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float, float]:
-    """usage target -> tau giving that side usage on the validation tokens (teacher-forced)."""
-    val = split_token_set(backbone, "val", settings.val_docs, settings.profile, pte.config.prompt_template,
-                          pte.config.instruction, pte.config.max_doc_tokens)
-    p = torch.tensor([pte.gate(f.numpy()) for f in val.states[:, -1]])
-    return {u: float(torch.quantile(p, 1 - u)) for u in SWEEP_USAGE}
+    return usage_taus(backbone, pte, settings, SWEEP_USAGE)
 
 
 def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdir: Path, sizes=(25, 50),
-             split: str = "test", on_checkpoint=None, checkpoint_every: int = 10) -> dict:
-    """The results table; `on_checkpoint(results)` also gets it every `checkpoint_every` papers."""
+             split: str = "test", on_checkpoint=None, checkpoint_every: int = 10, tune_papers: int | None = None) -> dict:
+    """The results table; `on_checkpoint(results)` also gets it every `checkpoint_every` papers.
+    `tune_papers`: validation papers for tuning tau on Rouge-L (None: all 50)."""
     t0 = time.time()
     for profile in profiles:
         check_profile(profile)
     template = chat_template(backbone.tokenizer)
     rows, plugins = [Row("backbone, generic instruction", None, NEVER)], {}
+    tuning = tuned_usages(backbone, profiles, workdir, tune_papers, max_new_tokens)
     for profile in profiles:
         full = TrainSettings(profile)
-        pte = plugin_for(backbone, full, workdir)
-        plugins[profile] = {"tau": pte.tau, "settings": asdict(full), "sweep": sweep_taus(backbone, pte, full)}
+        pte = with_tuned_tau(backbone, full, workdir, tuning[profile])
+        plugins[profile] = {"tau": pte.tau, "settings": asdict(full), "sweep": sweep_taus(backbone, pte, full),
+                            "tau_tuning": pte.config.training.get("tau_tuning")}
         rows += [Row(f"{profile}|side always on", pte, ALWAYS), Row(f"{profile}|SPA", pte, pte.tau)]
         rows += [Row(f"{profile}|{sweep_label(u)}", pte, tau) for u, tau in plugins[profile]["sweep"].items()]
         for size in sizes:
-            small = plugin_for(backbone, TrainSettings(profile, train_docs=size), workdir)
+            small = with_tuned_tau(backbone, TrainSettings(profile, train_docs=size), workdir, tuning[profile])
             rows.append(Row(f"{profile}|SPA, {size} train papers", small, small.tau))
     test = load_split(split, papers)  # "val" only for tuning; the reported tables use "test"
     max_doc_tokens = TrainSettings(profiles[0]).max_doc_tokens
@@ -152,7 +189,14 @@ def markdown(results: dict, command: str) -> str:
     lines.append("")
     for p in profiles:
         info = results["profiles"][p]
-        lines.append(f"**{p}**: trained tau {info['plugin']['tau']:.4g}; example (SPA): "
+        tuning = info["plugin"].get("tau_tuning") or {}
+        tuned = ""
+        if tuning:
+            tuned = (f" for {tuning['usage']:.0%} validation usage, chosen on validation Rouge-L of "
+                     f"{tuning['val_papers']} papers (" + ", ".join(f"{float(u):.0%}: {r:.2f}" for u, r in
+                                                                   tuning["val_rouge_l"].items())
+                     + f"; tau by validation loss was {tuning['loss_tau']:.4g})")
+        lines.append(f"**{p}**: tau {info['plugin']['tau']:.4g}{tuned}; example (SPA): "
                      f"\"{info['rows']['SPA']['examples'][0]}\" — reference: \"{info['references'][0]}\"")
         lines.append("")
     return "\n".join(lines)
@@ -176,7 +220,7 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(rows["prompted backbone (aspect instruction)"]["rouge_l"], ls=":", color=line.get_color(), lw=1)
     ax.set_xlabel("side usage on the test split (% of generated tokens)")
     ax.set_ylabel("Rouge-L")
-    ax.set_title("Rouge-L against side usage (tau sweep; * = trained tau, dotted = prompted backbone)", fontsize=9)
+    ax.set_title("Rouge-L against side usage (tau sweep; * = SPA's tuned tau, dotted = prompted backbone)", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -135,7 +135,8 @@ def cmd_eval(args) -> int:
     sizes = () if args.no_sizes else (25, 50)
     command = "spa eval " + " ".join(sys.argv[2:])
     results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir, sizes, args.split,
-                       on_checkpoint=lambda partial: write_report(partial, args.out, command))
+                       on_checkpoint=lambda partial: write_report(partial, args.out, command),
+                       tune_papers=args.tune_papers)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--papers", type=int, help="only the first N papers of the split (default: all)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="test (the report) or val (for tuning)")
     p.add_argument("--no-sizes", action="store_true", help="skip the training-size rows (small/medium plugins)")
+    p.add_argument("--tune-papers", type=int, help="validation papers for tuning tau on Rouge-L (default: all 50; "
+                   "cached in the workdir)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation cap (default 48: summaries are one sentence)")
     p.add_argument("--workdir", type=Path, default=Path("runs/eval"), help="plugins and exports (reused when unchanged)")
     p.add_argument("--out", type=Path, default=Path("results/quality"), help="results.md, results.json, tau_sweep.png")
