@@ -10,10 +10,27 @@ from pathlib import Path
 DEFAULT_DOCS = ["aclsum:test:0", "aclsum:test:1", "aclsum:test:2"]
 
 
+def progress_log(as_json: bool):
+    """Progress lines: on stderr when stdout carries the JSON result, else on stdout."""
+    stream = sys.stderr if as_json else sys.stdout
+    return lambda msg: print(msg, file=stream, flush=True)
+
+
+def write_result(result: dict, out: Path, as_json: bool, table) -> None:
+    """Write the result as JSON to `out`, then print it: JSON, or `table(result)` and where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result))
+        print(f"written: {out}")
+
+
 def cmd_bench_link(args) -> int:
     from benchmarks.linkbench import ROWS, format_result, plot_result, run_link_bench
 
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    log = progress_log(args.json)
     results = []
     for profile in args.profile:
         result = run_link_bench(profile, plugin=args.plugin, docs=args.docs, max_new_tokens=args.max_new_tokens,
@@ -39,39 +56,25 @@ def cmd_bench_link(args) -> int:
 def cmd_bench_device(args) -> int:
     from benchmarks.devicebench import format_table, run_adb, run_local
 
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    log = progress_log(args.json)
     ptes = args.pte or None
     if args.adb:
         result = run_adb(ptes, plugin_dir=args.workdir, serial=args.serial, adb=args.adb_path,
                          iterations=args.iterations, warmup=args.warmup, timeout=args.timeout, log=log)
     else:
         result = run_local(ptes, workdir=args.workdir, iterations=args.iterations, warmup=args.warmup, log=log)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / ("device-adb.json" if args.adb else "device-local.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_table(result))
-        print(f"written: {out}")
+    write_result(result, args.out / ("device-adb.json" if args.adb else "device-local.json"), args.json, format_table)
     return 0 if result.get("ok", True) else 1
 
 
 def cmd_bench_bytes(args) -> int:
     from benchmarks.bytesbench import format_bytes, run_bytes_bench
 
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    log = progress_log(args.json)
     result = run_bytes_bench(plugin=args.plugin, docs=args.docs, max_new_tokens=args.max_new_tokens,
                              tap_every=args.tap_every, levels=args.levels, workdir=args.workdir, tau=args.tau,
                              skip_cost=args.skip_cost, log=log)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "bytes.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_bytes(result))
-        print(f"written: {out}")
+    write_result(result, args.out / "bytes.json", args.json, format_bytes)
     return 0
 
 

@@ -16,7 +16,6 @@ others (taskset / sched_setaffinity); the output says so.
 """
 
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from benchmarks.cli import progress_log, write_result
 
 QUESTIONS = [
     "What is rain?", "Name a fruit.", "Why do cats purr?", "What is a star?", "Define gravity.",
@@ -63,20 +64,12 @@ def add_load_parser(bench_sub) -> None:
 
 
 def cmd_bench_load(args) -> int:
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
+    log = progress_log(args.json)
     result = run_load_bench(sessions=args.sessions, plugin=args.plugin, max_new_tokens=args.max_new_tokens,
                             window=args.window, codec=args.codec, tau=args.tau, unbatched=args.unbatched,
                             pin=not args.no_pin, workdir=args.workdir, log=log)
     result["command"] = "spa " + " ".join(sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "load.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print()
-        print(format_load(result))
-        print(f"written: {out}")
+    write_result(result, args.out / "load.json", args.json, lambda r: "\n" + format_load(r))
     return 0 if all(row["held"] == row["sessions"] for row in result["rows"]) else 1
 
 

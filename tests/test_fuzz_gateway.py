@@ -26,6 +26,7 @@ from spa.protocol import messages as m
 from spa.protocol.errors import CODES
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
+from tests.strategies import msgpack_values, mutated
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -103,14 +104,6 @@ def _check(got, close_code):
 
 # --- strategies -------------------------------------------------------------------------
 
-msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=16)
-    | st.binary(max_size=32),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12,
-)
-
-
 def _zstd(data: bytes) -> bytes:
     return zstandard.ZstdCompressor().compress(data)
 
@@ -119,32 +112,6 @@ def _claimed_size_frame(claimed: int, payload: bytes) -> bytes:
     """A zstd frame whose header claims `claimed` bytes, holding one raw block of payload."""
     header = struct.pack("<I", 0xFD2FB528) + bytes([0b11100000]) + struct.pack("<Q", claimed)
     return header + (1 | (len(payload) << 3)).to_bytes(3, "little") + payload
-
-
-@st.composite
-def mutated(draw, base: dict) -> dict:
-    """base with one value at any depth replaced by a random value, or removed."""
-    import copy
-
-    d = copy.deepcopy(base)
-    paths = []
-
-    def walk(x, path):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                paths.append(path + [k])
-                walk(v, path + [k])
-
-    walk(d, [])
-    path = draw(st.sampled_from(paths))
-    node = d
-    for k in path[:-1]:
-        node = node[k]
-    if draw(st.booleans()):
-        node[path[-1]] = draw(msgpack_values)
-    else:
-        del node[path[-1]]
-    return d
 
 
 def raw_frames(valid: bytes):

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from benchmarks.load import QUESTIONS, chat_prompt
 from cloud_gateway.process import ThreadedGateway
 from device_runtime.client import run_session
 from spa.protocol import messages as m
@@ -28,19 +29,7 @@ from spa.reference import reference_generate
 
 SESSIONS = 64
 MAX_NEW = 6
-QUESTIONS = [
-    "What is rain?", "Name a fruit.", "Why do cats purr?", "What is a star?", "Define gravity.",
-    "Say hello.", "What is water?", "Name a colour.", "Why is snow white?", "What is a bird?",
-    "Describe the sea.", "What is music?", "Name a planet.", "What is bread?", "Why do we sleep?",
-    "What is a tree?", "Describe a dog.", "What is light?", "Name a country.", "What is ice?",
-    "Why is grass green?", "What is a cloud?", "Describe winter.", "What is a river?", "Name an animal.",
-    "What is fire?", "Why do leaves fall?", "What is a book?", "Describe a city.", "What is wind?",
-    "Name a flower.", "What is sand?", "Why is the sun hot?", "What is a bee?", "Describe summer.",
-    "What is paper?", "Name a tool.", "What is a moon?", "Why do birds sing?", "What is salt?",
-    "Describe a forest.", "What is a wave?", "Name a sport.", "What is honey?", "Why is the sea salty?",
-    "What is a map?", "Describe a storm.", "What is glass?",
-]
-PROMPTS = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in QUESTIONS]
+PROMPTS = [chat_prompt(q) for q in QUESTIONS]
 
 
 def _rss() -> int:

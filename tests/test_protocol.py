@@ -1,7 +1,6 @@
 """The sans-I/O protocol: frames, messages, and both state machines driven against
 each other in memory (a fake backbone, gate and side stand in for the models)."""
 
-import copy
 import random
 import struct
 import tracemalloc
@@ -21,6 +20,7 @@ from spa.protocol.errors import CODES, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
 from spa.protocol.gateway import Accepted, Closed, GatewayProtocol, SideReceived, Start, TapsWanted
 from spa.protocol.limits import Limits
+from tests.strategies import msgpack_values, mutated
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -194,40 +194,7 @@ def test_unknown_keys_are_ignored():
     assert m.parse({**m.Accept(0, 3).to_dict(), "future": [1, 2]}) == m.Accept(0, 3)
 
 
-msgpack_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=12)
-    | st.binary(max_size=24),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=16,
-)
 FIELD_NAMES = sorted({k for ex in EXAMPLES for k in ex.to_dict()} | set(codec.FIELDS))
-
-
-@st.composite
-def mutated_messages(draw) -> dict:
-    """A valid message map with one value, at any depth, replaced or removed."""
-    d = copy.deepcopy(draw(st.sampled_from(EXAMPLES)).to_dict())  # to_dict shares nested maps
-    node, paths = d, []
-
-    def walk(x, path):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                paths.append(path + [k])
-                walk(v, path + [k])
-
-    walk(node, [])
-    path = draw(st.sampled_from(paths))
-    for k in path[:-1]:
-        node = node[k]
-    if draw(st.booleans()):
-        node[path[-1]] = draw(msgpack_values)
-    else:
-        del node[path[-1]]
-    return d
 
 
 random_maps = st.tuples(
@@ -236,7 +203,7 @@ random_maps = st.tuples(
 
 
 @FAST
-@given(st.one_of(mutated_messages(), random_maps))
+@given(st.sampled_from(EXAMPLES).flatmap(lambda ex: mutated(ex.to_dict())) | random_maps)
 def test_random_maps_only_raise_protocol_errors(d):
     frame = FrameCodec().pack(d)
     for receive in (m.parse, _generating_gateway().receive, _generating_device().receive):
