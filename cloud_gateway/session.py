@@ -4,7 +4,10 @@ The protocol object decides what may be sent; this adapter owns the KV cache
 and asks the engine for backbone work. Draft-ahead: while `can_draft()` the
 gateway keeps decoding with the backbone alone and streams `step`s; incoming
 messages are drained first, so a verdict that rolls back is applied before
-any further draft is computed on a stale token.
+any further draft is computed on a stale token. While a draft is being
+computed, a `need_taps` is answered at once (the taps are cached), so the side
+network's round trip does not wait for the backbone; everything else waits
+for the draft.
 
 A session outlives its connection (`Link`): when the connection is lost
 mid-generation without a close frame from the device (TCP reset, a cut link,
@@ -95,6 +98,26 @@ class Link:
             item = await asyncio.wait_for(self.inbox.get(), timeout)
         except asyncio.TimeoutError:
             raise ProtocolError("idle_timeout", f"no message for {timeout:g} s") from None
+        return self._unwrap(item)
+
+    async def recv_before(self, job: asyncio.Future):
+        """The next device map if it arrives before `job` is done, else None.
+        Errors are raised as by `recv` (the caller decides when)."""
+        if self.inbox.empty() and self.reader.done():
+            raise LinkLost()
+        getter = asyncio.ensure_future(self.inbox.get())
+        try:
+            await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            getter.cancel()
+            raise
+        if not getter.done():
+            getter.cancel()  # a cancelled Queue.get takes nothing from the inbox
+            return None
+        return self._unwrap(getter.result())
+
+    @staticmethod
+    def _unwrap(item) -> dict:
         if item is _CLOSED:
             raise LinkLost()
         if isinstance(item, ProtocolError):
@@ -169,6 +192,8 @@ class GatewaySession:
         self.batched_steps = 0  # of which ran batched with other sessions' steps
         self.batch_rows = 0  # sum of the batch sizes of those steps (mean batch = batch_rows / decode_steps)
         self.max_batch = 1
+        self.early_taps = 0  # taps sent while a draft was being computed (not after it)
+        self.deferred = None  # an event received during a draft, handled after it
 
     @property
     def kv_bytes(self) -> int:
@@ -274,15 +299,19 @@ class GatewaySession:
         if proto.phase == "ended":
             return
         while True:
-            while link.pending or not proto.can_draft():
+            while self.deferred is not None or link.pending or not proto.can_draft():
                 if proto.finish_reason:
                     steps = max(self.decode_steps, 1)
                     await link.send(proto.end(prompt_tokens=self.prompt_tokens, decode_steps=self.decode_steps,
                                               batched_steps=self.batched_steps, max_batch=self.max_batch,
-                                              mean_batch=round(self.batch_rows / steps, 3)))
+                                              mean_batch=round(self.batch_rows / steps, 3),
+                                              early_taps=self.early_taps))
                     await link.close(NORMAL_CLOSE)
                     return
-                event = proto.receive(await link.recv(self.limits.idle_timeout_s))
+                if self.deferred is not None:
+                    event, self.deferred = self.deferred, None
+                else:
+                    event = proto.receive(await link.recv(self.limits.idle_timeout_s))
                 if isinstance(event, Closed):
                     await link.close(NORMAL_CLOSE)
                     return
@@ -293,8 +322,18 @@ class GatewaySession:
         engine = self.engine
         epoch, pos = self.proto.epoch, self.proto.next_draft_pos
         if self.next_states is None:
-            states, draft, batch = await engine.draft(self.cache, self.next_feed, options.temperature, options.seed,
-                                                      pos)
+            job = asyncio.ensure_future(engine.draft(self.cache, self.next_feed, options.temperature, options.seed,
+                                                     pos))
+            try:
+                await self._serve_during(job)
+            except BaseException:
+                # The draft has grown the KV cache: keep its states as computed-
+                # but-unsent (as after a lost connection), so that a resumed
+                # session continues from a consistent cache.
+                self.next_states = (await job)[0]
+                self.decode_steps += 1
+                raise
+            states, draft, batch = await job
             self.decode_steps += 1
             self.batched_steps += batch > 1
             self.batch_rows += batch
@@ -308,14 +347,38 @@ class GatewaySession:
         self.states[pos], self.next_states, self.next_feed = states, None, draft
         await self.link.send(msg)
 
+    async def _serve_during(self, job: asyncio.Future) -> None:
+        """While the compute thread drafts, answer what needs no backbone work:
+        taps (cached; projected off the compute thread) and accepts. The side
+        network's round trip then starts without waiting for the draft (up to
+        a decode step). Any other event waits until the draft is recorded, and
+        so does everything received after it, to keep the order."""
+        while not job.done() and self.deferred is None:
+            d = await self.link.recv_before(job)
+            if d is None:
+                return
+            event = self.proto.receive(d)
+            if isinstance(event, TapsWanted):
+                self.early_taps += 1
+                await self._send_taps(event.pos)
+            elif isinstance(event, Accepted):
+                self._forget_through(event.upto)
+            else:
+                self.deferred = event
+
+    async def _send_taps(self, pos: int) -> None:
+        taps = self.states[pos][list(self.proto.hello.plugin.taps)].numpy()
+        if self.proto.projection is not None:
+            # The device's weights, for this session only. Not on the compute
+            # thread: it may be busy with a draft, and this needs no backbone.
+            taps = await asyncio.get_running_loop().run_in_executor(None, project, taps, *self.proto.projection)
+        await self.link.send(self.proto.taps(pos, taps))
+
     async def _handle(self, event) -> None:
         if isinstance(event, Accepted):
             self._forget_through(event.upto)
         elif isinstance(event, TapsWanted):
-            taps = self.states[event.pos][list(self.proto.hello.plugin.taps)].numpy()
-            if self.proto.projection is not None:  # the device's weights, for this session only
-                taps = await self.engine.run(project, taps, *self.proto.projection)
-            await self.link.send(self.proto.taps(event.pos, taps))
+            await self._send_taps(event.pos)
         elif isinstance(event, SideReceived):
             await self._apply_side(event)
         elif isinstance(event, (Start, ResumeWanted)):

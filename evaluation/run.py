@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from evaluation.batched import ALWAYS, NEVER, Row, generate_rows
 from evaluation.rouge import rouge_l, side_usage
-from evaluation.tune import tune_usage, usage_taus
+from evaluation.tune import MAX_GENERATION_USAGE, USAGE_CANDIDATES, tune_usage, usage_taus
 from export.export import export_plugin
 from spa.data import ASPECT_INSTRUCTIONS, GENERIC_INSTRUCTION, chat_template, check_profile, load_split, paper_prompt
 from spa.plugin import load_plugin, save_plugin
@@ -77,8 +77,8 @@ def with_tuned_tau(backbone, settings: TrainSettings, workdir: Path, tuning: dic
     plugin = load_plugin(plugin_dir)
     loss_tau = (plugin.config.training.get("tau_tuning") or {}).get("loss_tau", plugin.config.tau)
     plugin.config.tau = tau
-    rule = ("tau for the validation usage at which the profile's full-data plugin wrote the best validation "
-            "Rouge-L (evaluation/tune.py)")
+    rule = (f"tau for the teacher-forced validation usage at which the profile's full-data plugin wrote the best "
+            f"validation Rouge-L with at most {MAX_GENERATION_USAGE:.0%} side usage in generation (evaluation/tune.py)")
     plugin.config.training["tau_tuning"] = {"rule": rule, "loss_tau": loss_tau, **tuning}
     save_plugin(plugin, plugin_dir)
     export_plugin(plugin_dir, export_dir, variants=("fp32",), progress=log)
@@ -88,7 +88,9 @@ def with_tuned_tau(backbone, settings: TrainSettings, workdir: Path, tuning: dic
 def tuned_usages(backbone, profiles, workdir: Path, papers: int | None, max_new_tokens: int) -> dict:
     """profile -> tune_usage's record, cached in workdir (keyed by training settings and tuning size)."""
     cache = workdir / "tau_tuning.json"
-    key = {p: asdict(TrainSettings(p)) for p in profiles} | {"papers": papers, "max_new_tokens": max_new_tokens}
+    key = {p: asdict(TrainSettings(p)) for p in profiles} | {
+        "papers": papers, "max_new_tokens": max_new_tokens, "candidates": list(USAGE_CANDIDATES),
+        "max_generation_usage": MAX_GENERATION_USAGE}
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
@@ -192,10 +194,13 @@ def markdown(results: dict, command: str) -> str:
         tuning = info["plugin"].get("tau_tuning") or {}
         tuned = ""
         if tuning:
-            tuned = (f" for {tuning['usage']:.0%} validation usage, chosen on validation Rouge-L of "
-                     f"{tuning['val_papers']} papers (" + ", ".join(f"{float(u):.0%}: {r:.2f}" for u, r in
-                                                                   tuning["val_rouge_l"].items())
-                     + f"; tau by validation loss was {tuning['loss_tau']:.4g})")
+            gen = tuning.get("val_generation_usage", {})
+            tuned = (f" for {tuning['usage']:.0%} teacher-forced validation usage, chosen on {tuning['val_papers']} "
+                     f"validation papers: Rouge-L (usage in generation) "
+                     + ", ".join(f"{float(u):.0%}: {r:.2f} ({gen.get(u, float('nan')):.0%})"
+                                 for u, r in tuning["val_rouge_l"].items())
+                     + f"; eligible up to {tuning.get('max_generation_usage', 1):.0%} in generation; tau by "
+                       f"validation loss was {tuning['loss_tau']:.4g})")
         lines.append(f"**{p}**: tau {info['plugin']['tau']:.4g}{tuned}; example (SPA): "
                      f"\"{info['rows']['SPA']['examples'][0]}\" — reference: \"{info['references'][0]}\"")
         lines.append("")

@@ -36,6 +36,6 @@ def load_projection_weights(safetensors_path, n_taps: int) -> tuple[np.ndarray, 
 def project(taps: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Per-tap projections [n_taps, r] of one position's taps [n_taps, H]."""
     x = rms(torch.from_numpy(np.ascontiguousarray(taps, dtype=np.float32)))
-    w = torch.from_numpy(weight.astype(np.float32))
+    w = torch.from_numpy(np.asarray(weight, dtype=np.float32))  # no copy when the gateway widened it already
     out = torch.einsum("nh,nrh->nr", x, w) + torch.from_numpy(bias)
     return out.numpy()

@@ -5,8 +5,10 @@ import pytest
 from device_runtime.documents import device_prompt, load_document
 from evaluation.batched import ALWAYS, NEVER, Row, generate_rows
 from evaluation.rouge import mean_rouge_l, rouge_l, side_usage
+from evaluation.tune import USAGE_CANDIDATES, best_usage, tune_usage, usage_taus
 from spa.pte import PtePlugin
 from spa.reference import reference_generate
+from training.train import TrainSettings
 
 
 def test_rouge_l_on_known_pairs():
@@ -52,3 +54,27 @@ def test_batched_rows_give_the_reference_tokens(backbone, pte_path):
     assert checked_gates >= 2
     assert len({len(g.tokens) for g in batched}) > 1  # rows finished at different steps and left the batch
     assert any(0 < sum(g.sigmas) < len(g.sigmas) for g in batched)  # a row where the gate really decided
+
+
+def test_best_usage_prefers_rouge_among_eligible_then_less_side():
+    generated = {0.2: 0.25, 0.3: 0.35, 0.45: 0.44, 0.5: 0.52}
+    assert best_usage({0.2: 30.0, 0.3: 31.5, 0.45: 31.0, 0.5: 40.0}, generated) == 0.3  # 0.5 uses too much side
+    assert best_usage({0.2: 31.5, 0.3: 31.5, 0.45: 31.5, 0.5: 31.5}, generated) == 0.2  # a tie costs no extra side
+    assert best_usage({0.2: 1.0, 0.5: 2.0}, {0.2: 0.6, 0.5: 0.9}) == 0.2  # none eligible: the least side
+
+
+def test_tune_usage_generates_validation_summaries_per_candidate(backbone, pte_path):
+    pte = PtePlugin(pte_path)
+    settings = TrainSettings.quick(pte.config.profile)
+    taps = usage_taus(backbone, pte, settings, USAGE_CANDIDATES)
+    assert list(taps) == list(USAGE_CANDIDATES)
+    assert all(a >= b for a, b in zip(taps.values(), list(taps.values())[1:]))  # more usage, lower tau
+    lines = []
+    tuned = tune_usage(backbone, {pte.config.profile: (pte, settings)}, papers=1, max_new_tokens=4, log=lines.append)
+    record = tuned[pte.config.profile]
+    assert record["val_papers"] == 1 and record["max_new_tokens"] == 4
+    rouge = {float(u): r for u, r in record["val_rouge_l"].items()}
+    generated = {float(u): g for u, g in record["val_generation_usage"].items()}
+    assert list(rouge) == list(generated) == list(USAGE_CANDIDATES)
+    assert all(0 <= g <= 1 for g in generated.values()) and record["usage"] == best_usage(rouge, generated)
+    assert len(lines) == 1 and lines[0].startswith(pte.config.profile)

@@ -42,7 +42,7 @@ def references(backbone, pte):
 
 
 def test_split_equals_the_in_process_reference_for_every_window(gateway, pte, references):
-    rollbacks = {}
+    rollbacks, early = {}, {}
     for window in (0, 2, 8):
         for doc in DOCS:
             result = split(gateway, pte, doc, window)
@@ -51,8 +51,11 @@ def test_split_equals_the_in_process_reference_for_every_window(gateway, pte, re
             assert result.sigmas == ref.sigmas, (doc, window)
             assert result.finish_reason == ref.finish_reason
             rollbacks[window] = rollbacks.get(window, 0) + result.stats["rollbacks"]
+            early[window] = early.get(window, 0) + result.stats["gateway"]["early_taps"]
     # Draft-ahead was exercised: the side changed drafted tokens and the gateway rolled back.
     assert rollbacks[2] > 0 and rollbacks[8] > 0, rollbacks
+    # ... and it answered need_taps while a draft was being computed, not after it.
+    assert early[8] > 0, early
     assert any(sum(r.sigmas) not in (0, len(r.sigmas)) for r in references.values())  # the gate really decides
 
 

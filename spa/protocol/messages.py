@@ -156,7 +156,7 @@ MAX_RANK = 4096
 @dataclass(frozen=True)
 class Projection:
     """The side network's per-tap input projections, uploaded for the cloud-side
-    projection option (PROTOCOL.md §4.1): the gateway then sends r values per
+    projection option (docs/PROTOCOL.md §4, hello): the gateway then sends r values per
     tap instead of H. Little-endian raw arrays; sizes are checked by the
     gateway, which knows H."""
 
