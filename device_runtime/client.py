@@ -101,6 +101,9 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     hello (~1.1 MB for 31 taps) so that taps come down as r values per tap
     instead of H (spa/projection.py: fewer bytes, but the cloud holds those
     weights for the session)."""
+    if pte.config.combination != "add":
+        raise SpaError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) does "
+                       f"not run in the split; the gateway adds the side output (retrain without --combination)")
     tau = pte.tau if tau is None else tau
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
     proto = DeviceProtocol(m.Hello(token, plugin, prompt, options,

@@ -7,7 +7,8 @@ a batch of 20 costs a few times one row, not 20 times. Finished rows leave
 the batch.
 
 Per row and position this computes exactly what the split computes (DESIGN
-§1 with the wire's quantization, the `.pte` for gate and side): only the
+§1 with the wire's quantization, the `.pte` for gate and side; replacement
+plugins, the paper's S2/S3 rows, use s_t instead of f_t + s_t): only the
 batched matrix products differ from the one-row reference in the last bits.
 tests/test_eval.py checks, on data with margin, that the tokens are the
 reference's.
@@ -20,6 +21,7 @@ import torch
 
 from spa import codec
 from spa.generate import prefill
+from spa.plugin import combine
 from spa.reference import Generation
 
 ALWAYS = -1.0  # tau below every p: sigma = 1 on every token (paper's S1, "side always on")
@@ -53,7 +55,7 @@ def generate_rows(backbone, prompt_ids: list[int], rows: list[Row], max_new_toke
             if sigma:
                 taps = codec.quantize(states[slot, row.plugin.config.taps].numpy(), scheme, outliers)
                 s = codec.quantize(row.plugin.side(taps)[None], scheme, outliers)[0]
-                combined.append(f + torch.from_numpy(np.ascontiguousarray(s)))
+                combined.append(combine(f, torch.from_numpy(np.ascontiguousarray(s)), row.plugin.config.combination))
             else:
                 combined.append(f)
             out[r].sigmas.append(sigma)

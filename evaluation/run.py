@@ -3,11 +3,13 @@
 For each reader profile, on the ACLSum test split, Rouge-L of:
   * prompted backbone: the backbone alone, its instruction naming the aspect (the paper's one-shot row);
   * backbone, generic instruction: what the plugin starts from;
-  * side always on (sigma = 1 on every token: the paper's S1 / LST-style row);
+  * side always on (sigma = 1 on every token: the paper's S1, a parallel LST);
   * SPA: gated at the plugin's tau, tuned on validation Rouge-L (evaluation/tune.py), with its side usage;
   * a tau sweep of the same plugin (taus hitting 20/40/60/80 % usage on the *validation* split);
   * SPA trained on less data (small / medium train split), each at the tau giving its profile's tuned
-    validation usage.
+    validation usage;
+  * the paper's replacement settings with a plugin trained to replace f_t by s_t: S2 (its gate picks
+    f_t or s_t, at its trained tau) and S3 (s_t on every token: LST). "Side always on" is S1.
 
 Everything tunable was tuned on the validation split (training defaults in
 training/train.py); test papers are only generated here. Plugins are trained
@@ -35,6 +37,9 @@ from spa.pte import PtePlugin
 from training.train import TrainSettings, train_plugin
 
 SWEEP_USAGE = (0.2, 0.4, 0.6, 0.8)
+# The paper's replacement settings (Table 3), with a plugin trained for replacement (combination "replace").
+S2 = "S2: gate picks backbone or side state"
+S3 = "S3: side state on every token (LST)"
 
 
 def log(msg: str) -> None:
@@ -47,7 +52,7 @@ def sweep_label(usage: float) -> str:
 
 
 def _dirs(settings: TrainSettings, workdir: Path) -> tuple[Path, Path]:
-    name = f"{settings.profile}-{settings.train_docs or 'full'}"
+    name = f"{settings.profile}-{settings.train_docs or 'full'}" + ("-replace" if settings.combination == "replace" else "")
     return workdir / "plugins" / name, workdir / "exports" / name
 
 
@@ -56,7 +61,9 @@ def plugin_for(backbone, settings: TrainSettings, workdir: Path) -> PtePlugin:
     plugin_dir, export_dir = _dirs(settings, workdir)
     pte_file = export_dir / "plugin-fp32.pte"
     try:
-        reusable = load_plugin(plugin_dir).config.training["settings"] == asdict(settings) and pte_file.exists()
+        # Settings recorded before a field existed hold its default.
+        trained = TrainSettings(**load_plugin(plugin_dir).config.training["settings"])
+        reusable = trained == settings and pte_file.exists()
     except Exception:  # missing or stale: train anew
         reusable = False
     if not reusable:
@@ -107,9 +114,11 @@ def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float,
 
 
 def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdir: Path, sizes=(25, 50),
-             split: str = "test", on_checkpoint=None, checkpoint_every: int = 10, tune_papers: int | None = None) -> dict:
+             split: str = "test", on_checkpoint=None, checkpoint_every: int = 10, tune_papers: int | None = None,
+             replacement: bool = True) -> dict:
     """The results table; `on_checkpoint(results)` also gets it every `checkpoint_every` papers.
-    `tune_papers`: validation papers for tuning tau on Rouge-L (None: all 50)."""
+    `tune_papers`: validation papers for tuning tau on Rouge-L (None: all 50). `replacement`:
+    the paper's S2/S3 rows (replacement plugins, trained too)."""
     t0 = time.time()
     for profile in profiles:
         check_profile(profile)
@@ -123,6 +132,9 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
                             "tau_tuning": pte.config.training.get("tau_tuning")}
         rows += [Row(f"{profile}|side always on", pte, ALWAYS), Row(f"{profile}|SPA", pte, pte.tau)]
         rows += [Row(f"{profile}|{sweep_label(u)}", pte, tau) for u, tau in plugins[profile]["sweep"].items()]
+        if replacement:
+            replace = plugin_for(backbone, TrainSettings(profile, combination="replace"), workdir)
+            rows += [Row(f"{profile}|{S2}", replace, replace.tau), Row(f"{profile}|{S3}", replace, ALWAYS)]
         for size in sizes:
             small = with_tuned_tau(backbone, TrainSettings(profile, train_docs=size), workdir, tuning[profile])
             rows.append(Row(f"{profile}|SPA, {size} train papers", small, small.tau))
@@ -188,6 +200,11 @@ def markdown(results: dict, command: str) -> str:
             r = results["profiles"][p]["rows"].get(name)
             cells.append(f"{r['rouge_l']:.2f} | {r['side_usage']:.0%}" if r else "- | -")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("\"Side always on\" is the paper's S1 (the side output added on every token). S2 and S3 use a "
+                 "plugin trained to *replace* the backbone's final state by the side's (same side network, same "
+                 "recipe): S2 lets its gate pick one of the two per token, S3 (LST) uses the side's on every token. "
+                 "Usage is the share of generated tokens with sigma = 1.")
     lines.append("")
     for p in profiles:
         info = results["profiles"][p]

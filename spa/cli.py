@@ -36,7 +36,8 @@ def cmd_train(args) -> int:
     from training.train import TrainSettings, train_plugin
 
     settings = TrainSettings.quick(args.profile, args.seed) if args.quick else TrainSettings(args.profile, args.seed)
-    for name in ("epochs", "rank", "tap_every", "skip_cost", "max_usage", "lr", "max_doc_tokens", "train_docs", "val_docs"):
+    for name in ("epochs", "rank", "tap_every", "skip_cost", "max_usage", "lr", "max_doc_tokens", "train_docs", "val_docs",
+                 "combination"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     backbone = load_backbone(args.backbone)
@@ -136,7 +137,7 @@ def cmd_eval(args) -> int:
     command = "spa eval " + " ".join(sys.argv[2:])
     results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir, sizes, args.split,
                        on_checkpoint=lambda partial: write_report(partial, args.out, command),
-                       tune_papers=args.tune_papers)
+                       tune_papers=args.tune_papers, replacement=not args.no_replacement)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--rank", type=int, help="side network width r (default 32)")
     p.add_argument("--tap-every", type=int, help="tap every k-th layer (default 1: all layers)")
+    p.add_argument("--combination", choices=["add", "replace"],
+                   help="add (default: f + s, SPA) or replace (s instead of f: the paper's S2/S3 settings, for "
+                        "evaluation only; the split refuses such plugins)")
     p.add_argument("--skip-cost", "--lambda", dest="skip_cost", type=float,
                    help="lambda: nats a token's loss must drop to open the gate (default 0.3); higher -> less side usage")
     p.add_argument("--max-usage", type=float,
@@ -232,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--papers", type=int, help="only the first N papers of the split (default: all)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="test (the report) or val (for tuning)")
     p.add_argument("--no-sizes", action="store_true", help="skip the training-size rows (small/medium plugins)")
+    p.add_argument("--no-replacement", action="store_true", help="skip the paper's S2/S3 rows (replacement plugins)")
     p.add_argument("--tune-papers", type=int, help="validation papers for tuning tau on Rouge-L (default: all 50; "
                    "cached in the workdir)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation cap (default 48: summaries are one sentence)")

@@ -8,6 +8,11 @@
     gate:        p_t = softmax(M_c rms(f_t))[1],  sigma_t = [p_t > tau]
     combination: logits_t = lm_head(norm(f_t + sigma_t * s_t))
 
+The paper's replacement settings (S2: the gate picks f_t or s_t; S3 = LST:
+s_t on every token) are plugins with `combination = "replace"`: the state is
+s_t instead of f_t + s_t where sigma_t = 1. They exist for the evaluation's
+rows only; the split runs additive plugins (DESIGN §1).
+
 `rms(x) = x / sqrt(mean(x^2) + eps)` without weights. The taps are RMS-
 normalized because raw decoder states have a few channels near 2,500 and
 single values near 25,000; the gate's input likewise (a default-initialized
@@ -51,6 +56,7 @@ class PluginConfig:
     prompt_template: str = "{document}\n\n{instruction}"
     instruction: str = ""
     max_doc_tokens: int = 384
+    combination: str = "add"  # "add": f + sigma * s (SPA, S1); "replace": s where sigma = 1 (S2, S3)
     training: dict = field(default_factory=dict)  # hyper-parameters and metrics, for the record
     format_version: int = FORMAT_VERSION
 
@@ -68,6 +74,8 @@ class PluginConfig:
             raise PluginError(f"rank must be positive, got {self.rank}")
         if self.activation != "gelu" or self.gate_input != "rms_normalized_f" or self.tap_norm != "rms":
             raise PluginError("unsupported plugin variant (activation/gate_input/tap_norm)")
+        if self.combination not in COMBINATIONS:
+            raise PluginError(f"combination must be one of {', '.join(COMBINATIONS)}, got {self.combination!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "PluginConfig":
@@ -86,6 +94,14 @@ class PluginConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+COMBINATIONS = ("add", "replace")
+
+
+def combine(f: torch.Tensor, s: torch.Tensor, combination: str = "add") -> torch.Tensor:
+    """The state lm_head(norm(.)) reads where sigma = 1: f + s (eq. 1), or s alone (replacement)."""
+    return f + s if combination == "add" else s
 
 
 def every_kth_layer(num_layers: int, k: int) -> list[int]:
@@ -165,8 +181,12 @@ class Plugin(nn.Module):
         return (self.gate(f)[..., 0] > threshold).to(f.dtype)
 
     def combined_state(self, f: torch.Tensor, taps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """f_t + sigma_t * s_t: what the backbone's final norm and lm_head see (eq. 1)."""
-        return f + sigma.unsqueeze(-1) * self.side(taps)
+        """f_t + sigma_t * s_t: what the backbone's final norm and lm_head see (eq. 1);
+        for a replacement plugin, s_t where sigma_t = 1 and f_t elsewhere."""
+        s = self.side(taps)
+        if self.config.combination == "add":
+            return f + sigma.unsqueeze(-1) * s
+        return torch.where(sigma.unsqueeze(-1) > 0, s, f)
 
     def content_hash(self) -> str:
         return _content_hash(self.config.to_dict(), self.state_dict())
@@ -184,9 +204,16 @@ def check_backbone(recorded: dict, identity) -> None:
         )
 
 
+# Config fields added after format version 1 with the default that older
+# plugins implicitly have: hashed only when set otherwise, so the plugins
+# saved before a field existed keep their hash.
+_LATER_FIELDS = {"combination": "add"}
+
+
 def _content_hash(config: dict, state: dict) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in config.items() if k != "content_hash"}, sort_keys=True).encode())
+    hashed = {k: v for k, v in config.items() if k != "content_hash" and _LATER_FIELDS.get(k, object()) != v}
+    h.update(json.dumps(hashed, sort_keys=True).encode())
     for name in sorted(state):
         h.update(name.encode())
         h.update(state[name].detach().to(torch.float32).contiguous().numpy().tobytes())

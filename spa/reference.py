@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spa import codec
+from spa.errors import PluginError
 from spa.generate import choose_token, decode_one_token, prefill
 from spa.projection import project
 
@@ -36,6 +37,9 @@ def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens
                        outliers: int = 8, temperature: float = 0.0, seed: int = 0,
                        projection: tuple | None = None) -> Generation:
     """`projection`: (weight, bias) as uploaded for the cloud-side projection, or None."""
+    if pte.config.combination != "add":
+        raise PluginError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) "
+                          f"does not run in the split; only additive plugins do")
     ids = backbone.encode(prompt)
     taps_index = pte.config.taps
     cache, states = prefill(backbone, ids)

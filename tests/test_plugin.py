@@ -49,6 +49,27 @@ def test_sigma_zero_gives_the_backbones_logits_exactly(backbone, plugin, states)
     assert torch.equal(backbone.logits(combined), backbone.logits(f))  # ...and still contributes nothing
 
 
+def test_replacement_plugins_use_the_side_state_alone_where_sigma_is_one(plugin, states):
+    config = PluginConfig(**{**plugin.config.to_dict(), "combination": "replace"})
+    replace = Plugin(config)
+    replace.load_state_dict(plugin.state_dict())
+    f, taps = states[:, -1], states[:, plugin.config.taps]
+    sigma = (torch.arange(len(f)) % 2).float()
+    with torch.no_grad():
+        combined, s = replace.combined_state(f, taps, sigma), replace.side(taps)
+    assert torch.equal(combined[1::2], s[1::2]) and torch.equal(combined[::2], f[::2])
+    with pytest.raises(PluginError, match="combination"):
+        PluginConfig(**{**plugin.config.to_dict(), "combination": "multiply"}).validate()
+
+
+def test_plugins_saved_before_the_combination_field_keep_their_hash(plugin, tmp_path):
+    save_plugin(plugin, tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["combination"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert load_plugin(tmp_path).config.combination == "add"  # same hash, so it loads
+
+
 def test_sigma_one_adds_the_side_output(backbone, plugin, states):
     f, taps = states[:, -1], states[:, plugin.config.taps]
     with torch.no_grad():

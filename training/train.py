@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from spa.data import GENERIC_INSTRUCTION, chat_template, check_profile
-from spa.plugin import Plugin, PluginConfig, every_kth_layer, rms
+from spa.plugin import Plugin, PluginConfig, combine, every_kth_layer, rms
 from training.tapcache import TokenSet, split_token_set
 
 
@@ -48,6 +48,7 @@ class TrainSettings:
     skip_cost: float = 0.3  # lambda: nats a token's loss must drop for the gate to open
     max_usage: float = 0.5  # largest side usage tau may give on the validation split
     gate_steps: int = 300
+    combination: str = "add"  # "replace": the paper's S2/S3 replacement plugins (evaluation rows)
 
     @classmethod
     def quick(cls, profile: str, seed: int = 0) -> "TrainSettings":
@@ -70,13 +71,14 @@ class Split:
 
 
 def token_losses(backbone, plugin: Plugin, data: TokenSet, sigma: float, batch: int = 512) -> torch.Tensor:
-    """Per-token CE of lm_head(norm(f + sigma * s)), no gradient."""
+    """Per-token CE of lm_head(norm(f + s)) (sigma = 1; s alone for a replacement
+    plugin) or of the backbone alone (sigma = 0), no gradient."""
     out = []
     with torch.no_grad():
         for i in range(0, len(data), batch):
             states, targets = data.states[i:i + batch], data.targets[i:i + batch]
             f = states[:, -1]
-            state = f + sigma * plugin.side(states[:, plugin.config.taps]) if sigma else f
+            state = combine(f, plugin.side(states[:, plugin.config.taps]), plugin.config.combination) if sigma else f
             out.append(F.cross_entropy(backbone.lm_head(backbone.norm(state)), targets, reduction="none"))
     return torch.cat(out)
 
@@ -91,7 +93,7 @@ def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: Trai
         for i in range(0, len(order), s.batch_tokens):
             idx = order[i:i + s.batch_tokens]
             states = train.states[idx]
-            state = states[:, -1] + plugin.side(states[:, taps])
+            state = combine(states[:, -1], plugin.side(states[:, taps]), plugin.config.combination)
             loss = F.cross_entropy(backbone.lm_head(backbone.norm(state)), train.targets[idx])
             opt.zero_grad()
             loss.backward()
@@ -149,6 +151,7 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
         prompt_template=template,
         instruction=GENERIC_INSTRUCTION,
         max_doc_tokens=s.max_doc_tokens,
+        combination=s.combination,
     )
     plugin = Plugin(config)
     history = train_side(backbone, plugin, train, val, s, gen)
