@@ -137,7 +137,7 @@ def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", t
     suffix = ("" if tap_every == 1 else f"-tap{tap_every}") + f"-lambda{skip_cost:g}"
     plugin_dir, export_dir = workdir / f"plugin-{profile}-quick{suffix}", workdir / f"export-{profile}-quick{suffix}"
     pte = export_dir / "plugin-fp32.pte"
-    if pte.exists() and (export_dir / "plugin-int8.pte").exists():
+    if pte.exists() and (export_dir / "plugin-int8.pte").exists() and _current_export(pte):
         return pte
     if not (plugin_dir / "config.json").exists():
         log(f"training a quick plugin ({profile}, tap every {tap_every}, lambda {skip_cost:g}) into {plugin_dir} (spa train --quick)...")
@@ -159,6 +159,13 @@ def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", t
         log(f"  note: spa export reports variant(s) {', '.join(failed)} outside their parity tolerance "
             f"(see {manifest_file}); the fp32 program is within it")
     return pte
+
+
+def _current_export(pte: Path) -> bool:
+    """False for an export made before the `.pte` carried the projection weights: export it again."""
+    from spa.pte import PtePlugin
+
+    return PtePlugin(pte).supports_projection
 
 
 def _backbone_fingerprint() -> str:
