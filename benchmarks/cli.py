@@ -92,7 +92,7 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--window", type=int, default=8, help="draft-ahead window W of the draft-ahead row (default 8)")
     p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"])
     p.add_argument("--rows", nargs="+", help="only these rows (cloud_only side_every_token per_layer spa_lockstep "
-                                             "spa_draft spa_draft_proj device_only)")
+                                             "spa_draft spa_draft_proj spa_draft_push device_only)")
     p.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
                    help="netns: namespaces + tbf + NFQUEUE delay (root); proxy: userspace delay proxy; "
                         "auto: netns when possible (default)")

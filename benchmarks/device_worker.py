@@ -46,7 +46,8 @@ async def _spa(job, pte, prompt) -> dict:
     t0 = time.perf_counter()
     result = await run_session(job["url"], pte, prompt, options, tau=job.get("tau"), token=job.get("token", ""),
                                on_commit=lambda piece, sigma: times.append(time.perf_counter() - t0),
-                               cloud_projection=job.get("cloud_projection", False))
+                               cloud_projection=job.get("cloud_projection", False),
+                               push_taps=job.get("push_taps", False))
     s = result.stats
     return {"tokens": result.tokens, "sigmas": result.sigmas, "commit_s": times, "ttft_s": times[0] if times else None,
             "bytes_down": s["bytes_down"], "bytes_up": s["bytes_up"], "handshake_down": s["handshake_bytes_down"],

@@ -31,6 +31,7 @@ import torch
 from websockets.exceptions import ConnectionClosed
 
 from cloud_gateway.engine import kv_bytes
+from spa.cloud_gate import predicts_open
 from spa.generate import prefill, truncate
 from spa.projection import project
 from spa.protocol import messages as m
@@ -341,7 +342,11 @@ class GatewaySession:
         else:  # right after the prefill, or states computed before a lost connection
             states = self.next_states
             draft = await engine.head(states[-1], options.temperature, options.seed, pos)
-        msg = self.proto.step(epoch, pos, states[-1].numpy()[None], draft, engine.pieces[draft])
+        pushed = None
+        if self.proto.gate is not None and epoch == self.proto.epoch and predicts_open(
+                states[-1].numpy(), self.proto.gate, options.codec, options.outliers):
+            pushed = await self._wire_taps(states)
+        msg = self.proto.step(epoch, pos, states[-1].numpy()[None], draft, engine.pieces[draft], pushed)
         if msg is None:  # a rollback made this draft stale
             return
         self.states[pos], self.next_states, self.next_feed = states, None, draft
@@ -367,12 +372,16 @@ class GatewaySession:
                 self.deferred = event
 
     async def _send_taps(self, pos: int) -> None:
-        taps = self.states[pos][list(self.proto.hello.plugin.taps)].numpy()
-        if self.proto.projection is not None:
-            # The device's weights, for this session only. Not on the compute
-            # thread: it may be busy with a draft, and this needs no backbone.
-            taps = await asyncio.get_running_loop().run_in_executor(None, project, taps, *self.proto.projection)
-        await self.link.send(self.proto.taps(pos, taps))
+        await self.link.send(self.proto.taps(pos, await self._wire_taps(self.states[pos])))
+
+    async def _wire_taps(self, states: torch.Tensor):
+        """The taps of one position as they go on the wire: [n_taps, H], or projected."""
+        taps = states[list(self.proto.hello.plugin.taps)].numpy()
+        if self.proto.projection is None:
+            return taps
+        # The device's weights, for this session only. Not on the compute
+        # thread: it may be busy with a draft, and this needs no backbone.
+        return await asyncio.get_running_loop().run_in_executor(None, project, taps, *self.proto.projection)
 
     async def _handle(self, event) -> None:
         if isinstance(event, Accepted):

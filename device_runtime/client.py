@@ -68,6 +68,12 @@ def upload_projection(pte) -> m.Projection:
     return m.Projection(weight.shape[1], weight.astype("<f2").tobytes(), bias.astype("<f4").tobytes())
 
 
+def upload_gate(pte, tau: float) -> m.GateUpload:
+    """The `hello.gate` of a plugin at threshold tau: M_c's float32 weights and biases."""
+    weight, bias = pte.gate_weights()
+    return m.GateUpload(weight.astype("<f4").tobytes(), bias.astype("<f4").tobytes(), float(tau))
+
+
 def client_tls(cafile: str | None) -> ssl.SSLContext:
     """TLS for wss://: the system's CAs, or only the CA bundle `cafile` (e.g. a self-signed gateway)."""
     try:
@@ -92,7 +98,8 @@ class _Counters:
 async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: float | None = None,
                       token: str = "", on_commit=None, limits: Limits = Limits(),
                       open_timeout: float = 30.0, cafile: str | None = None,
-                      reconnect: bool = True, cloud_projection: bool = False) -> SummaryResult:
+                      reconnect: bool = True, cloud_projection: bool = False,
+                      push_taps: bool = False) -> SummaryResult:
     """Generate one summary through the gateway at `url`; `on_commit(piece, sigma)` streams it.
 
     `cafile`: CA bundle to trust for wss:// (default: the system's). `reconnect`:
@@ -100,14 +107,17 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     `cloud_projection`: upload the side network's per-tap projections with the
     hello (~1.1 MB for 31 taps) so that taps come down as r values per tap
     instead of H (spa/projection.py: fewer bytes, but the cloud holds those
-    weights for the session)."""
+    weights for the session). `push_taps`: upload the gate (4.6 KB) and tau so
+    that the gateway sends the taps with the step where the gate will open:
+    one round trip per side token instead of two (spa/cloud_gate.py)."""
     if pte.config.combination != "add":
         raise SpaError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) does "
                        f"not run in the split; the gateway adds the side output (retrain without --combination)")
     tau = pte.tau if tau is None else tau
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
     proto = DeviceProtocol(m.Hello(token, plugin, prompt, options,
-                                   projection=upload_projection(pte) if cloud_projection else None))
+                                   projection=upload_projection(pte) if cloud_projection else None,
+                                   gate=upload_gate(pte, tau) if push_taps else None))
     counters, result, sigma_of = _Counters(), SummaryResult(), {}
     tls = client_tls(cafile) if url.startswith("wss://") else None
     clock = {"start": time.perf_counter(), "first": None, "last": None}
@@ -172,6 +182,8 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "window": options.window,
         "codec": options.codec,
         "cloud_projection": cloud_projection,
+        "push_taps": push_taps,
+        "pushed_taps_used": proto.pushed_used,
         "tau": tau,
         "gateway": proto.end.stats,
         "resumes": proto.resumes,

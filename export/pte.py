@@ -9,6 +9,7 @@
     plugin_config() -> uint8[n]    the plugin's config.json, UTF-8
     projection_weight() -> float16[len(taps), r, H]   W_in, then each Down_l
     projection_bias()   -> float32[len(taps), r]
+    gate_weight() -> float32[2, H], gate_bias() -> float32[2]   M_c, for pushed taps
 
 The constant methods make a `.pte` self-describing: the device runtime reads
 the taps, tau and backbone fingerprint from the program itself and checks
@@ -16,7 +17,9 @@ them against the config written beside it. The projection weights are what
 the device uploads when the user turns on the cloud-side projection
 (spa/projection.py); they are read from the float plugin in both variants
 (the compiled methods keep their own, possibly int8, copy inaccessible), and
-add ~1.1 MB to the file for SmolLM2 with all 31 taps.
+add ~1.1 MB to the file for SmolLM2 with all 31 taps. The gate's weights
+(4.6 KB) are what the device uploads when it asks the gateway to push taps
+(the gateway predicts sigma and sends the taps with the step).
 
 Variants: `fp32`, and `int8` = the side network with dynamic int8 activations
 and per-channel int8 weights (PT2E, XNNPACKQuantizer), the tiny gate in fp32.
@@ -104,6 +107,8 @@ def lower(plugin: Plugin, variant: str, content_hash: str, calibration: dict | N
         "plugin_config": torch.tensor(list(config.encode()), dtype=torch.uint8),
         "projection_weight": torch.from_numpy(weight),
         "projection_bias": torch.from_numpy(bias),
+        "gate_weight": plugin.gate.classifier.weight.detach().clone(),
+        "gate_bias": plugin.gate.classifier.bias.detach().clone(),
     }
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()], constant_methods=constants)
     return edge.to_executorch().buffer

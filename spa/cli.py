@@ -118,7 +118,7 @@ def cmd_summarize(args) -> int:
     token = args.token or os.environ.get("SPA_GATEWAY_TOKEN", "")
     result = asyncio.run(run_session(args.gateway, pte, prompt, options, tau=args.tau, token=token, on_commit=printer,
                                      cafile=args.cafile, reconnect=not args.no_reconnect,
-                                     cloud_projection=args.cloud_projection))
+                                     cloud_projection=args.cloud_projection, push_taps=args.push_taps))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "sigmas": result.sigmas,
                           "finish_reason": result.finish_reason, "stats": result.stats}, indent=2))
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upload the side network's per-tap projections (~1.1 MB, kept in the gateway's memory for "
                         "this session only) so each side token moves r values per tap instead of H: ~18x fewer "
                         "bytes down")
+    p.add_argument("--push-taps", action="store_true",
+                   help="upload the gate (4.6 KB; the gateway sees every sigma anyway) so the gateway sends the taps "
+                        "with the step where the gate will open: one round trip per side token instead of two")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling seeded by --seed")
     p.add_argument("--seed", type=int, default=0)

@@ -100,6 +100,18 @@ class PtePlugin:
         bias = self._call("projection_bias", [])[0].numpy()
         return weight.astype(np.float16, copy=False), bias.astype(np.float32, copy=False)
 
+    @property
+    def supports_push(self) -> bool:
+        return "gate_weight" in self._program.method_names
+
+    def gate_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(M_c weight float32 [2, H], bias float32 [2]): what the device uploads so that
+        the gateway can push taps (spa/cloud_gate.py)."""
+        if not self.supports_push:
+            raise PluginError(f"{self.path} predates pushed taps; export it again")
+        return (self._call("gate_weight", [])[0].numpy().astype(np.float32, copy=False),
+                self._call("gate_bias", [])[0].numpy().astype(np.float32, copy=False))
+
     def side_projected(self, projected) -> np.ndarray:
         """s_t [H] from the cloud's per-tap projections [len(taps), r]."""
         if self._side_projected is None:

@@ -212,14 +212,14 @@ def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
     profile = "4g"
     proc = spa_bench("--profile", profile, "--plugin", pte_path, "--docs", "aclsum:test:0", "--max-new-tokens", "4",
                      "--per-layer-tokens", "2", "--window", "4", "--rows", "cloud_only", "side_every_token",
-                     "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "--json", "--out", tmp_path,
-                     merge=False)
+                     "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "--json", "--out",
+                     tmp_path, merge=False)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-4000:]
     result = json.loads(out)
     rows = result["rows"]
     assert set(rows) == {"cloud_only", "side_every_token", "per_layer", "spa_lockstep", "spa_draft",
-                         "spa_draft_proj"}, rows
+                         "spa_draft_proj", "spa_draft_push"}, rows
     for name, r in rows.items():
         assert "error" not in r, (name, r)
         for key in ("tokens_per_s", "ttft_s", "itl_p50_ms", "itl_p95_ms", "bytes_down_per_token",
@@ -232,6 +232,7 @@ def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
     assert rows["side_every_token"]["round_trips_per_token"] == 2.0  # need_taps -> taps, side -> verdict
     assert rows["per_layer"]["round_trips_per_token"] == 30  # SmolLM2's 30 layers
     assert rows["spa_lockstep"]["per_doc_tokens"] == rows["spa_draft"]["per_doc_tokens"]  # lossless draft-ahead
+    assert rows["spa_draft_push"]["per_doc_tokens"] == rows["spa_draft_proj"]["per_doc_tokens"]  # pushed taps too
     assert rows["spa_draft_proj"]["handshake_bytes"] > rows["spa_draft"]["handshake_bytes"] + 500_000  # the upload
     assert result["link"]["mode"] == ("netns" if NETNS else "proxy")
     assert result["link"]["measured"]["rtt_ms"] > 0

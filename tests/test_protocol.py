@@ -406,6 +406,49 @@ def test_projected_taps_travel_as_r_columns_and_the_device_runs_side_projected()
     assert "projection" not in dp.resume_hello()
 
 
+def _gate_upload(weight_shape=(2, H)) -> m.GateUpload:
+    return m.GateUpload(RNG.normal(0, 1, weight_shape).astype("<f4").tobytes(), np.zeros(2, "<f4").tobytes(), 0.5)
+
+
+def test_gateway_refuses_a_malformed_gate():
+    hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "p", m.Options(), gate=_gate_upload((2, H + 1)))
+    with pytest.raises(ProtocolError) as exc:
+        GatewayProtocol(BACKBONE, eos_ids=[0]).receive(hello.to_dict())
+    assert exc.value.code == "bad_field" and exc.value.message.startswith("hello.gate.weight: 136 bytes")
+
+
+def test_pushed_taps_save_the_need_taps_round_trip():
+    hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "p", m.Options(window=2), gate=_gate_upload())
+    gp, dp = GatewayProtocol(BACKBONE, eos_ids=[0]), DeviceProtocol(hello)
+    gp.receive(hello.to_dict())
+    assert gp.gate[0].shape == (2, H) and gp.gate[2] == 0.5
+    dp.receive(gp.ready("s", "r", 5))
+    taps = RNG.normal(0, 15, (len(TAPS), H)).astype(np.float32)
+    dp.receive(gp.step(0, 4, _f(), 3, b"a"))  # predicted closed: no taps
+    dp.receive(gp.step(0, 5, _f(), 7, b"b", taps=taps))  # predicted open: taps pushed
+    assert gp.stats["pushed"] == 1 and gp.pushed == {5}
+    dp.gated(4, False)
+    assert isinstance(dp.next_action(), RunGate)
+    dp.gated(5, True)
+    action = dp.next_action()
+    assert isinstance(action, RunSide) and action.pos == 5 and action.taps.shape == (len(TAPS), H)
+    assert dp.flush() == []  # no accept (the side implies it) and no need_taps
+    dp.side_output(5, _f())
+    (side,) = dp.flush()
+    assert side["type"] == "side" and dp.pushed_used == 1
+    event = gp.receive(side)
+    assert isinstance(event, SideReceived) and gp.verified == 5 and gp.stats["pushed_used"] == 1
+    dp.receive(gp.verdict(5, 7, b"b"))
+    assert [c.token for c in dp.committed] == [3, 7]
+    # Unasked-for pushed taps are a protocol error on the device.
+    plain = _generating_device()
+    assert code_of(plain.receive, m.Step(0, 4, F, 3, b"a", T).to_dict()) == "out_of_order"
+    # A side for a position whose taps were neither pushed nor asked for is out of order.
+    gp2 = _generating_gateway()
+    gp2.step(0, 4, _f(), 3, b"a")
+    assert code_of(gp2.receive, m.Side(0, 4, F).to_dict()) == "out_of_order"
+
+
 def test_device_rejects_other_backbone():
     dp = DeviceProtocol(_hello())
     other = m.Backbone("x", "other-fp", 4, H)

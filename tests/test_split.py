@@ -29,10 +29,10 @@ def prompt_of(pte, doc):
 
 
 def split(gateway, pte, doc, window, tau=None, codec="int8", max_new=MAX_NEW, temperature=0.0,
-          cloud_projection=False):
+          cloud_projection=False, push_taps=False):
     options = Options(window=window, codec=codec, max_new_tokens=max_new, temperature=temperature, seed=7)
     return asyncio.run(run_session(gateway.url, pte, prompt_of(pte, doc), options, tau=tau, token=GATEWAY_TOKEN,
-                                   cloud_projection=cloud_projection))
+                                   cloud_projection=cloud_projection, push_taps=push_taps))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,20 @@ def test_cloud_projection_is_lossless_against_its_reference(gateway, pte, backbo
         assert result.stats["handshake_bytes_up"] > projection[0].nbytes // 2  # the weights were uploaded
         rollbacks += result.stats["rollbacks"]
     assert rollbacks > 0  # draft-ahead rolled back on projected side outputs too
+
+
+def test_pushed_taps_are_lossless_and_save_the_need_taps_round_trip(gateway, pte, references):
+    doc = DOCS[2]
+    ref = references[doc]
+    assert sum(ref.sigmas) > 0
+    for window in (0, 4):
+        result = split(gateway, pte, doc, window, push_taps=True)
+        assert result.tokens == ref.tokens and result.sigmas == ref.sigmas, window
+        # The gateway predicted the gate from the uploaded weights; the device asked only where they disagreed.
+        used, asked = result.stats["pushed_taps_used"], result.stats["messages_up"].get("need_taps", 0)
+        assert used > 0 and used + asked == sum(ref.sigmas), (used, asked)
+        assert result.stats["messages_up"]["side"] == sum(ref.sigmas)
+        assert result.stats["gateway"]["pushed"] >= used
 
 
 def test_cloud_projection_moves_r_values_per_tap_instead_of_h(gateway, pte):

@@ -62,6 +62,8 @@ class DeviceProtocol:
         self.next_pos = 0  # next position to gate
         # Received steps not yet committed (all of this epoch), with decoded f.
         self.steps: dict[int, tuple[m.Step, np.ndarray]] = {}
+        self.pushed: dict[int, np.ndarray] = {}  # decoded taps that came with those steps (hello.gate)
+        self.pushed_used = 0  # sigma = 1 positions answered from pushed taps (no need_taps)
         self.last_step_pos = -1
         self.gateway_verified = 0  # what the gateway knows is verified, from what we sent
         self.wait: tuple[str, int] | None = None  # ("taps"|"side"|"verdict", pos)
@@ -146,6 +148,7 @@ class DeviceProtocol:
             self._expect(r.pos == self.next_pos, f"resumed at position {r.pos}, device is at {self.next_pos}")
         self.secret, self.epoch = r.secret, r.epoch
         self.steps.clear()
+        self.pushed.clear()
         self.last_step_pos = r.pos - 1
         self.gateway_verified = r.pos
         self.wait, self.taps, self.pending_accept, self.outbox = None, None, None, []
@@ -162,15 +165,21 @@ class DeviceProtocol:
             f"step {step.pos} beyond window {self.window} after position {self.gateway_verified}",
         )
         self.steps[step.pos] = (step, self._decoded(step.f, "step.f", 1))
+        if step.taps is not None:
+            self._expect(self.hello.gate is not None, f"step {step.pos} pushes taps; the hello did not ask for that")
+            self.pushed[step.pos] = self._taps_of(step.taps, "step.taps")
         self.last_step_pos = step.pos
 
     def _on_taps(self, taps: m.Taps) -> None:
         self._expect(self.wait == ("taps", taps.pos), f"taps for position {taps.pos} not asked for")
         self._expect(taps.epoch == self.epoch, f"taps of epoch {taps.epoch}, expected {self.epoch}")
+        self.taps = self._taps_of(taps.taps, "taps.taps")
+        self.wait = ("side", taps.pos)
+
+    def _taps_of(self, encoded: dict, what: str) -> np.ndarray:
         proj = self.hello.projection
         cols = self.ready.backbone.hidden_size if proj is None else proj.rank
-        self.taps = self._decoded(taps.taps, "taps.taps", len(self.hello.plugin.taps), cols)
-        self.wait = ("side", taps.pos)
+        return self._decoded(encoded, what, len(self.hello.plugin.taps), cols)
 
     def _on_verdict(self, v: m.Verdict) -> None:
         self._expect(self.wait == ("verdict", v.pos), f"verdict for position {v.pos} not expected")
@@ -182,6 +191,7 @@ class DeviceProtocol:
             self.rollbacks += 1
             self.dropped += len(self.steps)
             self.steps.clear()
+            self.pushed.clear()
             self.last_step_pos = v.pos
             self.epoch = v.epoch
         self._commit(v.pos, v.token, v.piece)
@@ -216,15 +226,20 @@ class DeviceProtocol:
     def gated(self, pos: int, sigma: bool) -> None:
         """Report sigma for the position of the last RunGate."""
         self._require(self.wait is None and pos == self.next_pos and pos in self.steps, f"gated({pos})")
+        pushed = self.pushed.pop(pos, None)
         if not sigma:
             step = self.steps.pop(pos)[0]
             self._commit(pos, step.draft, step.piece)
             self.pending_accept = pos
             return
         self.side_positions += 1
-        self.pending_accept = None  # need_taps implies it
-        self.outbox.append(m.NeedTaps(self.epoch, pos).to_dict())
+        self.pending_accept = None  # need_taps (or a side for pushed taps) implies it
         self.gateway_verified = pos
+        if pushed is not None:  # the taps came with the step: no need_taps round trip
+            self.pushed_used += 1
+            self.taps, self.wait = pushed, ("side", pos)
+            return
+        self.outbox.append(m.NeedTaps(self.epoch, pos).to_dict())
         self.wait = ("taps", pos)
 
     def side_output(self, pos: int, s: np.ndarray) -> None:

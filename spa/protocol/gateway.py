@@ -88,6 +88,10 @@ class GatewayProtocol:
         # Cloud-side projection weights (weight float32 [n_taps, r, H], widened
         # from the uploaded float16; bias float32 [n_taps, r]), or None.
         self.projection: tuple[np.ndarray, np.ndarray] | None = None
+        # The device's gate for pushed taps (weight [2, H], bias [2], tau), or None;
+        # `pushed`: unverified drafted positions whose step carried their taps.
+        self.gate: tuple[np.ndarray, np.ndarray, float] | None = None
+        self.pushed: set[int] = set()
         self.epoch = 0
         self.first_pos = 0  # P - 1: the position of the first step
         self.verified = 0  # next position to verify
@@ -158,25 +162,31 @@ class GatewayProtocol:
             )
         if hello.projection is not None:
             self.projection = self._projection(hello.projection, len(hello.plugin.taps))
+        if hello.gate is not None:
+            hidden = self.backbone.hidden_size
+            weight = self._floats(hello.gate.weight, "<f4", (2, hidden), "hello.gate.weight")
+            bias = self._floats(hello.gate.bias, "<f4", (2,), "hello.gate.bias")
+            self.gate = (weight, bias, hello.gate.tau)
         self.hello = hello
         self.phase = "ready"
         return Start(hello)
 
     def _projection(self, proj: m.Projection, n_taps: int) -> tuple[np.ndarray, np.ndarray]:
         hidden = self.backbone.hidden_size
-        shapes = {"weight": (n_taps, proj.rank, hidden), "bias": (n_taps, proj.rank)}
-        arrays = {}
-        for name, dtype in (("weight", "<f2"), ("bias", "<f4")):
-            raw, shape = getattr(proj, name), shapes[name]
-            expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            if len(raw) != expected:
-                raise ProtocolError("bad_field", f"hello.projection.{name}: {len(raw)} bytes, expected {expected} "
-                                                 f"({'x'.join(map(str, shape))} {np.dtype(dtype).name})")
-            x = np.frombuffer(raw, dtype).reshape(shape).astype(np.float32)
-            if not np.isfinite(x).all():
-                raise ProtocolError("bad_field", f"hello.projection.{name}: non-finite values")
-            arrays[name] = x
-        return arrays["weight"], arrays["bias"]
+        weight = self._floats(proj.weight, "<f2", (n_taps, proj.rank, hidden), "hello.projection.weight")
+        return weight, self._floats(proj.bias, "<f4", (n_taps, proj.rank), "hello.projection.bias")
+
+    @staticmethod
+    def _floats(raw: bytes, dtype: str, shape: tuple, what: str) -> np.ndarray:
+        """A little-endian array of `shape` from raw bytes, widened to float32; bad_field if it is not."""
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if len(raw) != expected:
+            raise ProtocolError("bad_field", f"{what}: {len(raw)} bytes, expected {expected} "
+                                             f"({'x'.join(map(str, shape))} {np.dtype(dtype).name})")
+        x = np.frombuffer(raw, dtype).reshape(shape).astype(np.float32)
+        if not np.isfinite(x).all():
+            raise ProtocolError("bad_field", f"{what}: non-finite values")
+        return x
 
     def _on_accept(self, msg: m.Accept) -> Accepted:
         self._check_no_side(msg)
@@ -194,6 +204,13 @@ class GatewayProtocol:
         return TapsWanted(msg.pos)
 
     def _on_side(self, msg: m.Side) -> SideReceived:
+        if self.side_pos is None and msg.pos in self.pushed:
+            # Its taps came with its step: the side accepts every position before it.
+            self._check_drafted(msg.pos, "side.pos")
+            self._pop_through(msg.pos - 1)
+            self.side_pos, self.taps_sent = msg.pos, True
+            self.stats["side_positions"] += 1
+            self.stats["pushed_used"] = self.stats.get("pushed_used", 0) + 1
         if msg.pos != self.side_pos or not self.taps_sent:
             raise ProtocolError("out_of_order", f"side for position {msg.pos} was not asked for")
         s = codec.decode(msg.s)
@@ -216,6 +233,7 @@ class GatewayProtocol:
         while self.drafted and self.drafted[0][0] <= pos:
             token = self.drafted.pop(0)[1]
         self.verified = pos + 1
+        self.pushed = {p for p in self.pushed if p > pos}
         return token
 
     def _committed(self, pos: int, token: int) -> None:
@@ -254,22 +272,34 @@ class GatewayProtocol:
             return False
         return len(self.drafted) <= self.hello.options.window
 
-    def step(self, epoch: int, pos: int, f: np.ndarray, draft: int, piece: bytes) -> dict | None:
+    def step(self, epoch: int, pos: int, f: np.ndarray, draft: int, piece: bytes,
+             taps: np.ndarray | None = None) -> dict | None:
         """The `step` map for a draft computed at (epoch, pos), or None when a
-        rollback since made it stale (drop it; the KV cache was truncated)."""
+        rollback since made it stale (drop it; the KV cache was truncated).
+        `taps`: push them with the step (only with `self.gate`; as for `taps()`)."""
         if epoch != self.epoch:
             return None
         self._require(pos == self.next_draft_pos and self.can_draft(), f"step({pos}) not draftable now")
+        encoded_taps = None
+        if taps is not None:
+            self._require(self.gate is not None, "pushed taps without hello.gate")
+            self._check_taps_shape(taps)
+            encoded_taps = self._encode(taps)
+            self.pushed.add(pos)
+            self.stats["pushed"] = self.stats.get("pushed", 0) + 1
         self.drafted.append((pos, int(draft)))
         self.stats["drafts"] += 1
-        return m.Step(epoch, pos, self._encode(f), int(draft), bytes(piece)).to_dict()
+        return m.Step(epoch, pos, self._encode(f), int(draft), bytes(piece), encoded_taps).to_dict()
+
+    def _check_taps_shape(self, taps: np.ndarray) -> None:
+        cols = self.backbone.hidden_size if self.projection is None else self.projection[1].shape[1]
+        self._require(taps.shape == (len(self.hello.plugin.taps), cols), f"taps of shape {taps.shape}")
 
     def taps(self, pos: int, taps: np.ndarray) -> dict:
         """The `taps` map answering TapsWanted(pos); taps is [n_taps, H], or
         [n_taps, r] projected with `self.projection` when the device uploaded it."""
         self._require(pos == self.side_pos and not self.taps_sent, f"taps({pos}) not asked for")
-        cols = self.backbone.hidden_size if self.projection is None else self.projection[1].shape[1]
-        self._require(taps.shape == (len(self.hello.plugin.taps), cols), f"taps of shape {taps.shape}")
+        self._check_taps_shape(taps)
         self.taps_sent = True
         return m.Taps(self.epoch, pos, self._encode(taps)).to_dict()
 
@@ -283,6 +313,7 @@ class GatewayProtocol:
             self.stats["discarded"] += len(self.drafted)
             self.stats["rollbacks"] += 1
             self.drafted.clear()
+            self.pushed.clear()
             self.epoch += 1
         self.side_pos = None
         self._committed(pos, token)
@@ -332,6 +363,7 @@ class GatewayProtocol:
         if self.side_pos is not None:  # asked again after the resent step
             self.stats["side_positions"] -= 1
             self.side_pos, self.taps_sent = None, False
+        self.pushed.clear()  # resent steps carry no taps: the device asks with need_taps
         self.secret = secret
         self.stats["resumes"] = self.stats.get("resumes", 0) + 1
         return m.Resumed(self.session, secret, self.epoch, self.verified, commit).to_dict()

@@ -173,6 +173,23 @@ class Projection:
 
 
 @dataclass(frozen=True)
+class GateUpload:
+    """The device's gate, uploaded so that the gateway pushes taps with the steps
+    where it predicts sigma = 1 (docs/PROTOCOL.md §4, hello; spa/cloud_gate.py)."""
+
+    weight: bytes  # float32 [2, H], little-endian: M_c
+    bias: bytes  # float32 [2]
+    tau: float
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight, "bias": self.bias, "tau": float(self.tau)}
+
+    @classmethod
+    def read(cls, f: _Fields) -> "GateUpload":
+        return cls(f.blob("weight"), f.blob("bias"), f.number("tau", lo=-math.inf))
+
+
+@dataclass(frozen=True)
 class Resume:
     session: str  # ready.session
     secret: str  # the latest secret: ready.secret, or the last resumed.secret
@@ -231,6 +248,8 @@ class Hello:
     version: int = VERSION
     # Cloud-side projection (opt-in, new sessions only; a resume keeps the session's).
     projection: Projection | None = field(default=None, repr=False)
+    # Pushed taps (opt-in, new sessions only, like projection).
+    gate: GateUpload | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         d = {
@@ -245,6 +264,8 @@ class Hello:
             d["resume"] = self.resume.to_dict()
         if self.projection is not None:
             d["projection"] = self.projection.to_dict()
+        if self.gate is not None:
+            d["gate"] = self.gate.to_dict()
         return d
 
     @classmethod
@@ -253,7 +274,7 @@ class Hello:
         version = f.integer("version")
         if version != VERSION:
             raise ProtocolError("version", f"protocol version {version} is not supported (only {VERSION})")
-        resume, projection = f.d.get("resume"), f.d.get("projection")
+        resume, projection, gate = f.d.get("resume"), f.d.get("projection"), f.d.get("gate")
         return cls(
             token=f.text("token"),
             plugin=Plugin.read(f.map("plugin")),
@@ -261,6 +282,7 @@ class Hello:
             options=Options.read(f.map("options")),
             resume=None if resume is None else Resume.read(f.map("resume")),
             projection=None if projection is None else Projection.read(f.map("projection")),
+            gate=None if gate is None else GateUpload.read(f.map("gate")),
         )
 
 
@@ -360,9 +382,10 @@ class Step:
     f: dict  # encoded f_t, 1 row
     draft: int  # the backbone's token x_{t+1}, kept if sigma_t = 0
     piece: bytes  # UTF-8 bytes of the draft's text, possibly a partial character
+    taps: dict | None = None  # pushed taps of this position (hello.gate predicted sigma = 1), as in `taps`
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "type": self.TYPE,
             "epoch": self.epoch,
             "pos": self.pos,
@@ -370,11 +393,15 @@ class Step:
             "draft": self.draft,
             "piece": self.piece,
         }
+        if self.taps is not None:
+            d["taps"] = self.taps
+        return d
 
     @classmethod
     def read(cls, f: _Fields) -> "Step":
+        taps = None if f.d.get("taps") is None else f.activation("taps")
         return cls(
-            f.integer("epoch"), f.integer("pos"), f.activation("f"), f.integer("draft"), f.blob("piece")
+            f.integer("epoch"), f.integer("pos"), f.activation("f"), f.integer("draft"), f.blob("piece"), taps
         )
 
 

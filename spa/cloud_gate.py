@@ -1,0 +1,36 @@
+"""Pushed taps: the gateway predicts the device's gate to send taps unasked.
+
+Without it a sigma = 1 position costs the device two round trips: `need_taps`
+-> `taps`, then `side` -> `verdict`. With the gate's weights (M_c: 2 x H
+floats, 4.6 KB for SmolLM2) and tau uploaded in the hello, the gateway
+computes p_t on exactly the f_t the device will see (dequant(Q(f_t))) and,
+where p_t > tau, sends the taps inside the `step`: the device answers with
+`side` at once, and the position costs one round trip.
+
+This reveals little: the gateway learns every sigma_t anyway (a `need_taps`
+or an `accept` for each position). The device still decides: where its own
+gate (the `.pte`, float reassociation in XNNPACK) lands on the other side of
+tau, it asks with `need_taps` as usual, or ignores the pushed taps. Tokens
+never depend on the prediction, only bytes and round trips do.
+"""
+
+import numpy as np
+
+from spa import codec
+
+_EPS = 1e-6  # spa.plugin.rms
+
+
+def gate_probability(f: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
+    """p = softmax(M_c rms(f))[1] for one position's f [H], in float32 numpy."""
+    f = np.asarray(f, dtype=np.float32).reshape(-1)
+    x = f / np.sqrt(np.mean(f * f) + np.float32(_EPS), dtype=np.float32)
+    logits = weight @ x + bias
+    return float(1.0 / (1.0 + np.exp(np.float64(logits[0]) - np.float64(logits[1]))))
+
+
+def predicts_open(f: np.ndarray, gate: tuple, scheme: str, outliers: int) -> bool:
+    """Will the device's gate open at this position? `gate` = (weight [2, H], bias [2], tau)."""
+    weight, bias, tau = gate
+    return gate_probability(codec.quantize(np.asarray(f, np.float32).reshape(1, -1), scheme, outliers), weight,
+                            bias) > tau
