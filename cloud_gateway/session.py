@@ -194,7 +194,7 @@ class GatewaySession:
         self.batch_rows = 0  # sum of the batch sizes of those steps (mean batch = batch_rows / decode_steps)
         self.max_batch = 1
         self.early_taps = 0  # taps sent while a draft was being computed (not after it)
-        self.deferred = None  # an event received during a draft, handled after it
+        self.deferred = None  # a device map received during a draft, handled after it
 
     @property
     def kv_bytes(self) -> int:
@@ -310,9 +310,10 @@ class GatewaySession:
                     await link.close(NORMAL_CLOSE)
                     return
                 if self.deferred is not None:
-                    event, self.deferred = self.deferred, None
+                    d, self.deferred = self.deferred, None
                 else:
-                    event = proto.receive(await link.recv(self.limits.idle_timeout_s))
+                    d = await link.recv(self.limits.idle_timeout_s)
+                event = proto.receive(d)
                 if isinstance(event, Closed):
                     await link.close(NORMAL_CLOSE)
                     return
@@ -362,14 +363,15 @@ class GatewaySession:
             d = await self.link.recv_before(job)
             if d is None:
                 return
+            if d.get("type") not in ("need_taps", "accept"):
+                self.deferred = d  # not even parsed: the protocol state must not move under the draft
+                return
             event = self.proto.receive(d)
             if isinstance(event, TapsWanted):
                 self.early_taps += 1
                 await self._send_taps(event.pos)
-            elif isinstance(event, Accepted):
-                self._forget_through(event.upto)
             else:
-                self.deferred = event
+                self._forget_through(event.upto)
 
     async def _send_taps(self, pos: int) -> None:
         await self.link.send(self.proto.taps(pos, await self._wire_taps(self.states[pos])))
