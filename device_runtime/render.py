@@ -38,7 +38,9 @@ def format_stats(stats: dict) -> str:
         f"--- {stats['tokens']} tokens; side network used on {stats['side_tokens']} ({stats['side_usage']:.0%}) "
         f"at tau {stats['tau']:.3g}; {stats['rollbacks']} rollbacks (W = {stats['window']})",
         f"    bytes per token: {stats['bytes_down_per_token']:.0f} down, {stats['bytes_up_per_token']:.0f} up "
-        f"({stats['codec']}; handshake {stats['handshake_bytes_up']} up) | "
-        f"round trips per token: {stats['round_trips_per_token']:.2f}",
+        f"({stats['codec']}{'; cloud-side projection' if stats.get('cloud_projection') else ''}; "
+        f"handshake {stats['handshake_bytes_up']} up) | "
+        f"round trips per token: {stats['round_trips_per_token']:.2f}"
+        + (f" ({stats['pushed_taps_used']} side tokens from pushed taps)" if stats.get("push_taps") else ""),
         f"    time to first token {stats['ttft_s']:.2f} s | {tps} | {stats['wall_s']:.2f} s in all",
     ])
