@@ -357,8 +357,8 @@ class GatewaySession:
         """While the compute thread drafts, answer what needs no backbone work:
         taps (cached; projected off the compute thread) and accepts. The side
         network's round trip then starts without waiting for the draft (up to
-        a decode step). Any other event waits until the draft is recorded, and
-        so does everything received after it, to keep the order."""
+        a decode step). Any other message waits, unparsed, until the draft is
+        recorded, and so does everything received after it, to keep the order."""
         while not job.done() and self.deferred is None:
             d = await self.link.recv_before(job)
             if d is None:
