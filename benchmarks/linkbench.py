@@ -385,25 +385,21 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
             _maybe_fail("servers")
             common = {"prompts": prompts, "token": token, "pte": str(pte_path.resolve()), "threads": 1 if dev_core else None,
                       "options": {"window": 0, "codec": codec, "outliers": 8}}
+            def spa_job(tau_used, window_used=0, **extra):
+                return {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": tau_used,
+                        "url": link.device_url(host, gateway.port),
+                        "options": {"window": window_used, "codec": codec, "outliers": 8}, **extra}
+
             jobs = {
                 "cloud_only": lambda: {"mode": "stream", "max_new_tokens": max_new_tokens,
                                        "url": link.device_url(host, baseline.port)},
-                "side_every_token": lambda: {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": -1.0,
-                                             "url": link.device_url(host, gateway.port)},
+                "side_every_token": lambda: spa_job(-1.0),
                 "per_layer": lambda: {"mode": "per_layer", "max_new_tokens": min(per_layer_tokens, max_new_tokens),
                                       "rank": 16, "url": link.device_url(host, baseline.port)},
-                "spa_lockstep": lambda: {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": tau,
-                                         "url": link.device_url(host, gateway.port)},
-                "spa_draft": lambda: {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": tau,
-                                      "url": link.device_url(host, gateway.port),
-                                      "options": {"window": window, "codec": codec, "outliers": 8}},
-                "spa_draft_proj": lambda: {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": tau,
-                                           "url": link.device_url(host, gateway.port), "cloud_projection": True,
-                                           "options": {"window": window, "codec": codec, "outliers": 8}},
-                "spa_draft_push": lambda: {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": tau,
-                                           "url": link.device_url(host, gateway.port), "cloud_projection": True,
-                                           "push_taps": True,
-                                           "options": {"window": window, "codec": codec, "outliers": 8}},
+                "spa_lockstep": lambda: spa_job(tau),
+                "spa_draft": lambda: spa_job(tau, window),
+                "spa_draft_proj": lambda: spa_job(tau, window, cloud_projection=True),
+                "spa_draft_push": lambda: spa_job(tau, window, cloud_projection=True, push_taps=True),
                 "device_only": lambda: {"mode": "device_only", "max_new_tokens": max_new_tokens,
                                         "backbone_pte": str(backbone_pte), "eos_ids": _eos_ids()},
             }
