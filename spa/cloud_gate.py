@@ -15,18 +15,17 @@ never depend on the prediction, only bytes and round trips do.
 """
 
 import numpy as np
+import torch
 
 from spa import codec
-
-_EPS = 1e-6  # spa.plugin.rms
+from spa.plugin import rms
 
 
 def gate_probability(f: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
-    """p = softmax(M_c rms(f))[1] for one position's f [H], in float32 numpy."""
-    f = np.asarray(f, dtype=np.float32).reshape(-1)
-    x = f / np.sqrt(np.mean(f * f) + np.float32(_EPS), dtype=np.float32)
-    logits = weight @ x + bias
-    return float(1.0 / (1.0 + np.exp(np.float64(logits[0]) - np.float64(logits[1]))))
+    """p = softmax(M_c rms(f))[1] for one position's f [H] (the Gate module's arithmetic)."""
+    x = rms(torch.from_numpy(np.asarray(f, dtype=np.float32).reshape(-1)))
+    logits = torch.from_numpy(weight) @ x + torch.from_numpy(bias)
+    return float(torch.softmax(logits, dim=-1)[1])
 
 
 def predicts_open(f: np.ndarray, gate: tuple, scheme: str, outliers: int) -> bool:
