@@ -4,7 +4,8 @@ A *reader profile* is one ACLSum aspect: a reader who wants the paper's
 `challenge`, its `approach`, or its `outcome`. That aspect's human summary is
 the personalized summary the reader's plugin learns to write.
 
-Prompt format (documented in the README): the document comes first, then the
+Prompt format (specified in docs/PROTOCOL.md §4, "The prompt", so that any
+client rebuilds it exactly): the document comes first, then the
 instruction, inside the backbone's chat template, so that one prefill of the
 document can serve several instructions. The plugin's prompt uses a generic
 instruction; the personalization is the plugin's job. The prompted-backbone
@@ -74,6 +75,22 @@ def approx_tokens(text: str) -> int:
 
 def document_text(paper: Paper, max_doc_tokens: int) -> str:
     """The paper as prompt text, truncated to about `max_doc_tokens` tokens."""
+    keep = kept_sentences(paper, max_doc_tokens)
+    parts = [paper.title]
+    for section in _SECTION_ORDER:
+        kept = [s for i, s in enumerate(paper.sections.get(section, [])) if (section, i) in keep]
+        if kept:
+            parts.append(f"{section.capitalize()}: " + " ".join(kept))
+    return "\n".join(parts)
+
+
+def sentence_count(paper: Paper) -> int:
+    """Sentences a whole document of the paper has (those of the sections it prints)."""
+    return sum(len(paper.sections.get(section, [])) for section in _SECTION_ORDER)
+
+
+def kept_sentences(paper: Paper, max_doc_tokens: int) -> set[tuple[str, int]]:
+    """(section, index) of the sentences that fit: by section priority, in order, while they fit."""
     budget = max_doc_tokens - approx_tokens(paper.title)
     keep = set()
     for section in _SECTION_PRIORITY:
@@ -83,16 +100,12 @@ def document_text(paper: Paper, max_doc_tokens: int) -> str:
                 break
             budget -= cost
             keep.add((section, i))
-    parts = [paper.title]
-    for section in _SECTION_ORDER:
-        kept = [s for i, s in enumerate(paper.sections.get(section, [])) if (section, i) in keep]
-        if kept:
-            parts.append(f"{section.capitalize()}: " + " ".join(kept))
-    return "\n".join(parts)
+    return keep
 
 
 def plain_document(text: str, max_doc_tokens: int) -> str:
-    """Any text as a document: cut at a word boundary to about `max_doc_tokens` tokens."""
+    """Any text as a document: whitespace runs collapsed to one space (str.split),
+    then cut at a word boundary to at most 4 * `max_doc_tokens` characters."""
     text = " ".join(text.split())
     limit = 4 * max_doc_tokens
     if len(text) <= limit:

@@ -56,7 +56,7 @@ class FrameCodec:
         try:
             msg = msgpack.unpackb(payload, raw=False, strict_map_key=True, **self._unpack_limits)
         except ValueError as e:  # every msgpack unpack error derives from ValueError
-            raise ProtocolError("bad_frame", f"bad msgpack: {e}") from None
+            raise ProtocolError("bad_frame", f"bad msgpack: {_reason(e)}") from None
         if not isinstance(msg, dict):
             raise ProtocolError("bad_frame", f"expected a msgpack map, got {type(msg).__name__}")
         return msg
@@ -80,3 +80,14 @@ class FrameCodec:
             )
         except zstandard.ZstdError as e:
             raise ProtocolError("bad_frame", f"bad zstd frame: {e}") from None
+
+
+def _reason(e: ValueError) -> str:
+    """A readable reason for a msgpack error; some (FormatError, StackError) carry no text."""
+    if str(e):
+        return str(e)
+    if isinstance(e, msgpack.exceptions.FormatError):
+        return "a byte that starts no msgpack value (e.g. 0xc1, which msgpack never uses)"
+    if isinstance(e, msgpack.exceptions.StackError):
+        return "values nested too deeply"
+    return type(e).__name__

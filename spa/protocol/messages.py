@@ -5,13 +5,22 @@
 first defect. `msg.to_dict()` builds the map to send. Keys a message does not
 define are ignored, so a later version can add optional fields.
 
-Activations (`f`, `taps`, `s`) stay in their encoded form (spa.codec); parsing
-decodes them once to validate them.
+Activations (`f`, `taps`, `s`) keep their encoded form (spa.codec), which is
+what `to_dict` sends. Parsing decodes each one once, to validate it, and keeps
+the decoded float32 matrix on the message (`Step.f_array`, `Step.taps_array`,
+`Taps.taps_array`, `Side.s_array`) so that no receiver decodes it again. A
+message built locally to be sent leaves those None.
+
+`parse(d, receiver)` also enforces the direction: a known type that the
+receiver never receives is `unknown_type` before its fields are looked at
+(docs/PROTOCOL.md §3).
 """
 
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+import numpy as np
 
 from spa import codec
 from spa.protocol.errors import ProtocolError
@@ -50,7 +59,7 @@ class _Fields:
     def number(self, name: str, lo: float) -> float:
         v = self._get(name)
         if type(v) not in (int, float) or not math.isfinite(v) or v < lo:
-            self._bad(name, f"expected a finite number >= {lo}")
+            self._bad(name, "expected a finite number" + ("" if lo == -math.inf else f" >= {lo:g}"))
         return float(v)
 
     def flag(self, name: str) -> bool:
@@ -62,7 +71,7 @@ class _Fields:
     def text(self, name: str, max_len: int | None = MAX_NAME, choices=None) -> str:
         v = self._get(name)
         if type(v) is not str or (max_len is not None and len(v) > max_len):
-            self._bad(name, f"expected a str of at most {max_len} characters")
+            self._bad(name, "expected a str" + ("" if max_len is None else f" of at most {max_len} characters"))
         if choices is not None and v not in choices:
             self._bad(name, f"expected one of {', '.join(choices)}")
         return v
@@ -96,13 +105,13 @@ class _Fields:
             self._bad(name, f"expected a non-empty ascending list of ints in [0, {MAX_LAYER}]")
         return tuple(v)
 
-    def activation(self, name: str) -> dict:
+    def activation(self, name: str) -> tuple[dict, np.ndarray]:
+        """(the encoded map, its decoded float32 [rows, cols]): decoded here, once."""
         v = self._get(name)
         try:
-            codec.decode(v)
+            return v, codec.decode(v)
         except ProtocolError as e:
             self._bad(name, e.message)
-        return v
 
 
 @dataclass(frozen=True)
@@ -320,13 +329,16 @@ class Side:
     epoch: int
     pos: int
     s: dict  # encoded activation, 1 row
+    s_array: np.ndarray | None = field(default=None, repr=False, compare=False)  # decoded s [1, H]; set by parse
 
     def to_dict(self) -> dict:
         return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "s": self.s}
 
     @classmethod
     def read(cls, f: _Fields) -> "Side":
-        return cls(f.integer("epoch"), f.integer("pos"), f.activation("s"))
+        epoch, pos = f.integer("epoch"), f.integer("pos")
+        s, s_array = f.activation("s")
+        return cls(epoch, pos, s, s_array)
 
 
 @dataclass(frozen=True)
@@ -383,6 +395,9 @@ class Step:
     draft: int  # the backbone's token x_{t+1}, kept if sigma_t = 0
     piece: bytes  # UTF-8 bytes of the draft's text, possibly a partial character
     taps: dict | None = None  # pushed taps of this position (hello.gate predicted sigma = 1), as in `taps`
+    # Decoded by parse (None on a message built to be sent): f [1, H], pushed taps [rows, cols].
+    f_array: np.ndarray | None = field(default=None, repr=False, compare=False)
+    taps_array: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         d = {
@@ -399,10 +414,11 @@ class Step:
 
     @classmethod
     def read(cls, f: _Fields) -> "Step":
-        taps = None if f.d.get("taps") is None else f.activation("taps")
-        return cls(
-            f.integer("epoch"), f.integer("pos"), f.activation("f"), f.integer("draft"), f.blob("piece"), taps
-        )
+        epoch, pos = f.integer("epoch"), f.integer("pos")
+        fmap, f_array = f.activation("f")
+        draft, piece = f.integer("draft"), f.blob("piece")
+        taps, taps_array = (None, None) if f.d.get("taps") is None else f.activation("taps")
+        return cls(epoch, pos, fmap, draft, piece, taps, f_array, taps_array)
 
 
 @dataclass(frozen=True)
@@ -411,13 +427,16 @@ class Taps:
     epoch: int
     pos: int
     taps: dict  # encoded activation, one row per tapped layer, in plugin.taps order
+    taps_array: np.ndarray | None = field(default=None, repr=False, compare=False)  # decoded; set by parse
 
     def to_dict(self) -> dict:
         return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "taps": self.taps}
 
     @classmethod
     def read(cls, f: _Fields) -> "Taps":
-        return cls(f.integer("epoch"), f.integer("pos"), f.activation("taps"))
+        epoch, pos = f.integer("epoch"), f.integer("pos")
+        taps, taps_array = f.activation("taps")
+        return cls(epoch, pos, taps, taps_array)
 
 
 @dataclass(frozen=True)
@@ -529,10 +548,29 @@ MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Bye, Ready, Step,
 Message = Hello | Accept | NeedTaps | Side | Bye | Ready | Step | Taps | Verdict | End | Error | Resumed
 
 
-def parse(d: dict) -> Message:
-    """Validate an unpacked map and return its message; raises ProtocolError."""
+# The types each side receives (docs/PROTOCOL.md §4); `error` goes both ways.
+RECEIVES = {
+    "gateway": frozenset({"hello", "accept", "need_taps", "side", "bye", "error"}),
+    "device": frozenset({"ready", "resumed", "step", "taps", "verdict", "end", "error"}),
+}
+
+
+def parse(d: dict, receiver: str | None = None) -> Message:
+    """Validate an unpacked map and return its message; raises ProtocolError.
+
+    `receiver` ("gateway" or "device"): a type that side never receives is
+    `unknown_type`, decided from `type` alone, before any other field is read.
+    None accepts the messages of both directions (tests, tools).
+    """
     f = _Fields(d, "message")
-    kind = f.text("type", max_len=32)
+    kind = f.text("type", max_len=None)  # missing or not a str: bad_field (message.type)
     if kind not in MESSAGES:
-        raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+        raise ProtocolError("unknown_type", f"unknown message type {_shown(kind)}")
+    if receiver is not None and kind not in RECEIVES[receiver]:
+        raise ProtocolError("unknown_type", f"the {receiver} does not receive {kind!r}")
     return MESSAGES[kind].read(_Fields(d, kind))
+
+
+def _shown(kind: str, limit: int = 64) -> str:
+    """repr of an unknown type for an error text, shortened: it may be megabytes long."""
+    return repr(kind) if len(kind) <= limit else repr(kind[:limit]) + f"... ({len(kind)} characters)"
