@@ -194,9 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--token", default=os.environ.get("SPA_GATEWAY_TOKEN") or None)
     args = ap.parse_args(argv)
-    from spa.cli import _quiet_libraries
+    from spa.quiet import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     asyncio.run(_main(args.host, args.port, args.token))
     return 0
 

@@ -119,7 +119,7 @@ def agreement(runs: list[dict], reference: list[dict]) -> float:
 def run_bytes_bench(*, plugin: str | None, docs: list[str], max_new_tokens: int = 32, tap_every=(3, 5),
                     levels=(1, 3, 9, 19), workdir: Path = Path("runs/bench"), tau: float | None = None,
                     skip_cost: float = 0.3, backbone=None, log=print) -> dict:
-    from benchmarks.linkbench import _prompts, ensure_plugin
+    from benchmarks.provision import ensure_plugin, plugin_prompts
     from spa.backbone import load_backbone
     from spa.plugin import read_config
     from spa.pte import PtePlugin
@@ -138,7 +138,7 @@ def run_bytes_bench(*, plugin: str | None, docs: list[str], max_new_tokens: int 
         pte = PtePlugin(pte_path)
         config, _ = read_config(pte_path.parent)
         threshold = pte.tau if tau is None else tau
-        prompts = _prompts(pte_path, docs)
+        prompts = plugin_prompts(pte_path, docs)
         val = (config.training.get("metrics") or {}).get("val", {}) if isinstance(config.training, dict) else {}
         entry = {"label": label, "pte": str(pte_path), "taps": len(config.taps), "tau": threshold,
                  "val_loss_gated": val.get("loss_gated"), "val_loss_backbone": val.get("loss_backbone"),

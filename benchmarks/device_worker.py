@@ -165,9 +165,9 @@ def main(argv=None) -> int:
     if len(argv) != 2:
         print("usage: python -m benchmarks.device_worker JOB.json OUT.json", file=sys.stderr)
         return 2
-    from spa.cli import _quiet_libraries
+    from spa.quiet import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     with open(argv[0]) as f:
         job = json.load(f)
     result = run_job(job)

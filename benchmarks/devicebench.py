@@ -25,11 +25,12 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.provision import ensure_plugin
+from spa.children import pinned, python_command, python_env, run
 from spa.errors import SpaError
 
 SCHEMA = "spa-android-bench/1"
@@ -46,8 +47,6 @@ def _now() -> str:
 
 
 def default_ptes(workdir: Path, log=print) -> list[Path]:
-    from benchmarks.linkbench import ensure_plugin
-
     fp32 = ensure_plugin(None, workdir, log=log)
     return [fp32, fp32.parent / "plugin-int8.pte"]
 
@@ -64,8 +63,6 @@ def _cpu_model() -> str:
 
 def run_local(ptes, *, workdir: Path = Path("runs/bench"), iterations: int = 200, warmup: int = 20,
               core: str | None = None, log=print) -> dict:
-    from benchmarks.link import ROOT, python_env
-
     ptes = [Path(p) for p in (ptes or default_ptes(workdir, log))]
     cores = os.cpu_count() or 1
     core = core if core is not None else ("1" if cores >= 2 else None)
@@ -78,10 +75,9 @@ def run_local(ptes, *, workdir: Path = Path("runs/bench"), iterations: int = 200
               "load_average": os.getloadavg()}
     for pte in ptes:
         log(f"measuring {pte} ({iterations} calls per method after {warmup} warm-up)...")
-        pin = ["taskset", "-c", core] if core else []
-        proc = subprocess.run([*pin, sys.executable, "-m", "benchmarks.pte_worker", str(pte), "--iterations",
-                               str(iterations), "--warmup", str(warmup)], cwd=ROOT,
-                              env=python_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+        proc = run([*pinned(core), *python_command("benchmarks.pte_worker", pte, "--iterations", iterations,
+                                                   "--warmup", warmup)],
+                   env=python_env(OMP_NUM_THREADS="1"), timeout=900)
         try:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
         except (json.JSONDecodeError, IndexError):

@@ -36,15 +36,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spa.children import python_command, run, spawn, stop
 from spa.errors import SpaError
 
-ROOT = Path(__file__).resolve().parent.parent
 NS_PREFIX = "spabench-"
 VETH_PREFIX = "spb"
 
@@ -69,11 +68,8 @@ PROFILES = {
 }
 
 
-def python_env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_command(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a system command (ip, tc, iptables) to its end; SpaError naming it if it fails and `check`."""
     proc = subprocess.run(list(cmd), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise SpaError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
@@ -94,7 +90,7 @@ def our_namespaces() -> list[str]:
     """Namespaces made by `spa bench link` (any process), as `ip netns list` names them."""
     if shutil.which("ip") is None:
         return []
-    out = _run("ip", "netns", "list", check=False).stdout
+    out = run_command("ip", "netns", "list", check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(NS_PREFIX)]
 
 
@@ -105,13 +101,13 @@ def cleanup_stale() -> list[str]:
         match = re.match(rf"{NS_PREFIX}(\d+)-", name)
         if match and not _alive(int(match.group(1))):
             _kill_ns_processes(name)
-            _run("ip", "netns", "del", name, check=False)
+            run_command("ip", "netns", "del", name, check=False)
             removed.append(name)
     return removed
 
 
 def _kill_ns_processes(ns: str) -> None:
-    pids = _run("ip", "netns", "pids", ns, check=False).stdout.split()
+    pids = run_command("ip", "netns", "pids", ns, check=False).stdout.split()
     for pid in pids:
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -173,7 +169,7 @@ class Link:
 
     def teardown(self) -> None:
         for child in self._children:
-            _stop(child)
+            stop(child)
         self._children.clear()
 
     def __enter__(self) -> "Link":
@@ -186,27 +182,6 @@ class Link:
 
     def __exit__(self, *exc) -> None:
         self.teardown()
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                proc.kill()
-            proc.wait()
-
-
-def spawn(cmd: list[str], **kw) -> subprocess.Popen:
-    """A child in its own process group (a terminal's Ctrl-C reaches only the driver, which tears down in order)."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=kw.pop("env", python_env()), start_new_session=True, **kw)
 
 
 class NetnsLink(Link):
@@ -239,42 +214,43 @@ class NetnsLink(Link):
         cleanup_stale()
         p = self.profile
         for ns in (self.ns_gw, self.ns_dev):
-            _run("ip", "netns", "add", ns)
+            run_command("ip", "netns", "add", ns)
             self._created.append(ns)
-        _run("ip", "link", "add", self.veth_gw, "type", "veth", "peer", "name", self.veth_dev)
-        _run("ip", "link", "set", self.veth_gw, "netns", self.ns_gw)
-        _run("ip", "link", "set", self.veth_dev, "netns", self.ns_dev)
+        run_command("ip", "link", "add", self.veth_gw, "type", "veth", "peer", "name", self.veth_dev)
+        run_command("ip", "link", "set", self.veth_gw, "netns", self.ns_gw)
+        run_command("ip", "link", "set", self.veth_dev, "netns", self.ns_dev)
         sides = ((self.ns_gw, self.veth_gw, self.gateway_host, p.down_mbit),
                  (self.ns_dev, self.veth_dev, self.device_host, p.up_mbit))
         for ns, dev, addr, egress_mbit in sides:
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _run("ip", "-n", ns, "link", "set", dev, "up")
+            run_command("ip", "-n", ns, "link", "set", "lo", "up")
+            run_command("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            run_command("ip", "-n", ns, "link", "set", dev, "up")
             if egress_mbit:
                 # burst: at least a few full-size frames; limit: about half a second of queue.
                 burst = max(32 * 1024, int(egress_mbit * 1e6 / 8 / 250))
                 limit = max(256 * 1024, int(egress_mbit * 1e6 / 8 * 0.5))
-                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                run_command("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
                      "rate", f"{egress_mbit}mbit", "burst", str(burst), "limit", str(limit))
             if p.loss_pct:
-                _run("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
+                run_command("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
                      "-m", "statistic", "--mode", "random", "--probability", f"{p.loss_pct / 100:.6f}", "-j", "DROP")
             if p.rtt_ms > 0:
                 ready = Path(tempfile.gettempdir()) / f"spabench-nfq-{ns}.ready"
                 ready.parent.mkdir(parents=True, exist_ok=True)
                 ready.unlink(missing_ok=True)
-                child = spawn(["ip", "netns", "exec", ns, sys.executable, "-m", "benchmarks.nfq_delay",
-                               "--queue", "0", "--delay-ms", str(p.rtt_ms / 2), "--ready-file", str(ready)],
+                child = spawn(["ip", "netns", "exec", ns, *python_command(
+                                   "benchmarks.nfq_delay", "--queue", "0", "--delay-ms", p.rtt_ms / 2,
+                                   "--ready-file", ready)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 self._children.append(child)
                 _wait_file(ready, child, "the NFQUEUE delay program")
                 ready.unlink(missing_ok=True)
                 # Without --queue-bypass: if the delay program dies, packets drop (a visible failure).
-                _run("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
+                run_command("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
                      "-j", "NFQUEUE", "--queue-num", "0")
 
     def counters(self) -> dict | None:
-        proc = _run("ip", "-n", self.ns_dev, "-s", "-j", "link", "show", "dev", self.veth_dev, check=False)
+        proc = run_command("ip", "-n", self.ns_dev, "-s", "-j", "link", "show", "dev", self.veth_dev, check=False)
         if proc.returncode != 0:
             return None
         import json
@@ -286,11 +262,11 @@ class NetnsLink(Link):
         super().teardown()
         for ns in reversed(self._created):
             _kill_ns_processes(ns)
-            _run("ip", "netns", "del", ns, check=False)
+            run_command("ip", "netns", "del", ns, check=False)
         self._created.clear()
         # The veth pair goes with its namespaces; if setup failed before moving it, delete it here.
-        if _run("ip", "link", "show", self.veth_gw, check=False).returncode == 0:
-            _run("ip", "link", "del", self.veth_gw, check=False)
+        if run_command("ip", "link", "show", self.veth_gw, check=False).returncode == 0:
+            run_command("ip", "link", "del", self.veth_gw, check=False)
 
 
 class ProxyLink(Link):
@@ -322,8 +298,8 @@ class ProxyLink(Link):
         ready = Path(tempfile.gettempdir()) / f"spabench-proxy-{os.getpid()}-{port}.ready"
         ready.parent.mkdir(parents=True, exist_ok=True)
         ready.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "benchmarks.delay_proxy", "--target", f"127.0.0.1:{port}",
-               "--delay-ms", str(p.rtt_ms / 2), "--ready-file", str(ready)]
+        cmd = python_command("benchmarks.delay_proxy", "--target", f"127.0.0.1:{port}",
+                             "--delay-ms", p.rtt_ms / 2, "--ready-file", ready)
         if p.down_mbit:
             cmd += ["--down-mbit", str(p.down_mbit), "--up-mbit", str(p.up_mbit)]
         child = spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -375,18 +351,18 @@ def measure_link(link: Link, seconds: float = 1.0) -> dict:
     up = int(min(8 << 20, max(256 << 10, (p.up_mbit or 400) * 1e6 / 8 * seconds)))
     ready = Path(tempfile.gettempdir()) / f"spabench-probe-{os.getpid()}.ready"
     ready.unlink(missing_ok=True)
-    server = spawn([*link.gateway_prefix(), sys.executable, "-m", "benchmarks.probe", "serve",
-                    "--host", link.gateway_host, "--port", "0", "--ready-file", str(ready)],
+    server = spawn([*link.gateway_prefix(), *python_command("benchmarks.probe", "serve",
+                    "--host", link.gateway_host, "--port", "0", "--ready-file", ready)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_file(ready, server, "the link probe")
         host, port = link.device_host_port(int(ready.read_text().strip()))
-        proc = subprocess.run([*link.device_prefix(), sys.executable, "-m", "benchmarks.probe", "measure",
-                               "--host", host, "--port", str(port), "--down-bytes", str(down), "--up-bytes", str(up)],
-                              cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=120)
+        proc = run([*link.device_prefix(), *python_command("benchmarks.probe", "measure", "--host", host,
+                                                            "--port", port, "--down-bytes", down, "--up-bytes", up)],
+                   timeout=120)
         if proc.returncode != 0:
             raise SpaError(f"the link probe failed: {proc.stderr.strip()[-2000:]}")
         return json.loads(proc.stdout)
     finally:
-        _stop(server)
+        stop(server)
         ready.unlink(missing_ok=True)

@@ -27,14 +27,15 @@ import os
 import secrets
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.link import PROFILES, ROOT, Link, _stop, make_link, measure_link, python_env, spawn
+from benchmarks.link import PROFILES, Link, make_link, measure_link
+from benchmarks.provision import DEFAULT_SKIP_COST, ensure_plugin, plugin_prompts
+from benchmarks.stats import fmt, percentile
+from cloud_gateway.process import GatewayProcess
+from spa.children import ServerProcess, pinned, python_command, python_env, run
 from spa.errors import SpaError
 
 ROWS = ("cloud_only", "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push",
@@ -52,49 +53,6 @@ ROW_TITLES = {
 FAIL_ENV = "SPA_BENCH_FAIL_AT"  # test hook: "link" or "servers" raises right after that stage
 
 
-class ServerProcess:
-    """A server child (gateway or baseline server) that prints a banner naming its ws:// URL."""
-
-    def __init__(self, cmd: list[str], what: str, start_timeout: float = 300.0):
-        env = python_env() | {"OMP_NUM_THREADS": "1"}
-        self.what = what
-        self.proc = spawn(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output: list[str] = []
-        self.url = None
-        timer = threading.Timer(start_timeout, self.stop)
-        timer.start()
-        try:
-            for line in self.proc.stdout:
-                self.output.append(line)
-                if " on ws://" in line:
-                    self.url = "ws://" + line.split(" on ws://")[1].split()[0]
-                    break
-        except BaseException:  # Ctrl-C while it starts: do not leave it behind
-            self.stop()
-            raise
-        finally:
-            timer.cancel()
-        if self.url is None:
-            self.stop()
-            raise SpaError(f"{what} did not start:\n" + "".join(self.output[-20:]))
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.output.append(line)
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-
 def _sigterm_to_exception():
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -110,72 +68,13 @@ def _maybe_fail(stage: str) -> None:
         raise RuntimeError(f"injected failure after the {stage} stage ({FAIL_ENV}={stage})")
 
 
-# --- plugin and device-only model -------------------------------------------
-
-
-def _spa(*args: str, quiet: bool = False) -> None:
-    proc = subprocess.run([sys.executable, "-m", "spa.cli", *args], cwd=ROOT, env=python_env(),
-                          capture_output=quiet, text=True)
-    if proc.returncode != 0:
-        detail = (proc.stdout or "")[-2000:] + (proc.stderr or "")[-2000:] if quiet else ""
-        raise SpaError(f"spa {' '.join(args)} failed ({proc.returncode}) {detail}")
-
-
-DEFAULT_SKIP_COST = 0.3
-
-
-def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", tap_every: int = 1,
-                  skip_cost: float = DEFAULT_SKIP_COST, log=print) -> Path:
-    """The plugin .pte to use: the one given, or a quick one trained and exported with `spa train/export`.
-
-    The quick plugin is trained with skip cost (lambda) `skip_cost`: with the
-    training default (0.05) the quick plugin's gate opens on ~95 % of tokens,
-    which makes SPA the same as side-on-every-token; 0.3 opens it on ~60 %.
-    """
-    if plugin:
-        path = Path(plugin)
-        if not path.is_file():
-            raise SpaError(f"{path} does not exist")
-        return path
-    suffix = ("" if tap_every == 1 else f"-tap{tap_every}") + f"-lambda{skip_cost:g}"
-    plugin_dir, export_dir = workdir / f"plugin-{profile}-quick{suffix}", workdir / f"export-{profile}-quick{suffix}"
-    pte = export_dir / "plugin-fp32.pte"
-    if pte.exists() and (export_dir / "plugin-int8.pte").exists() and _current_export(pte):
-        return pte
-    if not (plugin_dir / "config.json").exists():
-        log(f"training a quick plugin ({profile}, tap every {tap_every}, lambda {skip_cost:g}) into {plugin_dir} (spa train --quick)...")
-        extra = ["--skip-cost", str(skip_cost)] + ([] if tap_every == 1 else ["--tap-every", str(tap_every)])
-        _spa("train", "--quick", "--profile", profile, "--out", str(plugin_dir), *extra, quiet=True)
-    log(f"exporting it to {export_dir} (spa export)...")
-    try:
-        _spa("export", str(plugin_dir), "--out", str(export_dir), quiet=True)
-    except SpaError:
-        # `spa export` exits 1 when a variant misses its parity tolerance; the fp32 program is what
-        # the link rows run, so go on if that one is good, and say which variant failed.
-        manifest_file = export_dir / "manifest.json"
-        if not manifest_file.exists():
-            raise
-        variants = json.loads(manifest_file.read_text())["variants"]
-        if not variants.get("fp32", {}).get("parity", {}).get("ok"):
-            raise
-        failed = [v for v, info in variants.items() if not info["parity"]["ok"]]
-        log(f"  note: spa export reports variant(s) {', '.join(failed)} outside their parity tolerance "
-            f"(see {manifest_file}); the fp32 program is within it")
-    return pte
-
-
-def _current_export(pte: Path) -> bool:
-    """False for an export made before the `.pte` carried the projection weights: export it again."""
-    from spa.pte import PtePlugin
-
-    pte = PtePlugin(pte)
-    return pte.supports_projection and pte.supports_push
+# --- the device-only model ----------------------------------------------------
 
 
 def _backbone_fingerprint() -> str:
-    from spa.backbone import _IDENTITY_FILE, default_backbone_dir
+    from spa.backbone import IDENTITY_FILE, default_backbone_dir
 
-    return json.loads((default_backbone_dir() / _IDENTITY_FILE).read_text())["fingerprint"]
+    return json.loads((default_backbone_dir() / IDENTITY_FILE).read_text())["fingerprint"]
 
 
 def device_only_dir() -> Path:
@@ -196,23 +95,13 @@ def ensure_device_only(variant: str, log=print) -> tuple[Path, dict]:
                 and report.get("module_version") == MODULE_VERSION):
             return path, report
     log(f"exporting the whole backbone to ExecuTorch ({variant}) for the device-only row (once, a few minutes)...")
-    proc = subprocess.run([sys.executable, "-m", "export.backbone", "--out", str(out), "--variant", variant],
-                          cwd=ROOT, env=python_env(), capture_output=True, text=True)
+    proc = run(python_command("export.backbone", "--out", out, "--variant", variant))
     if proc.returncode != 0 or not report_file.exists():
         raise SpaError(f"backbone export failed: {proc.stderr[-3000:]}")
     return path, json.loads(report_file.read_text())
 
 
 # --- statistics --------------------------------------------------------------
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def summarize_row(docs: list[dict], reference: list[list[int]] | None = None) -> dict:
@@ -229,8 +118,8 @@ def summarize_row(docs: list[dict], reference: list[list[int]] | None = None) ->
         "tokens_per_s": decode_tokens / decode_time if decode_time > 0 else None,
         "tokens_per_s_end_to_end": tokens / sum(d["commit_s"][-1] for d in docs if d["commit_s"]) if tokens else None,
         "ttft_s": statistics.mean(d["ttft_s"] for d in docs if d["ttft_s"] is not None) if docs else None,
-        "itl_p50_ms": None if not gaps else _percentile(gaps, 50) * 1000,
-        "itl_p95_ms": None if not gaps else _percentile(gaps, 95) * 1000,
+        "itl_p50_ms": None if not gaps else percentile(gaps, 0.50) * 1000,
+        "itl_p95_ms": None if not gaps else percentile(gaps, 0.95) * 1000,
         "bytes_down_per_token": sum(d["bytes_down"] for d in docs) / n,
         "bytes_up_per_token": sum(d["bytes_up"] for d in docs) / n,
         "bytes_per_token": sum(d["bytes_down"] + d["bytes_up"] for d in docs) / n,
@@ -295,10 +184,8 @@ def _run_worker(link: Link, job: dict, core: str | None, timeout: float) -> dict
         job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_file.write_text(json.dumps(job))
         os.chmod(tmp, 0o755)
-        pin = ["taskset", "-c", core] if core else []
-        cmd = [*link.device_prefix(), *pin, sys.executable, "-m", "benchmarks.device_worker", str(job_file), str(out_file)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=python_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, timeout=timeout)
+        cmd = [*link.device_prefix(), *pinned(core), *python_command("benchmarks.device_worker", job_file, out_file)]
+        proc = run(cmd, env=python_env(OMP_NUM_THREADS="1"), timeout=timeout)
         if proc.returncode != 0 or not out_file.exists():
             raise SpaError(f"device worker ({job['mode']}) failed ({proc.returncode}): {proc.stderr.strip()[-3000:]}")
         return json.loads(out_file.read_text())
@@ -316,14 +203,6 @@ def _plugin_info(pte_path: Path) -> dict:
             "val_side_usage": val.get("side_usage")}
 
 
-def _prompts(pte_path: Path, docs: list[str]) -> list[str]:
-    from device_runtime.documents import device_prompt, load_document
-    from spa.plugin import read_config
-
-    config, _ = read_config(pte_path.parent)  # the export directory's config.json (same as the .pte's)
-    return [device_prompt(config, load_document(doc, config.max_doc_tokens)) for doc in docs]
-
-
 def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[str], max_new_tokens: int = 32,
                    per_layer_tokens: int = 8, window: int = 8, codec: str = "int8", rows=ROWS,
                    link_mode: str = "auto", device_variant: str = "fp32", workdir: Path = Path("runs/bench"),
@@ -336,7 +215,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
         raise SpaError(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     needs_plugin = True  # the prompts come from the plugin's template, for every row
     pte_path = ensure_plugin(plugin, workdir, skip_cost=skip_cost, log=log) if needs_plugin else None
-    prompts = _prompts(pte_path, docs)
+    prompts = plugin_prompts(pte_path, docs)
     backbone_pte, device_report = (ensure_device_only(device_variant, log=log) if "device_only" in rows
                                    else (None, None))
     cores = os.cpu_count() or 1
@@ -363,23 +242,23 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                 log(f"link measured: RTT {measured['rtt_ms']:.1f} ms (median of 20), "
                     f"{measured['down_mbit']:.1f} Mbit/s down, {measured['up_mbit']:.1f} Mbit/s up "
                     f"(helper pids: {' '.join(map(str, link.child_pids())) or 'none'})")
-            pin_gw = ["taskset", "-c", gw_core] if gw_core else []
+            on_gateway_side = [*link.gateway_prefix(), *pinned(gw_core)]
+            one_thread = {"OMP_NUM_THREADS": "1"}
             host = link.gateway_host
             need_gateway = any(r in rows for r in ("side_every_token", "spa_lockstep", "spa_draft", "spa_draft_proj",
                                                    "spa_draft_push"))
             need_baseline = any(r in rows for r in ("cloud_only", "per_layer"))
             if need_gateway:
                 log("starting spa gateway on the gateway side...")
-                servers.append(ServerProcess([*link.gateway_prefix(), *pin_gw, sys.executable, "-m", "spa.cli",
-                                              "gateway", "--host", host, "--port", "0", "--token", token],
-                                             "spa gateway"))
+                servers.append(GatewayProcess("--host", host, "--token", token, prefix=on_gateway_side,
+                                              env=one_thread))
                 gateway = servers[-1]
                 log(f"  spa gateway pid {gateway.pid} at {gateway.url}")
             if need_baseline:
                 log("starting the baseline server (cloud-only stream, per-layer split) on the gateway side...")
-                servers.append(ServerProcess([*link.gateway_prefix(), *pin_gw, sys.executable, "-m",
-                                              "benchmarks.baseline_server", "--host", host, "--port", "0",
-                                              "--token", token], "baseline server"))
+                servers.append(ServerProcess([*on_gateway_side, *python_command(
+                    "benchmarks.baseline_server", "--host", host, "--port", "0", "--token", token)],
+                    "baseline server", env=python_env(**one_thread)))
                 baseline = servers[-1]
                 log(f"  baseline server pid {baseline.pid} at {baseline.url}")
             _maybe_fail("servers")
@@ -450,12 +329,8 @@ def _eos_ids() -> list[int]:
 # --- output ------------------------------------------------------------------------
 
 
-def _fmt(v, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)
-
-
 def _one_line(s: dict) -> str:
-    return (f"{s['tokens']} tokens, {_fmt(s['tokens_per_s'], '.1f')} tok/s, TTFT {_fmt(s['ttft_s'], '.2f')} s, "
+    return (f"{s['tokens']} tokens, {fmt(s['tokens_per_s'], '.1f')} tok/s, TTFT {fmt(s['ttft_s'], '.2f')} s, "
             f"{s['bytes_down_per_token']:.0f} B down/{s['bytes_up_per_token']:.0f} B up per token, "
             f"{s['round_trips_per_token']:.2f} RT/token, side {s['side_usage']:.0%}")
 
@@ -468,8 +343,8 @@ def format_result(result: dict) -> str:
     pi = result.get("plugin_info")
     if pi:
         lines.append(f"plugin: {result['plugin']} ({pi['taps']} taps, r={pi['rank']}, lambda {pi['skip_cost']}, "
-                     f"tau {pi['tau_used']:.3g}; val loss {_fmt(pi['val_loss_backbone'], '.3f')} backbone -> "
-                     f"{_fmt(pi['val_loss_gated'], '.3f')} gated at {_fmt(pi['val_side_usage'], '.0%')} side usage)")
+                     f"tau {pi['tau_used']:.3g}; val loss {fmt(pi['val_loss_backbone'], '.3f')} backbone -> "
+                     f"{fmt(pi['val_loss_gated'], '.3f')} gated at {fmt(pi['val_side_usage'], '.0%')} side usage)")
     link = result.get("link", {})
     lines.append(f"link: {link.get('description', '-')}")
     m = link.get("measured")
@@ -493,11 +368,11 @@ def format_result(result: dict) -> str:
             lines.append(f"{ROW_TITLES[name]:44} failed: {r['error'][:200]}")
             continue
         lines.append(
-            f"{ROW_TITLES[name]:44} {_fmt(r['tokens_per_s'], '6.1f'):>6} {_fmt(r.get('tokens_per_s_vs_cloud_only'), '6.2f'):>7} "
-            f"{_fmt(r['ttft_s'], '7.2f'):>7} {_fmt(r['itl_p50_ms'], '8.1f'):>8} {_fmt(r['itl_p95_ms'], '8.1f'):>8} "
+            f"{ROW_TITLES[name]:44} {fmt(r['tokens_per_s'], '6.1f'):>6} {fmt(r.get('tokens_per_s_vs_cloud_only'), '6.2f'):>7} "
+            f"{fmt(r['ttft_s'], '7.2f'):>7} {fmt(r['itl_p50_ms'], '8.1f'):>8} {fmt(r['itl_p95_ms'], '8.1f'):>8} "
             f"{r['bytes_down_per_token']:>9.0f} {r['bytes_up_per_token']:>7.0f} {r['handshake_bytes'] / 1e3:>6.1f} "
             f"{r['round_trips_per_token']:>6.2f} "
-            f"{r['side_usage']:>5.0%} {r['change_rate']:>5.0%} {_fmt(r.get('same_tokens_as_cloud_only'), '6.0%'):>6}")
+            f"{r['side_usage']:>5.0%} {r['change_rate']:>5.0%} {fmt(r.get('same_tokens_as_cloud_only'), '6.0%'):>6}")
     lines.append("tok/s: committed tokens per second after the first (decode); TTFT from opening the connection; "
                  "ITL: inter-token latency as committed; B/t: websocket payload bytes per token after the handshake; "
                  "hs KB: handshake per document, both ways (prompt; the projection weights for +proj); "

@@ -18,13 +18,14 @@ others (taskset / sched_setaffinity); the output says so.
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from benchmarks.cli import progress_log, write_result
+from benchmarks.provision import ensure_plugin
+from benchmarks.stats import fmt, percentile, rss
+from cloud_gateway.process import GatewayProcess
+from spa.children import pinned
 
 QUESTIONS = [
     "What is rain?", "Name a fruit.", "Why do cats purr?", "What is a star?", "Define gravity.",
@@ -45,72 +46,27 @@ def chat_prompt(question: str) -> str:
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def add_load_parser(bench_sub) -> None:
-    p = bench_sub.add_parser("load", help="N concurrent device sessions against one gateway: sessions held, tokens/s, "
-                                          "p95 inter-token latency, peak memory, batching (ratios vs 1 session)")
-    p.add_argument("--sessions", nargs="+", type=int, default=[16, 32, 64], help="session counts (default 16 32 64)")
-    p.add_argument("--plugin", help="plugin .pte (default: train and export a quick one into --workdir)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per session (default 16)")
-    p.add_argument("--window", type=int, default=4, help="draft-ahead window W (default 4)")
-    p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"])
-    p.add_argument("--tau", type=float, help="gate threshold (default: the plugin's)")
-    p.add_argument("--unbatched", action="store_true",
-                   help="also run the largest count against a gateway with --max-batch 1 (no batching)")
-    p.add_argument("--no-pin", action="store_true", help="do not pin gateway and devices to different CPUs")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="quick plugin and exports (reused)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where load.json goes")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
-    p.set_defaults(run=cmd_bench_load)
-
-
-def cmd_bench_load(args) -> int:
-    log = progress_log(args.json)
-    result = run_load_bench(sessions=args.sessions, plugin=args.plugin, max_new_tokens=args.max_new_tokens,
-                            window=args.window, codec=args.codec, tau=args.tau, unbatched=args.unbatched,
-                            pin=not args.no_pin, workdir=args.workdir, log=log)
-    result["command"] = "spa " + " ".join(sys.argv[1:])
-    write_result(result, args.out / "load.json", args.json, lambda r: "\n" + format_load(r))
-    return 0 if all(row["held"] == row["sessions"] for row in result["rows"]) else 1
-
-
 # --- measuring -----------------------------------------------------------------------------
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
 
 
 class _Sampler:
     """Peak RSS of a process, sampled in a thread."""
 
     def __init__(self, pid: int, every: float = 0.02):
-        self.pid, self.every, self.peak = pid, every, _rss(pid)
+        self.pid, self.every, self.peak = pid, every, rss(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss(self.pid))
+            self.peak = max(self.peak, rss(self.pid))
             time.sleep(self.every)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        return max(self.peak, _rss(self.pid))
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+        return max(self.peak, rss(self.pid))
 
 
 async def _one(url, pte, prompt, options, tau, t0):
@@ -126,7 +82,7 @@ def _run_sessions(url, pte, n: int, options, tau, gateway_pid: int) -> dict:
     from spa.errors import SpaError
 
     prompts = [chat_prompt(QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
-    rss_before = _rss(gateway_pid)
+    rss_before = rss(gateway_pid)
     sampler = _Sampler(gateway_pid)
 
     async def main():
@@ -137,7 +93,7 @@ def _run_sessions(url, pte, n: int, options, tau, gateway_pid: int) -> dict:
     outs, wall = asyncio.run(main())
     peak = sampler.stop()
     time.sleep(0.5)  # the gateway frees sessions as their connections close
-    rss_after = _rss(gateway_pid)
+    rss_after = rss(gateway_pid)
     done = [o for o in outs if not isinstance(o, BaseException)]
     errors = [str(o) for o in outs if isinstance(o, SpaError)]
     for o in outs:
@@ -154,8 +110,8 @@ def _run_sessions(url, pte, n: int, options, tau, gateway_pid: int) -> dict:
         "tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else None,
-        "p95_itl_ms": None if not gaps else 1000 * _percentile(gaps, 0.95),
-        "p50_itl_ms": None if not gaps else 1000 * _percentile(gaps, 0.5),
+        "p95_itl_ms": None if not gaps else 1000 * percentile(gaps, 0.95),
+        "p50_itl_ms": None if not gaps else 1000 * percentile(gaps, 0.5),
         "ttft_p50_s": statistics.median([t[0] for _, t in done if t]) if done else None,
         "gateway_rss_before_mib": rss_before / 2**20,
         "gateway_rss_peak_mib": peak / 2**20,
@@ -178,8 +134,6 @@ def _cpus():
 
 def run_load_bench(*, sessions: list[int], plugin: str | None, max_new_tokens: int, window: int, codec: str,
                    tau: float | None, unbatched: bool, pin: bool, workdir: Path, log=print) -> dict:
-    from benchmarks.linkbench import ensure_plugin
-    from cloud_gateway.process import GatewayProcess
     from spa.protocol.messages import Options
     from spa.pte import PtePlugin
 
@@ -198,7 +152,7 @@ def run_load_bench(*, sessions: list[int], plugin: str | None, max_new_tokens: i
 
     def gateway(*extra):
         return GatewayProcess("--max-sessions", str(max(counts)), "--resume-grace", "0", *extra,
-                              taskset=None if gw_cpu is None else str(gw_cpu))
+                              prefix=pinned(gw_cpu))
 
     log(f"starting spa gateway (max {max(counts)} sessions"
         f"{'' if gw_cpu is None else f', pinned to CPU {gw_cpu}'})...")
@@ -231,14 +185,10 @@ def run_load_bench(*, sessions: list[int], plugin: str | None, max_new_tokens: i
 # --- printing -------------------------------------------------------------------------------
 
 
-def _f(v, spec, none="-"):
-    return none if v is None else format(v, spec)
-
-
 def _line(row: dict) -> str:
-    return (f"{row['held']}/{row['sessions']} held, {_f(row['tokens_per_s'], '.1f')} tokens/s, "
-            f"p95 inter-token {_f(row['p95_itl_ms'], '.0f')} ms, gateway peak RSS "
-            f"{row['gateway_rss_peak_mib']:.0f} MiB, mean batch {_f(row['mean_batch'], '.1f')}")
+    return (f"{row['held']}/{row['sessions']} held, {fmt(row['tokens_per_s'], '.1f')} tokens/s, "
+            f"p95 inter-token {fmt(row['p95_itl_ms'], '.0f')} ms, gateway peak RSS "
+            f"{row['gateway_rss_peak_mib']:.0f} MiB, mean batch {fmt(row['mean_batch'], '.1f')}")
 
 
 def format_load(result: dict) -> str:
@@ -257,12 +207,12 @@ def format_load(result: dict) -> str:
     for r in result["rows"]:
         label = f"{r['sessions']}" + ("" if r["batching"] else " (no batching)")
         lines.append(
-            f"| {label} | {r['held']} | {_f(r['tokens_per_s'], '.1f')} ({_f(r['tokens_per_s_ratio'], '.2f')}) "
-            f"| {_f(r['p95_itl_ms'], '.0f')} ({_f(r['p95_itl_ms_ratio'], '.2f')}) | {_f(r['p50_itl_ms'], '.0f')} "
-            f"| {_f(r['ttft_p50_s'], '.2f')} "
-            f"| {r['gateway_rss_peak_mib']:.0f} ({_f(r['gateway_rss_peak_mib_ratio'], '.2f')}) "
+            f"| {label} | {r['held']} | {fmt(r['tokens_per_s'], '.1f')} ({fmt(r['tokens_per_s_ratio'], '.2f')}) "
+            f"| {fmt(r['p95_itl_ms'], '.0f')} ({fmt(r['p95_itl_ms_ratio'], '.2f')}) | {fmt(r['p50_itl_ms'], '.0f')} "
+            f"| {fmt(r['ttft_p50_s'], '.2f')} "
+            f"| {r['gateway_rss_peak_mib']:.0f} ({fmt(r['gateway_rss_peak_mib_ratio'], '.2f')}) "
             f"| {r['gateway_rss_held_mib']:.0f} | {r['gateway_rss_after_mib']:.0f} "
-            f"| {r['batched_steps']}/{r['decode_steps']} | {_f(r['mean_batch'], '.1f')} | {_f(r['max_batch'], 'd')} |")
+            f"| {r['batched_steps']}/{r['decode_steps']} | {fmt(r['mean_batch'], '.1f')} | {fmt(r['max_batch'], 'd')} |")
         if r["errors"]:
             lines.append(f"  errors: {'; '.join(r['errors'])}")
     return "\n".join(lines)

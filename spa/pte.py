@@ -5,9 +5,7 @@ runtime, export verification, the in-process reference and the benchmarks.
 Eager torch never stands in for the device.
 """
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,29 +13,14 @@ import torch
 
 from spa.errors import PluginError
 from spa.plugin import PluginConfig
+from spa.quiet import quiet_native_stderr
 
 REQUIRED_METHODS = ("gate", "side", "plugin_hash", "plugin_config")
 
 
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Silence the C++ runtime's cpuinfo chatter, which it writes straight to fd 2."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _runtime():
-    with _quiet_native_stderr():
+def executorch_runtime():
+    """The ExecuTorch runtime (imported and initialized quietly)."""
+    with quiet_native_stderr():
         from executorch.runtime import Runtime
 
         return Runtime.get()
@@ -50,9 +33,9 @@ class PtePlugin:
         self.path = Path(path)
         if not self.path.is_file():
             raise PluginError(f"{self.path} does not exist")
-        runtime = _runtime()
+        runtime = executorch_runtime()
         try:
-            with _quiet_native_stderr():
+            with quiet_native_stderr():
                 self._program = runtime.load_program(self.path)
         except Exception as exc:  # the runtime raises RuntimeError/ValueError variants
             raise PluginError(f"{self.path} is not a valid ExecuTorch program: {exc}") from exc
@@ -62,7 +45,7 @@ class PtePlugin:
         self.content_hash = "".join(chr(c) for c in self._call("plugin_hash", [])[0].tolist())
         data = json.loads(bytes(self._call("plugin_config", [])[0].tolist()).decode())
         self.config = PluginConfig.from_dict(data)
-        with _quiet_native_stderr():  # XNNPACK initializes (and talks) on first use
+        with quiet_native_stderr():  # XNNPACK initializes (and talks) on first use
             self._gate = self._program.load_method("gate")
             self._side = self._program.load_method("side")
             # exports before the cloud-side projection option lack this method

@@ -6,14 +6,13 @@ real `spa export`. Tests that need them share these.
 """
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cloud_gateway.process import GatewayProcess
+from spa.children import python_command, run
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = "outcome"
@@ -21,9 +20,7 @@ PROFILE = "outcome"
 
 def run_spa(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
     """Run the `spa` command as a user would, from the repository root."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "spa.cli", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = run(python_command("cli.main", *args), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"spa {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -6,7 +6,7 @@ from spa.protocol.frames import FrameCodec
 from spa.pte import PtePlugin
 from spa.reference import reference_generate
 from spa.tokens import token_pieces
-from benchmarks.linkbench import _prompts
+from benchmarks.provision import plugin_prompts
 
 
 def test_bytes_bench_rows_sizes_and_agreement(backbone, pte_path):
@@ -35,7 +35,7 @@ def test_bytes_bench_rows_sizes_and_agreement(backbone, pte_path):
 
 def test_trajectory_tokens_are_the_reference_tokens_and_its_messages_are_the_wire_messages(backbone, pte_path):
     pte = PtePlugin(pte_path)
-    prompt = _prompts(pte_path, ["aclsum:test:1"])[0]
+    prompt = plugin_prompts(pte_path, ["aclsum:test:1"])[0]
     pieces = token_pieces(backbone.tokenizer)
     run = trajectory(backbone, pte, prompt, tau=pte.tau, max_new_tokens=5, scheme="int8", outliers=8, pieces=pieces)
     ref = reference_generate(backbone, pte, prompt, tau=pte.tau, max_new_tokens=5)
@@ -50,7 +50,7 @@ def test_trajectory_tokens_are_the_reference_tokens_and_its_messages_are_the_wir
 
 def test_projected_trajectory_is_the_projected_reference(backbone, pte_path):
     pte = PtePlugin(pte_path)
-    prompt = _prompts(pte_path, ["aclsum:test:1"])[0]
+    prompt = plugin_prompts(pte_path, ["aclsum:test:1"])[0]
     weights = pte.projection_weights()
     run = trajectory(backbone, pte, prompt, tau=-1.0, max_new_tokens=4, scheme="int8", outliers=8,
                      pieces=token_pieces(backbone.tokenizer), projection=weights)

@@ -11,16 +11,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.link import (NS_PREFIX, PROFILES, LinkProfile, NetnsLink, ProxyLink, _run, cleanup_stale, make_link,
-                             measure_link, netns_available, our_namespaces)
+from benchmarks.link import (NS_PREFIX, PROFILES, LinkProfile, NetnsLink, ProxyLink, cleanup_stale, make_link,
+                             measure_link, netns_available, our_namespaces, run_command)
 from benchmarks.linkbench import add_ratios, format_result, goals, plot_result, summarize_row
-from tests.conftest import ROOT
+from spa.children import ROOT, python_command, python_env
 
 NETNS, WHY = netns_available()
 needs_netns = pytest.mark.skipif(not NETNS, reason=f"kernel-level link emulation unavailable: {WHY}")
@@ -40,9 +39,9 @@ def alive(pid: int) -> bool:
 
 
 def spa_bench(*args, env_extra=None, merge=True) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "spa.cli", "bench", "link", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True)
+    return subprocess.Popen(python_command("cli.main", "bench", "link", *args), cwd=ROOT,
+                            env=python_env(**(env_extra or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True)
 
 
 def helper_pids(output: str) -> set[int]:
@@ -66,9 +65,9 @@ def assert_nothing_left(driver_pid: int, output: str) -> None:
 def test_netns_link_has_its_qdiscs_rules_and_delay_program_and_leaves_nothing():
     with NetnsLink(TINY) as link:
         assert {link.ns_gw, link.ns_dev} <= set(our_namespaces())
-        qdisc = _run("ip", "netns", "exec", link.ns_gw, "tc", "qdisc", "show", "dev", link.veth_gw).stdout
+        qdisc = run_command("ip", "netns", "exec", link.ns_gw, "tc", "qdisc", "show", "dev", link.veth_gw).stdout
         assert "tbf" in qdisc and "50Mbit" in qdisc
-        rules = _run("ip", "netns", "exec", link.ns_dev, "iptables", "-t", "mangle", "-S", "PREROUTING").stdout
+        rules = run_command("ip", "netns", "exec", link.ns_dev, "iptables", "-t", "mangle", "-S", "PREROUTING").stdout
         assert "NFQUEUE" in rules
         helpers = link.child_pids()
         assert len(helpers) == 2 and all(alive(p) for p in helpers)
@@ -78,21 +77,21 @@ def test_netns_link_has_its_qdiscs_rules_and_delay_program_and_leaves_nothing():
         assert counters["down"] > measured["down_bytes"]  # the probe's bytes crossed the device's veth
     assert not {link.ns_gw, link.ns_dev} & set(our_namespaces())
     assert not [p for p in helpers if alive(p)]
-    assert _run("ip", "link", "show", link.veth_gw, check=False).returncode != 0
+    assert run_command("ip", "link", "show", link.veth_gw, check=False).returncode != 0
 
 
 @needs_netns
 def test_a_failing_setup_removes_what_it_created(monkeypatch):
     import benchmarks.link as link_mod
 
-    real_run = link_mod._run
+    real_run = link_mod.run_command
 
     def failing(*cmd, check=True):
         if "tbf" in cmd:
             raise link_mod.SpaError("injected: tc failed")
         return real_run(*cmd, check=check)
 
-    monkeypatch.setattr(link_mod, "_run", failing)
+    monkeypatch.setattr(link_mod, "run_command", failing)
     link = NetnsLink(TINY)
     with pytest.raises(link_mod.SpaError, match="injected"):
         with link:
@@ -105,12 +104,12 @@ def test_a_failing_setup_removes_what_it_created(monkeypatch):
 def test_namespaces_of_a_killed_run_are_cleaned_up():
     dead = 4_000_000  # above pid_max: never a live process
     name = f"{NS_PREFIX}{dead}-g"
-    _run("ip", "netns", "add", name)
+    run_command("ip", "netns", "add", name)
     try:
         assert name in cleanup_stale()
         assert name not in our_namespaces()
     finally:
-        _run("ip", "netns", "del", name, check=False)
+        run_command("ip", "netns", "del", name, check=False)
 
 
 def test_proxy_link_carries_data_and_stops_its_proxies():

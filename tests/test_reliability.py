@@ -368,7 +368,7 @@ def test_gateway_restart_gives_the_device_a_one_line_error(pte_path):
     try:
         port = int(gw.url.rsplit(":", 1)[1])
         device = subprocess.Popen(
-            [sys.executable, "-m", "spa.cli", "summarize", PROMPT_DOC, "--plugin", str(pte_path), "--gateway", gw.url,
+            [sys.executable, "-m", "cli.main", "summarize", PROMPT_DOC, "--plugin", str(pte_path), "--gateway", gw.url,
              "--tau", "1", "--window", "0", "--max-new-tokens", "400", "--highlight", "none"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:

@@ -1,4 +1,4 @@
-"""The `spa` command: one entry point, one subcommand per job.
+"""The `spa` command: one entry point, one subcommand per job (`python -m cli.main` runs it too).
 
 Handlers import their role's modules lazily: torch and ExecuTorch take
 seconds to import, and `spa --help` should not.
@@ -9,25 +9,11 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
+from cli.bench import add_bench_parsers  # argparse only: cheap
 from spa.errors import SpaError
-
-
-def _quiet_libraries() -> None:
-    """Hide library noise that says nothing to a user (deprecations, progress bars of loads)."""
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("torchao", "torch._export", "torch.utils._pytree", "executorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+from spa.quiet import quiet_libraries
 
 
 def cmd_train(args) -> int:
@@ -104,13 +90,18 @@ def cmd_summarize(args) -> int:
     import asyncio
 
     from device_runtime.client import run_session
-    from device_runtime.documents import device_prompt, load_document
+    from device_runtime.documents import check_doc_tokens, device_prompt, read_document
     from device_runtime.render import StreamPrinter, format_stats
     from spa.protocol.messages import Options
     from spa.pte import PtePlugin
 
+    if args.max_doc_tokens is not None:
+        check_doc_tokens(args.max_doc_tokens)  # before the slow plugin load
     pte = PtePlugin(args.plugin)
-    prompt = device_prompt(pte.config, load_document(args.document, pte.config.max_doc_tokens))
+    document = read_document(args.document, args.max_doc_tokens or pte.config.max_doc_tokens)
+    if document.note():
+        print(f"spa summarize: {document.note()}", file=sys.stderr, flush=True)
+    prompt = device_prompt(pte.config, document.text)
     options = Options(window=args.window, codec=args.codec, outliers=args.outliers,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     highlight = args.highlight or ("ansi" if sys.stdout.isatty() else "brackets")
@@ -147,9 +138,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from spa.demo import run_demo
+    from cli.demo import run_demo
 
-    return run_demo(args.profile, args.workdir, args.document)
+    return run_demo(args.profile, args.workdir, args.document, spa=main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway", default="ws://127.0.0.1:8765", help="gateway URL (default ws://127.0.0.1:8765)")
     p.add_argument("--plugin", required=True, type=Path, help="the reader's exported plugin (.pte)")
     p.add_argument("--tau", type=float, help="gate threshold (default: the plugin's, chosen on validation)")
+    p.add_argument("--max-doc-tokens", type=int,
+                   help="document budget in tokens of ~4 characters (default: the plugin's, 384 or 128 for a quick "
+                        "plugin; at most 4096); a longer document is cut, and a line on stderr says what was kept")
     p.add_argument("--window", type=int, default=4, help="draft-ahead window W (0: lock-step; default 4)")
     p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"], help="activation encoding on the wire")
     p.add_argument("--outliers", type=int, default=8, help="outlier channels per row sent in fp16 (default 8)")
@@ -257,18 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="performance benchmarks: emulated links, device micro-benchmarks, bytes per token")
     bench = p.add_subparsers(dest="bench_command", required=True)
-    from benchmarks.cli import add_bench_parsers  # argparse only: cheap
-
-    add_bench_parsers(bench)  # link, device, bytes
-    from benchmarks.load import add_load_parser
-
-    add_load_parser(bench)  # load: many concurrent sessions against one gateway
+    add_bench_parsers(bench)  # link, device, bytes, load
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.run(args)
     except SpaError as exc:

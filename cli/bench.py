@@ -1,6 +1,6 @@
-"""Parsers and handlers of `spa bench link|device|bytes` (wired into spa/cli.py's `bench` subcommand).
+"""Parsers and handlers of `spa bench link|device|bytes|load` (wired into cli/main.py's `bench` subcommand).
 
-Importing this module is cheap (argparse only); handlers import their modules lazily.
+Importing this module is cheap (argparse only); handlers import their benchmark modules lazily.
 """
 
 import json
@@ -78,8 +78,20 @@ def cmd_bench_bytes(args) -> int:
     return 0
 
 
+def cmd_bench_load(args) -> int:
+    from benchmarks.load import format_load, run_load_bench
+
+    log = progress_log(args.json)
+    result = run_load_bench(sessions=args.sessions, plugin=args.plugin, max_new_tokens=args.max_new_tokens,
+                            window=args.window, codec=args.codec, tau=args.tau, unbatched=args.unbatched,
+                            pin=not args.no_pin, workdir=args.workdir, log=log)
+    result["command"] = "spa " + " ".join(sys.argv[1:])
+    write_result(result, args.out / "load.json", args.json, lambda r: "\n" + format_load(r))
+    return 0 if all(row["held"] == row["sessions"] for row in result["rows"]) else 1
+
+
 def add_bench_parsers(bench_sub) -> None:
-    """Add `link`, `device` and `bytes` to the `spa bench` sub-subcommands."""
+    """Add `link`, `device`, `bytes` and `load` to the `spa bench` sub-subcommands."""
     p = bench_sub.add_parser("link", help="every baseline side by side over an emulated mobile link (ratios, plot)")
     p.add_argument("--profile", nargs="+", default=["4g"], choices=["loopback", "5g", "4g", "3g"],
                    help="link profile(s): loopback, 5g (20 ms, 100/50 Mbit/s), 4g (50 ms, 20 Mbit/s), "
@@ -135,3 +147,19 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_bench_bytes)
+
+    p = bench_sub.add_parser("load", help="N concurrent device sessions against one gateway: sessions held, tokens/s, "
+                                          "p95 inter-token latency, peak memory, batching (ratios vs 1 session)")
+    p.add_argument("--sessions", nargs="+", type=int, default=[16, 32, 64], help="session counts (default 16 32 64)")
+    p.add_argument("--plugin", help="plugin .pte (default: train and export a quick one into --workdir)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per session (default 16)")
+    p.add_argument("--window", type=int, default=4, help="draft-ahead window W (default 4)")
+    p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"])
+    p.add_argument("--tau", type=float, help="gate threshold (default: the plugin's)")
+    p.add_argument("--unbatched", action="store_true",
+                   help="also run the largest count against a gateway with --max-batch 1 (no batching)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin gateway and devices to different CPUs")
+    p.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="quick plugin and exports (reused)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where load.json goes")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
+    p.set_defaults(run=cmd_bench_load)

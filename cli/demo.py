@@ -8,37 +8,32 @@
 5. shut the gateway down.
 """
 
-import sys
 from pathlib import Path
 
 from cloud_gateway.process import GatewayProcess
-from spa.cli import main as spa
 
 
-def _step(number: int, total: int, what: str, argv: list[str]) -> None:
+def _step(spa, number: int, total: int, what: str, argv: list[str]) -> None:
     print(f"\n== demo step {number}/{total}: {what}\n$ spa {' '.join(argv)}", flush=True)
     code = spa(argv)
     if code != 0:
         raise SystemExit(f"demo stopped: step {number} failed (exit {code})")
 
 
-def run_demo(profile: str, workdir: Path, document: str) -> int:
+def run_demo(profile: str, workdir: Path, document: str, spa) -> int:
+    """`spa` runs one `spa` command line (`cli.main.main`), passed in so this module does not import it back."""
     plugin_dir, export_dir = workdir / f"plugin-{profile}", workdir / f"export-{profile}"
     pte = str(export_dir / "plugin-fp32.pte")
-    _step(1, 5, f"train a quick plugin for the '{profile}' reader",
+    _step(spa, 1, 5, f"train a quick plugin for the '{profile}' reader",
           ["train", "--quick", "--profile", profile, "--out", str(plugin_dir)])
-    _step(2, 5, "export it to ExecuTorch and verify it", ["export", str(plugin_dir), "--out", str(export_dir)])
+    _step(spa, 2, 5, "export it to ExecuTorch and verify it", ["export", str(plugin_dir), "--out", str(export_dir)])
     print("\n== demo step 3/5: start the cloud gateway on loopback\n$ spa gateway --port 0", flush=True)
     with GatewayProcess() as gateway:
         print(gateway.output[-1].rstrip(), flush=True)
         common = ["summarize", document, "--plugin", pte, "--gateway", gateway.url, "--max-new-tokens", "48"]
-        _step(4, 5, "summarize a test paper through the split, lock-step "
+        _step(spa, 4, 5, "summarize a test paper through the split, lock-step "
               "(tokens chosen with the side network are marked)", [*common, "--window", "0"])
-        _step(5, 5, "the same with draft-ahead (W = 4): same tokens, fewer round trips", [*common, "--window", "4"])
+        _step(spa, 5, 5, "the same with draft-ahead (W = 4): same tokens, fewer round trips", [*common, "--window", "4"])
     print(f"\ndemo done: gateway stopped; plugin in {plugin_dir}, .pte files in {export_dir}.\n"
           f"Try: spa gateway & spa summarize aclsum:test:5 --plugin {pte}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_demo("outcome", Path("runs/demo"), "aclsum:test:0"))
