@@ -30,14 +30,13 @@ token at the same position (per plugin).
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from spa import codec
 from spa.generate import choose_token, decode_one_token, prefill
 from spa.protocol import messages as m
-from spa.projection import project
 from spa.protocol.frames import FrameCodec
+from spa.step import cloud_state, device_step
 
 # (codec, outlier channels, cloud-side projection); the first is the reference.
 WAYS = (("f32", 0, False), ("int8", 8, False), ("int4", 8, False), ("int8", 0, False), ("int4", 0, False),
@@ -57,25 +56,22 @@ def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, s
     while True:
         f = states[-1]
         draft = int(torch.argmax(backbone.logits(f)))
-        enc_f = codec.encode(f.numpy()[None], scheme, outliers)
-        down.append(m.Step(epoch=0, pos=pos, f=enc_f, draft=draft, piece=pieces[draft]).to_dict())
-        p = pte.gate(codec.decode(enc_f))
-        if p > tau:
+        sent = {}  # what crossed the wire at this position, encoded: "f", "taps", "s"
+
+        def wire(x, what):
+            sent[what] = codec.encode(x, scheme, outliers)
+            return codec.decode(sent[what])
+
+        decision = device_step(pte, f.numpy(), lambda: states[taps_index].numpy(), tau, wire, projection)
+        down.append(m.Step(epoch=0, pos=pos, f=sent["f"], draft=draft, piece=pieces[draft]).to_dict())
+        if decision.sigma:
             if run_open:
                 up.append(m.Accept(epoch=0, upto=pos - 1).to_dict())
                 run_open = False
             up.append(m.NeedTaps(epoch=0, pos=pos).to_dict())
-            taps = states[taps_index].numpy()
-            if projection is None:
-                enc_taps = codec.encode(taps, scheme, outliers)
-                s = pte.side(codec.decode(enc_taps))
-            else:
-                enc_taps = codec.encode(project(taps, *projection), scheme, outliers)
-                s = pte.side_projected(codec.decode(enc_taps))
-            down.append(m.Taps(epoch=0, pos=pos, taps=enc_taps).to_dict())
-            enc_s = codec.encode(s[None], scheme, outliers)
-            up.append(m.Side(epoch=0, pos=pos, s=enc_s).to_dict())
-            token = choose_token(backbone.logits(f + torch.from_numpy(codec.decode(enc_s)[0])), 0.0, 0, pos)
+            down.append(m.Taps(epoch=0, pos=pos, taps=sent["taps"]).to_dict())
+            up.append(m.Side(epoch=0, pos=pos, s=sent["s"]).to_dict())
+            token = choose_token(backbone.logits(cloud_state(f, decision.s)), 0.0, 0, pos)
             down.append(m.Verdict(epoch=0, pos=pos, token=token, piece=pieces[token], changed=token != draft).to_dict())
             sigmas.append(1)
         else:

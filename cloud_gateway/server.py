@@ -25,7 +25,7 @@ from cloud_gateway.engine import Engine
 from cloud_gateway.session import GatewaySession, Link, LinkLost
 from spa.errors import SpaError
 from spa.protocol.errors import NORMAL_CLOSE, PeerError, ProtocolError
-from spa.protocol.gateway import GatewayProtocol, ResumeWanted, Start
+from spa.protocol.gateway import GatewayProtocol, Prefill, ResumeWanted
 from spa.protocol.limits import Limits
 
 __all__ = ["Engine", "Gateway", "is_loopback", "run_gateway", "tls_context"]
@@ -91,8 +91,9 @@ class Gateway:
                 raise ProtocolError("busy", "too many connections; retry later")
             proto = GatewayProtocol(self.engine.identity, self.engine.eos_ids, self.limits, self.auth_token,
                                     resumable=self.limits.resume_grace_s > 0)
-            event = proto.receive(await link.recv(self.limits.idle_timeout_s))
-            if isinstance(event, Start):
+            proto.receive(await link.recv(self.limits.idle_timeout_s))
+            action = proto.next_action()
+            if isinstance(action, Prefill):
                 if len(self.sessions) >= self.limits.max_sessions:
                     raise ProtocolError("busy", f"the gateway serves {self.limits.max_sessions} sessions already; "
                                                 "retry later")
@@ -100,9 +101,9 @@ class Gateway:
                 self.sessions.add(session)
                 self._by_id[session.id] = session
                 self.stats["sessions"] += 1
-                await self._serve(session, link, event)
-            elif isinstance(event, ResumeWanted):
-                await self._resume(link, event)
+                await self._serve(session, link, action)
+            elif isinstance(action, ResumeWanted):
+                await self._resume(link, action)
             else:
                 raise ProtocolError("out_of_order", "the first message must be hello")
         except ProtocolError as exc:
@@ -117,8 +118,8 @@ class Gateway:
             link.stop()
             self.connections -= 1
 
-    async def _resume(self, link: Link, event: ResumeWanted) -> None:
-        hello = event.hello
+    async def _resume(self, link: Link, action: ResumeWanted) -> None:
+        hello = action.hello
         session = self._by_id.get(hello.resume.session)
         try:
             if session is None:  # the same work and answer as a wrong secret
@@ -130,19 +131,19 @@ class Gateway:
             raise
         if session.link is not None:  # its old connection is still open (half-open TCP): take over
             session.link.abort()
-        await self._serve(session, link, event)
+        await self._serve(session, link, action)
 
-    async def _serve(self, session: GatewaySession, link: Link, event) -> None:
+    async def _serve(self, session: GatewaySession, link: Link, action) -> None:
         async with session.lock:
-            if isinstance(event, ResumeWanted):
+            if isinstance(action, ResumeWanted):
                 if session.freed:  # expired while we waited
                     raise ProtocolError("resume_failed", "unknown session or wrong secret")
-                session.proto.check_resume(event.hello)  # again: a concurrent resume may have rotated it
+                session.proto.check_resume(action.hello)  # again: a concurrent resume may have rotated it
                 if session.expiry is not None:
                     session.expiry.cancel()
                     session.expiry = None
                 self.stats["resumes"] += 1
-            over = await session.run(link, event)
+            over = await session.run(link, action)
             self.stats["slow_readers"] += session.close_reason == "slow_reader"
             self.stats["resume_refused"] += session.close_reason == "resume_refused"
             if over:

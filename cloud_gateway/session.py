@@ -31,13 +31,13 @@ import torch
 from websockets.exceptions import ConnectionClosed
 
 from cloud_gateway.engine import kv_bytes
-from spa.cloud_gate import predicts_open
 from spa.generate import prefill, truncate
 from spa.projection import project
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
-from spa.protocol.gateway import Accepted, Closed, GatewayProtocol, ResumeWanted, SideReceived, Start, TapsWanted
+from spa.protocol.gateway import Draft, Forget, GatewayProtocol, Head, Prefill, SendTaps, Truncate
+from spa.step import cloud_state
 
 log = logging.getLogger("spa.gateway")
 _CLOSED = object()  # inbox marker: the connection is gone
@@ -174,27 +174,22 @@ class Link:
 
 
 class GatewaySession:
+    """The host of one session's `GatewayProtocol`: it runs the backbone work
+    the protocol asks for and moves maps between the protocol and the link.
+    It keeps compute state only (KV cache, states of unverified positions)."""
+
     def __init__(self, engine, limits, proto: GatewayProtocol):
         self.engine = engine
         self.limits = limits
-        self.proto = proto  # has received the hello (Start)
+        self.proto = proto  # has received the hello (its next action is Prefill)
         self.id = secrets.token_hex(16)
         self.link: Link | None = None
         self.lock = asyncio.Lock()  # one connection serves the session at a time
         self.expiry: asyncio.TimerHandle | None = None  # while waiting for a resume
         self.freed = False
         self.close_reason: str | None = None  # why the last connection ended (logs, tests)
-        self.prompt_tokens = 0
         self.cache = None
-        self.states: dict[int, torch.Tensor] = {}  # unverified position -> its states [L + 1, H]
-        self.next_states: torch.Tensor | None = None  # states of proto.next_draft_pos, if computed
-        self.next_feed: int | None = None  # token to feed to compute the next position
-        self.decode_steps = 0  # one-token decode steps run for this session
-        self.batched_steps = 0  # of which ran batched with other sessions' steps
-        self.batch_rows = 0  # sum of the batch sizes of those steps (mean batch = batch_rows / decode_steps)
-        self.max_batch = 1
-        self.early_taps = 0  # taps sent while a draft was being computed (not after it)
-        self.deferred = None  # a device map received during a draft, handled after it
+        self.states: dict[int, torch.Tensor] = {}  # computed position -> its states [L + 1, H]
 
     @property
     def kv_bytes(self) -> int:
@@ -204,7 +199,7 @@ class GatewaySession:
         """Free the KV cache and the taps (the session is over)."""
         self.freed = True
         self.states.clear()
-        self.cache = self.next_states = None
+        self.cache = None
         self.proto.projection = None  # the device's weights: memory only, gone with the session
 
     @property
@@ -217,20 +212,21 @@ class GatewaySession:
             and (p.phase == "generating" or (p.phase == "ended" and p.end_msg is not None))
         )
 
-    async def run(self, link: Link, event) -> bool:
-        """Serve the session on `link` (after `event`: Start, or ResumeWanted
-        already checked). Returns True when the session is over (free it),
-        False when it waits for a resume."""
+    async def run(self, link: Link, action) -> bool:
+        """Serve the session on `link`, starting with `action` (Prefill, or
+        ResumeWanted already checked). Returns True when the session is over
+        (free it), False when it waits for a resume."""
         self.link = link
         try:
-            if isinstance(event, Start):
-                await self._start(event.hello)
+            if isinstance(action, Prefill):
+                await self._prefill(action.hello)
             else:
-                await self._resume(event.hello)
-            await self._generate()
+                self._resume(action.hello)
+            await self._serve()
             self.close_reason = "end"
-            self.cache, self.next_states = None, None  # over: only `end` may be asked for again
-            self.states.clear()
+            if self.proto.phase == "ended":  # over: only `end` may be asked for again
+                self.cache = None
+                self.states.clear()
             # A device that got `end` answers our close frame; without that
             # answer it may have missed `end` and may come back for it.
             return self.proto.phase != "ended" or link.device_closed or not self.resumable
@@ -250,6 +246,7 @@ class GatewaySession:
             await link.close(NORMAL_CLOSE)
             return True
         except LinkLost:
+            self.proto.connection_lost()
             if link.slow:
                 log.info("session %s: the device does not read; dropping the connection (slow_reader)", self.id)
                 self.close_reason = "slow_reader"
@@ -267,114 +264,95 @@ class GatewaySession:
         finally:
             self.link = None
 
-    async def _start(self, hello: m.Hello) -> None:
+    async def _prefill(self, hello: m.Hello) -> None:
         engine, limits = self.engine, self.limits
         if len(hello.prompt) > limits.max_prompt_tokens * engine.max_token_chars:
             raise ProtocolError("limit", f"prompt of {len(hello.prompt)} characters is over "
                                          f"{limits.max_prompt_tokens} tokens")
         # Tokenizing off the event loop and off the compute thread.
         ids = await asyncio.get_running_loop().run_in_executor(None, engine.backbone.encode, hello.prompt)
-        ready = self.proto.ready(self.id, secrets.token_urlsafe(24), len(ids))  # checks the prompt limit first
-        self.prompt_tokens = len(ids)
-        self.cache, self.next_states = await engine.run(prefill, engine.backbone, ids)
-        await self.link.send(ready)
+        self.proto.started(self.id, secrets.token_urlsafe(24), len(ids))  # checks the prompt limit first
+        self.cache, self.states[len(ids) - 1] = await engine.run(prefill, engine.backbone, ids)
 
-    async def _resume(self, hello: m.Hello) -> None:
-        proto = self.proto
+    def _resume(self, hello: m.Hello) -> None:
         try:
-            resumed = proto.resume(hello.resume.next, secrets.token_urlsafe(24))
+            self.proto.resume(hello.resume.next, secrets.token_urlsafe(24))
         except ProtocolError as exc:
             raise _ResumeRefused(exc) from None
-        self._forget_through(proto.verified - 1)
-        log.info("session %s: resumed at position %d (epoch %d)", self.id, proto.verified, proto.epoch)
-        await self.link.send(resumed)
-        if proto.end_msg is not None:  # the device missed `end`
-            await self.link.send(proto.end_msg)
-            await self.link.close(NORMAL_CLOSE)
-            return
-        for pos, draft in list(proto.drafted):  # steps it may have missed, identical to the first time
-            await self.link.send(proto.restep(pos, self.states[pos][-1].numpy()[None], self.engine.pieces[draft]))
+        log.info("session %s: resumed at position %d (epoch %d)", self.id, self.proto.verified, self.proto.epoch)
 
-    async def _generate(self) -> None:
+    async def _serve(self) -> None:
+        """Until the protocol closes: send what it queued, run the work it asks
+        for, and feed it what the device sends. Messages already received are
+        handled before another draft starts, so a verdict that rolls back is
+        applied before a draft is computed on a stale token."""
         proto, link = self.proto, self.link
-        if proto.phase == "ended":
-            return
-        while True:
-            while self.deferred is not None or link.pending or not proto.can_draft():
-                if proto.finish_reason:
-                    steps = max(self.decode_steps, 1)
-                    await link.send(proto.end(prompt_tokens=self.prompt_tokens, decode_steps=self.decode_steps,
-                                              batched_steps=self.batched_steps, max_batch=self.max_batch,
-                                              mean_batch=round(self.batch_rows / steps, 3),
-                                              early_taps=self.early_taps))
+        draft: tuple[Draft, asyncio.Future] | None = None  # the draft being computed
+        try:
+            while True:
+                for msg in proto.data_to_send():
+                    await link.send(msg)
+                if proto.closing:
                     await link.close(NORMAL_CLOSE)
                     return
-                if self.deferred is not None:
-                    d, self.deferred = self.deferred, None
+                action = None if draft is None and link.pending else proto.next_action()
+                if action is None:
+                    if draft is None:
+                        proto.receive(await link.recv(self.limits.idle_timeout_s))
+                        continue
+                    d = await link.recv_before(draft[1])
+                    if d is not None:
+                        proto.receive(d)
+                        continue
+                    self._report_draft(*draft)
+                    draft = None
+                elif isinstance(action, Draft):
+                    draft = (action, asyncio.ensure_future(self._compute_draft(action)))
                 else:
-                    d = await link.recv(self.limits.idle_timeout_s)
-                event = proto.receive(d)
-                if isinstance(event, Closed):
-                    await link.close(NORMAL_CLOSE)
-                    return
-                await self._handle(event)
-            await self._draft_one(proto.hello.options)
+                    await self._run(action)
+        except BaseException:
+            if draft is not None:
+                # The draft has grown the KV cache: record it, so that a
+                # resumed session continues from a consistent cache.
+                proto.connection_lost()
+                await asyncio.shield(draft[1])
+                self._report_draft(*draft)
+            raise
 
-    async def _draft_one(self, options) -> None:
-        engine = self.engine
-        epoch, pos = self.proto.epoch, self.proto.next_draft_pos
-        if self.next_states is None:
-            job = asyncio.ensure_future(engine.draft(self.cache, self.next_feed, options.temperature, options.seed,
-                                                     pos))
-            try:
-                await self._serve_during(job)
-            except BaseException:
-                # The draft has grown the KV cache: keep its states as computed-
-                # but-unsent (as after a lost connection), so that a resumed
-                # session continues from a consistent cache.
-                self.next_states = (await job)[0]
-                self.decode_steps += 1
-                raise
-            states, draft, batch = await job
-            self.decode_steps += 1
-            self.batched_steps += batch > 1
-            self.batch_rows += batch
-            self.max_batch = max(self.max_batch, batch)
-        else:  # right after the prefill, or states computed before a lost connection
-            states = self.next_states
-            draft = await engine.head(states[-1], options.temperature, options.seed, pos)
-        pushed = None
-        if self.proto.gate is not None and epoch == self.proto.epoch and predicts_open(
-                states[-1].numpy(), self.proto.gate, options.codec, options.outliers):
-            pushed = await self._wire_taps(states)
-        msg = self.proto.step(epoch, pos, states[-1].numpy()[None], draft, engine.pieces[draft], pushed)
-        if msg is None:  # a rollback made this draft stale
-            return
-        self.states[pos], self.next_states, self.next_feed = states, None, draft
-        await self.link.send(msg)
+    async def _compute_draft(self, action: Draft):
+        """(states of action.pos, its draft token): a decode step, or only the
+        head where the states exist (right after the prefill)."""
+        opts, engine = self.proto.hello.options, self.engine
+        if action.feed is None:
+            states = self.states[action.pos]
+            return states, await engine.head(states[-1], opts.temperature, opts.seed, action.pos)
+        states, token, batch = await engine.draft(self.cache, action.feed, opts.temperature, opts.seed, action.pos)
+        self.proto.stats.add_decode_step(batch)
+        return states, token
 
-    async def _serve_during(self, job: asyncio.Future) -> None:
-        """While the compute thread drafts, answer what needs no backbone work:
-        taps (cached; projected off the compute thread) and accepts. The side
-        network's round trip then starts without waiting for the draft (up to
-        a decode step). Any other message waits, unparsed, until the draft is
-        recorded, and so does everything received after it, to keep the order."""
-        while not job.done() and self.deferred is None:
-            d = await self.link.recv_before(job)
-            if d is None:
-                return
-            if d.get("type") not in ("need_taps", "accept"):
-                self.deferred = d  # not even parsed: the protocol state must not move under the draft
-                return
-            event = self.proto.receive(d)
-            if isinstance(event, TapsWanted):
-                self.early_taps += 1
-                await self._send_taps(event.pos)
-            else:
-                self._forget_through(event.upto)
+    def _report_draft(self, action: Draft, job: asyncio.Future) -> None:
+        states, token = job.result()
+        self.states[action.pos] = states
+        self.proto.draft_ready(action.pos, states[-1].numpy()[None], token, self.engine.pieces[token])
 
-    async def _send_taps(self, pos: int) -> None:
-        await self.link.send(self.proto.taps(pos, await self._wire_taps(self.states[pos])))
+    async def _run(self, action) -> None:
+        engine, proto = self.engine, self.proto
+        if isinstance(action, SendTaps):
+            proto.taps_ready(action.pos, await self._wire_taps(self.states[action.pos]))
+        elif isinstance(action, Head):
+            opts = proto.hello.options
+            x = cloud_state(self.states[action.pos][-1], action.s)
+            token = await engine.head(x, opts.temperature, opts.seed, action.pos)
+            proto.verdict_ready(action.pos, token, engine.pieces[token])
+        elif isinstance(action, Truncate):
+            # Drafts from action.keep on were built on the old token.
+            await engine.run(truncate, self.cache, action.keep)
+            self.states = {p: st for p, st in self.states.items() if p < action.keep}
+        elif isinstance(action, Forget):  # verified positions need no taps any more
+            for p in [p for p in self.states if p <= action.upto]:
+                del self.states[p]
+        else:  # Prefill or ResumeWanted on a running session
+            raise ProtocolError("out_of_order", "second hello")
 
     async def _wire_taps(self, states: torch.Tensor):
         """The taps of one position as they go on the wire: [n_taps, H], or projected."""
@@ -384,32 +362,3 @@ class GatewaySession:
         # The device's weights, for this session only. Not on the compute
         # thread: it may be busy with a draft, and this needs no backbone.
         return await asyncio.get_running_loop().run_in_executor(None, project, taps, *self.proto.projection)
-
-    async def _handle(self, event) -> None:
-        if isinstance(event, Accepted):
-            self._forget_through(event.upto)
-        elif isinstance(event, TapsWanted):
-            await self._send_taps(event.pos)
-        elif isinstance(event, SideReceived):
-            await self._apply_side(event)
-        elif isinstance(event, (Start, ResumeWanted)):
-            raise ProtocolError("out_of_order", "second hello")
-
-    async def _apply_side(self, event: SideReceived) -> None:
-        engine, options, pos = self.engine, self.proto.hello.options, event.pos
-        f, s = self.states[pos][-1], torch.from_numpy(event.s[0])
-        token = await engine.head(f + s, options.temperature, options.seed, pos)
-        verdict = self.proto.verdict(pos, token, engine.pieces[token])
-        if verdict["changed"]:
-            # Drafts after pos were built on the old token: drop their KV
-            # entries and states, and continue from the corrected token.
-            await engine.run(truncate, self.cache, pos + 1)
-            self.states = {p: st for p, st in self.states.items() if p <= pos}
-            self.next_states, self.next_feed = None, token
-        self._forget_through(pos)
-        await self.link.send(verdict)
-
-    def _forget_through(self, pos: int) -> None:
-        """Verified positions need no taps any more."""
-        for p in [p for p in self.states if p <= pos]:
-            del self.states[p]

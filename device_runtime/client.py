@@ -145,8 +145,8 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         grace = float(proto.ready.limits.get("resume_grace_s", 0)) if proto.ready is not None else 0.0
         if not reconnect or grace <= 0 or proto.session is None:
             raise SpaError(f"lost the connection to the gateway mid-generation ({reason})")
-        if proto.resumes > counters.resumes_seen:  # the last resume worked: this is a new outage
-            lost_since, backoff, counters.resumes_seen = None, 0.05, proto.resumes
+        if proto.stats.resumes > counters.resumes_seen:  # the last resume worked: this is a new outage
+            lost_since, backoff, counters.resumes_seen = None, 0.05, proto.stats.resumes
         now = time.monotonic()
         lost_since = lost_since or now
         if now - lost_since > grace:
@@ -163,9 +163,9 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "tokens": len(result.tokens),
         "side_tokens": sum(result.sigmas),
         "side_usage": sum(result.sigmas) / n,
-        "rollbacks": proto.rollbacks,
-        "change_rate": proto.rollbacks / max(sum(result.sigmas), 1),
-        "dropped_drafts": proto.dropped,
+        "rollbacks": proto.stats.rollbacks,
+        "change_rate": proto.stats.rollbacks / max(sum(result.sigmas), 1),
+        "dropped_drafts": proto.stats.dropped,
         "bytes_down": counters.down,
         "bytes_up": counters.up,
         "bytes_down_per_token": counters.down / n,
@@ -183,10 +183,10 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "codec": options.codec,
         "cloud_projection": cloud_projection,
         "push_taps": push_taps,
-        "pushed_taps_used": proto.pushed_used,
+        "pushed_taps_used": proto.stats.pushed_used,
         "tau": tau,
         "gateway": proto.end.stats,
-        "resumes": proto.resumes,
+        "resumes": proto.stats.resumes,
     }
     return result
 

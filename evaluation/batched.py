@@ -16,13 +16,11 @@ reference's.
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from spa import codec
 from spa.generate import prefill
-from spa.plugin import combine
 from spa.reference import Generation
+from spa.step import DeviceDecision, cloud_state, device_step, quantizing_wire
 
 ALWAYS = -1.0  # tau below every p: sigma = 1 on every token (paper's S1, "side always on")
 NEVER = 2.0  # tau above every p: the backbone alone
@@ -44,22 +42,19 @@ def generate_rows(backbone, prompt_ids: list[int], rows: list[Row], max_new_toke
     active = list(range(len(rows)))  # row index of each batch slot
     out = [Generation() for _ in rows]
     eos = backbone.eos_token_ids
+    wire = quantizing_wire(scheme, outliers)
     for _ in range(max_new_tokens):
         combined = []
         for slot, r in enumerate(active):
             f, row = states[slot, -1], rows[r]
-            sigma, p = 0, 0.0
+            decision = DeviceDecision(0.0, False, None)  # the backbone alone
             if row.plugin is not None:
-                p = row.plugin.gate(codec.quantize(f.numpy()[None], scheme, outliers))
-                sigma = int(p > row.tau)
-            if sigma:
-                taps = codec.quantize(states[slot, row.plugin.config.taps].numpy(), scheme, outliers)
-                s = codec.quantize(row.plugin.side(taps)[None], scheme, outliers)[0]
-                combined.append(combine(f, torch.from_numpy(np.ascontiguousarray(s)), row.plugin.config.combination))
-            else:
-                combined.append(f)
-            out[r].sigmas.append(sigma)
-            out[r].gate_p.append(p)
+                decision = device_step(row.plugin, f.numpy(), lambda: states[slot, row.plugin.config.taps].numpy(),
+                                       row.tau, wire)
+            combination = row.plugin.config.combination if row.plugin is not None else "add"
+            combined.append(cloud_state(f, decision.s, combination))
+            out[r].sigmas.append(int(decision.sigma))
+            out[r].gate_p.append(decision.p)
         tokens = torch.argmax(backbone.logits(torch.stack(combined)), dim=-1).tolist()
         keep = []
         for slot, (r, token) in enumerate(zip(active, tokens)):

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spa import codec
 from spa.errors import PluginError
 from spa.generate import choose_token, decode_one_token, prefill
-from spa.projection import project
+from spa.step import cloud_state, device_step, quantizing_wire
 
 
 @dataclass
@@ -42,22 +41,14 @@ def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens
                           f"does not run in the split; only additive plugins do")
     ids = backbone.encode(prompt)
     taps_index = pte.config.taps
+    wire = quantizing_wire(scheme, outliers)
     cache, states = prefill(backbone, ids)
     pos, out = len(ids) - 1, Generation()
     while True:
         f = states[-1]
-        p = pte.gate(codec.quantize(f.numpy()[None], scheme, outliers))
-        sigma = p > tau
-        if sigma:
-            taps = states[taps_index].numpy()
-            if projection is None:
-                s = pte.side(codec.quantize(taps, scheme, outliers))
-            else:
-                s = pte.side_projected(codec.quantize(project(taps, *projection), scheme, outliers))
-            s_wire = torch.from_numpy(codec.quantize(s[None], scheme, outliers)[0])
-            logits = backbone.logits(f + s_wire)
-        else:
-            logits = backbone.logits(f)
+        decision = device_step(pte, f.numpy(), lambda: states[taps_index].numpy(), tau, wire, projection)
+        logits = backbone.logits(cloud_state(f, decision.s))
+        sigma, p = decision.sigma, decision.p
         token = choose_token(logits, temperature, seed, pos)
         top2 = torch.topk(logits, 2).values
         out.logit_gap.append(float(top2[0] - top2[1]))

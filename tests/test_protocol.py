@@ -18,7 +18,7 @@ from spa.protocol import messages as m
 from spa.protocol.device import DeviceProtocol, RunGate, RunSide
 from spa.protocol.errors import CODES, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
-from spa.protocol.gateway import Accepted, Closed, GatewayProtocol, SideReceived, Start, TapsWanted
+from spa.protocol.gateway import Draft, Forget, GatewayProtocol, Head, Prefill, SendTaps, Truncate
 from spa.protocol.limits import Limits
 from tests.strategies import msgpack_values, mutated
 
@@ -232,9 +232,36 @@ def _hello(window=0, max_new_tokens=30, token="tok", **kw) -> m.Hello:
 
 def _generating_gateway(window=2, prompt_tokens=5) -> GatewayProtocol:
     gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok")
-    assert isinstance(gp.receive(_hello(window).to_dict()), Start)
-    gp.ready("s", "r", prompt_tokens)
+    gp.receive(_hello(window).to_dict())
+    assert isinstance(gp.next_action(), Prefill)
+    gp.started("s", "r", prompt_tokens)
+    gp.data_to_send()  # ready
     return gp
+
+
+def _work(gp: GatewayProtocol):
+    """The next action that is not bookkeeping (Forget)."""
+    while isinstance(action := gp.next_action(), Forget):
+        pass
+    return action
+
+
+def _sent(gp: GatewayProtocol) -> dict | None:
+    """The one map the last call queued (None if none)."""
+    out = gp.data_to_send()
+    assert len(out) <= 1, out
+    return out[0] if out else None
+
+
+def _draft(gp: GatewayProtocol, pos: int, token: int, piece=b"x", f=None, taps=None) -> dict | None:
+    """Play the host for the Draft at pos; returns the step sent."""
+    action = _work(gp)
+    assert isinstance(action, Draft) and action.pos == pos and action.epoch == gp.epoch, action
+    gp.draft_ready(pos, _f() if f is None else f, token, piece)
+    if taps is not None:
+        assert _work(gp) == SendTaps(pos)
+        gp.taps_ready(pos, taps)
+    return _sent(gp)
 
 
 def _generating_device(window=2, prompt_tokens=5) -> DeviceProtocol:
@@ -271,53 +298,72 @@ def test_gateway_refuses_long_prompts_and_early_messages():
     assert code_of(gp.receive, m.Accept(0, 0).to_dict()) == "out_of_order"
     gp.receive(_hello().to_dict())
     assert code_of(gp.receive, _hello().to_dict()) == "out_of_order"
-    assert code_of(gp.ready, "s", "r", 9) == "limit"
+    assert code_of(gp.started, "s", "r", 9) == "limit"
 
 
 def test_gateway_ordering_rules():
     gp = _generating_gateway(window=2)  # first position 4
     assert gp.can_draft() and gp.next_draft_pos == 4
-    for pos in (4, 5, 6):
-        assert gp.step(gp.epoch, pos, _f(), 10 + pos, b"x") is not None
-    assert not gp.can_draft()  # W + 1 = 3 unverified
+    assert _work(gp) == Draft(0, 4, None)  # the prefill's states: no token to feed
+    gp.draft_ready(4, _f(), 14, b"x")
+    assert _sent(gp)["pos"] == 4
+    for pos in (5, 6):
+        assert _draft(gp, pos, 10 + pos) is not None
+    assert not gp.can_draft() and _work(gp) is None  # W + 1 = 3 unverified
     assert code_of(gp.receive, m.Accept(0, 7).to_dict()) == "out_of_order"  # never drafted
     assert code_of(gp.receive, m.Accept(1, 5).to_dict()) == "out_of_order"  # future epoch
     assert code_of(gp.receive, m.Side(0, 5, F).to_dict()) == "out_of_order"  # not asked
     assert code_of(gp.receive, m.Step(0, 4, F, 1, b"").to_dict()) == "unknown_type"  # wrong way
-    assert gp.receive(m.Accept(0, 4).to_dict()) == Accepted(4)
+    gp.receive(m.Accept(0, 4).to_dict())
+    assert gp.verified == 5 and gp.next_action() == Forget(4)
     assert code_of(gp.receive, m.Accept(0, 4).to_dict()) == "out_of_order"  # already verified
-    assert gp.receive(m.NeedTaps(0, 6).to_dict()) == TapsWanted(6)  # accepts 5 too
+    gp.receive(m.NeedTaps(0, 6).to_dict())  # accepts 5 too
+    assert _work(gp) == SendTaps(6)
     assert gp.verified == 6 and gp.drafted == [(6, 16)]
     assert code_of(gp.receive, m.Accept(0, 6).to_dict()) == "out_of_order"  # 6 awaits its side
     assert code_of(gp.receive, m.Side(0, 6, F).to_dict()) == "out_of_order"  # taps not sent yet
-    gp.taps(6, RNG.normal(0, 15, (3, H)))
+    gp.taps_ready(6, RNG.normal(0, 15, (3, H)))
+    assert _sent(gp)["type"] == "taps"
     wrong = codec.encode(np.zeros((1, H + 1), np.float32))
     assert code_of(gp.receive, m.Side(0, 6, wrong).to_dict()) == "bad_field"
-    assert isinstance(gp.receive(m.Side(0, 6, F).to_dict()), SideReceived)
-    epoch, pos = gp.epoch, gp.next_draft_pos
-    assert gp.verdict(6, 99, b"y")["changed"] is True and gp.epoch == 1
-    assert gp.step(epoch, pos, _f(), 5, b"z") is None  # drafted before the rollback
-    assert gp.next_draft_pos == 7 and gp.step(1, 7, _f(), 5, b"z")["epoch"] == 1
+    # A draft is computed (7) while the side arrives: the side waits for the draft.
+    assert _work(gp) == Draft(0, 7, 16)
+    gp.receive(m.Side(0, 6, F).to_dict())
+    assert gp.next_action() is None  # nothing moves under the draft
+    gp.draft_ready(7, _f(), 5, b"z")
+    assert _sent(gp)["type"] == "step"
+    head = _work(gp)
+    assert isinstance(head, Head) and head.pos == 6 and head.s.shape == (H,)
+    gp.verdict_ready(6, 99, b"y")
+    assert _sent(gp)["changed"] is True and gp.epoch == 1
+    assert gp.stats.discarded == 1 and gp.drafted == []  # the draft of 7 was built on the old token
+    assert _work(gp) == Truncate(7)  # before any further draft
+    assert gp.next_draft_pos == 7 and _work(gp) == Draft(1, 7, 99)
     with pytest.raises(RuntimeError):
-        gp.step(1, 9, _f(), 5, b"z")  # caller bug: skips a position
-    assert gp.receive(m.Bye().to_dict()) == Closed()
+        gp.draft_ready(9, _f(), 5, b"z")  # caller bug: a position not asked for
+    gp.draft_ready(7, _f(), 5, b"z")
+    assert _sent(gp)["epoch"] == 1
+    gp.receive(m.Bye().to_dict())
+    assert gp.closing and gp.phase == "ended"
 
 
 def test_gateway_ends_on_eos_and_max_tokens():
     gp = _generating_gateway(window=3)
-    gp.step(0, 4, _f(), 3, b"a")
-    gp.step(0, 5, _f(), 0, b"")  # EOS: no drafting past it
+    _draft(gp, 4, 3, b"a")
+    _draft(gp, 5, 0, b"")  # EOS: no drafting past it
     assert not gp.can_draft()
     gp.receive(m.Accept(0, 5).to_dict())
-    assert gp.finish_reason == "eos"
-    assert m.parse(gp.end(seconds=1.5)) == m.End("eos", {**gp.stats, "tokens": 2, "seconds": 1.5})
+    assert gp.finish_reason == "eos" and gp.closing
+    assert m.parse(_sent(gp)) == m.End("eos", {**gp.stats.to_dict(), "tokens": 2})
     assert code_of(gp.receive, m.Accept(0, 5).to_dict()) == "out_of_order"
 
     gp = GatewayProtocol(BACKBONE, eos_ids=[0])
     gp.receive(_hello(window=8, max_new_tokens=2).to_dict())
-    gp.ready("s", "r", 1)
-    gp.step(0, 0, _f(), 3, b"a")
-    gp.step(0, 1, _f(), 4, b"b")
+    assert isinstance(gp.next_action(), Prefill)
+    gp.started("s", "r", 1)
+    gp.data_to_send()
+    _draft(gp, 0, 3, b"a")
+    _draft(gp, 1, 4, b"b")
     assert not gp.can_draft()
     gp.receive(m.Accept(0, 1).to_dict())
     assert gp.finish_reason == "max_tokens"
@@ -345,7 +391,7 @@ def test_device_ordering_rules():
     assert code_of(dp.receive, m.Verdict(0, 4, 9, b"b", False).to_dict()) == "out_of_order"  # changed lies
     assert code_of(dp.receive, m.Verdict(0, 4, 9, b"b", True).to_dict()) == "out_of_order"  # epoch not bumped
     dp.receive(m.Verdict(1, 4, 9, b"b", True).to_dict())
-    assert (dp.rollbacks, dp.dropped, dp.epoch) == (1, 1, 1)  # step 5 was void
+    assert (dp.stats.rollbacks, dp.stats.dropped, dp.epoch) == (1, 1, 1)  # step 5 was void
     assert code_of(dp.receive, step(0, 5)) == "out_of_order"  # old epoch after the verdict
     dp.receive(step(1, 5, draft=0))
     dp.gated(5, False)
@@ -387,12 +433,16 @@ def test_projected_taps_travel_as_r_columns_and_the_device_runs_side_projected()
     weight, bias = gp.projection
     assert weight.dtype == np.float32 and weight.shape == (len(TAPS), R, H) and bias.shape == (len(TAPS), R)
     assert np.array_equal(weight, np.frombuffer(proj.weight, "<f2").reshape(weight.shape))  # exact widening
-    gp.ready("s", "r", 5)
-    gp.step(0, 4, _f(), 3, b"a")
+    assert isinstance(gp.next_action(), Prefill)
+    gp.started("s", "r", 5)
+    gp.data_to_send()
+    _draft(gp, 4, 3, b"a")
     gp.receive(m.NeedTaps(0, 4).to_dict())
+    assert _work(gp) == SendTaps(4)
     with pytest.raises(RuntimeError):  # unprojected taps are a caller bug once a projection was uploaded
-        gp.taps(4, RNG.normal(0, 15, (len(TAPS), H)).astype(np.float32))
-    taps = gp.taps(4, RNG.normal(0, 1, (len(TAPS), R)).astype(np.float32))
+        gp.taps_ready(4, RNG.normal(0, 15, (len(TAPS), H)).astype(np.float32))
+    gp.taps_ready(4, RNG.normal(0, 1, (len(TAPS), R)).astype(np.float32))
+    taps = _sent(gp)
 
     dp = DeviceProtocol(hello)
     dp.receive(m.Ready("s", "r", BACKBONE, 5, {}).to_dict())
@@ -406,8 +456,18 @@ def test_projected_taps_travel_as_r_columns_and_the_device_runs_side_projected()
     assert "projection" not in dp.resume_hello()
 
 
+_GATE_WEIGHT = RNG.normal(0, 1, (2, H)).astype("<f4")
+
+
 def _gate_upload(weight_shape=(2, H)) -> m.GateUpload:
-    return m.GateUpload(RNG.normal(0, 1, weight_shape).astype("<f4").tobytes(), np.zeros(2, "<f4").tobytes(), 0.5)
+    weight = _GATE_WEIGHT if weight_shape == (2, H) else RNG.normal(0, 1, weight_shape).astype("<f4")
+    return m.GateUpload(weight.tobytes(), np.zeros(2, "<f4").tobytes(), 0.5)
+
+
+def _f_gated(sigma: bool) -> np.ndarray:
+    """An f on which the uploaded gate is sure: p near 1 (sigma) or near 0."""
+    direction = (_GATE_WEIGHT[1] - _GATE_WEIGHT[0])[None]
+    return (direction if sigma else -direction) * 30.0
 
 
 def test_gateway_refuses_a_malformed_gate():
@@ -422,11 +482,15 @@ def test_pushed_taps_save_the_need_taps_round_trip():
     gp, dp = GatewayProtocol(BACKBONE, eos_ids=[0]), DeviceProtocol(hello)
     gp.receive(hello.to_dict())
     assert gp.gate[0].shape == (2, H) and gp.gate[2] == 0.5
-    dp.receive(gp.ready("s", "r", 5))
+    assert isinstance(gp.next_action(), Prefill)
+    gp.started("s", "r", 5)
+    dp.receive(_sent(gp))
     taps = RNG.normal(0, 15, (len(TAPS), H)).astype(np.float32)
-    dp.receive(gp.step(0, 4, _f(), 3, b"a"))  # predicted closed: no taps
-    dp.receive(gp.step(0, 5, _f(), 7, b"b", taps=taps))  # predicted open: taps pushed
-    assert gp.stats["pushed"] == 1 and gp.pushed == {5}
+    step = _draft(gp, 4, 3, b"a", f=_f_gated(False))  # predicted closed: no taps
+    assert "taps" not in step
+    dp.receive(step)
+    dp.receive(_draft(gp, 5, 7, b"b", f=_f_gated(True), taps=taps))  # predicted open: taps pushed
+    assert gp.stats.pushed == 1 and gp.pushed == {5}
     dp.gated(4, False)
     assert isinstance(dp.next_action(), RunGate)
     dp.gated(5, True)
@@ -435,17 +499,18 @@ def test_pushed_taps_save_the_need_taps_round_trip():
     assert dp.flush() == []  # no accept (the side implies it) and no need_taps
     dp.side_output(5, _f())
     (side,) = dp.flush()
-    assert side["type"] == "side" and dp.pushed_used == 1
-    event = gp.receive(side)
-    assert isinstance(event, SideReceived) and gp.verified == 5 and gp.stats["pushed_used"] == 1
-    dp.receive(gp.verdict(5, 7, b"b"))
+    assert side["type"] == "side" and dp.stats.pushed_used == 1
+    gp.receive(side)
+    assert isinstance(_work(gp), Head) and gp.verified == 5 and gp.stats.pushed_used == 1
+    gp.verdict_ready(5, 7, b"b")
+    dp.receive(_sent(gp))
     assert [c.token for c in dp.committed] == [3, 7]
     # Unasked-for pushed taps are a protocol error on the device.
     plain = _generating_device()
     assert code_of(plain.receive, m.Step(0, 4, F, 3, b"a", T).to_dict()) == "out_of_order"
     # A side for a position whose taps were neither pushed nor asked for is out of order.
     gp2 = _generating_gateway()
-    gp2.step(0, 4, _f(), 3, b"a")
+    _draft(gp2, 4, 3, b"a")
     assert code_of(gp2.receive, m.Side(0, 4, F).to_dict()) == "out_of_order"
 
 
@@ -501,48 +566,45 @@ def lock_step_reference(opts: m.Options, prompt: list[int]) -> list[int]:
 
 
 class FakeGateway:
-    """The caller of GatewayProtocol: owns the token sequence (its 'KV cache')."""
+    """The host of GatewayProtocol: owns the token sequence (its 'KV cache').
+    A draft stays in progress until `submit_draft`, so that messages can
+    arrive while it is computed."""
 
     def __init__(self, prompt: list[int]):
         self.gp = GatewayProtocol(BACKBONE, eos_ids=[EOS])
         self.frames = FrameCodec()
         self.seq = list(prompt)
-        self.pending = None  # a draft computed but not yet handed to gp.step
-        self.done = False
+        self.computing: Draft | None = None  # a draft not yet reported
 
     def receive(self, data: bytes) -> list[bytes]:
-        event = self.gp.receive(self.frames.unpack(data))
-        out = []
-        if isinstance(event, Start):
-            out.append(self.gp.ready("sess", "secret", len(self.seq)))
-        elif isinstance(event, TapsWanted):
-            out.append(self.gp.taps(event.pos, fake_backbone(self.seq[: event.pos + 1])[1]))
-        elif isinstance(event, SideReceived):
-            f, _, draft = fake_backbone(self.seq[: event.pos + 1])
-            token = fake_combine(f, event.s, draft)
-            verdict = self.gp.verdict(event.pos, token, piece(token))
-            if verdict["changed"]:
-                self.seq = self.seq[: event.pos + 1] + [token]
-            out.append(verdict)
-        if self.gp.finish_reason:
-            out.append(self.gp.end())
-            self.done = True
-        return [self.frames.pack(d) for d in out]
+        self.gp.receive(self.frames.unpack(data))
+        return self.work()
 
-    def compute_draft(self) -> None:
-        epoch, pos = self.gp.epoch, self.gp.next_draft_pos
-        assert len(self.seq) == pos + 1
-        f, _, draft = fake_backbone(self.seq)
-        self.pending = (epoch, pos, f, draft)
+    def work(self) -> list[bytes]:
+        """Run every action the protocol asks for (a draft only starts)."""
+        while (action := self.gp.next_action()) is not None:
+            if isinstance(action, Draft):
+                self.computing = action
+            elif isinstance(action, Prefill):
+                self.gp.started("sess", "secret", len(self.seq))
+            elif isinstance(action, SendTaps):
+                self.gp.taps_ready(action.pos, fake_backbone(self.seq[: action.pos + 1])[1])
+            elif isinstance(action, Head):
+                f, _, draft = fake_backbone(self.seq[: action.pos + 1])
+                token = fake_combine(f, action.s[None], draft)
+                self.gp.verdict_ready(action.pos, token, piece(token))
+            elif isinstance(action, Truncate):
+                self.seq = self.seq[: action.keep]
+        return [self.frames.pack(d) for d in self.gp.data_to_send()]
 
     def submit_draft(self) -> list[bytes]:
-        epoch, pos, f, draft = self.pending
-        self.pending = None
-        step = self.gp.step(epoch, pos, f, draft, piece(draft))
-        if step is None:  # a rollback arrived while we computed
-            return []
-        self.seq.append(draft)
-        return [self.frames.pack(step)]
+        action, self.computing = self.computing, None
+        if action.feed is not None:
+            self.seq.append(action.feed)
+        assert len(self.seq) == action.pos + 1
+        f, _, draft = fake_backbone(self.seq)
+        self.gp.draft_ready(action.pos, f, draft, piece(draft))
+        return self.work()
 
 
 class FakeDevice:
@@ -578,9 +640,7 @@ def simulate(opts: m.Options, prompt: list[int], seed: int) -> tuple[FakeGateway
             moves.append(lambda: down.extend(gw.receive(up.pop(0))))
         if down:
             moves.append(lambda: dev.receive(down.pop(0)))
-        if gw.pending is None and gw.gp.can_draft():
-            moves.append(gw.compute_draft)
-        if gw.pending is not None:
+        if gw.computing is not None:
             moves.append(lambda: down.extend(gw.submit_draft()))
         rng.choice(moves)()
     raise AssertionError("the simulation stalled")
@@ -609,11 +669,11 @@ def test_draft_ahead_commits_exactly_the_lock_step_tokens(window, codec_name):
         assert [c.token for c in dev.dp.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
         assert [c.pos for c in dev.dp.committed] == list(range(len(prompt) - 1, gw.gp.verified))
         assert dev.dp.end.stats["tokens"] == len(dev.dp.committed)
-        assert dev.dp.end.stats["rollbacks"] == dev.dp.rollbacks
-        assert dev.dp.end.stats["discarded"] == dev.dp.dropped
+        assert dev.dp.end.stats["rollbacks"] == dev.dp.stats.rollbacks
+        assert dev.dp.end.stats["discarded"] == dev.dp.stats.dropped
         reasons.add(dev.dp.end.reason)
-        totals["rollbacks"] += dev.dp.rollbacks
-        totals["dropped"] += dev.dp.dropped
+        totals["rollbacks"] += dev.dp.stats.rollbacks
+        totals["dropped"] += dev.dp.stats.dropped
     assert totals["rollbacks"] > 0
     assert (totals["dropped"] > 0) == (window > 0)  # rollbacks void drafts only when drafting ahead
     assert reasons == {"eos", "max_tokens"}

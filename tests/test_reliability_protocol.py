@@ -9,7 +9,7 @@ import pytest
 from spa.protocol import messages as m
 from spa.protocol.device import DeviceProtocol, RunGate, RunSide
 from spa.protocol.errors import ProtocolError
-from spa.protocol.gateway import Accepted, GatewayProtocol, ResumeWanted, SideReceived, Start, TapsWanted
+from spa.protocol.gateway import Draft, GatewayProtocol, Head, Prefill, ResumeWanted, SendTaps
 
 H, TAPS, P, EOS = 8, (0, 2), 5, 0
 BACKBONE = m.Backbone("fake-lm", "fp-1", num_layers=2, hidden_size=H)
@@ -30,45 +30,39 @@ class FakeGateway:
 
     def __init__(self, window):
         self.gp = GatewayProtocol(BACKBONE, [EOS], resumable=True)
-        assert isinstance(self.gp.receive(_hello(window).to_dict()), Start)
-        self.out = [self.gp.ready("sid", "secret-0", P)]
+        self.gp.receive(_hello(window).to_dict())
+        assert isinstance(self.gp.next_action(), Prefill)
+        self.gp.started("sid", "secret-0", P)
         self.fed = {P - 1: 3}  # position -> the token fed there
 
     def take(self) -> list[dict]:
-        """What the gateway sends now: answers, then drafts while allowed."""
-        while self.gp.can_draft():
-            pos = self.gp.next_draft_pos
-            token = (7 * pos + self.fed[pos]) % 50 + 1
-            self.out.append(self.gp.step(self.gp.epoch, pos, _f(pos, self.fed[pos]), token, b"x"))
-            self.fed[pos + 1] = token
-        out, self.out = self.out, []
-        return out
+        """Run what the protocol asks for (each draft at once); what the gateway sends now."""
+        while (action := self.gp.next_action()) is not None:
+            if isinstance(action, Draft):
+                if action.feed is not None:
+                    self.fed[action.pos] = action.feed
+                pos, fed = action.pos, self.fed[action.pos]
+                self.gp.draft_ready(pos, _f(pos, fed), (7 * pos + fed) % 50 + 1, b"x")
+            elif isinstance(action, SendTaps):
+                self.gp.taps_ready(action.pos, np.ones((len(TAPS), H), np.float32))
+            elif isinstance(action, Head):
+                draft = dict(self.gp.drafted)[action.pos]
+                token = draft + 1 if action.s[0] > 0 else draft
+                self.gp.verdict_ready(action.pos, token, b"y")
+        return self.gp.data_to_send()
 
     def receive(self, d: dict) -> None:
-        ev = self.gp.receive(d)
-        if isinstance(ev, TapsWanted):
-            self.out.append(self.gp.taps(ev.pos, np.ones((len(TAPS), H), np.float32)))
-        elif isinstance(ev, SideReceived):
-            draft = dict(self.gp.drafted)[ev.pos]
-            token = draft + 1 if ev.s[0, 0] > 0 else draft
-            self.out.append(self.gp.verdict(ev.pos, token, b"y"))
-            self.fed[ev.pos + 1] = token
-        if self.gp.finish_reason and self.gp.phase == "generating":
-            self.out.append(self.gp.end())
+        self.gp.receive(d)
 
     def resume(self, hello: dict) -> list[dict]:
         """A new connection: the resume hello checked as the I/O layer does."""
-        ev = GatewayProtocol(BACKBONE, [EOS], resumable=True).receive(hello)
-        assert isinstance(ev, ResumeWanted)
-        self.gp.check_resume(ev.hello)
-        out = [self.gp.resume(ev.hello.resume.next, f"secret-{ev.hello.resume.next}")]
-        if self.gp.end_msg is not None:
-            out.append(self.gp.end_msg)
-        elif self.gp.finish_reason:
-            out.append(self.gp.end())
-        else:
-            out += [self.gp.restep(pos, _f(pos, self.fed[pos]), b"x") for pos, _ in self.gp.drafted]
-        return out
+        fresh = GatewayProtocol(BACKBONE, [EOS], resumable=True)
+        fresh.receive(hello)
+        action = fresh.next_action()
+        assert isinstance(action, ResumeWanted)
+        self.gp.check_resume(action.hello)
+        self.gp.resume(action.hello.resume.next, f"secret-{action.hello.resume.next}")
+        return self.take()
 
 
 def _device_step(dp):
@@ -117,15 +111,15 @@ def _run(window, cut=None):
 @pytest.mark.parametrize("window", [0, 2])
 def test_resume_at_every_point_commits_the_same_tokens(window):
     want, plain = _run(window)
-    assert len(want) == 12 and plain.rollbacks > 0 and plain.resumes == 0
+    assert len(want) == 12 and plain.stats.rollbacks > 0 and plain.stats.resumes == 0
     total = 1  # message 1 is `ready`: a device that never got it has no session to resume
     while True:  # cut before every later message of the session, then past its end
         total += 1
         got, dp = _run(window, total)
         assert got == want, (window, total)
-        if dp.resumes == 0:
+        if dp.stats.resumes == 0:
             break
-        assert dp.resumes == 1
+        assert dp.stats.resumes == 1
     assert total > 30
 
 
@@ -140,7 +134,8 @@ def test_resume_rotates_the_secret_and_checks_the_hello():
         gw.gp.check_resume(_hello(3, resume))
     with pytest.raises(ProtocolError, match="resume_failed"):
         gw.gp.resume(P + 9, "new")  # never drafted
-    resumed = gw.gp.resume(P - 1, "secret-1")
+    gw.gp.resume(P - 1, "secret-1")
+    resumed = gw.gp.data_to_send()[0]
     assert resumed["secret"] == "secret-1" and resumed["pos"] == P - 1 and "commit" not in resumed
     with pytest.raises(ProtocolError, match="wrong secret"):
         gw.gp.check_resume(_hello(2, resume))  # the old secret is void

@@ -45,11 +45,18 @@ class RunSide:
 Action = RunGate | RunSide
 
 
-@dataclass(frozen=True)
-class Commit:
-    pos: int  # t; the token is x_{t+1}
-    token: int
-    piece: bytes
+Commit = m.Commit  # one committed position: pos t, token x_{t+1}, its text piece
+
+
+@dataclass
+class DeviceStats:
+    """Everything the device protocol counts for one session."""
+
+    side_positions: int = 0  # sigma = 1 positions
+    rollbacks: int = 0  # verdicts with changed = True
+    dropped: int = 0  # steps voided by those verdicts
+    pushed_used: int = 0  # sigma = 1 positions answered from pushed taps (no need_taps)
+    resumes: int = 0
 
 
 class DeviceProtocol:
@@ -63,7 +70,6 @@ class DeviceProtocol:
         # Received steps not yet committed (all of this epoch), with decoded f.
         self.steps: dict[int, tuple[m.Step, np.ndarray]] = {}
         self.pushed: dict[int, np.ndarray] = {}  # decoded taps that came with those steps (hello.gate)
-        self.pushed_used = 0  # sigma = 1 positions answered from pushed taps (no need_taps)
         self.last_step_pos = -1
         self.gateway_verified = 0  # what the gateway knows is verified, from what we sent
         self.wait: tuple[str, int] | None = None  # ("taps"|"side"|"verdict", pos)
@@ -72,12 +78,9 @@ class DeviceProtocol:
         self.outbox: list[dict] = []
         self.committed: list[Commit] = []
         self.end: m.End | None = None
-        self.side_positions = 0
-        self.rollbacks = 0  # verdicts with changed = True
-        self.dropped = 0  # steps voided by those verdicts
+        self.stats = DeviceStats()
         self.session: str | None = None  # from ready
         self.secret: str | None = None  # latest resume secret (ready, then each resumed)
-        self.resumes = 0
 
     @property
     def ended(self) -> bool:
@@ -93,7 +96,7 @@ class DeviceProtocol:
     # --- incoming ------------------------------------------------------
 
     def receive(self, d: dict) -> None:
-        msg = m.parse(d)
+        msg = m.parse(d, "device")
         if isinstance(msg, m.Error):
             raise PeerError(msg.code, msg.message)
         if isinstance(msg, m.Ready):
@@ -152,7 +155,7 @@ class DeviceProtocol:
         self.last_step_pos = r.pos - 1
         self.gateway_verified = r.pos
         self.wait, self.taps, self.pending_accept, self.outbox = None, None, None, []
-        self.resumes += 1
+        self.stats.resumes += 1
         self.phase = "generating"
 
     def _on_step(self, step: m.Step) -> None:
@@ -164,22 +167,22 @@ class DeviceProtocol:
             step.pos <= self.gateway_verified + self.window,
             f"step {step.pos} beyond window {self.window} after position {self.gateway_verified}",
         )
-        self.steps[step.pos] = (step, self._decoded(step.f, "step.f", 1))
+        self.steps[step.pos] = (step, self._shaped(step.f_array, "step.f", 1))
         if step.taps is not None:
             self._expect(self.hello.gate is not None, f"step {step.pos} pushes taps; the hello did not ask for that")
-            self.pushed[step.pos] = self._taps_of(step.taps, "step.taps")
+            self.pushed[step.pos] = self._taps_of(step.taps_array, "step.taps")
         self.last_step_pos = step.pos
 
     def _on_taps(self, taps: m.Taps) -> None:
         self._expect(self.wait == ("taps", taps.pos), f"taps for position {taps.pos} not asked for")
         self._expect(taps.epoch == self.epoch, f"taps of epoch {taps.epoch}, expected {self.epoch}")
-        self.taps = self._taps_of(taps.taps, "taps.taps")
+        self.taps = self._taps_of(taps.taps_array, "taps.taps")
         self.wait = ("side", taps.pos)
 
-    def _taps_of(self, encoded: dict, what: str) -> np.ndarray:
+    def _taps_of(self, x: np.ndarray, what: str) -> np.ndarray:
         proj = self.hello.projection
         cols = self.ready.backbone.hidden_size if proj is None else proj.rank
-        return self._decoded(encoded, what, len(self.hello.plugin.taps), cols)
+        return self._shaped(x, what, len(self.hello.plugin.taps), cols)
 
     def _on_verdict(self, v: m.Verdict) -> None:
         self._expect(self.wait == ("verdict", v.pos), f"verdict for position {v.pos} not expected")
@@ -188,8 +191,8 @@ class DeviceProtocol:
         self._expect(v.epoch == self.epoch + v.changed, f"verdict epoch {v.epoch} after epoch {self.epoch}")
         del self.steps[v.pos]
         if v.changed:  # drafts after pos were built on the old token
-            self.rollbacks += 1
-            self.dropped += len(self.steps)
+            self.stats.rollbacks += 1
+            self.stats.dropped += len(self.steps)
             self.steps.clear()
             self.pushed.clear()
             self.last_step_pos = v.pos
@@ -232,11 +235,11 @@ class DeviceProtocol:
             self._commit(pos, step.draft, step.piece)
             self.pending_accept = pos
             return
-        self.side_positions += 1
+        self.stats.side_positions += 1
         self.pending_accept = None  # need_taps (or a side for pushed taps) implies it
         self.gateway_verified = pos
         if pushed is not None:  # the taps came with the step: no need_taps round trip
-            self.pushed_used += 1
+            self.stats.pushed_used += 1
             self.taps, self.wait = pushed, ("side", pos)
             return
         self.outbox.append(m.NeedTaps(self.epoch, pos).to_dict())
@@ -266,8 +269,8 @@ class DeviceProtocol:
         self.committed.append(Commit(pos, token, piece))
         self.next_pos = pos + 1
 
-    def _decoded(self, encoded: dict, what: str, rows: int, cols: int | None = None) -> np.ndarray:
-        x = codec.decode(encoded)
+    def _shaped(self, x: np.ndarray, what: str, rows: int, cols: int | None = None) -> np.ndarray:
+        """x (decoded once, by messages.parse) if it has the expected shape."""
         shape = (rows, cols or self.ready.backbone.hidden_size)
         if x.shape != shape:
             raise ProtocolError("bad_field", f"{what} has shape {x.shape}, expected {shape}")

@@ -1,64 +1,57 @@
-"""The gateway's side of a session, sans I/O: bookkeeping only.
+"""The gateway's side of a session, sans I/O (docs/PROTOCOL.md §6).
 
-The caller owns the websocket and the backbone. It feeds every unpacked map to
-`receive`, which returns an event saying what the device asked for, and it
-builds every outgoing message with the methods below, which check that the
-message is allowed now. Rules: docs/PROTOCOL.md §6.
+The protocol object owns every protocol fact of a session: the phase, the
+draft window, the position awaiting a side output, rollbacks, epochs, pushed
+taps and resumption. Its host owns the websocket, the KV cache and the
+backbone, and holds no protocol state. The shape is the one of
+`DeviceProtocol` (and of the websockets library): data in, actions and data
+to send out.
 
-A typical loop:
+    gp.receive(map)              every unpacked device map
+    gp.next_action()             what the host must compute now, or None:
+        Prefill(hello)           tokenize and prefill the prompt; gp.started(...)
+        Draft(epoch, pos, feed)  the states at pos (feeding `feed` to the KV cache,
+                                 or the states the prefill left when feed is None)
+                                 and the backbone's token there; gp.draft_ready(...)
+        SendTaps(pos)            the taps of pos as they go on the wire; gp.taps_ready(...)
+        Head(pos, s)             the token of lm_head(norm(cloud_state(f_pos, s))); gp.verdict_ready(...)
+        Truncate(keep)           a rollback: keep the KV cache of positions < keep,
+                                 forget the states of later positions
+        Forget(upto)             positions <= upto are verified: their states are not needed
+    gp.data_to_send()            maps to send, in order
+    gp.closing                   True once the host should close the connection normally
+                                 (after sending): `end` was sent, or the device said `bye`
 
-    event = gp.receive(frames.unpack(data))
-    Start        -> tokenize/prefill, send gp.ready(...), then draft
-    Accepted     -> draft more while gp.can_draft()
-    TapsWanted   -> send gp.taps(pos, cached taps of pos), projected first
-                    with gp.projection when the device uploaded it
-    SideReceived -> token of lm_head(norm(f_pos + s)); send gp.verdict(...);
-                    if it says changed, truncate the KV cache after pos
-    after each event: if gp.finish_reason, send gp.end() and close
-    drafting:     epoch, pos = gp.epoch, gp.next_draft_pos; compute; send
-                  gp.step(epoch, pos, ...) unless it returns None (stale)
+Draft-ahead: a `Draft` is asked for while fewer than W + 1 positions are
+unverified. While the host computes one, the device's `need_taps` and
+`accept` are handled at once (taps are cached: the side network's round trip
+need not wait for the backbone); any other message waits, unparsed, until the
+draft is reported, and so does everything received after it, to keep the order.
 
-Resumption (host-supported, `resumable=True`): a `hello` with `resume` on a
-fresh connection yields `ResumeWanted`; the host finds the session it names
-and calls that session's `check_resume(hello)` then `resume(next, secret)`,
-which answers `resumed` and says what to send again (docs/PROTOCOL.md §6).
+Resumption (`resumable=True`): a fresh connection's `hello` with `resume`
+yields the action `ResumeWanted`; the host finds the session it names, calls
+that session's `check_resume(hello)` and then `resume(next, secret)`, which
+queues `resumed` and what the device must get again.
 """
 
 import hmac
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from spa import codec
+from spa.cloud_gate import predicts_open
 from spa.protocol import messages as m
 from spa.protocol.errors import PeerError, ProtocolError
 from spa.protocol.limits import Limits
 
 
+# --- actions: what the host computes -------------------------------------
+
 @dataclass(frozen=True)
-class Start:
+class Prefill:
     hello: m.Hello  # validated: version, auth, backbone, limits
-
-
-@dataclass(frozen=True)
-class Accepted:
-    upto: int
-
-
-@dataclass(frozen=True)
-class TapsWanted:
-    pos: int
-
-
-@dataclass(frozen=True)
-class SideReceived:
-    pos: int
-    s: np.ndarray  # decoded, [1, hidden_size]
-
-
-@dataclass(frozen=True)
-class Closed:
-    """The device said bye."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +59,75 @@ class ResumeWanted:
     hello: m.Hello  # validated like a new hello; hello.resume.next is set
 
 
-Event = Start | Accepted | TapsWanted | SideReceived | Closed | ResumeWanted
+@dataclass(frozen=True)
+class Draft:
+    epoch: int
+    pos: int
+    feed: int | None  # the token x_pos to feed; None: the states of pos exist (prefill, or kept)
+
+
+@dataclass(frozen=True)
+class SendTaps:
+    pos: int
+
+
+@dataclass(frozen=True)
+class Head:
+    pos: int
+    s: np.ndarray  # the device's side output as received, [H]
+
+
+@dataclass(frozen=True)
+class Truncate:
+    keep: int  # positions < keep stay in the KV cache
+
+
+@dataclass(frozen=True)
+class Forget:
+    upto: int
+
+
+Action = Prefill | ResumeWanted | Draft | SendTaps | Head | Truncate | Forget
+
+
+@dataclass
+class GatewayStats:
+    """Everything the gateway counts for one session; sent in `end.stats`."""
+
+    drafts: int = 0  # steps sent
+    discarded: int = 0  # drafts voided by rollbacks
+    side_positions: int = 0  # sigma = 1 positions
+    rollbacks: int = 0  # verdicts that changed the draft
+    pushed: int = 0  # steps that carried their taps (hello.gate)
+    pushed_used: int = 0  # sigma = 1 positions answered from pushed taps
+    early_taps: int = 0  # taps sent while a draft was being computed
+    resumes: int = 0
+    # Filled in by the host (backbone work):
+    prompt_tokens: int = 0
+    decode_steps: int = 0  # one-token decode steps run for this session
+    batched_steps: int = 0  # of which ran batched with other sessions' steps
+    batch_rows: int = 0  # sum of those steps' batch sizes
+    max_batch: int = 1
+
+    def add_decode_step(self, batch: int) -> None:
+        self.decode_steps += 1
+        self.batched_steps += batch > 1
+        self.batch_rows += batch
+        self.max_batch = max(self.max_batch, batch)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        rows = d.pop("batch_rows")
+        d["mean_batch"] = round(rows / max(self.decode_steps, 1), 3)
+        return d
+
+
+@dataclass
+class _Drafted:
+    pos: int
+    token: int
+    piece: bytes
+    f: dict  # encoded f_pos, kept to send the step again after a resume
 
 
 class GatewayProtocol:
@@ -88,36 +149,52 @@ class GatewayProtocol:
         # Cloud-side projection weights (weight float32 [n_taps, r, H], widened
         # from the uploaded float16; bias float32 [n_taps, r]), or None.
         self.projection: tuple[np.ndarray, np.ndarray] | None = None
-        # The device's gate for pushed taps (weight [2, H], bias [2], tau), or None;
-        # `pushed`: unverified drafted positions whose step carried their taps.
+        # The device's gate for pushed taps (weight [2, H], bias [2], tau), or None.
         self.gate: tuple[np.ndarray, np.ndarray, float] | None = None
-        self.pushed: set[int] = set()
+        self.pushed: set[int] = set()  # unverified positions whose step carried their taps
         self.epoch = 0
         self.first_pos = 0  # P - 1: the position of the first step
         self.verified = 0  # next position to verify
-        self.drafted: list[tuple[int, int]] = []  # unverified (pos, draft), ascending
+        self._drafts: list[_Drafted] = []  # unverified drafted positions, ascending
+        self._next_feed: int | None = None  # the token to feed for the next draft (None: states exist)
         self.side_pos: int | None = None  # sigma = 1 position awaiting its verdict
         self.taps_sent = False
         self.finish_reason: str | None = None  # set when the final position is verified
+        self.closing = False
         self.session: str | None = None  # the id sent in ready
         self.secret: str | None = None  # current resume secret (rotated on every resume)
         self.last_verdict: m.Commit | None = None  # replayed if the device missed it
         self.end_msg: dict | None = None  # replayed if the device missed it
-        self.stats = {"drafts": 0, "discarded": 0, "side_positions": 0, "rollbacks": 0}
+        self.stats = GatewayStats()
+        self._actions: deque = deque()
+        self._outbox: list[dict] = []
+        self._drafting: Draft | None = None  # the draft the host is computing
+        self._held: dict | None = None  # a step waiting for its pushed taps
+        self._stash: list = []  # maps received while drafting, handled after the draft
 
-    # --- incoming ------------------------------------------------------
+    @property
+    def drafted(self) -> list[tuple[int, int]]:
+        """Unverified (pos, draft token), ascending."""
+        return [(d.pos, d.token) for d in self._drafts]
 
-    def receive(self, d: dict) -> Event:
-        msg = m.parse(d)
+    @property
+    def next_draft_pos(self) -> int:
+        return self.verified + len(self._drafts)
+
+    # --- incoming --------------------------------------------------------
+
+    def receive(self, d: dict) -> None:
+        if self._drafting is not None and (self._stash or not _handled_while_drafting(d)):
+            self._stash.append(d)  # not even parsed: the state must not move under the draft
+            return
+        msg = m.parse(d, "gateway")
         if isinstance(msg, m.Error):
             raise PeerError(msg.code, msg.message)
         if isinstance(msg, m.Bye):
-            self.phase = "ended"
-            return Closed()
+            self.phase, self.closing = "ended", True
+            return
         if isinstance(msg, m.Hello):
             return self._on_hello(msg)
-        if not isinstance(msg, (m.Accept, m.NeedTaps, m.Side)):
-            raise ProtocolError("unknown_type", f"the gateway does not receive {msg.TYPE!r}")
         if self.phase != "generating" or self.finish_reason:
             raise ProtocolError("out_of_order", f"{msg.TYPE} outside generation")
         # The device sends nothing past a sigma = 1 position before its
@@ -125,12 +202,14 @@ class GatewayProtocol:
         if msg.epoch != self.epoch:
             raise ProtocolError("out_of_order", f"{msg.TYPE} has epoch {msg.epoch}, expected {self.epoch}")
         if isinstance(msg, m.Accept):
-            return self._on_accept(msg)
-        if isinstance(msg, m.NeedTaps):
-            return self._on_need_taps(msg)
-        return self._on_side(msg)
+            self._on_accept(msg)
+        elif isinstance(msg, m.NeedTaps):
+            self._on_need_taps(msg)
+        else:
+            self._on_side(msg)
+        self._maybe_end()
 
-    def _on_hello(self, hello: m.Hello) -> Start | ResumeWanted:
+    def _on_hello(self, hello: m.Hello) -> None:
         if self.phase != "hello":
             raise ProtocolError("out_of_order", "second hello")
         if self.auth_token is not None and not hmac.compare_digest(
@@ -152,7 +231,8 @@ class GatewayProtocol:
                 raise ProtocolError("resume_failed", "this gateway does not resume sessions")
             if hello.resume.next is None:
                 raise ProtocolError("bad_field", "hello.resume.next: missing (required to resume)")
-            return ResumeWanted(hello)
+            self._actions.append(ResumeWanted(hello))
+            return
         opts = hello.options
         if opts.window > self.limits.max_window:
             raise ProtocolError("limit", f"window {opts.window} > max_window {self.limits.max_window}")
@@ -169,7 +249,7 @@ class GatewayProtocol:
             self.gate = (weight, bias, hello.gate.tau)
         self.hello = hello
         self.phase = "ready"
-        return Start(hello)
+        self._actions.append(Prefill(hello))
 
     def _projection(self, proj: m.Projection, n_taps: int) -> tuple[np.ndarray, np.ndarray]:
         hidden = self.backbone.hidden_size
@@ -188,52 +268,52 @@ class GatewayProtocol:
             raise ProtocolError("bad_field", f"{what}: non-finite values")
         return x
 
-    def _on_accept(self, msg: m.Accept) -> Accepted:
+    def _on_accept(self, msg: m.Accept) -> None:
         self._check_no_side(msg)
         self._check_drafted(msg.upto, "accept.upto")
         token = self._pop_through(msg.upto)
         self._committed(msg.upto, token)
-        return Accepted(msg.upto)
 
-    def _on_need_taps(self, msg: m.NeedTaps) -> TapsWanted:
+    def _on_need_taps(self, msg: m.NeedTaps) -> None:
         self._check_no_side(msg)
         self._check_drafted(msg.pos, "need_taps.pos")
         self._pop_through(msg.pos - 1)  # positions < pos are accepted
         self.side_pos, self.taps_sent = msg.pos, False
-        self.stats["side_positions"] += 1
-        return TapsWanted(msg.pos)
+        self.stats.side_positions += 1
+        self.stats.early_taps += self._drafting is not None
+        self._actions.append(SendTaps(msg.pos))
 
-    def _on_side(self, msg: m.Side) -> SideReceived:
+    def _on_side(self, msg: m.Side) -> None:
         if self.side_pos is None and msg.pos in self.pushed:
             # Its taps came with its step: the side accepts every position before it.
             self._check_drafted(msg.pos, "side.pos")
             self._pop_through(msg.pos - 1)
             self.side_pos, self.taps_sent = msg.pos, True
-            self.stats["side_positions"] += 1
-            self.stats["pushed_used"] = self.stats.get("pushed_used", 0) + 1
+            self.stats.side_positions += 1
+            self.stats.pushed_used += 1
         if msg.pos != self.side_pos or not self.taps_sent:
             raise ProtocolError("out_of_order", f"side for position {msg.pos} was not asked for")
-        s = codec.decode(msg.s)
-        if s.shape != (1, self.backbone.hidden_size):
-            expected = (1, self.backbone.hidden_size)
-            raise ProtocolError("bad_field", f"side.s has shape {s.shape}, expected {expected}")
-        return SideReceived(msg.pos, s)
+        expected = (1, self.backbone.hidden_size)
+        if msg.s_array.shape != expected:
+            raise ProtocolError("bad_field", f"side.s has shape {msg.s_array.shape}, expected {expected}")
+        self._actions.append(Head(msg.pos, msg.s_array[0]))
 
     def _check_no_side(self, msg) -> None:
         if self.side_pos is not None:
             raise ProtocolError("out_of_order", f"{msg.TYPE} while position {self.side_pos} awaits its side")
 
     def _check_drafted(self, pos: int, what: str) -> None:
-        if not self.drafted or not self.verified <= pos <= self.drafted[-1][0]:
+        if not self._drafts or not self.verified <= pos <= self._drafts[-1].pos:
             raise ProtocolError("out_of_order", f"{what} = {pos} is not an unverified drafted position")
 
-    def _pop_through(self, pos: int) -> int:
+    def _pop_through(self, pos: int) -> int | None:
         """Drop drafts up to pos (verified now); return the draft at pos."""
         token = None
-        while self.drafted and self.drafted[0][0] <= pos:
-            token = self.drafted.pop(0)[1]
+        while self._drafts and self._drafts[0].pos <= pos:
+            token = self._drafts.pop(0).token
         self.verified = pos + 1
         self.pushed = {p for p in self.pushed if p > pos}
+        self._actions.append(Forget(pos))
         return token
 
     def _committed(self, pos: int, token: int) -> None:
@@ -242,12 +322,34 @@ class GatewayProtocol:
         elif pos - self.first_pos + 1 >= self.hello.options.max_new_tokens:
             self.finish_reason = "max_tokens"
 
-    # --- outgoing ------------------------------------------------------
+    def _maybe_end(self) -> None:
+        if self.finish_reason and self.phase == "generating" and self._drafting is None:
+            self.phase = "ended"
+            self.end_msg = m.End(self.finish_reason, {"tokens": self.verified - self.first_pos,
+                                                      **self.stats.to_dict()}).to_dict()
+            self._outbox.append(self.end_msg)
+            self.closing = True
 
-    def ready(self, session: str, secret: str, prompt_tokens: int) -> dict:
-        """After Start and prefill: the `ready` map. Raises ProtocolError("limit")
-        for a prompt over max_prompt_tokens (send it as an error)."""
-        self._require(self.phase == "ready", "ready() before hello or twice")
+    # --- actions and what the host reports ---------------------------------
+
+    def next_action(self) -> Action | None:
+        """The next piece of work for the host, or None until more data arrives.
+        A draft is asked for only when nothing else is queued."""
+        if self._actions:
+            return self._actions.popleft()
+        if self._drafting is None and self._held is None and self.can_draft():
+            self._drafting = Draft(self.epoch, self.next_draft_pos, self._next_feed)
+            return self._drafting
+        return None
+
+    def data_to_send(self) -> list[dict]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def started(self, session: str, secret: str, prompt_tokens: int) -> None:
+        """After Prefill: the prompt's length; queues `ready`. Raises
+        ProtocolError("limit") for a prompt over max_prompt_tokens."""
+        self._require(self.phase == "ready", "started() before hello or twice")
         if not 1 <= prompt_tokens <= self.limits.max_prompt_tokens:
             raise ProtocolError(
                 "limit", f"prompt has {prompt_tokens} tokens; allowed 1..{self.limits.max_prompt_tokens}"
@@ -255,80 +357,91 @@ class GatewayProtocol:
         self.first_pos = self.verified = prompt_tokens - 1
         self.phase = "generating"
         self.session, self.secret = session, secret
-        return m.Ready(session, secret, self.backbone, prompt_tokens, self.limits.to_dict()).to_dict()
-
-    @property
-    def next_draft_pos(self) -> int:
-        return self.verified + len(self.drafted)
+        self.stats.prompt_tokens = prompt_tokens
+        self._next_feed = None  # the prefill computed the states of the first position
+        self._outbox.append(m.Ready(session, secret, self.backbone, prompt_tokens, self.limits.to_dict()).to_dict())
 
     def can_draft(self) -> bool:
-        """True while another step may be sent: fewer than W + 1 unverified
+        """True while another step may be drafted: fewer than W + 1 unverified
         positions, and the drafts so far do not already end generation."""
         if self.phase != "generating" or self.finish_reason:
             return False
-        if self.drafted and self.drafted[-1][1] in self.eos_ids:
+        if self._drafts and self._drafts[-1].token in self.eos_ids:
             return False
         if self.next_draft_pos - self.first_pos >= self.hello.options.max_new_tokens:
             return False
-        return len(self.drafted) <= self.hello.options.window
+        return len(self._drafts) <= self.hello.options.window
 
-    def step(self, epoch: int, pos: int, f: np.ndarray, draft: int, piece: bytes,
-             taps: np.ndarray | None = None) -> dict | None:
-        """The `step` map for a draft computed at (epoch, pos), or None when a
-        rollback since made it stale (drop it; the KV cache was truncated).
-        `taps`: push them with the step (only with `self.gate`; as for `taps()`)."""
-        if epoch != self.epoch:
-            return None
-        self._require(pos == self.next_draft_pos and self.can_draft(), f"step({pos}) not draftable now")
-        encoded_taps = None
-        if taps is not None:
-            self._require(self.gate is not None, "pushed taps without hello.gate")
-            self._check_taps_shape(taps)
-            encoded_taps = self._encode(taps)
+    def draft_ready(self, pos: int, f: np.ndarray, token: int, piece: bytes) -> None:
+        """The host computed the Draft for pos: f_pos [1, H] (float32) and the
+        backbone's token. Queues its step (after its taps, where the device's
+        gate will open and it uploaded that gate), then handles what arrived
+        meanwhile."""
+        self._require(self._drafting is not None and pos == self._drafting.pos, f"draft_ready({pos}) not asked for")
+        self._drafting = None
+        token = int(token)
+        opts = self.hello.options
+        entry = _Drafted(pos, token, bytes(piece), self._encode(f))
+        self._drafts.append(entry)
+        self._next_feed = token
+        self.stats.drafts += 1
+        step = m.Step(self.epoch, pos, entry.f, token, entry.piece).to_dict()
+        if self.gate is not None and predicts_open(f, self.gate, opts.codec, opts.outliers):
+            self._held = step
+            self._actions.append(SendTaps(pos))
+        else:
+            self._outbox.append(step)
+        stash, self._stash = self._stash, []
+        for d in stash:
+            self.receive(d)
+        self._maybe_end()
+
+    def taps_ready(self, pos: int, taps: np.ndarray) -> None:
+        """The taps of pos for SendTaps: [n_taps, H], or [n_taps, r] projected
+        with `self.projection` when the device uploaded it."""
+        self._check_taps_shape(taps)
+        if self._held is not None and self._held["pos"] == pos:  # pushed with its step
+            self._held["taps"] = self._encode(taps)
+            self._outbox.append(self._held)
+            self._held = None
             self.pushed.add(pos)
-            self.stats["pushed"] = self.stats.get("pushed", 0) + 1
-        self.drafted.append((pos, int(draft)))
-        self.stats["drafts"] += 1
-        return m.Step(epoch, pos, self._encode(f), int(draft), bytes(piece), encoded_taps).to_dict()
+            self.stats.pushed += 1
+            return
+        self._require(pos == self.side_pos and not self.taps_sent, f"taps_ready({pos}) not asked for")
+        self.taps_sent = True
+        self._outbox.append(m.Taps(self.epoch, pos, self._encode(taps)).to_dict())
 
     def _check_taps_shape(self, taps: np.ndarray) -> None:
         cols = self.backbone.hidden_size if self.projection is None else self.projection[1].shape[1]
         self._require(taps.shape == (len(self.hello.plugin.taps), cols), f"taps of shape {taps.shape}")
 
-    def taps(self, pos: int, taps: np.ndarray) -> dict:
-        """The `taps` map answering TapsWanted(pos); taps is [n_taps, H], or
-        [n_taps, r] projected with `self.projection` when the device uploaded it."""
-        self._require(pos == self.side_pos and not self.taps_sent, f"taps({pos}) not asked for")
-        self._check_taps_shape(taps)
-        self.taps_sent = True
-        return m.Taps(self.epoch, pos, self._encode(taps)).to_dict()
-
-    def verdict(self, pos: int, token: int, piece: bytes) -> dict:
-        """The `verdict` map for the side-corrected token at pos. When it
-        differs from the draft, later drafts are void and the epoch moves on."""
-        self._require(pos == self.side_pos and self.taps_sent, f"verdict({pos}) without its side output")
+    def verdict_ready(self, pos: int, token: int, piece: bytes) -> None:
+        """The side-corrected token for Head(pos). When it differs from the
+        draft, later drafts are void: the epoch moves on and the host gets
+        Truncate(pos + 1) before any further Draft."""
+        self._require(pos == self.side_pos and self.taps_sent, f"verdict_ready({pos}) without its side output")
         token = int(token)
         changed = token != self._pop_through(pos)
         if changed:
-            self.stats["discarded"] += len(self.drafted)
-            self.stats["rollbacks"] += 1
-            self.drafted.clear()
+            self.stats.discarded += len(self._drafts)
+            self.stats.rollbacks += 1
+            self._drafts.clear()
             self.pushed.clear()
             self.epoch += 1
+            self._next_feed = token
+            self._actions.append(Truncate(pos + 1))
         self.side_pos = None
         self._committed(pos, token)
         self.last_verdict = m.Commit(pos, token, bytes(piece))
-        return m.Verdict(self.epoch, pos, token, bytes(piece), changed).to_dict()
-
-    def end(self, **extra_stats) -> dict:
-        """The `end` map, once finish_reason is set; extra_stats are numbers."""
-        self._require(self.finish_reason is not None and self.phase == "generating", "end() before the end")
-        self.phase = "ended"
-        tokens = self.verified - self.first_pos
-        self.end_msg = m.End(self.finish_reason, {"tokens": tokens, **self.stats, **extra_stats}).to_dict()
-        return self.end_msg
+        self._outbox.append(m.Verdict(self.epoch, pos, token, bytes(piece), changed).to_dict())
+        self._maybe_end()
 
     # --- resumption ------------------------------------------------------
+
+    def connection_lost(self) -> None:
+        """The connection is gone: what was received but not handled is void
+        (the device sends it again after a resume)."""
+        self._stash.clear()
 
     def check_resume(self, hello: m.Hello) -> None:
         """On the session a `ResumeWanted` names: raise resume_failed unless the
@@ -339,12 +452,13 @@ class GatewayProtocol:
         if (hello.plugin, hello.prompt, hello.options) != (self.hello.plugin, self.hello.prompt, self.hello.options):
             raise ProtocolError("resume_failed", "the resume hello differs from the session's (plugin, prompt, options)")
 
-    def resume(self, next_pos: int, secret: str) -> dict:
+    def resume(self, next_pos: int, secret: str) -> None:
         """Continue after a lost connection; the device has committed every
-        position < next_pos. Returns the `resumed` map. Then send, in order:
-        `end_msg` if set, else `end()` if finish_reason is set, else a step
-        (`restep`) for each position of `drafted`. Any pending need_taps/side
-        exchange is forgotten: the device gates the resent steps again."""
+        position < next_pos. Queues `resumed`, then `end` again if the session
+        ended, else a step for each unverified drafted position. Any pending
+        need_taps/side exchange is forgotten: the device gates the resent
+        steps again. Raises resume_failed (the session unchanged) if it cannot."""
+        self._require(self._drafting is None, "resume() while a draft is computed")
         if self.phase == "ended" and self.end_msg is None or self.phase not in ("generating", "ended"):
             raise ProtocolError("resume_failed", "the session is not generating")
         commit = None
@@ -361,18 +475,26 @@ class GatewayProtocol:
                 "resume_failed", f"device resumes at position {next_pos}; the gateway verified up to {self.verified}"
             )
         if self.side_pos is not None:  # asked again after the resent step
-            self.stats["side_positions"] -= 1
+            self.stats.side_positions -= 1
             self.side_pos, self.taps_sent = None, False
+        # Unsent messages and the work for them are void: resent below. Cache
+        # work (Truncate, Forget) stays queued: the KV cache must follow.
+        self._outbox.clear()
+        self._actions = deque(a for a in self._actions if isinstance(a, (Truncate, Forget)))
+        self._held = None
+        self._stash.clear()
         self.pushed.clear()  # resent steps carry no taps: the device asks with need_taps
         self.secret = secret
-        self.stats["resumes"] = self.stats.get("resumes", 0) + 1
-        return m.Resumed(self.session, secret, self.epoch, self.verified, commit).to_dict()
-
-    def restep(self, pos: int, f: np.ndarray, piece: bytes) -> dict:
-        """A `step` sent again after a resume, for a drafted unverified position."""
-        drafts = dict(self.drafted)
-        self._require(pos in drafts, f"restep({pos}) of a position not drafted")
-        return m.Step(self.epoch, pos, self._encode(f), drafts[pos], bytes(piece)).to_dict()
+        self.stats.resumes += 1
+        self.closing = False
+        self._outbox.append(m.Resumed(self.session, secret, self.epoch, self.verified, commit).to_dict())
+        if self.end_msg is not None:  # the device missed `end`
+            self._outbox.append(self.end_msg)
+            self.closing = True
+            return
+        for d in self._drafts:  # the steps it may have missed, identical to the first time
+            self._outbox.append(m.Step(self.epoch, d.pos, d.f, d.token, d.piece).to_dict())
+        self._maybe_end()
 
     def _encode(self, x: np.ndarray) -> dict:
         return codec.encode(x, self.hello.options.codec, self.hello.options.outliers)
@@ -381,3 +503,8 @@ class GatewayProtocol:
     def _require(ok: bool, what: str) -> None:
         if not ok:  # a bug in the caller, not in the peer
             raise RuntimeError(f"gateway protocol misuse: {what}")
+
+
+def _handled_while_drafting(d) -> bool:
+    """Messages answered during a draft: they need no backbone work."""
+    return isinstance(d, dict) and d.get("type") in ("need_taps", "accept")

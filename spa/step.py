@@ -1,0 +1,71 @@
+"""The SPA rule for one position, as the split computes it (docs/DESIGN.md §1, §2).
+
+    p_t     = gate(dequant(Q(f_t)))                       on the device
+    sigma_t = [p_t > tau]
+    s_t     = side(dequant(Q(T_t)))                       on the device, only where sigma_t = 1
+              (or side_projected(dequant(Q(P T_t))) with the cloud-side projection P)
+    x_t     = f_t + dequant(Q(s_t))                       in the cloud (s_t alone for replacement plugins)
+    logits  = lm_head(norm(x_t))
+
+The device half (`device_step`) and the cloud half (`cloud_state`) are the
+only places this rule is written. The in-process reference, the batched
+evaluation and the bytes benchmark run both halves in one process; the
+gateway runs the cloud half on the side output the device sent.
+
+`wire(x, what)` is what crossing the wire does to an activation matrix: by
+default `codec.quantize` with the session's scheme; the bytes benchmark passes
+one that also keeps the encoded form to build the messages it measures.
+`what` names the activation ("f", "taps", "s").
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spa import codec
+from spa.plugin import combine
+from spa.projection import project
+
+Wire = Callable[[np.ndarray, str], np.ndarray]
+
+
+def quantizing_wire(scheme: str = "int8", outliers: int = 8) -> Wire:
+    """The wire of a session with this codec: what the receiver decodes."""
+    return lambda x, what: codec.quantize(x, scheme, outliers)
+
+
+@dataclass(frozen=True)
+class DeviceDecision:
+    p: float  # the gate's probability p_t
+    sigma: bool  # p_t > tau
+    s: np.ndarray | None  # dequant(Q(s_t)) [H] as the cloud receives it, where sigma = 1
+
+
+def device_step(plugin, f: np.ndarray, taps: Callable[[], np.ndarray], tau: float, wire: Wire,
+                projection: tuple | None = None) -> DeviceDecision:
+    """The device's half for one position.
+
+    `plugin`: anything with `gate`, `side` (and `side_projected`), e.g. a PtePlugin.
+    `f`: the cloud's exact f_t [H]. `taps`: returns the exact taps [n_taps, H]
+    (called only where sigma = 1: taps cost work and bytes). `projection`:
+    (weight, bias) of the cloud-side projection as uploaded, or None.
+    """
+    p = plugin.gate(wire(np.asarray(f, np.float32).reshape(1, -1), "f"))
+    if not p > tau:
+        return DeviceDecision(p, False, None)
+    exact = taps()
+    if projection is None:
+        s = plugin.side(wire(exact, "taps"))
+    else:
+        s = plugin.side_projected(wire(project(exact, *projection), "taps"))
+    return DeviceDecision(p, True, wire(np.asarray(s, np.float32).reshape(1, -1), "s")[0])
+
+
+def cloud_state(f: torch.Tensor, s: np.ndarray | None, combination: str = "add") -> torch.Tensor:
+    """The cloud's half: the state lm_head(norm(.)) reads. `s` is the received
+    side output [H] (None where sigma = 0: the backbone's own f_t)."""
+    if s is None:
+        return f
+    return combine(f, torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).to(f.dtype), combination)
