@@ -21,7 +21,7 @@ Numerics: a round with one row runs exactly the solo functions of
 is bit-identical to the reference. Batched rows go through the same modules
 and weights, but a matrix product over B rows need not round like B products
 over one row: batched tokens equal solo tokens wherever the choice has margin
-(tests/test_load.py checks that, DESIGN's numerics contract).
+(tests/test_load.py checks that: docs/DESIGN.md §2, the numerics contract).
 
 Each session keeps its own transformers `DynamicCache` (different lengths,
 truncated on rollback). The batched step runs the projections, rotary

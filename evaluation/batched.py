@@ -6,7 +6,7 @@ one prefill serves them all and their decode steps run as one batch: on a CPU
 a batch of 20 costs a few times one row, not 20 times. Finished rows leave
 the batch.
 
-Per row and position this computes exactly what the split computes (DESIGN
+Per row and position this computes exactly what the split computes (docs/DESIGN.md
 §1 with the wire's quantization, the `.pte` for gate and side; replacement
 plugins, the paper's S2/S3 rows, use s_t instead of f_t + s_t): only the
 batched matrix products differ from the one-row reference in the last bits.

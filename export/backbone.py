@@ -222,7 +222,7 @@ def token_parity(backbone, pte: PteBackbone, prompt: str | None = None, max_new_
     """Compare greedy tokens with the eager backbone, up to the first choice without margin.
 
     Eager and XNNPACK differ by float reassociation, so only choices whose eager
-    top-2 logit gap exceeds `margin` are held to equality (DESIGN, numerics contract).
+    top-2 logit gap exceeds `margin` are held to equality (docs/DESIGN.md §2).
     """
     ids = backbone.encode(prompt if prompt is not None else parity_prompt(backbone))
     ref, gaps = eager_greedy(backbone, ids, max_new_tokens)

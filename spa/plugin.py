@@ -1,4 +1,4 @@
-"""The side plugin: side network + gate (DESIGN §1, paper eqs. 1-2).
+"""The side plugin: side network + gate (docs/DESIGN.md §1.2, paper eqs. 1-2).
 
     side network g (per token, no attention):
         x_l = rms(h_t^l)                      for every tap l (taps[0] = 0, the embedding)
@@ -11,7 +11,7 @@
 The paper's replacement settings (S2: the gate picks f_t or s_t; S3 = LST:
 s_t on every token) are plugins with `combination = "replace"`: the state is
 s_t instead of f_t + s_t where sigma_t = 1. They exist for the evaluation's
-rows only; the split runs additive plugins (DESIGN §1).
+rows only; the split runs additive plugins (docs/DESIGN.md §1.2).
 
 `rms(x) = x / sqrt(mean(x^2) + eps)` without weights. The taps are RMS-
 normalized because raw decoder states have a few channels near 2,500 and

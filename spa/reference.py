@@ -1,4 +1,4 @@
-"""The in-process reference for collaborative generation (DESIGN, numerics contract).
+"""The in-process reference for collaborative generation (docs/DESIGN.md §2, the numerics contract).
 
 One loop, no sockets: the gateway's step functions, the device's `.pte` run
 by the ExecuTorch runtime, and every activation that would cross the wire

@@ -148,7 +148,7 @@ def good_session(fuzz_gateway, pte_path, backbone):
 
     pte = PtePlugin(pte_path)
     # Concurrent sessions may share batched forwards, so equality needs margin
-    # (DESIGN numerics contract): use the first prompt whose every choice has it.
+    # (docs/DESIGN.md §2): use the first prompt whose every choice has it.
     for prompt in GOOD_PROMPTS:
         ref = reference_generate(backbone, pte, prompt, tau=pte.tau, max_new_tokens=12)
         if min(ref.logit_gap) > 1e-3 and min(abs(p - pte.tau) for p in ref.gate_p) > 1e-3:

@@ -2,8 +2,8 @@
 
 Every session's tokens must equal a solo in-process reference run of the same
 prompt. Concurrent sessions share batched forwards (cloud_gateway/engine.py),
-whose rounding may differ from a solo forward, so — DESIGN's numerics
-contract — the test first keeps only prompts whose every choice has margin
+whose rounding may differ from a solo forward, so — docs/DESIGN.md §2,
+the numerics contract — the test first keeps only prompts whose every choice has margin
 (no gate p within 1e-3 of tau, top-2 logit gap > 1e-3), then asserts exact
 equality. It also proves the batching ran (batched rounds, largest batch),
 and that memory is bounded while the sessions run and returned after.

@@ -1,4 +1,4 @@
-"""The plugin model's semantics (DESIGN §1) on the real backbone, and its files."""
+"""The plugin model's semantics (docs/DESIGN.md §1) on the real backbone, and its files."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Train a reader's side plugin on cached backbone states (DESIGN §1, "Training").
+"""Train a reader's side plugin on cached backbone states (docs/DESIGN.md §1.4).
 
 The recipe trains exactly what the runtime runs, the *hard* gate:
 
