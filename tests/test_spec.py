@@ -339,3 +339,15 @@ def test_summarize_checks_max_doc_tokens():
                        timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "--max-doc-tokens must be between 1 and 4096" in proc.stderr, proc.stderr
+
+
+def test_summarize_says_on_stderr_what_it_kept(gateway, pte_path, tmp_path):
+    from tests.conftest import GATEWAY_TOKEN, run_spa
+
+    path = tmp_path / "long.txt"
+    path.write_text("A word.\n\n" * 2000)
+    proc = run_spa("summarize", path, "--plugin", pte_path, "--gateway", gateway.url, "--token", GATEWAY_TOKEN,
+                   "--max-new-tokens", "2", "--max-doc-tokens", "16", "--json", timeout=300)
+    assert ("spa summarize: document cut to 63 of 18,000 characters: the first 16 of 4,000 words "
+            "(--max-doc-tokens 16; at most 4,096)") in proc.stderr.splitlines(), proc.stderr
+    assert json.loads(proc.stdout)["stats"]["tokens"] >= 1
