@@ -87,6 +87,20 @@ def test_a_message_sent_the_wrong_way_is_unknown_type(receiver, d):
     assert error_of(d, receiver).code == "unknown_type"
 
 
+def test_both_protocol_machines_apply_the_direction_rule():
+    from spa.protocol.device import DeviceProtocol
+    from spa.protocol.gateway import GatewayProtocol
+
+    backbone = m.Backbone("fake", "fp", num_layers=4, hidden_size=H)
+    for receive, d in ((GatewayProtocol(backbone, eos_ids=[0]).receive, {"type": "step"}),
+                       (GatewayProtocol(backbone, eos_ids=[0]).receive, {"type": "verdict", "epoch": "x"}),
+                       (DeviceProtocol(m.Hello("", m.Plugin("fp", (0, 2), "h"), "p", m.Options())).receive,
+                        {"type": "need_taps"})):
+        with pytest.raises(ProtocolError) as e:
+            receive(d)
+        assert e.value.code == "unknown_type", d
+
+
 def test_each_side_receives_its_own_messages_and_error():
     assert m.RECEIVES["gateway"] | m.RECEIVES["device"] == set(m.MESSAGES)
     assert m.RECEIVES["gateway"] & m.RECEIVES["device"] == {"error"}
