@@ -23,6 +23,9 @@ LIB_CLASSPATH="$MSGPACK_JAR:$ZSTD_JAR:$OKHTTP_JAR:$OKIO_JAR"
 PROTOCOL_SRC="$DEMO_DIR/protocol/src/main/java"
 PROTOCOL_TEST_SRC="$DEMO_DIR/protocol/src/test/java"
 APP_SRC="$DEMO_DIR/app/src/main/java"
+# fbjni / NativeLoader Java classes for the APK built without Gradle (android_demo/jni-support/README.md)
+JNI_SUPPORT_SRC="$DEMO_DIR/jni-support/src/main/java"
+JNI_SUPPORT_TEST_SRC="$DEMO_DIR/jni-support/src/test/java"
 HOST_BUILD="$DEMO_DIR/build/host"
 
 die() {
@@ -50,4 +53,33 @@ require_libs() {
 # The Java sources of a directory tree, one per line.
 java_sources() {
     find "$@" -name '*.java' | sort
+}
+
+# bullseye_download PACKAGE: fetch PACKAGE's .deb from Debian bullseye with `apt-get download`
+# through a private sources list, state and cache (the system's apt configuration is not
+# touched); prints the .deb's path (in a temporary folder the caller removes).
+bullseye_download() {
+    local pkg="$1" apt_dir uri deb
+    apt_dir="$(mktemp -d)"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$apt_dir/debs"
+    touch "$apt_dir/status"
+    uri=""
+    if ls /etc/apt/sources.list.d/*.sources >/dev/null 2>&1; then
+        uri=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) print $i}' /etc/apt/sources.list.d/*.sources | grep -v security | head -1)
+    fi
+    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+        uri=$(awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; break}}' /etc/apt/sources.list | grep -v security | head -1)
+    fi
+    [ -n "$uri" ] || die "cannot find a Debian mirror in the apt configuration to fetch $pkg from"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri bullseye main" > "$apt_dir/sources.list"
+    local opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+                -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::State::Status=$apt_dir/status"
+                -o "Dir::Cache=$apt_dir" -o "Dir::Cache::archives=$apt_dir/archives"
+                -o "APT::Sandbox::User=root" -o "Debug::NoLocking=1")
+    apt-get "${opts[@]}" update >"$apt_dir/log" 2>&1 || { cat "$apt_dir/log" >&2; die "apt-get update (bullseye) failed"; }
+    (cd "$apt_dir/debs" && apt-get "${opts[@]}" download "$pkg" >>"$apt_dir/log" 2>&1) \
+        || { cat "$apt_dir/log" >&2; die "apt-get download $pkg (bullseye) failed"; }
+    deb=$(ls "$apt_dir/debs/${pkg}"_*.deb 2>/dev/null | head -1)
+    [ -n "$deb" ] || die "apt-get download $pkg produced no .deb (is Debian bullseye still on the mirror?)"
+    echo "$deb"
 }
