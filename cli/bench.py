@@ -90,6 +90,17 @@ def cmd_bench_load(args) -> int:
     return 0 if all(row["held"] == row["sessions"] for row in result["rows"]) else 1
 
 
+JSON_HELP = "print the result as JSON (progress goes to stderr)"
+
+
+def _add_outputs(p, run, workdir_help=None, out_help=None, json_help=None) -> None:
+    """The options every `spa bench` subcommand ends with (--workdir, --out, --json), and its handler."""
+    p.add_argument("--workdir", type=Path, default=Path("runs/bench"), help=workdir_help)
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help=out_help)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(run=run)
+
+
 def add_bench_parsers(bench_sub) -> None:
     """Add `link`, `device`, `bytes` and `load` to the `spa bench` sub-subcommands."""
     p = bench_sub.add_parser("link", help="every baseline side by side over an emulated mobile link (ratios, plot)")
@@ -114,10 +125,7 @@ def add_bench_parsers(bench_sub) -> None:
                    help="lambda of the quick plugin trained when --plugin is not given (default 0.3; spa train's "
                         "default 0.05 makes the quick plugin's gate open on ~95%% of tokens)")
     p.add_argument("--no-pin", action="store_true", help="do not pin gateway and device to different CPUs")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="quick plugin and exports (reused)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where link-PROFILE.json/.png go")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
-    p.set_defaults(run=cmd_bench_link)
+    _add_outputs(p, cmd_bench_link, "quick plugin and exports (reused)", "where link-PROFILE.json/.png go", JSON_HELP)
 
     p = bench_sub.add_parser("device", help="per-.pte load time, gate/side latency, peak memory, size "
                                            "(locally, or on a phone with --adb)")
@@ -128,10 +136,7 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the phone's result")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench"))
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_bench_device)
+    _add_outputs(p, cmd_bench_device)
 
     p = bench_sub.add_parser("bytes", help="bytes per token of each way down (taps, int4, zstd level) "
                                           "beside its effect on tokens")
@@ -143,10 +148,7 @@ def add_bench_parsers(bench_sub) -> None:
                    help="also train quick plugins tapping every k-th layer (default 3 5; none: skip)")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 3, 9, 19], help="zstd levels (default 1 3 9 19)")
     p.add_argument("--skip-cost", type=float, default=0.3, help="lambda of the quick plugins trained here (default 0.3)")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench"))
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_bench_bytes)
+    _add_outputs(p, cmd_bench_bytes)
 
     p = bench_sub.add_parser("load", help="N concurrent device sessions against one gateway: sessions held, tokens/s, "
                                           "p95 inter-token latency, peak memory, batching (ratios vs 1 session)")
@@ -159,7 +161,4 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--unbatched", action="store_true",
                    help="also run the largest count against a gateway with --max-batch 1 (no batching)")
     p.add_argument("--no-pin", action="store_true", help="do not pin gateway and devices to different CPUs")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench"), help="quick plugin and exports (reused)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where load.json goes")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
-    p.set_defaults(run=cmd_bench_load)
+    _add_outputs(p, cmd_bench_load, "quick plugin and exports (reused)", "where load.json goes", JSON_HELP)

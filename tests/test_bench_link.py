@@ -9,6 +9,7 @@ userspace proxy is tested instead.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -19,6 +20,7 @@ import pytest
 from benchmarks.link import (NS_PREFIX, PROFILES, LinkProfile, NetnsLink, ProxyLink, cleanup_stale, make_link,
                              measure_link, netns_available, our_namespaces, run_command)
 from benchmarks.linkbench import add_ratios, format_result, goals, plot_result, summarize_row
+from benchmarks.provision import ensure_plugin, plugin_prompts
 from spa.children import ROOT, python_command, python_env
 
 NETNS, WHY = netns_available()
@@ -127,6 +129,27 @@ def test_profiles_and_link_choice():
     assert make_link(PROFILES["loopback"]).mode == "none"
     assert make_link(PROFILES["4g"], "proxy").mode == "proxy"
     assert make_link(PROFILES["4g"]).mode == ("netns" if NETNS else "proxy")
+
+
+# --- the quick plugin, from any working directory ----------------------------------------
+
+
+def test_children_are_given_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cmd = python_command("cli.main", "export", Path("runs/bench/plugin"), "--out", Path("/abs/export"), "--seed", 3)
+    assert cmd[-5:] == [str(tmp_path / "runs/bench/plugin"), "--out", "/abs/export", "--seed", "3"]
+
+
+def test_provisioning_from_another_directory_finds_what_its_children_wrote(quick_plugin_dir, tmp_path, monkeypatch):
+    """`spa bench link` outside the repository root once failed: `spa export` ran in the root and wrote there,
+    and the bench looked in its own directory ("runs/bench/export-... is not a plugin directory")."""
+    monkeypatch.chdir(tmp_path)
+    workdir = Path("runs/bench")  # relative, like the default --workdir
+    shutil.copytree(quick_plugin_dir, workdir / "plugin-outcome-quick-lambda0.3")  # trained already: only export runs
+    pte = ensure_plugin(None, workdir, log=lambda _: None)
+    assert pte == workdir / "export-outcome-quick-lambda0.3" / "plugin-fp32.pte"
+    assert (tmp_path / pte).is_file() and (tmp_path / pte.parent / "plugin-int8.pte").is_file()
+    assert plugin_prompts(pte, ["aclsum:test:0"])[0]  # what a bench reads next, from the same relative path
 
 
 # --- tear-down of a whole run, on failure and on a signal ---------------------------------

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from benchmarks.stats import rss
 from cloud_gateway.process import ThreadedGateway
 from spa import codec
 from spa.protocol import messages as m
@@ -38,8 +39,7 @@ GOOD_PROMPTS = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for 
 
 
 def _rss() -> int:
-    with open(f"/proc/{os.getpid()}/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+    return rss(os.getpid())
 
 
 @pytest.fixture(scope="module")

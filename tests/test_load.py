@@ -20,6 +20,7 @@ import time
 import pytest
 
 from benchmarks.load import QUESTIONS, chat_prompt
+from benchmarks.stats import rss
 from cloud_gateway.process import ThreadedGateway
 from device_runtime.client import run_session
 from spa.protocol import messages as m
@@ -33,8 +34,7 @@ PROMPTS = [chat_prompt(q) for q in QUESTIONS]
 
 
 def _rss() -> int:
-    with open(f"/proc/{os.getpid()}/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+    return rss(os.getpid())
 
 
 @pytest.fixture(scope="module")
