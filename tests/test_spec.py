@@ -50,8 +50,9 @@ def in_spec(text: str) -> bool:
 
 
 def test_version_rule():
-    assert in_spec("an int other than `2` is error `version`; a missing `version`, or one that is not an int")
-    assert error_of({**HELLO, "version": 1, "plugin": None}).code == "version"  # the old version
+    assert in_spec(f"an int other than `{m.VERSION}` is error `version`; a missing `version`, or one that is not an int")
+    for other in (m.VERSION - 1, m.VERSION + 1):
+        assert error_of({**HELLO, "version": other, "plugin": None}).code == "version"
     for bad in ("1", 1.0, None, True, -1):
         e = error_of({**HELLO, "version": bad})
         assert e.code == "bad_field" and e.message.startswith("hello.version"), bad
