@@ -102,6 +102,8 @@ def cmd_summarize(args) -> int:
     if document.note():
         print(f"spa summarize: {document.note()}", file=sys.stderr, flush=True)
     prompt = device_prompt(pte.config, document.text)
+    if args.in_flight < 1:
+        raise SpaError(f"--in-flight must be at least 1, got {args.in_flight}")
     options = Options(window=args.window, codec=args.codec, outliers=args.outliers,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     highlight = args.highlight or ("ansi" if sys.stdout.isatty() else "brackets")
@@ -109,7 +111,8 @@ def cmd_summarize(args) -> int:
     token = args.token or os.environ.get("SPA_GATEWAY_TOKEN", "")
     result = asyncio.run(run_session(args.gateway, pte, prompt, options, tau=args.tau, token=token, on_commit=printer,
                                      cafile=args.cafile, reconnect=not args.no_reconnect,
-                                     cloud_projection=args.cloud_projection, push_taps=args.push_taps))
+                                     cloud_projection=args.cloud_projection, push_taps=args.push_taps,
+                                     max_in_flight=args.in_flight))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "sigmas": result.sigmas,
                           "finish_reason": result.finish_reason, "stats": result.stats}, indent=2))
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upload the side network's per-tap projections (~1.1 MB, kept in the gateway's memory for "
                         "this session only) so each side token moves r values per tap instead of H: ~18x fewer "
                         "bytes down")
+    p.add_argument("--in-flight", type=int, default=4, metavar="N",
+                   help="side outputs that may await their verdict at once (1: one at a time; default 4)")
     p.add_argument("--push-taps", action="store_true",
                    help="upload the gate (4.6 KB; the gateway sees every sigma anyway) so the gateway sends the taps "
                         "with the step where the gate will open: one round trip per side token instead of two")

@@ -304,8 +304,8 @@ class GatewaySession:
                     if d is not None:
                         proto.receive(d)
                         continue
-                    self._report_draft(*draft)
-                    draft = None
+                    done, draft = draft, None
+                    self._report_draft(*done)
                 elif isinstance(action, Draft):
                     draft = (action, asyncio.ensure_future(self._compute_draft(action)))
                 else:

@@ -99,7 +99,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
                       token: str = "", on_commit=None, limits: Limits = Limits(),
                       open_timeout: float = 30.0, cafile: str | None = None,
                       reconnect: bool = True, cloud_projection: bool = False,
-                      push_taps: bool = False) -> SummaryResult:
+                      push_taps: bool = False, max_in_flight: int = 1) -> SummaryResult:
     """Generate one summary through the gateway at `url`; `on_commit(piece, sigma)` streams it.
 
     `cafile`: CA bundle to trust for wss:// (default: the system's). `reconnect`:
@@ -109,7 +109,10 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     instead of H (spa/projection.py: fewer bytes, but the cloud holds those
     weights for the session). `push_taps`: upload the gate (4.6 KB) and tau so
     that the gateway sends the taps with the step where the gate will open:
-    one round trip per side token instead of two (spa/cloud_gate.py)."""
+    one round trip per side token instead of two (spa/cloud_gate.py).
+    `max_in_flight`: side outputs that may await their verdict at once (1: gate
+    the next draft only after the verdict; more lets the device gate the drafts
+    already here and send their side outputs without waiting, docs/PROTOCOL.md §6)."""
     if pte.config.combination != "add":
         raise SpaError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) does "
                        f"not run in the split; the gateway adds the side output (retrain without --combination)")
@@ -117,7 +120,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
     proto = DeviceProtocol(m.Hello(token, plugin, prompt, options,
                                    projection=upload_projection(pte) if cloud_projection else None,
-                                   gate=upload_gate(pte, tau) if push_taps else None))
+                                   gate=upload_gate(pte, tau) if push_taps else None), max_in_flight)
     counters, result, sigma_of = _Counters(), SummaryResult(), {}
     tls = client_tls(cafile) if url.startswith("wss://") else None
     clock = {"start": time.perf_counter(), "first": None, "last": None}
@@ -184,6 +187,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "cloud_projection": cloud_projection,
         "push_taps": push_taps,
         "pushed_taps_used": proto.stats.pushed_used,
+        "max_in_flight": proto.stats.max_in_flight,
         "tau": tau,
         "gateway": proto.end.stats,
         "resumes": proto.stats.resumes,

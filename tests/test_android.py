@@ -177,7 +177,7 @@ def _invalid_messages() -> list[dict]:
         {"type": "accept", "epoch": 0, "upto": 1.0},
         {**step, "piece": "text"},
         {**step, "f": {**step["f"], "scale": b""}},
-        {**hello, "version": 2},
+        {**hello, "version": 3},
         {**hello, "options": {**hello["options"], "codec": "int2"}},
         {**hello, "plugin": {**hello["plugin"], "taps": [2, 1]}},
         {"type": "end", "reason": "eos", "stats": {"rollbacks": 1}},

@@ -176,7 +176,7 @@ OPTIONS, PLUGIN = HELLO["options"], HELLO["plugin"]
         ({"type": "end", "reason": "tired", "stats": {"tokens": 1}}, "bad_field", "end.reason"),
         ({"type": "end", "reason": "eos", "stats": {"rollbacks": 1}}, "bad_field", "end.stats.tokens"),
         ({"type": "end", "reason": "eos", "stats": {"tokens": float("nan")}}, "bad_field", "end.stats"),
-        ({**HELLO, "version": 2, "plugin": None}, "version", ""),
+        ({**HELLO, "version": 1, "plugin": None}, "version", ""),  # the old version: a clear error
         ({**HELLO, "options": {**OPTIONS, "codec": "int2"}}, "bad_field", "hello.options.codec"),
         ({**HELLO, "options": {**OPTIONS, "temperature": -1}}, "bad_field", "hello.options.temperature"),
         ({**HELLO, "plugin": {**PLUGIN, "taps": [2, 1]}}, "bad_field", "hello.plugin.taps"),
@@ -610,8 +610,8 @@ class FakeGateway:
 class FakeDevice:
     """The caller of DeviceProtocol: runs the fake gate and side network."""
 
-    def __init__(self, hello: m.Hello):
-        self.dp = DeviceProtocol(hello)
+    def __init__(self, hello: m.Hello, max_in_flight: int = 1):
+        self.dp = DeviceProtocol(hello, max_in_flight)
         self.frames = FrameCodec()
 
     def receive(self, data: bytes) -> None:
@@ -626,10 +626,10 @@ class FakeDevice:
         return [self.frames.pack(d) for d in self.dp.flush()]
 
 
-def simulate(opts: m.Options, prompt: list[int], seed: int) -> tuple[FakeGateway, FakeDevice]:
+def simulate(opts: m.Options, prompt: list[int], seed: int, max_in_flight: int = 1) -> tuple[FakeGateway, FakeDevice]:
     """Both sides over two in-order queues, interleaved at random."""
     hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", opts)
-    gw, dev = FakeGateway(prompt), FakeDevice(hello)
+    gw, dev = FakeGateway(prompt), FakeDevice(hello, max_in_flight)
     down, up = [], [dev.frames.pack(dev.dp.hello_message())]
     rng = random.Random(seed)
     for _ in range(100_000):
@@ -657,15 +657,16 @@ def test_fake_world_is_interesting():
     assert changes >= 3
 
 
+@pytest.mark.parametrize("in_flight", [1, 4])
 @pytest.mark.parametrize("window", [0, 2, 8])
 @pytest.mark.parametrize("codec_name", ["int8", "int4"])
-def test_draft_ahead_commits_exactly_the_lock_step_tokens(window, codec_name):
-    totals = {"rollbacks": 0, "dropped": 0}
+def test_draft_ahead_commits_exactly_the_lock_step_tokens(window, codec_name, in_flight):
+    totals = {"rollbacks": 0, "dropped": 0, "max_in_flight": 0, "stale": 0}
     reasons = set()
     for seed in range(6):
         opts = m.Options(window=window, codec=codec_name, outliers=2, max_new_tokens=40)
         prompt = PROMPT + [seed]  # some end on EOS, some run to max_new_tokens
-        gw, dev = simulate(opts, prompt, seed)
+        gw, dev = simulate(opts, prompt, seed, in_flight)
         assert [c.token for c in dev.dp.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
         assert [c.pos for c in dev.dp.committed] == list(range(len(prompt) - 1, gw.gp.verified))
         assert dev.dp.end.stats["tokens"] == len(dev.dp.committed)
@@ -674,6 +675,12 @@ def test_draft_ahead_commits_exactly_the_lock_step_tokens(window, codec_name):
         reasons.add(dev.dp.end.reason)
         totals["rollbacks"] += dev.dp.stats.rollbacks
         totals["dropped"] += dev.dp.stats.dropped
+        totals["max_in_flight"] = max(totals["max_in_flight"], dev.dp.stats.max_in_flight)
+        totals["stale"] += dev.dp.end.stats["stale"]
     assert totals["rollbacks"] > 0
     assert (totals["dropped"] > 0) == (window > 0)  # rollbacks void drafts only when drafting ahead
     assert reasons == {"eos", "max_tokens"}
+    # Several side outputs in flight need drafts to gate ahead of the verdicts.
+    assert (totals["max_in_flight"] > 1) == (in_flight > 1 and window > 0), totals
+    if in_flight > 1 and window >= 8:  # decisions sent before a rollback reached the gateway after it
+        assert totals["stale"] > 0, totals

@@ -74,13 +74,13 @@ def _device_step(dp):
             dp.side_output(action.pos, np.full((1, H), 1.0 if action.pos % 4 == 0 else -1.0, np.float32))
 
 
-def _run(window, cut=None):
+def _run(window, cut=None, in_flight=1):
     """A session; when message number `cut` (either direction) is about to be
     delivered, the connection dies: it and everything in flight are lost, and
     the device resumes. Returns the device's commits and its protocol."""
     from collections import deque
 
-    gw, dp = FakeGateway(window), DeviceProtocol(_hello(window))
+    gw, dp = FakeGateway(window), DeviceProtocol(_hello(window), in_flight)
     to_dev, to_gw = deque(gw.take()), deque()
     count = 0
     while not dp.ended:
@@ -108,14 +108,15 @@ def _run(window, cut=None):
     return [(c.pos, c.token) for c in dp.committed], dp
 
 
-@pytest.mark.parametrize("window", [0, 2])
-def test_resume_at_every_point_commits_the_same_tokens(window):
-    want, plain = _run(window)
+@pytest.mark.parametrize("window, in_flight", [(0, 1), (2, 1), (4, 3)])
+def test_resume_at_every_point_commits_the_same_tokens(window, in_flight):
+    want, plain = _run(window, in_flight=in_flight)
     assert len(want) == 12 and plain.stats.rollbacks > 0 and plain.stats.resumes == 0
+    assert (plain.stats.max_in_flight > 1) == (in_flight > 1)
     total = 1  # message 1 is `ready`: a device that never got it has no session to resume
     while True:  # cut before every later message of the session, then past its end
         total += 1
-        got, dp = _run(window, total)
+        got, dp = _run(window, total, in_flight)
         assert got == want, (window, total)
         if dp.stats.resumes == 0:
             break
@@ -157,7 +158,7 @@ def test_device_checks_resumed():
         dp.receive(m.Resumed("other", "s1", 0, P - 1).to_dict())
     with pytest.raises(ProtocolError, match="out_of_order"):
         dp.receive(m.Resumed("sid", "s1", 0, P + 3).to_dict())
-    dp.receive(m.Resumed("sid", "s1", 1, P, m.Commit(P - 1, 9, b"z")).to_dict())
+    dp.receive(m.Resumed("sid", "s1", 1, P, (m.Commit(P - 1, 9, b"z"),)).to_dict())
     assert [(c.pos, c.token) for c in dp.committed] == [(P - 1, 9)] and dp.epoch == 1 and dp.secret == "s1"
     with pytest.raises(ProtocolError, match="out_of_order"):  # no second resumed without a resume hello
         dp.receive(m.Resumed("sid", "s2", 1, P).to_dict())

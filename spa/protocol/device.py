@@ -1,8 +1,8 @@
-"""The device's side of a session, sans I/O: verify drafts strictly in order.
+"""The device's side of a session, sans I/O (docs/PROTOCOL.md §6).
 
 The caller owns the websocket, the gate and the side network:
 
-    dp = DeviceProtocol(hello);  send dp.hello_message()
+    dp = DeviceProtocol(hello, max_in_flight=N);  send dp.hello_message()
     on each received map:   dp.receive(frames.unpack(data))
     then until it is None:  action = dp.next_action()
         RunGate(pos, f)     -> dp.gated(pos, gate(f) > tau)
@@ -15,9 +15,15 @@ The caller owns the websocket, the gate and the side network:
                             dp.resume_hello(); the gateway answers `resumed`,
                             then steps (or `end`) follow as before
 
-A position is committed only once its sigma is known: sigma = 0 commits the
-draft, sigma = 1 commits the verdict's token. So nothing shown to the user is
-ever taken back. Rules: docs/PROTOCOL.md §6.
+Positions are gated in order. A sigma = 1 position asks for its taps (or
+uses the taps pushed with its step) and sends its side output; with
+`max_in_flight` > 1 the device goes on gating the next drafts meanwhile, so
+up to that many side outputs are in flight, each conditional on the drafts
+before it. A position is committed only once it and every earlier position
+are settled (sigma = 0: the draft; sigma = 1: the verdict's token), so
+nothing shown to the user is ever taken back. A verdict that changes its
+token voids every later decision: the gateway drops the device's messages
+about them by their old epoch, and the device drops its own state.
 """
 
 from dataclasses import dataclass
@@ -57,23 +63,32 @@ class DeviceStats:
     dropped: int = 0  # steps voided by those verdicts
     pushed_used: int = 0  # sigma = 1 positions answered from pushed taps (no need_taps)
     resumes: int = 0
+    max_in_flight: int = 0  # most side outputs awaiting their verdict at once
 
 
 class DeviceProtocol:
-    def __init__(self, hello: m.Hello):
+    def __init__(self, hello: m.Hello, max_in_flight: int = 1):
+        """`max_in_flight`: how many sigma = 1 positions may await their verdict
+        at once (1: gate the next draft only after the verdict, as lock-step)."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.hello = hello
         self.window = hello.options.window
+        self.max_in_flight = max_in_flight
         self.phase = "hello"  # -> "generating" (<-> "resuming") -> "ended"
         self.ready: m.Ready | None = None
         self.epoch = 0
-        self.next_pos = 0  # next position to gate
+        self.next_pos = 0  # next position to commit
+        self.next_gate = 0  # next position to gate
         # Received steps not yet committed (all of this epoch), with decoded f.
         self.steps: dict[int, tuple[m.Step, np.ndarray]] = {}
         self.pushed: dict[int, np.ndarray] = {}  # decoded taps that came with those steps (hello.gate)
         self.last_step_pos = -1
-        self.gateway_verified = 0  # what the gateway knows is verified, from what we sent
-        self.wait: tuple[str, int] | None = None  # ("taps"|"side"|"verdict", pos)
-        self.taps: np.ndarray | None = None  # of the position in wait
+        self.sent_upto = 0  # every position < sent_upto has its decision sent (or queued)
+        # sigma of gated, uncommitted positions; for sigma = 1 also where its side stands:
+        self.sigma: dict[int, bool] = {}
+        self.side_state: dict[int, str] = {}  # sigma = 1 pos -> "taps" | "side" | "verdict"
+        self.taps: dict[int, np.ndarray] = {}  # decoded taps of positions in state "side"
         self.pending_accept: int | None = None  # end of a sigma = 0 run not yet sent
         self.outbox: list[dict] = []
         self.committed: list[Commit] = []
@@ -85,6 +100,17 @@ class DeviceProtocol:
     @property
     def ended(self) -> bool:
         return self.phase == "ended"
+
+    @property
+    def in_flight(self) -> int:
+        """sigma = 1 positions awaiting their verdict."""
+        return len(self.side_state)
+
+    @property
+    def gateway_verified(self) -> int:
+        """The most the gateway can have verified from what we sent: every
+        decided position, up to the first side output still awaiting its verdict."""
+        return min([self.sent_upto, *self.side_state])
 
     def hello_message(self) -> dict:
         return self.hello.to_dict()
@@ -126,7 +152,7 @@ class DeviceProtocol:
             )
         self.ready = ready
         self.session, self.secret = ready.session, ready.secret
-        self.next_pos = self.gateway_verified = ready.prompt_tokens - 1
+        self.next_pos = self.next_gate = self.sent_upto = ready.prompt_tokens - 1
         self.last_step_pos = self.next_pos - 1
         self.phase = "generating"
 
@@ -143,18 +169,19 @@ class DeviceProtocol:
     def _on_resumed(self, r: m.Resumed) -> None:
         self._expect(self.phase == "resuming", "resumed without a resume hello")
         self._expect(r.session == self.session, f"resumed names session {r.session!r}, not {self.session!r}")
-        if r.commit is not None:  # the verdict of our side output was lost on the way
-            self._expect(r.commit.pos == self.next_pos and r.pos == self.next_pos + 1,
-                         f"resumed commits position {r.commit.pos} at {r.pos}; expected {self.next_pos}")
-            self._commit(r.commit.pos, r.commit.token, r.commit.piece)
-        else:
-            self._expect(r.pos == self.next_pos, f"resumed at position {r.pos}, device is at {self.next_pos}")
+        # The verified positions we missed (a lost verdict, and what the gateway verified after it).
+        self._expect([c.pos for c in r.commits] == list(range(self.next_pos, self.next_pos + len(r.commits)))
+                     and r.pos == self.next_pos + len(r.commits),
+                     f"resumed commits {[c.pos for c in r.commits]} then position {r.pos}; "
+                     f"the device is at {self.next_pos}")
+        for c in r.commits:
+            self._commit(c.pos, c.token, c.piece)
         self.secret, self.epoch = r.secret, r.epoch
-        self.steps.clear()
-        self.pushed.clear()
+        self._forget_after(r.pos - 1)
+        self.pending_accept = None
         self.last_step_pos = r.pos - 1
-        self.gateway_verified = r.pos
-        self.wait, self.taps, self.pending_accept, self.outbox = None, None, None, []
+        self.next_gate = self.sent_upto = r.pos
+        self.outbox = []
         self.stats.resumes += 1
         self.phase = "generating"
 
@@ -174,10 +201,10 @@ class DeviceProtocol:
         self.last_step_pos = step.pos
 
     def _on_taps(self, taps: m.Taps) -> None:
-        self._expect(self.wait == ("taps", taps.pos), f"taps for position {taps.pos} not asked for")
+        self._expect(self.side_state.get(taps.pos) == "taps", f"taps for position {taps.pos} not asked for")
         self._expect(taps.epoch == self.epoch, f"taps of epoch {taps.epoch}, expected {self.epoch}")
-        self.taps = self._taps_of(taps.taps_array, "taps.taps")
-        self.wait = ("side", taps.pos)
+        self.taps[taps.pos] = self._taps_of(taps.taps_array, "taps.taps")
+        self.side_state[taps.pos] = "side"
 
     def _taps_of(self, x: np.ndarray, what: str) -> np.ndarray:
         proj = self.hello.projection
@@ -185,25 +212,37 @@ class DeviceProtocol:
         return self._shaped(x, what, len(self.hello.plugin.taps), cols)
 
     def _on_verdict(self, v: m.Verdict) -> None:
-        self._expect(self.wait == ("verdict", v.pos), f"verdict for position {v.pos} not expected")
+        # The gateway verifies in order: a verdict is for the first uncommitted position.
+        self._expect(v.pos == self.next_pos and self.side_state.get(v.pos) == "verdict",
+                     f"verdict for position {v.pos} not expected")
         draft = self.steps[v.pos][0].draft
         self._expect(v.changed == (v.token != draft), "verdict.changed disagrees with the draft")
         self._expect(v.epoch == self.epoch + v.changed, f"verdict epoch {v.epoch} after epoch {self.epoch}")
-        del self.steps[v.pos]
-        if v.changed:  # drafts after pos were built on the old token
+        self._commit(v.pos, v.token, v.piece)
+        if v.changed:  # drafts after pos were built on the old token, and so were our decisions on them
             self.stats.rollbacks += 1
             self.stats.dropped += len(self.steps)
-            self.steps.clear()
-            self.pushed.clear()
+            self._forget_after(v.pos)
             self.last_step_pos = v.pos
+            self.next_gate = v.pos + 1
+            self.sent_upto = min(self.sent_upto, v.pos + 1)
             self.epoch = v.epoch
-        self._commit(v.pos, v.token, v.piece)
-        self.gateway_verified = v.pos + 1
-        self.wait = None
+        self._commit_settled()
+
+    def _forget_after(self, pos: int) -> None:
+        """Drop every uncommitted decision and step past pos (and queued messages about them)."""
+        self.steps = {p: st for p, st in self.steps.items() if p <= pos}
+        self.pushed.clear()
+        self.sigma = {p: x for p, x in self.sigma.items() if p <= pos}
+        self.side_state = {p: x for p, x in self.side_state.items() if p <= pos}
+        self.taps = {p: x for p, x in self.taps.items() if p <= pos}
+        if self.pending_accept is not None and self.pending_accept > pos:
+            self.pending_accept = None
+        self.outbox = [d for d in self.outbox if d.get("pos", d.get("upto", -1)) <= pos]
 
     def _on_end(self, end: m.End) -> None:
         self._expect(
-            self.wait is None and not self.steps and self.pending_accept is None,
+            not self.side_state and not self.steps and self.pending_accept is None,
             "end while positions are unverified",
         )
         self._expect(
@@ -216,57 +255,69 @@ class DeviceProtocol:
     # --- the caller's work ---------------------------------------------
 
     def next_action(self) -> Action | None:
-        """What to compute next, or None until more messages arrive."""
+        """What to compute next, or None until more messages arrive: a side
+        output whose taps are here first, then the next gate if fewer than
+        max_in_flight side outputs await their verdict."""
         if self.phase != "generating":
             return None
-        if self.wait is not None:
-            kind, pos = self.wait
-            return RunSide(pos, self.taps, self.hello.projection is not None) if kind == "side" else None
-        if self.next_pos not in self.steps:
-            return None
-        return RunGate(self.next_pos, self.steps[self.next_pos][1])
+        for pos in sorted(self.taps):
+            return RunSide(pos, self.taps[pos], self.hello.projection is not None)
+        if self.next_gate in self.steps and self.in_flight < self.max_in_flight:
+            return RunGate(self.next_gate, self.steps[self.next_gate][1])
+        return None
 
     def gated(self, pos: int, sigma: bool) -> None:
         """Report sigma for the position of the last RunGate."""
-        self._require(self.wait is None and pos == self.next_pos and pos in self.steps, f"gated({pos})")
+        self._require(pos == self.next_gate and pos in self.steps and self.in_flight < self.max_in_flight,
+                      f"gated({pos})")
+        self.next_gate = pos + 1
+        self.sigma[pos] = bool(sigma)
         pushed = self.pushed.pop(pos, None)
         if not sigma:
-            step = self.steps.pop(pos)[0]
-            self._commit(pos, step.draft, step.piece)
             self.pending_accept = pos
+            self._commit_settled()
             return
         self.stats.side_positions += 1
         self.pending_accept = None  # need_taps (or a side for pushed taps) implies it
-        self.gateway_verified = pos
+        self.sent_upto = pos + 1
         if pushed is not None:  # the taps came with the step: no need_taps round trip
             self.stats.pushed_used += 1
-            self.taps, self.wait = pushed, ("side", pos)
-            return
-        self.outbox.append(m.NeedTaps(self.epoch, pos).to_dict())
-        self.wait = ("taps", pos)
+            self.taps[pos], self.side_state[pos] = pushed, "side"
+        else:
+            self.outbox.append(m.NeedTaps(self.epoch, pos).to_dict())
+            self.side_state[pos] = "taps"
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.in_flight)
 
     def side_output(self, pos: int, s: np.ndarray) -> None:
-        """Report s [1, H] for the position of the last RunSide."""
-        self._require(self.wait == ("side", pos), f"side_output({pos})")
+        """Report s [1, H] for the position of a RunSide."""
+        self._require(self.side_state.get(pos) == "side", f"side_output({pos})")
         opts = self.hello.options
         self.outbox.append(m.Side(self.epoch, pos, codec.encode(s, opts.codec, opts.outliers)).to_dict())
-        self.taps = None
-        self.wait = ("verdict", pos)
+        del self.taps[pos]
+        self.side_state[pos] = "verdict"
 
     def flush(self) -> list[dict]:
         """Messages to send now, in order; a run of sigma = 0 positions becomes
         one `accept`. Call it when no received message is waiting."""
         if self.pending_accept is not None:
             self.outbox.append(m.Accept(self.epoch, self.pending_accept).to_dict())
-            self.gateway_verified = self.pending_accept + 1
+            self.sent_upto = self.pending_accept + 1
             self.pending_accept = None
         out, self.outbox = self.outbox, []
         return out
 
     # --- helpers -------------------------------------------------------
 
+    def _commit_settled(self) -> None:
+        """Commit the sigma = 0 positions that no earlier side output holds back."""
+        while self.sigma.get(self.next_pos) is False:
+            step = self.steps[self.next_pos][0]
+            self._commit(self.next_pos, step.draft, step.piece)
+
     def _commit(self, pos: int, token: int, piece: bytes) -> None:
         self.committed.append(Commit(pos, token, piece))
+        for state in (self.steps, self.sigma, self.side_state, self.taps):
+            state.pop(pos, None)
         self.next_pos = pos + 1
 
     def _shaped(self, x: np.ndarray, what: str, rows: int, cols: int | None = None) -> np.ndarray:

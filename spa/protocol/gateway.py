@@ -102,6 +102,8 @@ class GatewayStats:
     pushed_used: int = 0  # sigma = 1 positions answered from pushed taps
     early_taps: int = 0  # taps sent while a draft was being computed
     resumes: int = 0
+    max_in_flight: int = 0  # most sigma = 1 positions awaiting their verdict at once
+    stale: int = 0  # device messages of an epoch a rollback had ended (dropped)
     # Filled in by the host (backbone work):
     prompt_tokens: int = 0
     decode_steps: int = 0  # one-token decode steps run for this session
@@ -120,6 +122,15 @@ class GatewayStats:
         rows = d.pop("batch_rows")
         d["mean_batch"] = round(rows / max(self.decode_steps, 1), 3)
         return d
+
+
+@dataclass
+class _SidePos:
+    """A sigma = 1 position in flight."""
+
+    taps_sent: bool = False
+    s: np.ndarray | None = None  # the side output, once received
+    head_asked: bool = False
 
 
 @dataclass
@@ -157,13 +168,17 @@ class GatewayProtocol:
         self.verified = 0  # next position to verify
         self._drafts: list[_Drafted] = []  # unverified drafted positions, ascending
         self._next_feed: int | None = None  # the token to feed for the next draft (None: states exist)
-        self.side_pos: int | None = None  # sigma = 1 position awaiting its verdict
-        self.taps_sent = False
+        # The device's decisions, in position order: every position in
+        # [verified, decided) is decided; those in `_sides` are sigma = 1 (in
+        # flight: taps asked or sent, side output awaited or received), the
+        # others sigma = 0. The gateway verifies strictly in order.
+        self.decided = 0
+        self._sides: dict[int, _SidePos] = {}
+        self._commits: list[m.Commit] = []  # every verified position, in order (resumes replay them)
         self.finish_reason: str | None = None  # set when the final position is verified
         self.closing = False
         self.session: str | None = None  # the id sent in ready
         self.secret: str | None = None  # current resume secret (rotated on every resume)
-        self.last_verdict: m.Commit | None = None  # replayed if the device missed it
         self.end_msg: dict | None = None  # replayed if the device missed it
         self.stats = GatewayStats()
         self._actions: deque = deque()
@@ -181,6 +196,11 @@ class GatewayProtocol:
     def next_draft_pos(self) -> int:
         return self.verified + len(self._drafts)
 
+    @property
+    def in_flight(self) -> list[int]:
+        """sigma = 1 positions awaiting their verdict, ascending."""
+        return sorted(self._sides)
+
     # --- incoming --------------------------------------------------------
 
     def receive(self, d: dict) -> None:
@@ -197,9 +217,13 @@ class GatewayProtocol:
             return self._on_hello(msg)
         if self.phase != "generating" or self.finish_reason:
             raise ProtocolError("out_of_order", f"{msg.TYPE} outside generation")
-        # The device sends nothing past a sigma = 1 position before its
-        # verdict, so its messages always carry the current epoch.
-        if msg.epoch != self.epoch:
+        # A device with several side outputs in flight may have decided
+        # positions that a rollback has since voided: those messages carry
+        # an older epoch and are dropped. A newer epoch is a broken device.
+        if msg.epoch < self.epoch:
+            self.stats.stale += 1
+            return
+        if msg.epoch > self.epoch:
             raise ProtocolError("out_of_order", f"{msg.TYPE} has epoch {msg.epoch}, expected {self.epoch}")
         if isinstance(msg, m.Accept):
             self._on_accept(msg)
@@ -207,6 +231,7 @@ class GatewayProtocol:
             self._on_need_taps(msg)
         else:
             self._on_side(msg)
+        self._verify()
         self._maybe_end()
 
     def _on_hello(self, hello: m.Hello) -> None:
@@ -269,57 +294,70 @@ class GatewayProtocol:
         return x
 
     def _on_accept(self, msg: m.Accept) -> None:
-        self._check_no_side(msg)
-        self._check_drafted(msg.upto, "accept.upto")
-        token = self._pop_through(msg.upto)
-        self._committed(msg.upto, token)
+        self._decide_through(msg.upto, "accept.upto")
 
     def _on_need_taps(self, msg: m.NeedTaps) -> None:
-        self._check_no_side(msg)
-        self._check_drafted(msg.pos, "need_taps.pos")
-        self._pop_through(msg.pos - 1)  # positions < pos are accepted
-        self.side_pos, self.taps_sent = msg.pos, False
+        self._decide_through(msg.pos, "need_taps.pos")  # positions < pos are sigma = 0
+        self._sides[msg.pos] = _SidePos()
         self.stats.side_positions += 1
         self.stats.early_taps += self._drafting is not None
+        self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._sides))
         self._actions.append(SendTaps(msg.pos))
 
     def _on_side(self, msg: m.Side) -> None:
-        if self.side_pos is None and msg.pos in self.pushed:
-            # Its taps came with its step: the side accepts every position before it.
-            self._check_drafted(msg.pos, "side.pos")
-            self._pop_through(msg.pos - 1)
-            self.side_pos, self.taps_sent = msg.pos, True
+        side = self._sides.get(msg.pos)
+        if side is None and msg.pos in self.pushed and msg.pos >= self.decided:
+            # Its taps came with its step: the side decides every position before it.
+            self._decide_through(msg.pos, "side.pos")
+            side = self._sides[msg.pos] = _SidePos(taps_sent=True)
             self.stats.side_positions += 1
             self.stats.pushed_used += 1
-        if msg.pos != self.side_pos or not self.taps_sent:
+            self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._sides))
+        if side is None or not side.taps_sent or side.s is not None:
             raise ProtocolError("out_of_order", f"side for position {msg.pos} was not asked for")
         expected = (1, self.backbone.hidden_size)
         if msg.s_array.shape != expected:
             raise ProtocolError("bad_field", f"side.s has shape {msg.s_array.shape}, expected {expected}")
-        self._actions.append(Head(msg.pos, msg.s_array[0]))
+        side.s = msg.s_array[0]
 
-    def _check_no_side(self, msg) -> None:
-        if self.side_pos is not None:
-            raise ProtocolError("out_of_order", f"{msg.TYPE} while position {self.side_pos} awaits its side")
+    def _decide_through(self, pos: int, what: str) -> None:
+        """The device decided every position up to pos (sigma = 0 before it)."""
+        if not self._drafts or not self.decided <= pos <= self._drafts[-1].pos:
+            raise ProtocolError("out_of_order", f"{what} = {pos} is not an undecided drafted position")
+        self.decided = pos + 1
 
-    def _check_drafted(self, pos: int, what: str) -> None:
-        if not self._drafts or not self.verified <= pos <= self._drafts[-1].pos:
-            raise ProtocolError("out_of_order", f"{what} = {pos} is not an unverified drafted position")
+    def _verify(self) -> None:
+        """Verify in order what the device decided: sigma = 0 positions commit
+        their draft; a sigma = 1 position waits for its side output, then asks
+        the host for its head (one at a time: its verdict may roll back)."""
+        while self.verified < self.decided and not self.finish_reason:
+            pos = self.verified
+            side = self._sides.get(pos)
+            if side is None:
+                entry = self._drafts[0]
+                self._pop_through(pos)
+                self._committed(entry)
+                continue
+            if side.s is not None and not side.head_asked:
+                side.head_asked = True
+                self._actions.append(Head(pos, side.s))
+            return
 
-    def _pop_through(self, pos: int) -> int | None:
-        """Drop drafts up to pos (verified now); return the draft at pos."""
-        token = None
+    def _pop_through(self, pos: int) -> None:
+        """Drop drafts up to pos (verified now)."""
         while self._drafts and self._drafts[0].pos <= pos:
-            token = self._drafts.pop(0).token
+            self._drafts.pop(0)
         self.verified = pos + 1
+        self.decided = max(self.decided, self.verified)
         self.pushed = {p for p in self.pushed if p > pos}
         self._actions.append(Forget(pos))
-        return token
 
-    def _committed(self, pos: int, token: int) -> None:
-        if token in self.eos_ids:
+    def _committed(self, commit) -> None:
+        """Position commit.pos is verified with commit.token (a draft or a verdict)."""
+        self._commits.append(m.Commit(commit.pos, commit.token, commit.piece))
+        if commit.token in self.eos_ids:
             self.finish_reason = "eos"
-        elif pos - self.first_pos + 1 >= self.hello.options.max_new_tokens:
+        elif commit.pos - self.first_pos + 1 >= self.hello.options.max_new_tokens:
             self.finish_reason = "max_tokens"
 
     def _maybe_end(self) -> None:
@@ -354,7 +392,7 @@ class GatewayProtocol:
             raise ProtocolError(
                 "limit", f"prompt has {prompt_tokens} tokens; allowed 1..{self.limits.max_prompt_tokens}"
             )
-        self.first_pos = self.verified = prompt_tokens - 1
+        self.first_pos = self.verified = self.decided = prompt_tokens - 1
         self.phase = "generating"
         self.session, self.secret = session, secret
         self.stats.prompt_tokens = prompt_tokens
@@ -407,8 +445,9 @@ class GatewayProtocol:
             self.pushed.add(pos)
             self.stats.pushed += 1
             return
-        self._require(pos == self.side_pos and not self.taps_sent, f"taps_ready({pos}) not asked for")
-        self.taps_sent = True
+        side = self._sides.get(pos)
+        self._require(side is not None and not side.taps_sent, f"taps_ready({pos}) not asked for")
+        side.taps_sent = True
         self._outbox.append(m.Taps(self.epoch, pos, self._encode(taps)).to_dict())
 
     def _check_taps_shape(self, taps: np.ndarray) -> None:
@@ -417,23 +456,33 @@ class GatewayProtocol:
 
     def verdict_ready(self, pos: int, token: int, piece: bytes) -> None:
         """The side-corrected token for Head(pos). When it differs from the
-        draft, later drafts are void: the epoch moves on and the host gets
-        Truncate(pos + 1) before any further Draft."""
-        self._require(pos == self.side_pos and self.taps_sent, f"verdict_ready({pos}) without its side output")
-        token = int(token)
-        changed = token != self._pop_through(pos)
+        draft, later drafts (and the device's decisions on them) are void: the
+        epoch moves on and the host gets Truncate(pos + 1) before any further
+        Draft."""
+        side = self._sides.get(pos)
+        self._require(pos == self.verified and side is not None and side.head_asked,
+                      f"verdict_ready({pos}) without its side output")
+        token, piece = int(token), bytes(piece)
+        changed = token != self._drafts[0].token
+        del self._sides[pos]
+        self._pop_through(pos)
         if changed:
             self.stats.discarded += len(self._drafts)
             self.stats.rollbacks += 1
             self._drafts.clear()
+            self._sides.clear()
             self.pushed.clear()
+            self.decided = pos + 1
             self.epoch += 1
             self._next_feed = token
+            # Queued work for the voided positions is void too.
+            if self._held is not None and self._held["pos"] > pos:
+                self._held = None
+            self._actions = deque(a for a in self._actions if not isinstance(a, (SendTaps, Head)) or a.pos <= pos)
             self._actions.append(Truncate(pos + 1))
-        self.side_pos = None
-        self._committed(pos, token)
-        self.last_verdict = m.Commit(pos, token, bytes(piece))
-        self._outbox.append(m.Verdict(self.epoch, pos, token, bytes(piece), changed).to_dict())
+        self._committed(m.Commit(pos, token, piece))
+        self._outbox.append(m.Verdict(self.epoch, pos, token, piece, changed).to_dict())
+        self._verify()
         self._maybe_end()
 
     # --- resumption ------------------------------------------------------
@@ -461,22 +510,22 @@ class GatewayProtocol:
         self._require(self._drafting is None, "resume() while a draft is computed")
         if self.phase == "ended" and self.end_msg is None or self.phase not in ("generating", "ended"):
             raise ProtocolError("resume_failed", "the session is not generating")
-        commit = None
-        last = self.last_verdict
-        if last is not None and next_pos == last.pos == self.verified - 1:
-            commit = last  # the device sent its side output but missed the verdict
-        elif self.verified <= next_pos <= self.next_draft_pos:
-            if next_pos > self.verified:  # the device committed drafts; their accept was lost
-                if self.side_pos is not None and self.side_pos < next_pos:
-                    raise ProtocolError("resume_failed", f"position {self.side_pos} awaits a side output")
-                self._committed(next_pos - 1, self._pop_through(next_pos - 1))
-        else:
+        if not self.first_pos <= next_pos <= self.next_draft_pos:
             raise ProtocolError(
                 "resume_failed", f"device resumes at position {next_pos}; the gateway verified up to {self.verified}"
             )
-        if self.side_pos is not None:  # asked again after the resent step
-            self.stats.side_positions -= 1
-            self.side_pos, self.taps_sent = None, False
+        if next_pos > self.verified:  # the device committed drafts; their accept was lost
+            if any(p < next_pos for p in self._sides):
+                raise ProtocolError("resume_failed", f"position {min(self._sides)} awaits a side output")
+            self.decided = max(self.decided, next_pos)
+            self._verify()
+        # Everything the device had not committed is forgotten, on both sides:
+        # it gates the resent steps again. Verified positions it missed (lost
+        # verdicts, or drafts verified after them) come back as commits.
+        commits = self._commits[next_pos - self.first_pos:]
+        self.stats.side_positions -= len(self._sides)
+        self._sides.clear()
+        self.decided = self.verified
         # Unsent messages and the work for them are void: resent below. Cache
         # work (Truncate, Forget) stays queued: the KV cache must follow.
         self._outbox.clear()
@@ -487,7 +536,7 @@ class GatewayProtocol:
         self.secret = secret
         self.stats.resumes += 1
         self.closing = False
-        self._outbox.append(m.Resumed(self.session, secret, self.epoch, self.verified, commit).to_dict())
+        self._outbox.append(m.Resumed(self.session, secret, self.epoch, self.verified, commits).to_dict())
         if self.end_msg is not None:  # the device missed `end`
             self._outbox.append(self.end_msg)
             self.closing = True

@@ -1,4 +1,4 @@
-"""Protocol messages (version 1) as dataclasses; docs/PROTOCOL.md §4 is the spec.
+"""Protocol messages (version 2) as dataclasses; docs/PROTOCOL.md §4 is the spec.
 
 `parse(d)` turns an unpacked msgpack map into a message, validating every field
 (type and range) and raising ProtocolError("bad_field", "<path>: <why>") on the
@@ -25,10 +25,11 @@ import numpy as np
 from spa import codec
 from spa.protocol.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2  # 2: several side outputs in flight; resumed.commits
 INT32_MAX = (1 << 31) - 1  # positions, epochs, token ids, counts: a Java int
 INT64_MAX = (1 << 63) - 1  # seeds: a Java long
 MAX_LAYER = 1024
+MAX_RESUMED_COMMITS = 1 << 16  # at most max_new_tokens in practice
 MAX_NAME = 256  # ids, fingerprints, hashes, codes
 CODECS = codec.SCHEMES
 END_REASONS = ("eos", "max_tokens")
@@ -505,21 +506,25 @@ class Resumed:
     secret: str  # the new resume secret; the one just used is void
     epoch: int  # the gateway's epoch from now on
     pos: int  # the first position the gateway has not verified; steps resume here
-    # The verdict the device missed: the token committed at the device's
-    # `next` (then pos = next + 1). None when pos = next.
-    commit: Commit | None = None
+    # The positions the gateway verified that the device had not committed
+    # (a verdict lost on the way, and drafts the gateway verified after it),
+    # in order from the device's `next`: pos = next + len(commits).
+    commits: tuple[Commit, ...] = ()
 
     def to_dict(self) -> dict:
         d = {"type": self.TYPE, "session": self.session, "secret": self.secret, "epoch": self.epoch,
              "pos": self.pos}
-        if self.commit is not None:
-            d["commit"] = self.commit.to_dict()
+        if self.commits:
+            d["commits"] = [c.to_dict() for c in self.commits]
         return d
 
     @classmethod
     def read(cls, f: _Fields) -> "Resumed":
-        commit = None if f.d.get("commit") is None else Commit.read(f.map("commit"))
-        return cls(f.text("session"), f.text("secret"), f.integer("epoch"), f.integer("pos"), commit)
+        commits = f.d.get("commits", [])
+        if not isinstance(commits, list) or len(commits) > MAX_RESUMED_COMMITS:
+            f._bad("commits", f"expected a list of at most {MAX_RESUMED_COMMITS} commits")
+        return cls(f.text("session"), f.text("secret"), f.integer("epoch"), f.integer("pos"),
+                   tuple(Commit.read(_Fields(c, f"resumed.commits[{i}]")) for i, c in enumerate(commits)))
 
 
 # --- either direction ----------------------------------------------------

@@ -12,7 +12,7 @@ import java.util.Map;
  * keys are ignored so that version 1 can gain optional fields.
  */
 public final class Messages {
-    public static final int VERSION = 1;
+    public static final int VERSION = 2;  // docs/PROTOCOL.md; this client keeps one side output in flight
     public static final String[] CODECS = {"int8", "int4", "f32"};
     public static final String[] END_REASONS = {"eos", "max_tokens"};
 
