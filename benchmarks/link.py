@@ -230,10 +230,11 @@ class NetnsLink(Link):
                 burst = max(32 * 1024, int(egress_mbit * 1e6 / 8 / 250))
                 limit = max(256 * 1024, int(egress_mbit * 1e6 / 8 * 0.5))
                 run_command("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                     "rate", f"{egress_mbit}mbit", "burst", str(burst), "limit", str(limit))
+                            "rate", f"{egress_mbit}mbit", "burst", str(burst), "limit", str(limit))
             if p.loss_pct:
                 run_command("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
-                     "-m", "statistic", "--mode", "random", "--probability", f"{p.loss_pct / 100:.6f}", "-j", "DROP")
+                            "-m", "statistic", "--mode", "random", "--probability", f"{p.loss_pct / 100:.6f}",
+                            "-j", "DROP")
             if p.rtt_ms > 0:
                 ready = Path(tempfile.gettempdir()) / f"spabench-nfq-{ns}.ready"
                 ready.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +248,7 @@ class NetnsLink(Link):
                 ready.unlink(missing_ok=True)
                 # Without --queue-bypass: if the delay program dies, packets drop (a visible failure).
                 run_command("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
-                     "-j", "NFQUEUE", "--queue-num", "0")
+                            "-j", "NFQUEUE", "--queue-num", "0")
 
     def counters(self) -> dict | None:
         proc = run_command("ip", "-n", self.ns_dev, "-s", "-j", "link", "show", "dev", self.veth_dev, check=False)

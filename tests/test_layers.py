@@ -86,7 +86,8 @@ def test_no_role_folder_imports_the_command_line():
 
 
 def module_aliases(path: Path) -> dict[str, str]:
-    """Local names bound to project modules: `import a.b as z` -> {z: a.b}, `import a.b` -> {a: a}, `from a import b`."""
+    """Local names bound to project modules: `import a.b as z` -> {z: a.b}, `import a.b` -> {a: a},
+    `from a import b` -> {b: a.b} (when a/b is a module)."""
     aliases = {}
     for _, name, node in imports(path):
         if isinstance(node, ast.Import):
