@@ -29,10 +29,11 @@ def prompt_of(pte, doc):
 
 
 def split(gateway, pte, doc, window, tau=None, codec="int8", max_new=MAX_NEW, temperature=0.0,
-          cloud_projection=False, push_taps=False):
+          cloud_projection=False, push_taps=False, in_flight=1):
     options = Options(window=window, codec=codec, max_new_tokens=max_new, temperature=temperature, seed=7)
     return asyncio.run(run_session(gateway.url, pte, prompt_of(pte, doc), options, tau=tau, token=GATEWAY_TOKEN,
-                                   cloud_projection=cloud_projection, push_taps=push_taps))
+                                   cloud_projection=cloud_projection, push_taps=push_taps,
+                                   max_in_flight=in_flight))
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,25 @@ def test_split_equals_the_in_process_reference_for_every_window(gateway, pte, re
     assert any(sum(r.sigmas) not in (0, len(r.sigmas)) for r in references.values())  # the gate really decides
 
 
+@pytest.mark.parametrize("push_taps", [False, True])
+def test_side_outputs_in_flight_are_lossless(gateway, pte, references, backbone, push_taps):
+    """Several side outputs in flight (protocol v2): the device gates drafts
+    ahead of the verdicts; tokens stay the reference's, greedy and sampled."""
+    most, rollbacks = 0, 0
+    for window in (2, 8):
+        for doc in DOCS:
+            result = split(gateway, pte, doc, window, in_flight=4, push_taps=push_taps)
+            assert result.tokens == references[doc].tokens, (doc, window)
+            assert result.sigmas == references[doc].sigmas, (doc, window)
+            most = max(most, result.stats["max_in_flight"], result.stats["gateway"]["max_in_flight"])
+            rollbacks += result.stats["rollbacks"]
+    assert most > 1 and rollbacks > 0, (most, rollbacks)
+    doc = DOCS[0]
+    sampled = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW,
+                                 temperature=0.8, seed=7)
+    assert split(gateway, pte, doc, 8, temperature=0.8, in_flight=4, push_taps=push_taps).tokens == sampled.tokens
+
+
 def test_seeded_sampling_is_lossless_and_reproducible(gateway, pte, backbone):
     doc = DOCS[0]
     ref = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW,
@@ -74,6 +94,7 @@ def test_int4_codec_is_lossless_against_its_reference(gateway, pte, backbone):
     doc = DOCS[1]
     ref = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW, scheme="int4")
     assert split(gateway, pte, doc, 2, codec="int4").tokens == ref.tokens
+    assert split(gateway, pte, doc, 8, codec="int4", in_flight=4).tokens == ref.tokens
 
 
 def test_cloud_projection_is_lossless_against_its_reference(gateway, pte, backbone):
