@@ -13,8 +13,9 @@ differ only in what the split sends and waits for.
   *inside* the backbone's layers on the device): for every forward pass (the
   prompt's prefill, then each token) and every decoder layer l, the server
   sends that layer's output `h^l` (`act`: [T, H], the wire codec) and waits for
-  the device's `delta` ([T, H]) which it adds before layer l + 1. One round
-  trip per layer per token. The device really computes a rank-r adapter
+  the device's `delta` ([T, H]) which it adds before layer l + 1 (a hook on
+  the model's own decoder layers: `Backbone.forward(..., layer_hook=...)`).
+  One round trip per layer per token. The device really computes a rank-r adapter
   (`B @ A @ rms(h)`, fixed random weights scaled small) — a latency and
   bytes row, not a quality one.
 
@@ -52,36 +53,6 @@ from spa.tokens import token_pieces
 log = logging.getLogger("spa.bench.server")
 LIMITS = Limits()
 MODES = ("stream", "per_layer")
-
-
-class LayerPass:
-    """One forward pass over `input_ids`, one decoder layer at a time (spa.backbone.Backbone.forward, unrolled)."""
-
-    def __init__(self, backbone, cache, input_ids: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask
-
-        self.backbone, self.cache = backbone, cache
-        with torch.inference_mode():
-            self.hidden = backbone._embed(input_ids)
-            start = cache.get_seq_length()
-            self.position_ids = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
-            self.mask = create_causal_mask(config=backbone.model.config, inputs_embeds=self.hidden,
-                                           attention_mask=None, past_key_values=cache, position_ids=self.position_ids)
-            self.rope = backbone._rotary(self.hidden, position_ids=self.position_ids)
-
-    def layer(self, index: int) -> torch.Tensor:
-        with torch.inference_mode():
-            self.hidden = self.backbone._layers[index](
-                self.hidden, attention_mask=self.mask, position_embeddings=self.rope,
-                position_ids=self.position_ids, past_key_values=self.cache, use_cache=True)
-        return self.hidden
-
-    def add(self, delta: torch.Tensor) -> None:
-        with torch.inference_mode():
-            self.hidden = self.hidden + delta
-
-    def last_logits(self) -> torch.Tensor:
-        return self.backbone.logits(self.hidden[0, -1])
 
 
 class BaselineServer:
@@ -141,23 +112,33 @@ class BaselineServer:
             pos += 1
 
     async def _per_layer(self, conn, frames, ids, max_new, scheme, outliers) -> None:
-        bb = self.backbone
+        bb, loop = self.backbone, asyncio.get_running_loop()
         cache = bb.new_cache()
         await conn.send(frames.pack(self._ready(ids)))
         feed, pos, n = ids, 0, 0
+
+        async def exchange(layer: int, h) -> torch.Tensor:  # on the event loop
+            await conn.send(frames.pack({"type": "act", "layer": layer, "pos": pos,
+                                         "h": codec.encode(h, scheme, outliers)}))
+            reply = frames.unpack(await conn.recv())
+            if reply.get("type") != "delta" or reply.get("layer") != layer:
+                raise ValueError(f"expected delta for layer {layer}, got {reply.get('type')}")
+            return torch.from_numpy(codec.decode(reply["d"]))[None]
+
+        def add_device_delta(layer: int, h: torch.Tensor) -> torch.Tensor:
+            # Called by the backbone between decoder layers l and l + 1 (a hook on the model's own
+            # layer): wait for the device's delta for h^l and let layer l + 1 read h^l + delta.
+            delta = asyncio.run_coroutine_threadsafe(
+                exchange(layer, h[0].to("cpu", torch.float32).numpy()), loop).result()
+            return h + delta.to(h.device, h.dtype)
+
         while True:
-            layer_pass = await self.run(LayerPass, bb, cache, torch.tensor([feed]))
-            for index in range(bb.num_layers):
-                h = await self.run(layer_pass.layer, index)
-                await conn.send(frames.pack({"type": "act", "layer": index + 1, "pos": pos,
-                                             "h": codec.encode(h[0].numpy(), scheme, outliers)}))
-                reply = frames.unpack(await conn.recv())
-                if reply.get("type") != "delta" or reply.get("layer") != index + 1:
-                    raise ValueError(f"expected delta for layer {index + 1}, got {reply.get('type')}")
-                delta = torch.from_numpy(codec.decode(reply["d"]))[None]
-                await self.run(layer_pass.add, delta)
+            # The forward waits on the network between layers: it runs on a thread of its own, not on
+            # the compute thread that the stream sessions share.
+            states = await loop.run_in_executor(None, lambda: bb.forward(
+                torch.tensor([feed]), cache, last_only=True, layer_hook=add_device_delta))
             last = pos + len(feed) - 1
-            token = await self.run(lambda: choose_token(layer_pass.last_logits(), 0.0, 0, last))
+            token = await self.run(lambda: choose_token(bb.logits(states[0, -1, -1]), 0.0, 0, last))
             n += 1
             await conn.send(frames.pack({"type": "token", "pos": last, "token": token, "piece": self.pieces[token]}))
             if token in self.eos or n >= max_new:

@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
                  "combination"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     plugin, metrics = train_plugin(backbone, settings)
     digest = save_plugin(plugin, args.out)
     val = metrics["val"]
@@ -80,7 +80,7 @@ def cmd_gateway(args) -> int:
     if args.keyfile and not args.certfile:
         raise SpaError("--keyfile needs --certfile")
     tls = tls_context(args.certfile, args.keyfile) if args.certfile else None  # before the slow backbone load
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     asyncio.run(run_gateway(backbone, args.host, args.port, _limits(args), token,
                             announce=lambda line: print(line, flush=True), ssl_context=tls, max_batch=args.max_batch))
     return 0
@@ -126,7 +126,7 @@ def cmd_eval(args) -> int:
     from evaluation.run import evaluate, write_report
     from spa.backbone import load_backbone
 
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     sizes = () if args.no_sizes else (25, 50)
     command = "spa eval " + " ".join(sys.argv[2:])
     results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir, sizes, args.split,
@@ -146,6 +146,13 @@ def cmd_demo(args) -> int:
     return run_demo(args.profile, args.workdir, args.document, spa=main)
 
 
+def _add_backbone_numerics(p) -> None:
+    """--dtype/--device: how the backbone runs (the numerics contract holds within one dtype)."""
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="backbone weights and activations (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device for the backbone: cpu, cuda, cuda:1, ... (default cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa", description="Side Plugin Adaptation: personalized generation split "
                                      "between a phone (ExecuTorch plugin) and a cloud (frozen backbone).")
@@ -155,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", required=True, help="reader profile: challenge, approach or outcome")
     p.add_argument("--out", required=True, type=Path, help="plugin directory to write")
     p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2-135M-Instruct)")
+    _add_backbone_numerics(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="16 train / 8 val papers, 128-token documents: ~1 minute")
     p.add_argument("--epochs", type=int)
@@ -185,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; any other needs --token)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (0: pick a free one; the banner says which)")
     p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2-135M-Instruct)")
+    _add_backbone_numerics(p)
     p.add_argument("--token", help="auth token devices must send (default: $SPA_GATEWAY_TOKEN; required off loopback)")
     p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 8); more are refused with 'busy'")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default 4096)")
@@ -245,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("runs/eval"), help="plugins and exports (reused when unchanged)")
     p.add_argument("--out", type=Path, default=Path("results/quality"), help="results.md, results.json, tau_sweep.png")
     p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)")
+    _add_backbone_numerics(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=cmd_eval)
 

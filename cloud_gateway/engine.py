@@ -5,29 +5,29 @@ spreads one forward over the cores, and one thread keeps sessions from
 fighting over them. Sessions do not call the backbone directly; they ask the
 engine for
 
+* a **prefill**: the prompt's KV cache and the states of its last position;
 * a **draft**: feed one token to the session's KV cache (a one-token decode
   step) and choose the backbone's next token from the new `f_t`;
 * a **head**: the token of `lm_head(norm(f + s))` (a verdict) or of
   `lm_head(norm(f))` (the first draft, right after the prefill).
 
 Requests that arrive while the thread is busy wait, and the next round runs
-all of them together: the decode steps of all waiting sessions as one batched
-forward (`decode_batch`), and every row that needs logits as one `lm_head`
-call. So throughput grows with the number of sessions instead of each session
-paying a full pass over the weights per token.
+all of them together: the prefills of all waiting sessions as batched
+forwards (`spa.generate.prefill_batch`), the decode steps of all waiting
+sessions as one batched forward (`spa.generate.decode_batch`), and every row
+that needs logits as one `lm_head` call. So throughput grows with the number
+of sessions instead of each session paying a full pass over the weights per
+token, and sessions that start together wait for one prefill, not for each
+other's. The batched forwards run through the model's own layers
+(spa/backbone.py), for every decoder family the backbone supports.
 
 Numerics: a round with one row runs exactly the solo functions of
 `spa.generate` (the ones `spa/reference.py` uses), so a session that runs alone
 is bit-identical to the reference. Batched rows go through the same modules
 and weights, but a matrix product over B rows need not round like B products
 over one row: batched tokens equal solo tokens wherever the choice has margin
-(tests/test_load.py checks that: docs/DESIGN.md §2, the numerics contract).
-
-Each session keeps its own transformers `DynamicCache` (different lengths,
-truncated on rollback). The batched step runs the projections, rotary
-embedding, MLP and norms over all rows at once and the attention row by row
-against each session's cache, with the same attention function the solo path
-uses (sdpa over one query).
+(tests/test_load.py and tests/test_backbones.py check that, docs/DESIGN.md's
+numerics contract).
 """
 
 import asyncio
@@ -36,9 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
-from spa.generate import choose_token, decode_one_token, prefill
+from spa.generate import choose_token, decode_batch, decode_one_token, prefill, prefill_batch
 from spa.protocol import messages as m
 from spa.tokens import token_pieces
+
+
+@dataclass
+class _Prefill:
+    ids: list[int]
+    result: object = None  # (cache, states [L + 1, H] of the last prompt position)
 
 
 @dataclass
@@ -61,46 +67,17 @@ class _Head:
 
 
 def batching_supported(backbone) -> bool:
-    """The batched step reimplements the Llama decoder layer; anything else runs solo."""
-    layers = backbone._layers
-    return (
-        all(type(layer).__name__ == "LlamaDecoderLayer" for layer in layers)
-        and all(type(layer.self_attn).__name__ == "LlamaAttention" for layer in layers)
-        and backbone.model.config._attn_implementation in ("sdpa", "eager")
-    )
+    """Whether the backbone runs several sessions' rows in one forward (any decoder family with
+    sdpa or eager attention); where not, rows run one by one."""
+    return bool(getattr(backbone, "supports_batching", False))
 
 
-@torch.inference_mode()
-def decode_batch(backbone, caches: list, tokens: list[int]) -> torch.Tensor:
-    """One decode step for B sessions: token b is fed to caches[b] at that cache's
-    next position. Returns the states [B, L + 1, H] (as `decode_one_token`, per row)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+# `decode_batch(backbone, caches, tokens)` (spa.generate) is re-exported here: the batched decode step.
+__all__ = ["Engine", "batching_supported", "decode_batch", "kv_bytes"]
 
-    config = backbone.model.config
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
-    batch = len(caches)
-    positions = torch.tensor([[c.get_seq_length()] for c in caches])
-    hidden = backbone._embed(torch.tensor(tokens).view(batch, 1))  # [B, 1, H]
-    cos, sin = backbone._rotary(hidden, position_ids=positions)  # per-row positions
-    states = [hidden]
-    for layer in backbone._layers:
-        attn = layer.self_attn
-        h = layer.input_layernorm(hidden)
-        shape = (batch, 1, -1, attn.head_dim)
-        q = attn.q_proj(h).view(shape).transpose(1, 2)
-        k = attn.k_proj(h).view(shape).transpose(1, 2)
-        v = attn.v_proj(h).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        rows = []
-        for b, cache in enumerate(caches):  # each session attends to its own cache
-            keys, values = cache.update(k[b : b + 1], v[b : b + 1], attn.layer_idx)
-            out, _ = attention(attn, q[b : b + 1], keys, values, None, dropout=0.0, scaling=attn.scaling)
-            rows.append(out)
-        hidden = hidden + attn.o_proj(torch.cat(rows).reshape(batch, 1, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        states.append(hidden)
-    return torch.stack(states, dim=2)[:, -1]
+# Prompts prefilled in one forward: at most this many tokens, padding included (bounds the
+# activation memory of a round; prompts are grouped by length so padding stays small).
+MAX_PREFILL_TOKENS = 16384
 
 
 def kv_bytes(cache) -> int:
@@ -135,20 +112,27 @@ class Engine:
         cache, _ = prefill(backbone, backbone.encode("warm up the backbone"))
         decode_one_token(backbone, cache, 0)
         if self.batching:
-            other, _ = prefill(backbone, backbone.encode("and its batched step"))
+            (other, _), _ = prefill_batch(backbone, [backbone.encode("and its batched step"), [1, 2]])
             decode_batch(backbone, [cache, other], [1, 2])
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-compute")
+        self._prefills: list[tuple[_Prefill, asyncio.Future]] = []
         self._drafts: list[tuple[_Draft, asyncio.Future]] = []
         self._heads: list[tuple[_Head, asyncio.Future]] = []
         self._running = False
         # Counters (read by tests and `spa bench load`): forward rounds, rows,
-        # rounds with more than one row, largest batch.
+        # rounds with more than one row, largest batch; the same for prefills.
         self.stats = {"decode_rounds": 0, "decode_rows": 0, "batched_rounds": 0, "max_batch": 0,
-                      "head_rounds": 0, "head_rows": 0}
+                      "head_rounds": 0, "head_rows": 0,
+                      "prefill_forwards": 0, "prefill_rows": 0, "max_prefill_batch": 0}
 
     async def run(self, fn, *args):
-        """Any other backbone work (prefill, truncate), on the compute thread."""
+        """Any other backbone work (truncate, a solo prefill), on the compute thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def prefill(self, ids: list[int]):
+        """The prompt's (KV cache, states [L + 1, H] of its last position), as `spa.generate.prefill`;
+        prompts of sessions waiting together are prefilled in batched forwards."""
+        return await self._submit(self._prefills, _Prefill(list(ids)))
 
     async def draft(self, cache, feed: int, temperature: float, seed: int, pos: int):
         """Feed `feed` to `cache`; (states [L + 1, H] of the new position, its draft token, batch size)."""
@@ -169,24 +153,26 @@ class Engine:
         return fut
 
     def _start_round(self, loop) -> None:
+        prefills, self._prefills = self._prefills[: self.max_batch], self._prefills[self.max_batch :]
         drafts, self._drafts = self._drafts[: self.max_batch], self._drafts[self.max_batch :]
         heads, self._heads = self._heads[: self.max_batch], self._heads[self.max_batch :]
-        if not drafts and not heads:
+        if not prefills and not drafts and not heads:
             self._running = False
             return
-        job = self._thread.submit(self._round, [d for d, _ in drafts], [h for h, _ in heads])
+        job = self._thread.submit(self._round, [p for p, _ in prefills], [d for d, _ in drafts],
+                                  [h for h, _ in heads])
 
         def done(j):
             try:
-                loop.call_soon_threadsafe(self._finish_round, loop, j, drafts, heads)
+                loop.call_soon_threadsafe(self._finish_round, loop, j, prefills + drafts + heads)
             except RuntimeError:  # the event loop is closed: nobody waits for these
                 pass
 
         job.add_done_callback(done)
 
-    def _finish_round(self, loop, job, drafts, heads) -> None:
+    def _finish_round(self, loop, job, items) -> None:
         exc = RuntimeError("the engine was closed") if job.cancelled() else job.exception()
-        for item, fut in drafts + heads:
+        for item, fut in items:
             if fut.done():  # the session went away meanwhile
                 continue
             if exc is not None:
@@ -197,10 +183,30 @@ class Engine:
         # loop iteration; start the next round after them.
         loop.call_soon(self._start_round, loop)
 
-    def _round(self, drafts: list[_Draft], heads: list[_Head]) -> None:
-        """On the compute thread: one batched decode step, then one lm_head over every row."""
+    def _prefill_groups(self, prefills: list[_Prefill]) -> list[list[_Prefill]]:
+        """Prompts sorted by length, cut into forwards of at most MAX_PREFILL_TOKENS padded tokens."""
+        if not self.batching:
+            return [[p] for p in prefills]
+        groups: list[list[_Prefill]] = []
+        for p in sorted(prefills, key=lambda p: len(p.ids)):
+            group = groups[-1] if groups else None
+            # Sorted ascending, so this prompt is the group's longest: the padded size is (n + 1) * len.
+            if group is None or (len(group) + 1) * len(p.ids) > MAX_PREFILL_TOKENS:
+                groups.append([p])
+            else:
+                group.append(p)
+        return groups
+
+    def _round(self, prefills: list[_Prefill], drafts: list[_Draft], heads: list[_Head]) -> None:
+        """On the compute thread: batched prefills, one batched decode step, then one lm_head over every row."""
         bb = self.backbone
         with torch.inference_mode():
+            for group in self._prefill_groups(prefills):
+                for p, result in zip(group, prefill_batch(bb, [p.ids for p in group])):  # one prompt: solo prefill
+                    p.result = result
+                self.stats["prefill_forwards"] += 1
+                self.stats["prefill_rows"] += len(group)
+                self.stats["max_prefill_batch"] = max(self.stats["max_prefill_batch"], len(group))
             if len(drafts) == 1:
                 d = drafts[0]
                 d.result = decode_one_token(bb, d.cache, d.feed)
@@ -217,6 +223,8 @@ class Engine:
                 self.stats["batched_rounds"] += len(drafts) > 1
                 self.stats["max_batch"] = max(self.stats["max_batch"], len(drafts))
             rows = [d.result[-1] for d in drafts] + [h.x for h in heads]
+            if not rows:
+                return
             if len(rows) == 1:
                 logits = [bb.logits(rows[0])]  # exactly the solo path (spa/reference.py)
             else:

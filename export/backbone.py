@@ -6,9 +6,16 @@ exported whole (embedding, every decoder layer, final norm, lm_head) and run
 by the ExecuTorch runtime, XNNPACK-delegated, in fp32 or 8da4w (dynamic int8
 activations, int4 weights in groups of 32, the usual on-device LLM recipe).
 
-transformers' own static-cache export wrapper does not lower under torch
-2.13, so this module re-implements the Llama decoder over the Hugging Face
-weights with a static KV cache held in mutable buffers:
+The one exception to "only spa/backbone.py touches the model, and only
+through the model's own code": transformers' own static-cache export wrapper
+does not lower under torch 2.13 (its cache update and mask construction do
+not survive `torch.export` + XNNPACK partitioning with a dynamic sequence
+length), so this module re-implements the Llama decoder layer with a static
+KV cache held in mutable buffers. It reads its weights only through the
+public `Backbone` accessors (`config`, `embedding`, `layers`, `norm`,
+`lm_head`), and refuses any layer that is not the Llama layout (q/k/v/o
+projections, gated MLP, two RMS norms, default rotary embedding): the
+device-only baseline is measured on the default SmolLM2.
 
     forward(tokens: int64[1, T], input_pos: int64[T]) -> logits: float32[1, V]
 
@@ -46,8 +53,8 @@ class _Layer(nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         self.q, self.k, self.v, self.o = (_copy_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
         self.gate, self.up, self.down = (_copy_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        self.register_buffer("norm1", layer.input_layernorm.weight.detach().clone())
-        self.register_buffer("norm2", layer.post_attention_layernorm.weight.detach().clone())
+        self.register_buffer("norm1", layer.input_layernorm.weight.detach().to(torch.float32).cpu().clone())
+        self.register_buffer("norm2", layer.post_attention_layernorm.weight.detach().to(torch.float32).cpu().clone())
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
@@ -79,17 +86,26 @@ class _Layer(nn.Module):
 
 
 class StaticKVDecoder(nn.Module):
-    """A Llama-layout causal LM with a static KV cache; see the module docstring."""
+    """A Llama-layout causal LM with a static KV cache; see the module docstring.
 
-    def __init__(self, hf_model, max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+    `backbone`: a `spa.backbone.Backbone`, or a Hugging Face causal LM (its
+    `spa.backbone.decoder_parts`: the same public accessors)."""
+
+    def __init__(self, backbone, max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
         super().__init__()
-        cfg, inner = hf_model.config, hf_model.model
+        from spa.backbone import Backbone, decoder_parts
+
+        if not isinstance(backbone, Backbone):
+            backbone = decoder_parts(backbone)
+        _check_llama_layout(backbone)
+        cfg = backbone.config
         self.max_seq_len = max_seq_len
-        self.embed = nn.Embedding.from_pretrained(inner.embed_tokens.weight.detach().clone(), freeze=True)
-        self.layers = nn.ModuleList(_Layer(layer, cfg, max_seq_len) for layer in inner.layers)
-        self.register_buffer("norm", inner.norm.weight.detach().clone())
+        weight = backbone.embedding.weight.detach().to(torch.float32).cpu().clone()
+        self.embed = nn.Embedding.from_pretrained(weight, freeze=True)
+        self.layers = nn.ModuleList(_Layer(layer, cfg, max_seq_len) for layer in backbone.layers)
+        self.register_buffer("norm", backbone.norm.weight.detach().to(torch.float32).cpu().clone())
         self.eps = cfg.rms_norm_eps
-        self.lm_head = _copy_linear(hf_model.lm_head)  # a copy: quantizing it must not touch the embedding
+        self.lm_head = _copy_linear(backbone.lm_head)  # a copy: quantizing it must not touch the embedding
         head_dim = self.layers[0].head_dim
         theta = _rope_theta(cfg)
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -111,11 +127,27 @@ class StaticKVDecoder(nn.Module):
 
 
 def _copy_linear(m: nn.Linear) -> nn.Linear:
-    out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)  # float32 on the CPU, as exported
     out.weight.data.copy_(m.weight.detach())
     if m.bias is not None:
         out.bias.data.copy_(m.bias.detach())
     return out
+
+
+def _check_llama_layout(backbone) -> None:
+    """The static-cache decoder below is the Llama layer; anything else gets a one-line error."""
+    from spa.errors import BackboneError
+
+    cfg = backbone.config
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+    names = {name for name, _ in backbone.layers[0].named_modules()}
+    extra = {"self_attn.q_norm", "pre_feedforward_layernorm"} & names  # Qwen3 / Gemma norms the copy lacks
+    if (any(n not in names for n in needed) or extra or rope != "default"
+            or getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "sliding_window", None)):
+        raise BackboneError(f"the device-only backbone export supports the Llama layout only "
+                            f"(SmolLM2); {type(backbone.model).__name__} differs")
 
 
 def _rope_theta(cfg) -> float:
@@ -136,7 +168,7 @@ def _rope(x, cos, sin):
     return x * cos + _rotate_half(x) * sin
 
 
-def lower_backbone(hf_model, variant: str = "fp32", max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> bytes:
+def lower_backbone(backbone, variant: str = "fp32", max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> bytes:
     """The `.pte` bytes of the whole backbone (forward(tokens, input_pos) -> last logits)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -144,7 +176,7 @@ def lower_backbone(hf_model, variant: str = "fp32", max_seq_len: int = DEFAULT_M
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-    module = StaticKVDecoder(hf_model, max_seq_len).eval().requires_grad_(False)
+    module = StaticKVDecoder(backbone, max_seq_len).eval().requires_grad_(False)
     if variant == "8da4w":
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerGroup
@@ -242,7 +274,7 @@ def export_backbone(backbone, out_dir: str | Path, variant: str = "fp32", max_se
     path = out_dir / f"backbone-{variant}.pte"
     t0 = time.time()
     progress(f"exporting the whole backbone ({backbone.identity.name}, {variant}) to ExecuTorch (XNNPACK)...")
-    data = lower_backbone(backbone.model, variant, max_seq_len)
+    data = lower_backbone(backbone, variant, max_seq_len)
     tmp = path.with_suffix(".pte.tmp")
     tmp.write_bytes(data)
     tmp.rename(path)

@@ -1,6 +1,6 @@
 """Generation step functions shared by the cloud gateway and the in-process reference.
 
-Numerics contract (DESIGN): "same tokens" means bit-identical tokens, so the
+Numerics contract (docs/DESIGN.md §2): "same tokens" means bit-identical tokens, so the
 gateway and the reference must run the *same* computations: one prefill of
 the prompt, then one-token KV-cache steps. (A one-token step and a full
 forward over the same sequence differ by ~1e-4: never mix them.)
@@ -20,13 +20,37 @@ import torch
 def prefill(backbone, prompt_ids: list[int]):
     """(KV cache, states [L + 1, H] of the last prompt position)."""
     cache = backbone.new_cache()
-    states = backbone.forward(torch.tensor([prompt_ids]), cache)
+    states = backbone.forward(torch.tensor([prompt_ids]), cache, last_only=True)
     return cache, states[0, -1]
 
 
 def decode_one_token(backbone, cache, token: int) -> torch.Tensor:
     """Feed one token at the next position; its states [L + 1, H]."""
     return backbone.forward(torch.tensor([[token]]), cache)[0, -1]
+
+
+# The batched counterparts: one forward for several sessions. A batch of one
+# runs exactly the solo function above (a lone session is bit-identical to
+# the reference); more rows go through the same modules and weights, but a
+# matrix product over B rows need not round like B products over one row, so
+# batched tokens equal solo tokens wherever the choice has margin.
+
+
+def prefill_batch(backbone, prompts: list[list[int]]) -> list[tuple[object, torch.Tensor]]:
+    """`prefill` for several prompts: [(KV cache, states [L + 1, H] of its last position)] in prompt order."""
+    if len(prompts) == 1:
+        return [prefill(backbone, prompts[0])]
+    return backbone.prefill_rows(prompts)
+
+
+def decode_batch(backbone, caches: list, tokens: list[int]) -> torch.Tensor:
+    """`decode_one_token` for several sessions (token b into caches[b], each at its own next
+    position): states [B, L + 1, H]. Rows run one by one where the backbone cannot batch them."""
+    if len(caches) == 1:
+        return decode_one_token(backbone, caches[0], tokens[0])[None]
+    if not backbone.supports_batching:
+        return torch.stack([decode_one_token(backbone, c, t) for c, t in zip(caches, tokens)])
+    return backbone.decode_rows(caches, tokens)
 
 
 def truncate(cache, positions: int) -> None:

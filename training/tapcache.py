@@ -6,6 +6,10 @@ predict summary tokens are stored. For each (document, summary) pair we run
 one forward over prompt + summary + EOS and keep, for every position t that
 predicts a summary token, all L + 1 states (embedding and every layer; the last
 is f_t) and the target x_{t+1}.
+
+The states are computed in the backbone's dtype on its device (`spa train
+--dtype bfloat16 --device cuda`) and stored as float32; a cache computed in
+another dtype is another cache.
 """
 
 import hashlib
@@ -37,6 +41,9 @@ class TokenSet:
 
 def _cache_key(backbone, papers, profile, template, instruction, max_doc_tokens) -> str:
     spec = [backbone.identity.fingerprint, [p.id for p in papers], profile, template, instruction, max_doc_tokens, 2]
+    dtype = getattr(backbone, "dtype", torch.float32)
+    if dtype != torch.float32:  # states computed in another dtype are other states (float32 keeps its old keys)
+        spec.append(str(dtype))
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
 
 

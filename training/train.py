@@ -79,7 +79,7 @@ def token_losses(backbone, plugin: Plugin, data: TokenSet, sigma: float, batch: 
             states, targets = data.states[i:i + batch], data.targets[i:i + batch]
             f = states[:, -1]
             state = combine(f, plugin.side(states[:, plugin.config.taps]), plugin.config.combination) if sigma else f
-            out.append(F.cross_entropy(backbone.lm_head(backbone.norm(state)), targets, reduction="none"))
+            out.append(F.cross_entropy(backbone.train_logits(state), targets, reduction="none"))
     return torch.cat(out)
 
 
@@ -94,7 +94,7 @@ def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: Trai
             idx = order[i:i + s.batch_tokens]
             states = train.states[idx]
             state = combine(states[:, -1], plugin.side(states[:, taps]), plugin.config.combination)
-            loss = F.cross_entropy(backbone.lm_head(backbone.norm(state)), train.targets[idx])
+            loss = F.cross_entropy(backbone.train_logits(state), train.targets[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
