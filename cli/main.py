@@ -99,7 +99,10 @@ def cmd_summarize(args) -> int:
         check_doc_tokens(args.max_doc_tokens)  # before the slow plugin load
     pte = PtePlugin(args.plugin)
     document = read_document(args.document, args.max_doc_tokens or pte.config.max_doc_tokens)
-    if document.note():
+    # A text the user gave is cut silently no more; an ACLSum paper is always
+    # built by its documented sentence rule (docs/PROTOCOL.md §4, "The
+    # prompt"), so its note goes to --json only and the demo's output stays as it was.
+    if document.note() and document.unit == "words":
         print(f"spa summarize: {document.note()}", file=sys.stderr, flush=True)
     prompt = device_prompt(pte.config, document.text)
     if args.in_flight < 1:
@@ -115,7 +118,8 @@ def cmd_summarize(args) -> int:
                                      max_in_flight=args.in_flight))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "sigmas": result.sigmas,
-                          "finish_reason": result.finish_reason, "stats": result.stats}, indent=2))
+                          "finish_reason": result.finish_reason, "document": document.note() or "whole",
+                          "stats": result.stats}, indent=2))
     else:
         printer.finish()
         print(format_stats(result.stats))
