@@ -94,6 +94,33 @@ def test_badging_shows_the_app_its_launcher_activity_and_native_code(apk):
     assert "uses-permission: name='android.permission.INTERNET'" in out
 
 
+def _activities(apk) -> dict[str, str]:
+    """The xmltree text of each <activity> of the APK's manifest, by name."""
+    proc = subprocess.run(["aapt", "dump", "xmltree", str(apk), "AndroidManifest.xml"], capture_output=True, text=True)
+    assert proc.returncode == 0, _explain(proc)
+    blocks = re.split(r"\n\s+E: activity ", proc.stdout)[1:]
+    return {re.search(r'android:name\([^)]*\)="([^"]+)"', b).group(1): b for b in blocks}
+
+
+def test_manifest_fixes_for_the_first_minutes_on_a_phone(apk):
+    acts = _activities(apk)
+    bench, main = acts[".BenchmarkActivity"], acts[".MainActivity"]
+    # benchmark mode loads a .pte and writes a file: only adb's shell (which holds DUMP) may start it
+    assert 'android:permission(0x01010006)="android.permission.DUMP"' in bench
+    # rotation keeps the activity (and the session lives outside it anyway)
+    for block in (main, bench):
+        flags = int(re.search(r"android:configChanges\(0x0101001f\)=\(type 0x11\)0x([0-9a-f]+)", block).group(1), 16)
+        assert flags & 0x80 and flags & 0x400, hex(flags)  # orientation, screenSize
+    assert 'android:mimeType(0x01010026)="text/*"' in main  # any text type can be shared in
+    proc = subprocess.run(["aapt", "dump", "xmltree", str(apk), "AndroidManifest.xml"], capture_output=True, text=True)
+    assert "android:networkSecurityConfig" in proc.stdout  # self-signed wss:// via a user-installed CA
+    with zipfile.ZipFile(apk) as z:
+        config = subprocess.run(["aapt", "dump", "xmltree", str(apk), "res/xml/network_security_config.xml"],
+                                capture_output=True, text=True).stdout
+        assert 'A: src="user"' in config, config
+        assert any(n.startswith("res/mipmap-anydpi-v26/ic_launcher") for n in z.namelist())
+
+
 def _elf_needed(data: bytes) -> tuple[int, list[str]]:
     """(e_machine, DT_NEEDED names) of a 64-bit little-endian ELF shared library."""
     assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not a 64-bit little-endian ELF"

@@ -26,6 +26,9 @@ APP_SRC="$DEMO_DIR/app/src/main/java"
 # fbjni / NativeLoader Java classes for the APK built without Gradle (android_demo/jni-support/README.md)
 JNI_SUPPORT_SRC="$DEMO_DIR/jni-support/src/main/java"
 JNI_SUPPORT_TEST_SRC="$DEMO_DIR/jni-support/src/test/java"
+# The app's Android-free logic (org.spa.demo.core) and its JUnit tests: they run on the host JVM
+APP_CORE_SRC="$APP_SRC/org/spa/demo/core"
+APP_TEST_SRC="$DEMO_DIR/app/src/test/java"
 HOST_BUILD="$DEMO_DIR/build/host"
 
 die() {

@@ -1,13 +1,13 @@
 package org.spa.demo;
 
-import java.io.Closeable;
 import java.nio.charset.StandardCharsets;
 
 import org.pytorch.executorch.EValue;
 import org.pytorch.executorch.Module;
 import org.pytorch.executorch.Tensor;
+import org.spa.demo.core.NativeModules;
+import org.spa.demo.core.SessionRunner;
 import org.spa.protocol.PluginConfig;
-import org.spa.protocol.PluginExecutor;
 
 /**
  * The reader's plugin run by ExecuTorch on the phone CPU (XNNPACK-delegated .pte
@@ -19,7 +19,7 @@ import org.spa.protocol.PluginExecutor;
  * </pre>
  * Not thread-safe: use it from one thread (the session thread).
  */
-public final class ExecuTorchPluginExecutor implements PluginExecutor, Closeable {
+public final class ExecuTorchPluginExecutor implements SessionRunner.Plugin {
     public final PluginConfig config;
     private final Module module;
     private final int hidden, nTaps;
@@ -31,14 +31,18 @@ public final class ExecuTorchPluginExecutor implements PluginExecutor, Closeable
         this.nTaps = config.taps.length;
     }
 
-    /** Load a .pte and its methods; the config comes from the program itself. */
+    /**
+     * Load a .pte and its methods; the config comes from the program itself. Native trouble
+     * (no libexecutorch.so for this ABI, a failed JNI_OnLoad) arrives as an Error: the callers
+     * (SessionRunner, BenchmarkRun) catch Throwable and say what is missing.
+     */
     public static ExecuTorchPluginExecutor load(String ptePath) {
         Module module = Module.load(ptePath);
         try {
-            module.loadMethod("gate");
-            module.loadMethod("side");
+            NativeModules.loadMethod(module, "gate"); // checks loadMethod's error code where it returns one
+            NativeModules.loadMethod(module, "side");
             return new ExecuTorchPluginExecutor(module, PluginConfig.parse(readConfig(module)));
-        } catch (RuntimeException e) {
+        } catch (RuntimeException | Error e) {
             module.destroy();
             throw e;
         }
@@ -48,6 +52,11 @@ public final class ExecuTorchPluginExecutor implements PluginExecutor, Closeable
     public static String readConfig(Module module) {
         EValue[] out = module.execute("plugin_config");
         return new String(out[0].toTensor().getDataAsUnsignedByteArray(), StandardCharsets.UTF_8);
+    }
+
+    @Override
+    public PluginConfig config() {
+        return config;
     }
 
     @Override

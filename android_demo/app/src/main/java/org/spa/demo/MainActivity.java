@@ -3,6 +3,8 @@ package org.spa.demo;
 import java.io.IOException;
 import java.io.InputStream;
 import java.nio.charset.StandardCharsets;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
 
 import android.app.Activity;
 import android.content.Intent;
@@ -18,12 +20,11 @@ import android.widget.LinearLayout;
 import android.widget.ScrollView;
 import android.widget.TextView;
 
-import org.spa.protocol.ClientException;
-import org.spa.protocol.Commit;
-import org.spa.protocol.Files2;
-import org.spa.protocol.GatewayClient;
-import org.spa.protocol.Messages;
-import org.spa.protocol.Prompts;
+import org.spa.demo.core.BoundedRead;
+import org.spa.demo.core.Failures;
+import org.spa.demo.core.GatewayConnector;
+import org.spa.demo.core.SessionRunner;
+import org.spa.demo.core.SharedContent;
 import org.spa.protocol.SessionResult;
 
 /**
@@ -32,36 +33,65 @@ import org.spa.protocol.SessionResult;
  * run here through ExecuTorch, the backbone runs in the gateway. Tokens the side
  * network decided are highlighted. Built in code (no XML layouts) so that the
  * sources compile with javac alone (android_demo/scripts/compile_app.sh).
+ *
+ * <p>The session lives in a process-wide {@link SessionRunner}, not in the activity: a rotation
+ * (the manifest also keeps the activity through configuration changes) or any other re-creation
+ * re-attaches the screen to the running summary instead of cancelling it or starting a second
+ * session with a second Module. Input fields have fixed ids, so their text survives re-creation.
+ * Shared and picked files are read on a background thread, with a size limit.
  */
 public class MainActivity extends Activity {
     static final String TAG = "SPA";
     private static final int PICK_PTE = 1;
+    // fixed view ids: Android saves an EditText's text across re-creation only when it has an id
+    private static final int ID_DOCUMENT = 0x5a01, ID_PTE = 0x5a02, ID_GATEWAY = 0x5a03, ID_TOKEN = 0x5a04,
+            ID_WINDOW = 0x5a05, ID_TAU = 0x5a06;
+
+    /** The reader's sessions, shared by every instance of this activity in the process. */
+    private static SessionRunner runner;
+    /** Reads of shared and picked content (never on the main thread). */
+    private static final ExecutorService IO = Executors.newSingleThreadExecutor();
 
     private EditText document, ptePath, gateway, token, window, tau;
-    private Button run, pick;
+    private Button run;
     private TextView status, stats;
     private SummaryView summary;
     private SharedPreferences prefs;
 
-    private ExecuTorchPluginExecutor executor; // kept between runs; touched only by the session thread
-    private String loadedPath; // the .pte `executor` was loaded from
-    private volatile GatewayClient client; // the running session, for Stop
-    private Thread session;
+    static synchronized SessionRunner runner() {
+        if (runner == null) {
+            runner = new SessionRunner(new SessionRunner.PluginLoader() {
+                @Override
+                public SessionRunner.Plugin load(String path) {
+                    return ExecuTorchPluginExecutor.load(path);
+                }
+            }, new GatewayConnector());
+        }
+        return runner;
+    }
+
+    private static synchronized void dropRunner() {
+        if (runner != null) runner.release(); // stops a running session; frees the plugin
+        runner = null;
+    }
 
     @Override
     protected void onCreate(Bundle state) {
         super.onCreate(state);
         prefs = getSharedPreferences("spa", MODE_PRIVATE);
+        // Creates Android/data/org.spa.demo/files, where `adb push` can put plugins (README).
+        getExternalFilesDir(null);
         LinearLayout col = new LinearLayout(this);
         col.setOrientation(LinearLayout.VERTICAL);
         int pad = (int) (12 * getResources().getDisplayMetrics().density);
         col.setPadding(pad, pad, pad, pad);
 
-        document = field(col, "Document (paste, or share text into the app)", "", InputType.TYPE_TEXT_FLAG_MULTI_LINE);
+        document = field(col, ID_DOCUMENT, "Document (paste, or share text or a text file into the app)", "",
+                InputType.TYPE_TEXT_FLAG_MULTI_LINE);
         document.setMinLines(4);
         document.setMaxLines(10);
-        ptePath = field(col, "Reader's plugin (.pte)", prefs.getString("pte", PluginFiles.DEFAULT_PTE), 0);
-        pick = new Button(this);
+        ptePath = field(col, ID_PTE, "Reader's plugin (.pte)", prefs.getString("pte", PluginFiles.DEFAULT_PTE), 0);
+        Button pick = new Button(this);
         pick.setText("Pick a .pte from storage…");
         pick.setOnClickListener(new View.OnClickListener() {
             @Override
@@ -71,19 +101,20 @@ public class MainActivity extends Activity {
             }
         });
         col.addView(pick);
-        gateway = field(col, "Gateway URL (ws://127.0.0.1:8765 with `adb reverse tcp:8765 tcp:8765`)",
+        gateway = field(col, ID_GATEWAY, "Gateway URL (ws://127.0.0.1:8765 with `adb reverse tcp:8765 tcp:8765`)",
                 prefs.getString("gateway", "ws://127.0.0.1:8765"), InputType.TYPE_TEXT_VARIATION_URI);
-        token = field(col, "Auth token (empty if none)", prefs.getString("token", ""), InputType.TYPE_TEXT_VARIATION_PASSWORD);
-        window = field(col, "Draft-ahead window W (0 = lock-step)", prefs.getString("window", "4"), InputType.TYPE_CLASS_NUMBER);
-        tau = field(col, "Gate threshold tau (empty: the plugin's)", prefs.getString("tau", ""),
+        token = field(col, ID_TOKEN, "Auth token (empty if none)", prefs.getString("token", ""),
+                InputType.TYPE_TEXT_VARIATION_PASSWORD);
+        window = field(col, ID_WINDOW, "Draft-ahead window W (0 = lock-step)", prefs.getString("window", "4"),
+                InputType.TYPE_CLASS_NUMBER);
+        tau = field(col, ID_TAU, "Gate threshold tau (empty: the plugin's)", prefs.getString("tau", ""),
                 InputType.TYPE_CLASS_NUMBER | InputType.TYPE_NUMBER_FLAG_DECIMAL);
 
         run = new Button(this);
-        run.setText("Summarize");
         run.setOnClickListener(new View.OnClickListener() {
             @Override
             public void onClick(View v) {
-                if (session != null && session.isAlive()) stop();
+                if (runner().running()) runner().stop();
                 else start();
             }
         });
@@ -102,7 +133,62 @@ public class MainActivity extends Activity {
         ScrollView scroll = new ScrollView(this);
         scroll.addView(col);
         setContentView(scroll);
-        receiveShared(getIntent());
+        run.setText(runner().running() ? "Stop" : "Summarize");
+        runner().attach(screen); // replays the summary so far after a re-creation
+        if (state == null) receiveShared(getIntent()); // a re-created activity keeps its text instead
+    }
+
+    /** The runner's view of this screen: everything is posted to the UI thread. */
+    private final SessionRunner.Ui screen = new SessionRunner.Ui() {
+        @Override
+        public void status(final String message) {
+            post(new Runnable() {
+                @Override
+                public void run() {
+                    status.setText(message);
+                }
+            });
+        }
+
+        @Override
+        public void commit(final String piece, final boolean sigma) {
+            post(new Runnable() {
+                @Override
+                public void run() {
+                    summary.append(piece, sigma);
+                }
+            });
+        }
+
+        @Override
+        public void done(final SessionResult result) {
+            final String line = StatsLine.format(result.stats);
+            post(new Runnable() {
+                @Override
+                public void run() {
+                    stats.setText(line);
+                }
+            });
+        }
+
+        @Override
+        public void failed(String message, Throwable cause) {
+            Log.e(TAG, "session failed: " + message, cause);
+        }
+
+        @Override
+        public void ended() {
+            post(new Runnable() {
+                @Override
+                public void run() {
+                    run.setText("Summarize");
+                }
+            });
+        }
+    };
+
+    private void post(Runnable r) {
+        runOnUiThread(r);
     }
 
     @Override
@@ -111,144 +197,125 @@ public class MainActivity extends Activity {
         receiveShared(intent);
     }
 
-    /** ACTION_SEND: shared text, or a shared text file. */
+    /** ACTION_SEND: a shared file (read off the main thread, bounded), else the shared text. */
     private void receiveShared(Intent intent) {
         if (intent == null || !Intent.ACTION_SEND.equals(intent.getAction())) return;
+        final Uri uri = intent.getParcelableExtra(Intent.EXTRA_STREAM);
         CharSequence text = intent.getCharSequenceExtra(Intent.EXTRA_TEXT);
-        if (text != null) {
-            document.setText(text);
-            return;
+        switch (SharedContent.choose(uri != null, text)) {
+            case TEXT:
+                document.setText(text);
+                return;
+            case NONE:
+                return;
+            case STREAM:
+                break;
         }
-        Uri uri = intent.getParcelableExtra(Intent.EXTRA_STREAM);
-        if (uri == null) return;
-        try {
-            InputStream in = getContentResolver().openInputStream(uri);
-            if (in == null) throw new IOException("cannot open " + uri);
-            try {
-                document.setText(new String(Files2.readAll(in), StandardCharsets.UTF_8));
-            } finally {
-                in.close();
+        status.setText("Reading the shared file…");
+        IO.execute(new Runnable() {
+            @Override
+            public void run() {
+                String result;
+                boolean ok;
+                try {
+                    InputStream in = getContentResolver().openInputStream(uri);
+                    if (in == null) throw new IOException("cannot open " + uri);
+                    try {
+                        result = new String(BoundedRead.readAll(in, BoundedRead.MAX_DOCUMENT_BYTES), StandardCharsets.UTF_8);
+                    } finally {
+                        in.close();
+                    }
+                    ok = true;
+                } catch (IOException | RuntimeException e) {
+                    result = "Cannot read the shared file: " + e.getMessage();
+                    ok = false;
+                }
+                final String r = result;
+                final boolean fine = ok;
+                post(new Runnable() {
+                    @Override
+                    public void run() {
+                        if (isDestroyed()) return;
+                        if (fine) {
+                            document.setText(r);
+                            status.setText("");
+                        } else {
+                            status.setText(r);
+                        }
+                    }
+                });
             }
-        } catch (IOException e) {
-            status.setText("Cannot read the shared file: " + e.getMessage());
-        }
+        });
     }
 
     @Override
     protected void onActivityResult(int requestCode, int resultCode, Intent data) {
         super.onActivityResult(requestCode, resultCode, data);
         if (requestCode != PICK_PTE || resultCode != RESULT_OK || data == null || data.getData() == null) return;
-        try {
-            ptePath.setText(PluginFiles.importPicked(this, data.getData()));
-        } catch (IOException e) {
-            status.setText("Cannot import the picked file: " + e.getMessage());
-        }
-    }
-
-    private void start() {
-        final String doc = document.getText().toString();
-        final String pte = ptePath.getText().toString().trim();
-        final String url = gateway.getText().toString().trim();
-        final String auth = token.getText().toString();
-        final Messages.Options options = new Messages.Options();
-        options.maxNewTokens = 64;
-        final Double tauOverride;
-        try {
-            options.window = Integer.parseInt(window.getText().toString().trim());
-            String t = tau.getText().toString().trim();
-            tauOverride = t.isEmpty() ? null : Double.valueOf(t);
-        } catch (NumberFormatException e) {
-            status.setText("Window must be an integer and tau a number.");
-            return;
-        }
-        if (doc.trim().isEmpty()) {
-            status.setText("Paste or share a document first.");
-            return;
-        }
-        prefs.edit().putString("pte", pte).putString("gateway", url).putString("token", auth)
-                .putString("window", window.getText().toString()).putString("tau", tau.getText().toString()).apply();
-        summary.clear();
-        stats.setText("");
-        status.setText("Loading the plugin…");
-        run.setText("Stop");
-        session = new Thread(new Runnable() {
+        final Uri uri = data.getData();
+        status.setText("Copying the picked plugin…");
+        IO.execute(new Runnable() {
             @Override
             public void run() {
-                runSession(doc, pte, url, auth, options, tauOverride);
-            }
-        }, "spa-session");
-        session.start();
-    }
-
-    private void stop() {
-        GatewayClient c = client;
-        if (c != null) c.cancel();
-    }
-
-    /** On the session thread: load the plugin, run the protocol, stream commits to the screen. */
-    private void runSession(String doc, String pte, String url, String auth, Messages.Options options, Double tauOverride) {
-        try {
-            if (executor == null || !pte.equals(loadedPath)) {
-                if (executor != null) executor.close();
-                executor = null;
-                executor = ExecuTorchPluginExecutor.load(pte);
-                loadedPath = pte;
-            }
-            String warning = PluginFiles.checkSidecarConfig(pte, executor.config);
-            double threshold = tauOverride != null ? tauOverride : executor.config.tau;
-            post("Connecting… (plugin " + executor.config.contentHash + ", tau " + threshold
-                    + (warning == null ? "" : "; " + warning) + ")");
-            client = new GatewayClient(url, executor, executor.config.helloPlugin(), threshold, auth);
-            SessionResult result = client.run(Prompts.forDocument(executor.config, doc), options, new GatewayClient.Listener() {
-                @Override
-                public void onCommit(final Commit commit, final String piece) {
-                    runOnUiThread(new Runnable() {
-                        @Override
-                        public void run() {
-                            summary.append(piece, commit.sigma);
+                String path = null, error = null;
+                try {
+                    path = PluginFiles.importPicked(MainActivity.this, uri);
+                } catch (IOException | RuntimeException e) {
+                    error = "Cannot import the picked file: " + e.getMessage();
+                }
+                final String p = path, err = error;
+                post(new Runnable() {
+                    @Override
+                    public void run() {
+                        if (isDestroyed()) return;
+                        if (p != null) {
+                            ptePath.setText(p);
+                            status.setText("Plugin copied to " + p);
+                        } else {
+                            status.setText(err);
                         }
-                    });
-                }
-            });
-            final String line = StatsLine.format(result.stats);
-            final String reason = result.finishReason;
-            runOnUiThread(new Runnable() {
-                @Override
-                public void run() {
-                    status.setText("Done (" + reason + "). Highlighted: tokens chosen with the side network.");
-                    stats.setText(line);
-                }
-            });
-        } catch (ClientException e) {
-            post(e.getMessage());
-        } catch (RuntimeException e) { // ExecuTorch load/execute failures, a bad config
-            Log.e(TAG, "session failed", e);
-            post("Failed: " + e);
-        } finally {
-            client = null;
-            runOnUiThread(new Runnable() {
-                @Override
-                public void run() {
-                    run.setText("Summarize");
-                }
-            });
-        }
-    }
-
-    private void post(final String message) {
-        runOnUiThread(new Runnable() {
-            @Override
-            public void run() {
-                status.setText(message);
+                    }
+                });
             }
         });
     }
 
-    private EditText field(LinearLayout parent, String label, String value, int inputType) {
+    private void start() {
+        SessionRunner.Request r = new SessionRunner.Request();
+        r.document = document.getText().toString();
+        r.ptePath = ptePath.getText().toString().trim();
+        r.url = gateway.getText().toString().trim();
+        r.token = token.getText().toString();
+        r.options.maxNewTokens = 64;
+        try {
+            r.options.window = Integer.parseInt(window.getText().toString().trim());
+            String t = tau.getText().toString().trim();
+            r.tau = t.isEmpty() ? null : Double.valueOf(t);
+        } catch (NumberFormatException e) {
+            status.setText("Window must be an integer and tau a number.");
+            return;
+        }
+        if (r.document.trim().isEmpty()) {
+            status.setText("Paste or share a document first.");
+            return;
+        }
+        prefs.edit().putString("pte", r.ptePath).putString("gateway", r.url).putString("token", r.token)
+                .putString("window", window.getText().toString()).putString("tau", tau.getText().toString()).apply();
+        summary.clear();
+        stats.setText("");
+        try {
+            if (runner().start(r)) run.setText("Stop");
+        } catch (Throwable t) { // e.g. no thread could be started
+            status.setText("Failed: " + Failures.describe(t));
+        }
+    }
+
+    private EditText field(LinearLayout parent, int id, String label, String value, int inputType) {
         TextView l = new TextView(this);
         l.setText(label);
         parent.addView(l);
         EditText e = new EditText(this);
+        e.setId(id);
         e.setText(value);
         e.setInputType(InputType.TYPE_CLASS_TEXT | inputType);
         if ((inputType & InputType.TYPE_CLASS_NUMBER) != 0) e.setInputType(inputType);
@@ -258,15 +325,10 @@ public class MainActivity extends Activity {
 
     @Override
     protected void onDestroy() {
-        stop();
-        if (session != null) {
-            try {
-                session.join(2000); // the executor is only closed once no session uses it
-            } catch (InterruptedException ignored) {
-                Thread.currentThread().interrupt();
-            }
+        synchronized (MainActivity.class) {
+            if (runner != null) runner.detach(screen);
         }
-        if (executor != null && (session == null || !session.isAlive())) executor.close();
+        if (isFinishing()) dropRunner(); // leaving the app: stop the session, free the plugin
         super.onDestroy();
     }
 }

@@ -10,6 +10,7 @@ import android.os.Debug;
 import org.pytorch.executorch.EValue;
 import org.pytorch.executorch.Module;
 import org.pytorch.executorch.Tensor;
+import org.spa.demo.core.NativeModules;
 import org.spa.protocol.PluginConfig;
 
 /**
@@ -18,6 +19,8 @@ import org.spa.protocol.PluginConfig;
  * inputs built once so only ExecuTorch's execute and the output read are timed),
  * and memory. Inputs look like SmolLM2 states: N(0, 15) with a few channels
  * near 2000. The schema of the result is documented in android_demo/README.md.
+ * A RuntimeException becomes this .pte's error; an Error (native trouble) propagates to
+ * BenchmarkRun, which ends the run with SPA_BENCH_FAILED.
  */
 final class PteBenchmark {
     private PteBenchmark() {}
@@ -37,8 +40,8 @@ final class PteBenchmark {
         try {
             long t0 = System.nanoTime();
             module = Module.load(path);
-            module.loadMethod("gate");
-            module.loadMethod("side");
+            NativeModules.loadMethod(module, "gate"); // its error code, where it returns one, is checked
+            NativeModules.loadMethod(module, "side");
             r.put("load_ms", (System.nanoTime() - t0) / 1e6);
             PluginConfig config = PluginConfig.parse(ExecuTorchPluginExecutor.readConfig(module));
             int h = config.hiddenSize, n = config.taps.length;

@@ -150,7 +150,7 @@ public final class GatewayClient {
         } catch (ClientException e) {
             ws.cancel();
             throw e;
-        } catch (RuntimeException e) { // the plugin executor failed, or a bug: drop the connection
+        } catch (RuntimeException | Error e) { // the plugin executor failed (a native Error too), or a bug: drop the connection
             ws.cancel();
             throw e;
         } finally {

@@ -1,0 +1,27 @@
+package org.spa.demo.core;
+
+import java.io.ByteArrayOutputStream;
+import java.io.IOException;
+import java.io.InputStream;
+
+/** Reading a stream someone else controls (a shared file, a picked document) with a size limit. */
+public final class BoundedRead {
+    /** Documents shared or pasted into the app: the prompt keeps only max_doc_tokens x 4 characters anyway. */
+    public static final int MAX_DOCUMENT_BYTES = 4 << 20;
+
+    private BoundedRead() {}
+
+    /** All of {@code in}, or an IOException once it exceeds {@code maxBytes}. Does not close it. */
+    public static byte[] readAll(InputStream in, int maxBytes) throws IOException {
+        ByteArrayOutputStream out = new ByteArrayOutputStream();
+        byte[] buf = new byte[1 << 16];
+        int n;
+        while ((n = in.read(buf)) > 0) {
+            if (out.size() + (long) n > maxBytes) {
+                throw new IOException("larger than " + (maxBytes >> 20) + " MB; share a shorter document");
+            }
+            out.write(buf, 0, n);
+        }
+        return out.toByteArray();
+    }
+}
