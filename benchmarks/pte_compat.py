@@ -98,7 +98,7 @@ def check(export_dir: Path, runtimes=DEFAULT_RUNTIMES, log=print, include_curren
     """Run every `.pte` of `export_dir` in each runtime (and the current one); compare with eager."""
     import torch
 
-    from export.export import TOLERANCE, _SIDE_RELATIVE, parity_inputs
+    from export.export import TOLERANCE, parity_inputs, side_tolerance
     from spa.plugin import load_plugin
 
     plugin = load_plugin(export_dir).eval()
@@ -133,7 +133,7 @@ def check(export_dir: Path, runtimes=DEFAULT_RUNTIMES, log=print, include_curren
                 row = {"pte": path.name, "error": res["error"]}
                 if res["error"] is None:
                     tol = TOLERANCE[variant]
-                    side_tol = tol["side"] * (side_max if _SIDE_RELATIVE[variant] else max(1.0, side_max))
+                    side_tol = side_tolerance(variant, side_max)
                     gate_err = float(np.abs(np.array(res["gate"]) - eager_gate).max())
                     side_err = float(np.abs(np.array(res["side"]) - eager_side).max())
                     if res["side_projected"]:

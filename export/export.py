@@ -32,6 +32,11 @@ TOLERANCE = {"fp32": {"gate": 1e-4, "side": 1e-4}, "int8": {"gate": 1e-4, "side"
 _SIDE_RELATIVE = {"fp32": False, "int8": True}
 
 
+def side_tolerance(variant: str, side_max: float) -> float:
+    """The side output's parity tolerance: relative to its largest value for int8, absolute (at least 1x) for fp32."""
+    return TOLERANCE[variant]["side"] * (side_max if _SIDE_RELATIVE[variant] else max(1.0, side_max))
+
+
 def pte_name(variant: str) -> str:
     return f"plugin-{variant}.pte"
 
@@ -60,7 +65,7 @@ def measure_parity(plugin: Plugin, pte: PtePlugin, variant: str) -> dict:
                            float(np.abs(pte.side_projected(projected) - ref).max()))
             side_max = max(side_max, float(np.abs(ref).max()))
     tol = TOLERANCE[variant]
-    side_tol = tol["side"] * (side_max if _SIDE_RELATIVE[variant] else max(1.0, side_max))
+    side_tol = side_tolerance(variant, side_max)
     return {
         "gate_max_abs_err": gate_err,
         "side_max_abs_err": side_err,
