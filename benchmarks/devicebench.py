@@ -7,22 +7,35 @@ do not share caches, allocator state or a warm-up.
 On a phone (`--adb [--serial S]`), with the Android app's benchmark mode
 (android_demo/README.md, "Benchmark mode"):
 
+    adb install -r APK         (when the app is missing, older, or another build: `ensure_app`)
     adb shell mkdir -p /data/local/tmp/spa
     adb push PTE... /data/local/tmp/spa/
-    adb logcat -c
+    adb shell rm -f OUT; adb logcat -c
     adb shell am start -S -W -n org.spa.demo/.BenchmarkActivity --es pte P1,P2 \
         --ei iterations N --ei warmup W --es out /sdcard/Android/data/org.spa.demo/files/bench.json
-    adb logcat -d -s SPA:I     (polled until SPA_BENCH_DONE <path> or SPA_BENCH_FAILED <why>)
-    adb pull <path> LOCAL
+    polled until one of: logcat (`adb logcat -d -s SPA:I`) says SPA_BENCH_DONE <path> or
+    SPA_BENCH_FAILED <why>, or the result file (`adb shell cat OUT`, written atomically by the app)
+    appears -- whichever comes first; then `adb pull`.
 
 Both produce the app's result file schema (`spa-android-bench/1`), so one
 table prints both.
+
+End to end on the phone (`--adb --e2e`, `run_adb_e2e`): the app's benchmark mode
+`--es mode summarize` runs one summary with the plugin in ExecuTorch on the
+phone and the backbone in a gateway on this host, reached through
+`adb reverse tcp:PORT tcp:PORT`; the same summary then runs through the Python
+device client here, and both clients' tokens/s, bytes and round trips per
+token are reported side by side.
+
+No phone has been attached to the machines this project is built on: the adb
+paths are tested with tests/fake_adb/adb, a stand-in.
 """
 
 import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -34,9 +47,14 @@ from spa.children import pinned, python_command, python_env, run
 from spa.errors import SpaError
 
 SCHEMA = "spa-android-bench/1"
+PACKAGE = "org.spa.demo"
 REMOTE_DIR = "/data/local/tmp/spa"
-REMOTE_OUT = "/sdcard/Android/data/org.spa.demo/files/bench.json"
-ACTIVITY = "org.spa.demo/.BenchmarkActivity"
+REMOTE_FILES = f"/sdcard/Android/data/{PACKAGE}/files"
+REMOTE_OUT = f"{REMOTE_FILES}/bench.json"
+ACTIVITY = f"{PACKAGE}/.BenchmarkActivity"
+ROOT_DIR = Path(__file__).resolve().parent.parent
+BUILD_APK = ROOT_DIR / "android_demo" / "scripts" / "build_apk.sh"
+DEFAULT_APK = ROOT_DIR / "android_demo" / "build" / "apk" / "spa-demo-debug.apk"
 RESULT_KEYS = ("pte", "file_bytes", "error")
 MEASURED_KEYS = ("load_ms", "gate_ms", "side_ms", "peak_rss_kb", "rss_kb_before")
 GOAL_MS = 0.5
@@ -154,44 +172,247 @@ def validate(result: dict) -> dict:
     return result
 
 
-def run_adb(ptes, *, plugin_dir: Path = Path("runs/bench"), serial: str | None = None, adb: str = "adb",
-            iterations: int = 200, warmup: int = 20, timeout: float = 300.0, poll_s: float = 1.0, log=print) -> dict:
-    ptes = [Path(p) for p in (ptes or default_ptes(plugin_dir, log))]
-    missing = [str(p) for p in ptes if not p.is_file()]
-    if missing:
-        raise SpaError(f"no such .pte: {', '.join(missing)}")
-    phone = Adb(adb, serial, log)
-    serial = phone.check_device()
-    log(f"phone {serial}: pushing {len(ptes)} .pte file(s) to {REMOTE_DIR}...")
-    phone("shell", "mkdir", "-p", REMOTE_DIR)
-    phone("push", *map(str, ptes), REMOTE_DIR + "/", timeout=600)
-    remote = [f"{REMOTE_DIR}/{p.name}" for p in ptes]
-    phone("logcat", "-c")
-    log(f"starting the app's benchmark mode ({ACTIVITY})...")
-    started = phone("shell", "am", "start", "-S", "-W", "-n", ACTIVITY, "--es", "pte", ",".join(remote),
-                    "--ei", "iterations", str(iterations), "--ei", "warmup", str(warmup), "--es", "out", REMOTE_OUT)
-    if "Error" in started or "Exception" in started:
-        raise SpaError(f"am start failed (is the app installed? see android_demo/README.md):\n{started.strip()}")
+# --- the app on the phone -----------------------------------------------------------
+
+
+def apk_info(apk: Path) -> dict:
+    """package, versionCode and SHA-256 of an APK (`aapt dump badging`)."""
+    import hashlib
+
+    aapt = shutil.which("aapt")
+    if not aapt:
+        raise SpaError("aapt not found (Debian: apt-get install aapt; android_demo/scripts/build_apk.sh installs it)")
+    proc = subprocess.run([aapt, "dump", "badging", str(apk)], capture_output=True, text=True, timeout=60)
+    m = re.search(r"^package: name='([^']+)' versionCode='(\d+)'", proc.stdout, re.M)
+    if proc.returncode != 0 or not m:
+        raise SpaError(f"{apk} is not an APK aapt can read: {(proc.stderr or proc.stdout).strip()[-300:]}")
+    return {"package": m.group(1), "version_code": int(m.group(2)),
+            "sha256": hashlib.sha256(Path(apk).read_bytes()).hexdigest()}
+
+
+def default_apk(log=print) -> Path:
+    """The APK android_demo/scripts/build_apk.sh builds (run here; fast when it is up to date)."""
+    log("building the app's APK (android_demo/scripts/build_apk.sh; fast when up to date)...")
+    proc = subprocess.run([str(BUILD_APK)], capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0 or not DEFAULT_APK.is_file():
+        raise SpaError(f"build_apk.sh failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-1500:]}")
+    return DEFAULT_APK
+
+
+def installed_app(phone: "Adb", package: str = PACKAGE) -> dict | None:
+    """The installed app's versionCode and the SHA-256 of its base APK (None where unknown); None if absent."""
+    out = phone("shell", "dumpsys", "package", package, check=False)
+    m = re.search(r"versionCode=(\d+)", out)
+    if not m:
+        return None
+    info = {"version_code": int(m.group(1)), "sha256": None}
+    path = phone("shell", "pm", "path", package, check=False).strip()
+    if path.startswith("package:"):
+        digest = phone("shell", "sha256sum", path.split(":", 1)[1].splitlines()[0].strip(), check=False).split()
+        if digest and re.fullmatch(r"[0-9a-f]{64}", digest[0]):
+            info["sha256"] = digest[0]
+    return info
+
+
+def ensure_app(phone: "Adb", apk: Path | None = None, install: bool = True, log=print) -> dict:
+    """Install the app's APK when it is missing, older (versionCode), or another build of the same version.
+
+    `apk`: the APK to install (default: build android_demo's with build_apk.sh).
+    `install=False`: only report what is installed (the benchmark then needs it).
+    """
+    have = installed_app(phone)
+    if not install:
+        if have is None:
+            raise SpaError(f"{PACKAGE} is not installed on the phone (drop --no-install, or adb install the APK)")
+        return {"installed": have, "action": "not checked (--no-install)"}
+    apk = Path(apk) if apk else default_apk(log)
+    if not apk.is_file():
+        raise SpaError(f"no such APK: {apk}")
+    want = apk_info(apk)
+    if want["package"] != PACKAGE:
+        raise SpaError(f"{apk} is {want['package']}, not {PACKAGE}")
+    if have is None:
+        reason = "not installed"
+    elif have["version_code"] < want["version_code"]:
+        reason = f"installed versionCode {have['version_code']} < {want['version_code']}"
+    elif have["version_code"] == want["version_code"] and have["sha256"] not in (None, want["sha256"]):
+        reason = "another build of the same versionCode"
+    else:
+        return {"apk": str(apk), "version_code": want["version_code"], "installed": have, "action": "up to date"}
+    log(f"installing {apk.name} (versionCode {want['version_code']}): {reason}...")
+    out = phone("install", "-r", str(apk), timeout=600)
+    if "Success" not in out:
+        raise SpaError(f"adb install {apk} did not succeed: {out.strip()[-500:]}")
+    return {"apk": str(apk), "version_code": want["version_code"], "installed_before": have, "action": "installed",
+            "reason": reason}
+
+
+def _wait_for_result(phone: "Adb", remote_out: str, timeout: float, poll_s: float) -> tuple[dict, str]:
+    """(result, how completion was seen): logcat's SPA_BENCH_DONE/FAILED or the result file, whichever first."""
     deadline = time.monotonic() + timeout
     while True:
         state, detail, _ = parse_logcat(phone("logcat", "-d", "-s", "SPA:I"))
         if state == "failed":
             raise SpaError(f"the app's benchmark failed: {detail}")
         if state == "done":
-            break
-        if time.monotonic() > deadline:
-            raise SpaError(f"no SPA_BENCH_DONE in logcat after {timeout:g} s")
-        time.sleep(poll_s)
-    with tempfile.TemporaryDirectory(prefix="spabench-adb-") as tmp:
-        local = Path(tmp) / "bench.json"
-        phone("pull", detail, str(local))
+            with tempfile.TemporaryDirectory(prefix="spabench-adb-") as tmp:
+                local = Path(tmp) / "bench.json"
+                phone("pull", detail, str(local))
+                try:
+                    return json.loads(local.read_text()), "logcat"
+                except json.JSONDecodeError as exc:
+                    raise SpaError(f"the pulled benchmark file is not JSON: {exc}") from None
+        # the result file is renamed into place complete, so whatever `cat` shows is whole
+        text = phone("shell", "cat", remote_out, check=False)
         try:
-            result = json.loads(local.read_text())
-        except json.JSONDecodeError as exc:
-            raise SpaError(f"the pulled benchmark file is not JSON: {exc}") from None
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("schema") == SCHEMA:
+            if doc.get("failure"):
+                raise SpaError(f"the app's benchmark failed: {doc['failure']}")
+            return doc, "result file"
+        if time.monotonic() > deadline:
+            raise SpaError(f"no SPA_BENCH_DONE in logcat and no result file {remote_out} after {timeout:g} s")
+        time.sleep(poll_s)
+
+
+def run_adb(ptes, *, plugin_dir: Path = Path("runs/bench"), serial: str | None = None, adb: str = "adb",
+            iterations: int = 200, warmup: int = 20, timeout: float = 300.0, poll_s: float = 1.0,
+            apk: Path | None = None, install: bool = True, log=print) -> dict:
+    ptes = [Path(p) for p in (ptes or default_ptes(plugin_dir, log))]
+    missing = [str(p) for p in ptes if not p.is_file()]
+    if missing:
+        raise SpaError(f"no such .pte: {', '.join(missing)}")
+    phone = Adb(adb, serial, log)
+    serial = phone.check_device()
+    app = ensure_app(phone, apk, install, log)
+    log(f"phone {serial}: pushing {len(ptes)} .pte file(s) to {REMOTE_DIR}...")
+    phone("shell", "mkdir", "-p", REMOTE_DIR)
+    phone("push", *map(str, ptes), REMOTE_DIR + "/", timeout=600)
+    remote = [f"{REMOTE_DIR}/{p.name}" for p in ptes]
+    phone("shell", "rm", "-f", REMOTE_OUT, check=False)  # a stale result must not count as this run's
+    phone("logcat", "-c")
+    log(f"starting the app's benchmark mode ({ACTIVITY})...")
+    started = phone("shell", "am", "start", "-S", "-W", "-n", ACTIVITY, "--es", "pte", ",".join(remote),
+                    "--ei", "iterations", str(iterations), "--ei", "warmup", str(warmup), "--es", "out", REMOTE_OUT)
+    if "Error" in started or "Exception" in started:
+        raise SpaError(f"am start failed (is the app installed? see android_demo/README.md):\n{started.strip()}")
+    result, seen = _wait_for_result(phone, REMOTE_OUT, timeout, poll_s)
     result = validate(result)
-    result["adb"] = {"serial": serial, "remote_files": remote, "result_file": detail}
+    result["adb"] = {"serial": serial, "remote_files": remote, "result_file": REMOTE_OUT, "completion": seen, "app": app}
     return result
+
+
+E2E_OUT = f"{REMOTE_FILES}/e2e.json"
+E2E_PROMPT = f"{REMOTE_FILES}/prompt.txt"
+E2E_KEYS = ("tokens_per_s", "bytes_down_per_token", "bytes_up_per_token", "round_trips_per_token", "ttft_s")
+
+
+def run_adb_e2e(pte: Path | None = None, *, doc: str = "aclsum:test:0", window: int = 4, max_new_tokens: int = 32,
+                tau: float | None = None, gateway_url: str | None = None, token: str = "", port: int = 8765,
+                plugin_dir: Path = Path("runs/bench"), serial: str | None = None, adb: str = "adb",
+                apk: Path | None = None, install: bool = True, timeout: float = 600.0, poll_s: float = 1.0,
+                log=print) -> dict:
+    """One summary of the split on the phone (through `adb reverse`) beside the same run of the Python client here.
+
+    `gateway_url`: a running gateway on this host (ws://127.0.0.1:PORT); default: start
+    `spa gateway` on `port` for the run.
+    """
+    import asyncio
+    from urllib.parse import urlparse
+
+    from device_runtime.client import run_session
+    from device_runtime.documents import device_prompt, load_document
+    from spa.protocol.messages import Options
+    from spa.pte import PtePlugin
+
+    pte = Path(pte) if pte else default_ptes(plugin_dir, log)[0]
+    if not pte.is_file():
+        raise SpaError(f"no such .pte: {pte}")
+    phone = Adb(adb, serial, log)
+    serial = phone.check_device()
+    app = ensure_app(phone, apk, install, log)
+    plugin = PtePlugin(pte)
+    prompt = device_prompt(plugin.config, load_document(doc, plugin.config.max_doc_tokens))
+    gw = None
+    if gateway_url is None:
+        from cloud_gateway.process import GatewayProcess
+
+        log(f"starting spa gateway on 127.0.0.1:{port}...")
+        gw = GatewayProcess(*(["--token", token] if token else []), port=port)
+        gw.__enter__()
+        gateway_url = gw.url
+    port = urlparse(gateway_url).port
+    phone_url = f"ws://127.0.0.1:{port}"
+    reversed_ = False
+    try:
+        phone("reverse", f"tcp:{port}", f"tcp:{port}")  # the phone's 127.0.0.1:PORT is this host's
+        reversed_ = True
+        with tempfile.TemporaryDirectory(prefix="spa-e2e-") as tmp:
+            local_prompt = Path(tmp) / "prompt.txt"
+            local_prompt.write_text(prompt)
+            phone("shell", "mkdir", "-p", REMOTE_DIR)
+            phone("push", str(pte), REMOTE_DIR + "/", timeout=600)
+            phone("push", str(local_prompt), E2E_PROMPT, timeout=120)
+        remote_pte = f"{REMOTE_DIR}/{pte.name}"
+        phone("shell", "rm", "-f", E2E_OUT, check=False)
+        phone("logcat", "-c")
+        args = ["--es", "mode", "summarize", "--es", "pte", remote_pte, "--es", "gateway", phone_url,
+                "--es", "prompt_file", E2E_PROMPT, "--ei", "window", str(window),
+                "--ei", "max_new_tokens", str(max_new_tokens), "--es", "out", E2E_OUT]
+        if token:
+            args += ["--es", "token", token]
+        if tau is not None:
+            args += ["--es", "tau", repr(tau)]
+        log(f"phone {serial}: summarizing {doc} through {phone_url} (adb reverse) in the app...")
+        started = phone("shell", "am", "start", "-S", "-W", "-n", ACTIVITY, *args)
+        if "Error" in started or "Exception" in started:
+            raise SpaError(f"am start failed (is the app installed?):\n{started.strip()}")
+        on_phone, seen = _wait_for_result(phone, E2E_OUT, timeout, poll_s)
+        row = (on_phone.get("results") or [{}])[0]
+        if row.get("error"):
+            raise SpaError(f"the app's end-to-end run failed: {row['error']}")
+        log("the same summary through the Python device client on this host...")
+        host = asyncio.run(run_session(gateway_url, plugin, prompt, Options(window=window, max_new_tokens=max_new_tokens),
+                                       tau=tau, token=token))
+    finally:
+        if reversed_:
+            phone("reverse", "--remove", f"tcp:{port}", check=False)
+        if gw is not None:
+            gw.__exit__(None, None, None)
+    phone_stats, host_stats = row.get("stats", {}), host.stats
+    return {
+        "schema": "spa-e2e-adb/1", "doc": doc, "pte": str(pte), "window": window, "max_new_tokens": max_new_tokens,
+        "tau": tau, "gateway": gateway_url, "phone_url": phone_url,
+        "example": bool(on_phone.get("example")), "stand_in": on_phone.get("stand_in"),
+        "device": on_phone.get("device"),
+        "phone": {"client": phone_stats.get("client", "java"), "tokens": row.get("tokens"),
+                  **{k: phone_stats.get(k) for k in E2E_KEYS}},
+        "host": {"client": "python", "tokens": list(host.tokens), **{k: host_stats.get(k) for k in E2E_KEYS}},
+        "same_tokens": row.get("tokens") == list(host.tokens),
+        "adb": {"serial": serial, "completion": seen, "result_file": E2E_OUT, "app": app, "reverse": f"tcp:{port}"},
+    }
+
+
+def format_e2e(r: dict) -> str:
+    head = f"{'client':24} {'tokens':>6} {'tokens/s':>9} {'B down/tok':>11} {'B up/tok':>9} {'RT/tok':>7} {'TTFT s':>7}"
+    lines = [f"spa bench device --adb --e2e: {r['doc']}, W={r['window']}, {r['max_new_tokens']} new tokens, "
+             f"gateway {r['gateway']} (phone: {r['phone_url']} through adb reverse)"]
+    if r.get("stand_in"):
+        lines.append(f"NOTE: {r['stand_in']}")
+    lines += [head, "-" * len(head)]
+
+    def fmt(v, f):
+        return format(v, f) if isinstance(v, (int, float)) else "-"
+
+    for name, row in (("phone (app, Java, ExecuTorch)", r["phone"]), ("host (Python client)", r["host"])):
+        lines.append(f"{name:24} {len(row['tokens'] or []):>6} {fmt(row['tokens_per_s'], '9.1f')} "
+                     f"{fmt(row['bytes_down_per_token'], '11.0f')} {fmt(row['bytes_up_per_token'], '9.0f')} "
+                     f"{fmt(row['round_trips_per_token'], '7.2f')} {fmt(row['ttft_s'], '7.2f')}")
+    lines.append("same tokens on both clients" if r["same_tokens"] else
+                 "the clients' tokens differ (different numerics: compare with the margin rules of tests/test_android_live.py)")
+    return "\n".join(lines)
 
 
 # --- output ---------------------------------------------------------------------------

@@ -58,9 +58,19 @@ def cmd_bench_device(args) -> int:
 
     log = progress_log(args.json)
     ptes = args.pte or None
+    if args.adb and args.e2e:
+        from benchmarks.devicebench import format_e2e, run_adb_e2e
+
+        result = run_adb_e2e(ptes[0] if ptes else None, doc=args.doc, window=args.window, max_new_tokens=args.max_new_tokens,
+                             tau=args.tau, gateway_url=args.gateway_url, token=args.token, port=args.port,
+                             plugin_dir=args.workdir, serial=args.serial, adb=args.adb_path, apk=args.apk,
+                             install=not args.no_install, timeout=args.timeout, log=log)
+        write_result(result, args.out / "device-adb-e2e.json", args.json, format_e2e)
+        return 0
     if args.adb:
         result = run_adb(ptes, plugin_dir=args.workdir, serial=args.serial, adb=args.adb_path,
-                         iterations=args.iterations, warmup=args.warmup, timeout=args.timeout, log=log)
+                         iterations=args.iterations, warmup=args.warmup, timeout=args.timeout,
+                         apk=args.apk, install=not args.no_install, log=log)
     else:
         result = run_local(ptes, workdir=args.workdir, iterations=args.iterations, warmup=args.warmup, log=log)
     write_result(result, args.out / ("device-adb.json" if args.adb else "device-local.json"), args.json, format_table)
@@ -136,6 +146,18 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the phone's result")
+    p.add_argument("--apk", type=Path, help="with --adb: the app's APK to install when the phone's is missing or older "
+                                            "(default: build android_demo's with android_demo/scripts/build_apk.sh)")
+    p.add_argument("--no-install", action="store_true", help="with --adb: never install; use the app as installed")
+    p.add_argument("--e2e", action="store_true", help="with --adb: one summary of the split on the phone through this "
+                                                      "host's gateway (adb reverse), beside the Python client's")
+    p.add_argument("--doc", default="aclsum:test:0", help="--e2e: the document (default aclsum:test:0)")
+    p.add_argument("--gateway-url", help="--e2e: a running gateway on this host (default: start spa gateway on --port)")
+    p.add_argument("--port", type=int, default=8765, help="--e2e: the gateway port forwarded with adb reverse (default 8765)")
+    p.add_argument("--token", default="", help="--e2e: the gateway's auth token")
+    p.add_argument("--window", type=int, default=4, help="--e2e: draft-ahead window W (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="--e2e: tokens to generate (default 32)")
+    p.add_argument("--tau", type=float, help="--e2e: gate threshold (default: the plugin's)")
     _add_outputs(p, cmd_bench_device)
 
     p = bench_sub.add_parser("bytes", help="bytes per token of each way down (taps, int4, zstd level) "
