@@ -1,4 +1,4 @@
-"""Parsers and handlers of `spa bench link|device|bytes|load` (wired into cli/main.py's `bench` subcommand).
+"""Parsers and handlers of `spa bench link|device|bytes|load|model` (wired into cli/main.py's `bench` subcommand).
 
 Importing this module is cheap (argparse only); handlers import their benchmark modules lazily.
 """
@@ -100,6 +100,27 @@ def cmd_bench_load(args) -> int:
     return 0 if all(row["held"] == row["sessions"] for row in result["rows"]) else 1
 
 
+def cmd_bench_model(args) -> int:
+    from benchmarks.tracemodel import compare, format_model, gpu_predictions
+    from spa.errors import SpaError
+
+    results = []
+    for path in args.results:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise SpaError(f"cannot read the spa bench link result {path}: {exc}") from None
+        if "cloud_only" not in results[-1].get("rows", {}) or "spa_draft" not in results[-1]["rows"]:
+            raise SpaError(f"{path}: needs the cloud_only and spa_draft rows of a spa bench link run")
+    result = {"inputs": [str(p) for p in args.results], "compare": [compare(r) for r in results],
+              "gpu": {r["profile"]["name"]: gpu_predictions(r) for r in results}}
+    out = args.out / "model.json"
+    write_result(result, out, args.json, lambda _: format_model(results))
+    if not args.json:
+        (args.out / "model.txt").write_text(format_model(results) + "\n")
+    return 0
+
+
 JSON_HELP = "print the result as JSON (progress goes to stderr)"
 
 
@@ -112,7 +133,7 @@ def _add_outputs(p, run, workdir_help=None, out_help=None, json_help=None) -> No
 
 
 def add_bench_parsers(bench_sub) -> None:
-    """Add `link`, `device`, `bytes` and `load` to the `spa bench` sub-subcommands."""
+    """Add `link`, `device`, `bytes`, `model` and `load` to the `spa bench` sub-subcommands."""
     p = bench_sub.add_parser("link", help="every baseline side by side over an emulated mobile link (ratios, plot)")
     p.add_argument("--profile", nargs="+", default=["4g"], choices=["loopback", "5g", "4g", "3g"],
                    help="link profile(s): loopback, 5g (20 ms, 100/50 Mbit/s), 4g (50 ms, 20 Mbit/s), "
@@ -172,6 +193,12 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--skip-cost", type=float, default=0.3, help="lambda of the quick plugins trained here (default 0.3)")
     _add_outputs(p, cmd_bench_bytes)
 
+    p = bench_sub.add_parser("model", help="trace-driven model: predicted vs measured link rows, and the ratios "
+                                           "a GPU-class gateway (5 and 10 ms per step) would reach")
+    p.add_argument("results", nargs="+", type=Path, help="spa bench link results (link-PROFILE.json)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where model.json/model.txt go")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.set_defaults(run=cmd_bench_model)
     p = bench_sub.add_parser("load", help="N concurrent device sessions against one gateway: sessions held, tokens/s, "
                                           "p95 inter-token latency, peak memory, batching (ratios vs 1 session)")
     p.add_argument("--sessions", nargs="+", type=int, default=[16, 32, 64], help="session counts (default 16 32 64)")

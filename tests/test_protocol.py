@@ -684,3 +684,26 @@ def test_draft_ahead_commits_exactly_the_lock_step_tokens(window, codec_name, in
     assert (totals["max_in_flight"] > 1) == (in_flight > 1 and window > 0), totals
     if in_flight > 1 and window >= 8:  # decisions sent before a rollback reached the gateway after it
         assert totals["stale"] > 0, totals
+
+
+def test_a_draft_computed_across_a_rollback_is_dropped():
+    """A host may start a draft while a verdict is computed (the protocol
+    allows it); if that verdict rolls back, the draft is stale and never sent."""
+    gp = _generating_gateway(window=4)
+    _draft(gp, 4, 3, b"a")
+    _draft(gp, 5, 4, b"b")
+    gp.receive(m.NeedTaps(0, 4).to_dict())
+    assert _work(gp) == SendTaps(4)
+    gp.taps_ready(4, RNG.normal(0, 15, (3, H)))
+    assert _sent(gp)["type"] == "taps"
+    gp.receive(m.Side(0, 4, F).to_dict())
+    head = gp.next_action()
+    assert isinstance(head, Head) and head.pos == 4
+    draft = gp.next_action()  # the host drafts 6 while it computes the head of 4
+    assert draft == Draft(0, 6, 4)
+    gp.verdict_ready(4, 9, b"z")  # changed: epoch 1, drafts after 4 void
+    assert _sent(gp)["changed"] is True and gp.epoch == 1
+    gp.draft_ready(6, _f(), 7, b"s")  # stale: dropped
+    assert gp.data_to_send() == [] and gp.drafted == []
+    assert _work(gp) == Truncate(5)
+    assert _work(gp) == Draft(1, 5, 9)

@@ -416,7 +416,11 @@ class GatewayProtocol:
         gate will open and it uploaded that gate), then handles what arrived
         meanwhile."""
         self._require(self._drafting is not None and pos == self._drafting.pos, f"draft_ready({pos}) not asked for")
-        self._drafting = None
+        stale = self._drafting.epoch != self.epoch  # a rollback came while it was computed (the host's
+        self._drafting = None                        # Truncate, queued after it, drops its KV entry)
+        if stale:
+            self._replay_stash()
+            return
         token = int(token)
         opts = self.hello.options
         entry = _Drafted(pos, token, bytes(piece), self._encode(f))
@@ -429,6 +433,10 @@ class GatewayProtocol:
             self._actions.append(SendTaps(pos))
         else:
             self._outbox.append(step)
+        self._replay_stash()
+
+    def _replay_stash(self) -> None:
+        """Handle, in order, what arrived while a draft was computed."""
         stash, self._stash = self._stash, []
         for d in stash:
             self.receive(d)

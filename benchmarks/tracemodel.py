@@ -1,0 +1,303 @@
+"""A trace-driven model of the split: tokens/s of every SPA row for any link and gateway speed.
+
+`spa bench link` measures this machine: a CPU gateway at ~40 ms per decode
+step. A GPU gateway steps in 5-10 ms, which makes every round trip relatively
+longer. To plan past this machine, this module replays a generation's
+per-position trace (sigma, and whether the side output changed the token)
+through the *real* protocol state machines (`GatewayProtocol`,
+`DeviceProtocol`: they are sans-I/O, so a virtual clock can drive them) with
+modelled costs:
+
+* the link: a one-way delay of RTT / 2 plus serialization at the link's rate,
+  each direction a FIFO (a message waits for the one before it);
+* the gateway: one compute thread; a decode step costs `step_ms`, a head
+  (lm_head of one row: the first draft, a verdict) `head_ms`; taps come from
+  its cache at no cost;
+* the device: one thread; a gate costs `gate_ms`, a side network `side_ms`.
+
+The model is trusted only where it matches measurements: `compare` prints
+predicted vs measured rows of `spa bench link` results side by side.
+
+What it leaves out: batching with other sessions, TCP slow start, CPU
+contention between the two sides of one machine, and the gateway's event
+loop latency.
+"""
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spa.protocol import messages as m
+from spa.protocol.device import DeviceProtocol, RunGate
+from spa.protocol.gateway import Draft, GatewayProtocol, Head, Prefill, SendTaps
+
+_H, _TAPS = 4, (0, 2)  # the toy activations the machines carry; their wire sizes are modelled below
+_BACKBONE = m.Backbone("model", "fp", num_layers=2, hidden_size=_H)
+_DRAFT, _CHANGED = 1, 2  # the draft token, and the token a changing verdict picks instead
+
+
+@dataclass(frozen=True)
+class Costs:
+    rtt_ms: float
+    step_ms: float  # one decode step of the gateway
+    head_ms: float | None = None  # lm_head of one row; default: a fifth of a step (the head is ~20 % of SmolLM2)
+    gate_ms: float = 0.05
+    side_ms: float = 0.05
+    down_mbit: float | None = None  # None: no serialization delay
+    up_mbit: float | None = None
+    # Wire sizes (bytes): a step (f_t int8 + draft), the taps of a position, a side output, anything else.
+    step_bytes: int = 750
+    taps_bytes: int = 17_000
+    side_bytes: int = 750
+    small_bytes: int = 40
+
+    @property
+    def head(self) -> float:
+        return self.step_ms / 5 if self.head_ms is None else self.head_ms
+
+
+@dataclass(frozen=True)
+class Row:
+    """A way to run SPA: window W, side outputs in flight, pushed taps."""
+
+    name: str
+    window: int
+    in_flight: int = 1
+    push: bool = False
+    always_side: bool = False  # sigma = 1 on every token (the side_every_token row)
+
+
+ROWS = (
+    Row("side_every_token", 0, always_side=True),
+    Row("spa_lockstep", 0),
+    Row("spa_draft", 8),
+    Row("spa_draft_push", 8, push=True),
+    Row("spa_inflight", 8, in_flight=4),
+    Row("spa_inflight_push", 8, in_flight=4, push=True),
+)
+
+
+@dataclass
+class Trace:
+    """Per generated position: sigma, and whether the side output changed the draft (only where sigma = 1)."""
+
+    sigma: list[bool]
+    changed: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def synthetic(cls, tokens: int, side_usage: float, change_rate: float) -> "Trace":
+        """Evenly spread sigma = 1 positions and changes with the given rates (deterministic)."""
+        sigma = [int((i + 1) * side_usage) > int(i * side_usage) for i in range(tokens)]
+        sides = [i for i, s in enumerate(sigma) if s]
+        changed = [False] * tokens
+        for k, i in enumerate(sides):
+            changed[i] = int((k + 1) * change_rate) > int(k * change_rate)
+        return cls(sigma, changed)
+
+
+class _Link:
+    """One direction: FIFO, delay + serialization."""
+
+    def __init__(self, delay_ms: float, mbit: float | None):
+        self.delay, self.mbit, self.free_at = delay_ms, mbit, 0.0
+
+    def arrival(self, now: float, size: int) -> float:
+        start = max(now, self.free_at)
+        serialize = 0.0 if not self.mbit else size * 8 / (self.mbit * 1000)  # ms
+        self.free_at = start + serialize
+        return self.free_at + self.delay
+
+
+def _size(msg: dict, c: Costs) -> int:
+    kind = msg["type"]
+    if kind == "step":
+        return c.step_bytes + (c.taps_bytes if "taps" in msg else 0)
+    return {"taps": c.taps_bytes, "side": c.side_bytes}.get(kind, c.small_bytes)
+
+
+def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
+    """Replay one generation; returns commit times (ms from the first step's
+    computation) and tokens/s over the decode phase (first to last commit)."""
+    n = len(trace.sigma)
+    sigma = [True] * n if row.always_side else trace.sigma
+    changed = trace.changed or [False] * n
+    gate = None
+    if row.push:  # a gate the gateway can evaluate: this toy f decides sigma exactly (see _f)
+        gate = m.GateUpload(np.array([[0, 0, 0, 0], [1, 0, 0, 0]], "<f4").tobytes(), np.zeros(2, "<f4").tobytes(), 0.5)
+    hello = m.Hello("", m.Plugin(_BACKBONE.fingerprint, _TAPS, "h"), "p",
+                    m.Options(window=row.window, codec="f32", max_new_tokens=n), gate=gate)
+    gp = GatewayProtocol(_BACKBONE, eos_ids=[0])
+    dp = DeviceProtocol(hello, row.in_flight)
+    down, up = _Link(costs.rtt_ms / 2, costs.down_mbit), _Link(costs.rtt_ms / 2, costs.up_mbit)
+    events: list = []
+    seq = itertools.count()
+
+    def at(t, kind, payload=None):
+        heapq.heappush(events, (t, next(seq), kind, payload))
+
+    def first_pos_of(pos):  # index into the trace
+        return pos - first
+
+    def f_of(pos):  # f_t whose gate probability is 1 where sigma, 0 elsewhere (the toy gate reads channel 0)
+        f = np.zeros((1, _H), np.float32)
+        f[0, 0] = 50.0 if sigma[first_pos_of(pos)] else -50.0
+        return f
+
+    first = 4  # prompt of 5 tokens
+    gp.receive(hello.to_dict())
+    assert isinstance(gp.next_action(), Prefill)
+    gp.started("s", "k", first + 1)
+    dp.receive(gp.data_to_send()[0])
+    compute_free = 0.0  # the gateway's compute thread
+    device_free = 0.0
+    commits: list[float] = []
+
+    def gateway_work(now):
+        nonlocal compute_free
+        while (action := gp.next_action()) is not None:
+            if isinstance(action, Draft):
+                done = max(now, compute_free) + (costs.head if action.feed is None else costs.step_ms)
+                compute_free = done
+                at(done, "drafted", action.pos)
+                continue  # the protocol asks for nothing else that needs the draft meanwhile
+            if isinstance(action, SendTaps):
+                gp.taps_ready(action.pos, np.zeros((len(_TAPS), _H), np.float32))
+            elif isinstance(action, Head):
+                done = max(now, compute_free) + costs.head
+                compute_free = done
+                at(done, "verdict", action.pos)
+                break  # the host awaits the head before its next action
+            # Truncate and Forget cost nothing here
+        for msg in gp.data_to_send():
+            at(down.arrival(now, _size(msg, costs)), "to_device", msg)
+
+    def device_work(now):
+        nonlocal device_free
+        t = max(now, device_free)
+        while (action := dp.next_action()) is not None:
+            if isinstance(action, RunGate):
+                t += costs.gate_ms
+                dp.gated(action.pos, sigma[first_pos_of(action.pos)])
+            else:
+                t += costs.side_ms
+                dp.side_output(action.pos, np.zeros((1, _H), np.float32))
+        while len(commits) < len(dp.committed):
+            commits.append(t)
+        device_free = t
+        return t
+
+    gateway_work(0.0)
+    while events and not dp.ended:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == "drafted":
+            pos = payload
+            gp.draft_ready(pos, f_of(pos), _DRAFT, b"x")
+            gateway_work(now)
+        elif kind == "verdict":
+            pos = payload
+            token = _CHANGED if changed[first_pos_of(pos)] else _DRAFT
+            gp.verdict_ready(pos, token, b"y")
+            gateway_work(now)
+        elif kind == "to_device":
+            dp.receive(payload)
+            t = device_work(now)
+            if not any(k == "to_device" and tt <= t for tt, _, k, _ in events):  # nothing else waiting: send
+                for msg in dp.flush():
+                    at(up.arrival(t, _size(msg, costs)), "to_gateway", msg)
+        elif kind == "to_gateway":
+            gp.receive(payload)
+            gateway_work(now)
+    if not dp.ended:
+        raise RuntimeError(f"the model stalled in row {row.name}")
+    span = commits[-1] - commits[0] if len(commits) > 1 else 0.0
+    return {"row": row.name, "tokens": len(commits), "commit_ms": commits,
+            "tokens_per_s": (len(commits) - 1) / span * 1000 if span > 0 else None,
+            "rollbacks": dp.stats.rollbacks, "max_in_flight": dp.stats.max_in_flight}
+
+
+def predict(trace: Trace, costs: Costs, rows=ROWS) -> dict:
+    """tokens/s of every row and of cloud-only (one step per token), with ratios to cloud-only."""
+    cloud = 1000.0 / costs.step_ms
+    out = {"cloud_only": {"tokens_per_s": cloud, "vs_cloud_only": 1.0}}
+    for row in rows:
+        r = simulate(trace, row, costs)
+        out[row.name] = {"tokens_per_s": r["tokens_per_s"], "vs_cloud_only": (r["tokens_per_s"] or 0) / cloud,
+                         "max_in_flight": r["max_in_flight"], "rollbacks": r["rollbacks"]}
+    return out
+
+
+# --- against `spa bench link` results -------------------------------------------------------
+
+# The measured rows the model replays, with the row that stands for each (the measured
+# spa_draft_push also had the cloud-side projection: its taps are r values per tap).
+MEASURED = {"side_every_token": "side_every_token", "spa_lockstep": "spa_lockstep", "spa_draft": "spa_draft",
+            "spa_draft_push": "spa_draft_push"}
+GPU_STEPS_MS = (5.0, 10.0)
+
+
+def costs_from_result(result: dict, step_ms: float | None = None, projected: bool = False) -> Costs:
+    """The link and gateway of a `spa bench link` result (step time: 1 / cloud-only tokens/s)."""
+    measured = result["link"].get("measured") or {}
+    rows = result["rows"]
+    step = step_ms or 1000.0 / rows["cloud_only"]["tokens_per_s"]
+    taps_bytes = int(result["plugin_info"]["taps"] * (result["plugin_info"]["rank"] if projected else 576) * 1.05)
+    return Costs(rtt_ms=measured.get("rtt_ms", 0.1), step_ms=step, down_mbit=measured.get("down_mbit"),
+                 up_mbit=measured.get("up_mbit"), taps_bytes=taps_bytes)
+
+
+def trace_from_result(result: dict) -> Trace:
+    """The measured side usage and change rate, spread over one document's tokens."""
+    draft = result["rows"]["spa_draft"]
+    tokens = max(result["max_new_tokens"], 8)
+    return Trace.synthetic(tokens, draft["side_usage"], draft["change_rate"])
+
+
+def compare(result: dict) -> dict:
+    """Predicted vs measured tokens/s (as ratios to the measured cloud-only row) for one link profile."""
+    trace, window = trace_from_result(result), result["window"]
+    out = {"profile": result["profile"]["name"], "rtt_ms": costs_from_result(result).rtt_ms, "rows": {}}
+    cloud = result["rows"]["cloud_only"]["tokens_per_s"]
+    for name, measured_name in MEASURED.items():
+        measured = result["rows"].get(measured_name, {}).get("tokens_per_s")
+        row = next(r for r in ROWS if r.name == name)
+        row = Row(row.name, window if row.window else 0, row.in_flight, row.push, row.always_side)
+        costs = costs_from_result(result, projected=name == "spa_draft_push")
+        predicted = simulate(trace, row, costs)["tokens_per_s"]
+        out["rows"][name] = {"measured_vs_cloud": measured / cloud if measured else None,
+                             "predicted_vs_cloud": predicted / cloud if predicted else None}
+    return out
+
+
+def gpu_predictions(result: dict, steps_ms=GPU_STEPS_MS) -> dict:
+    """Every modelled row at GPU-class step times over this result's link."""
+    trace = trace_from_result(result)
+    return {f"{step:g} ms/step": {name: round(r["vs_cloud_only"], 3) for name, r in
+                                   predict(trace, costs_from_result(result, step_ms=step)).items()}
+            for step in steps_ms}
+
+
+def format_model(results: list[dict]) -> str:
+    lines = ["Trace-driven model (benchmarks/tracemodel.py): the real protocol machines on a virtual clock.",
+             "Predicted vs measured, tokens/s as a share of cloud-only (the model is trusted only where they agree):",
+             f"{'profile':8} {'RTT ms':>7}  " + "  ".join(f"{n:>22}" for n in MEASURED)]
+    for result in results:
+        c = compare(result)
+        cells = []
+        for name in MEASURED:
+            r = c["rows"][name]
+            cells.append(f"{_pct(r['predicted_vs_cloud'])} pred / {_pct(r['measured_vs_cloud'])} meas".rjust(22))
+        lines.append(f"{c['profile']:8} {c['rtt_ms']:7.1f}  " + "  ".join(cells))
+    lines.append("")
+    lines.append("Predicted for a GPU-class gateway (share of cloud-only at that step time):")
+    names = ["spa_draft", "spa_draft_push", "spa_inflight", "spa_inflight_push"]
+    lines.append(f"{'profile':8} {'step':>9}  " + "  ".join(f"{n:>18}" for n in names))
+    for result in results:
+        for step, row in gpu_predictions(result).items():
+            lines.append(f"{result['profile']['name']:8} {step:>9}  " + "  ".join(f"{_pct(row[n]):>18}" for n in names))
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "  -  " if x is None else f"{x:.2f}x"
