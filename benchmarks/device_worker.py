@@ -5,6 +5,7 @@
 JOB: {"mode": "spa" | "stream" | "per_layer" | "device_only", "prompts": [...],
       "max_new_tokens": n, "url": ws://..., "token": auth, "pte": plugin .pte,
       "options": {window, codec, outliers}, "tau": float | null, "rank": r,
+      "max_in_flight": side outputs in flight (spa), "push_taps", "cloud_projection",
       "backbone_pte": path (device_only), "threads": ExecuTorch threads}
 OUT: {"mode", "load_s", "docs": [{tokens, commit_s (seconds since the
       session started, one per token), ttft_s, bytes_down, bytes_up,
@@ -47,7 +48,8 @@ async def _spa(job, pte, prompt) -> dict:
     result = await run_session(job["url"], pte, prompt, options, tau=job.get("tau"), token=job.get("token", ""),
                                on_commit=lambda piece, sigma: times.append(time.perf_counter() - t0),
                                cloud_projection=job.get("cloud_projection", False),
-                               push_taps=job.get("push_taps", False))
+                               push_taps=job.get("push_taps", False),
+                               max_in_flight=job.get("max_in_flight", 1))
     s = result.stats
     return {"tokens": result.tokens, "sigmas": result.sigmas, "commit_s": times, "ttft_s": times[0] if times else None,
             "bytes_down": s["bytes_down"], "bytes_up": s["bytes_up"], "handshake_down": s["handshake_bytes_down"],

@@ -11,7 +11,15 @@ Rows (the same ACLSum test documents, the same prompt text, greedy):
 | spa_draft        | SPA gateway, the plugin's trained tau, draft-ahead W > 0                           |
 | spa_draft_proj   | spa_draft with the cloud-side projection (r values per tap; weights uploaded once) |
 | spa_draft_push   | spa_draft_proj with pushed taps (gate uploaded: taps come with the step)           |
+| spa_inflight     | spa_draft with several side outputs in flight (the device gates ahead of verdicts) |
+| spa_inflight_push| spa_inflight with pushed taps and no projection (the choice for a slow uplink)     |
 | device_only      | the whole backbone as one ExecuTorch program on the device, no network            |
+
+Repeats: every row runs `repeats` times (default 3), the rows interleaved
+(each repeat starts one row later), so that a slow minute of a shared machine
+does not land on one row. Each row reports the median tokens/s, and its ratio
+to cloud-only is the median of the per-repeat ratios (each against the
+cloud-only run of the same repeat), with the min and max beside it.
 
 Process layout: the servers (`spa gateway`, `benchmarks.baseline_server`)
 run on the gateway side of the link pinned to CPU 0; each row's device side
@@ -39,7 +47,8 @@ from spa.children import ServerProcess, pinned, python_command, python_env, run
 from spa.errors import SpaError
 
 ROWS = ("cloud_only", "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push",
-        "device_only")
+        "spa_inflight", "spa_inflight_push", "device_only")
+SPA_ROWS = ("spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "spa_inflight", "spa_inflight_push")
 ROW_TITLES = {
     "cloud_only": "cloud-only (backbone alone, streamed)",
     "side_every_token": "side on every token, lock-step",
@@ -48,6 +57,8 @@ ROW_TITLES = {
     "spa_draft": "SPA draft-ahead (W>0, trained tau)",
     "spa_draft_proj": "SPA draft-ahead + cloud-side projection",
     "spa_draft_push": "SPA draft-ahead + projection + pushed taps",
+    "spa_inflight": "SPA draft-ahead + side outputs in flight",
+    "spa_inflight_push": "SPA in flight + pushed taps (no projection)",
     "device_only": "device-only (whole backbone, ExecuTorch)",
 }
 FAIL_ENV = "SPA_BENCH_FAIL_AT"  # test hook: "link" or "servers" raises right after that stage
@@ -141,13 +152,34 @@ def summarize_row(docs: list[dict], reference: list[list[int]] | None = None) ->
 
 
 def add_ratios(rows: dict) -> None:
+    """Ratios to cloud-only: per repeat where the rows carry their runs (median, min, max), else of the figures."""
     base = rows.get("cloud_only")
     for name, r in rows.items():
         if base is None or "error" in r:
             continue
-        tps, btps = r.get("tokens_per_s"), base.get("tokens_per_s")
-        r["tokens_per_s_vs_cloud_only"] = tps / btps if tps and btps else None
+        runs, base_runs = r.get("tokens_per_s_runs"), base.get("tokens_per_s_runs")
+        if runs and base_runs and len(runs) == len(base_runs) and all(runs + base_runs):
+            ratios = [a / b for a, b in zip(runs, base_runs)]
+            r["vs_cloud_only_runs"] = ratios
+            r["tokens_per_s_vs_cloud_only"] = statistics.median(ratios)
+            r["vs_cloud_only_min"], r["vs_cloud_only_max"] = min(ratios), max(ratios)
+        else:
+            tps, btps = r.get("tokens_per_s"), base.get("tokens_per_s")
+            r["tokens_per_s_vs_cloud_only"] = tps / btps if tps and btps else None
         r["ttft_vs_cloud_only"] = r["ttft_s"] / base["ttft_s"] if r.get("ttft_s") and base.get("ttft_s") else None
+
+
+def merge_repeats(summaries: list[dict]) -> dict:
+    """One row from its repeats: the first repeat's figures (bytes, round trips and tokens do not
+    depend on timing), the median of the timed ones, and every repeat's tokens/s."""
+    row = dict(summaries[0])
+    for key in ("tokens_per_s", "tokens_per_s_end_to_end", "ttft_s", "itl_p50_ms", "itl_p95_ms", "wall_s"):
+        values = [s[key] for s in summaries if s.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    row["tokens_per_s_runs"] = [s.get("tokens_per_s") for s in summaries]
+    row["repeats"] = len(summaries)
+    row["same_tokens_every_repeat"] = all(s["per_doc_tokens"] == row["per_doc_tokens"] for s in summaries)
+    return row
 
 
 def goals(result: dict) -> list[dict]:
@@ -161,6 +193,13 @@ def goals(result: dict) -> list[dict]:
         return x / y if x and y else None
 
     profile = result["profile"]["name"]
+    target = {"4g": 0.95, "3g": 0.85}.get(profile)
+    spa = {n: rows[n]["tokens_per_s_vs_cloud_only"] for n in SPA_ROWS
+           if rows.get(n, {}).get("tokens_per_s_vs_cloud_only") is not None}
+    if target is not None and spa:
+        best = max(spa, key=spa.get)
+        out.append({"goal": f"best SPA row ({best}) tokens/s >= {target:g}x cloud_only ({profile}, median over "
+                            f"repeats)", "value": spa[best], "target": target, "met": spa[best] >= target})
     for a in ("spa_draft", "spa_draft_push"):
         for b, target in (("cloud_only", 0.8), ("side_every_token", 3.0)):
             value = ratio(a, b)
@@ -207,12 +246,14 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                    per_layer_tokens: int = 8, window: int = 8, codec: str = "int8", rows=ROWS,
                    link_mode: str = "auto", device_variant: str = "fp32", workdir: Path = Path("runs/bench"),
                    pin: bool = True, tau: float | None = None, skip_cost: float = DEFAULT_SKIP_COST,
-                   log=print) -> dict:
+                   repeats: int = 3, in_flight: int = 4, log=print) -> dict:
     profile = PROFILES[profile_name]
     workdir.mkdir(parents=True, exist_ok=True)
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise SpaError(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    if repeats < 1 or in_flight < 1:
+        raise SpaError(f"--repeats and --in-flight must be at least 1 (got {repeats}, {in_flight})")
     needs_plugin = True  # the prompts come from the plugin's template, for every row
     pte_path = ensure_plugin(plugin, workdir, skip_cost=skip_cost, log=log) if needs_plugin else None
     prompts = plugin_prompts(pte_path, docs)
@@ -224,6 +265,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
     result = {"profile": profile.to_dict(), "docs": docs, "max_new_tokens": max_new_tokens,
               "plugin_info": plugin_info | {"tau_used": plugin_info["tau"] if tau is None else tau},
               "per_layer_tokens": per_layer_tokens, "window": window, "codec": codec, "plugin": str(pte_path),
+              "repeats": repeats, "in_flight": in_flight,
               "pinning": {"gateway_cpu": gw_core, "device_cpu": dev_core, "cpus": cores},
               "load_average_before": os.getloadavg(), "rows": {}}
     if device_report:
@@ -245,8 +287,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
             on_gateway_side = [*link.gateway_prefix(), *pinned(gw_core)]
             one_thread = {"OMP_NUM_THREADS": "1"}
             host = link.gateway_host
-            need_gateway = any(r in rows for r in ("side_every_token", "spa_lockstep", "spa_draft", "spa_draft_proj",
-                                                   "spa_draft_push"))
+            need_gateway = any(r in rows for r in ("side_every_token", *SPA_ROWS))
             need_baseline = any(r in rows for r in ("cloud_only", "per_layer"))
             if need_gateway:
                 log("starting spa gateway on the gateway side...")
@@ -279,34 +320,50 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                 "spa_draft": lambda: spa_job(tau, window),
                 "spa_draft_proj": lambda: spa_job(tau, window, cloud_projection=True),
                 "spa_draft_push": lambda: spa_job(tau, window, cloud_projection=True, push_taps=True),
+                "spa_inflight": lambda: spa_job(tau, window, max_in_flight=in_flight),
+                "spa_inflight_push": lambda: spa_job(tau, window, max_in_flight=in_flight, push_taps=True),
                 "device_only": lambda: {"mode": "device_only", "max_new_tokens": max_new_tokens,
                                         "backbone_pte": str(backbone_pte), "eos_ids": _eos_ids()},
             }
-            reference = None
-            for name in [r for r in ROWS if r in rows]:
-                log(f"row {name}: {ROW_TITLES[name]} ({len(docs)} docs)...")
-                job = common | jobs[name]()
-                before = link.counters()
-                t = time.perf_counter()
-                try:
-                    out = _run_worker(link, job, dev_core, timeout=1800)
-                except SpaError as exc:
-                    result["rows"][name] = {"error": str(exc)}
-                    log(f"  failed: {str(exc)[:500]}")
+            order = [r for r in ROWS if r in rows]
+            runs: dict[str, list[dict]] = {name: [] for name in order}
+            for repeat in range(repeats):
+                turn = order[repeat % len(order):] + order[:repeat % len(order)]  # interleaved
+                for name in turn:
+                    if "error" in result["rows"].get(name, {}):
+                        continue
+                    log(f"row {name} (repeat {repeat + 1}/{repeats}): {ROW_TITLES[name]} ({len(docs)} docs)...")
+                    job = common | jobs[name]()
+                    before = link.counters()
+                    t = time.perf_counter()
+                    try:
+                        out = _run_worker(link, job, dev_core, timeout=1800)
+                    except SpaError as exc:
+                        result["rows"][name] = {"error": str(exc)}
+                        log(f"  failed: {str(exc)[:500]}")
+                        continue
+                    after = link.counters()
+                    summary = summarize_row(out["docs"])
+                    summary["wall_s"] = time.perf_counter() - t
+                    summary["load_s"] = out["load_s"]
+                    if before and after:
+                        n = max(summary["tokens"], 1)
+                        summary["link_bytes_down_per_token"] = (after["down"] - before["down"]) / n
+                        summary["link_bytes_up_per_token"] = (after["up"] - before["up"]) / n
+                    summary["per_doc_tokens"] = [d["tokens"] for d in out["docs"]]
+                    summary["docs_raw"] = out["docs"]
+                    runs[name].append(summary)
+                    log("  " + _one_line(summary))
+            reference = runs["cloud_only"][0]["per_doc_tokens"] if runs.get("cloud_only") else None
+            for name, summaries in runs.items():
+                if "error" in result["rows"].get(name, {}) or not summaries:
                     continue
-                after = link.counters()
-                summary = summarize_row(out["docs"], reference)
-                summary["wall_s"] = time.perf_counter() - t
-                summary["load_s"] = out["load_s"]
-                if before and after:
-                    n = max(summary["tokens"], 1)
-                    summary["link_bytes_down_per_token"] = (after["down"] - before["down"]) / n
-                    summary["link_bytes_up_per_token"] = (after["up"] - before["up"]) / n
-                summary["per_doc_tokens"] = [d["tokens"] for d in out["docs"]]
-                result["rows"][name] = summary
-                if name == "cloud_only":
-                    reference = summary["per_doc_tokens"]
-                log("  " + _one_line(summary))
+                if reference is not None:  # same tokens as cloud-only, position by position
+                    summaries[0] |= {k: v for k, v in summarize_row(summaries[0]["docs_raw"], reference).items()
+                                     if k == "same_tokens_as_cloud_only"}
+                for summary in summaries:
+                    summary.pop("docs_raw")
+                result["rows"][name] = merge_repeats(summaries)
     finally:
         for server in reversed(servers):
             server.stop()
@@ -339,7 +396,8 @@ def format_result(result: dict) -> str:
     p = result["profile"]
     lines = [f"spa bench link --profile {p['name']}: {len(result['docs'])} docs ({', '.join(result['docs'])}), "
              f"{result['max_new_tokens']} new tokens (per-layer row: {result['per_layer_tokens']}), greedy, "
-             f"codec {result['codec']}, draft window W={result['window']}"]
+             f"codec {result['codec']}, draft window W={result['window']}, side outputs in flight "
+             f"{result.get('in_flight', 1)} (in-flight rows), {result.get('repeats', 1)} repeat(s), rows interleaved"]
     pi = result.get("plugin_info")
     if pi:
         lines.append(f"plugin: {result['plugin']} ({pi['taps']} taps, r={pi['rank']}, lambda {pi['skip_cost']}, "
@@ -357,7 +415,7 @@ def format_result(result: dict) -> str:
                  f"{pin['cpus']}; load average before {result['load_average_before'][0]:.2f}, after "
                  f"{result['load_average_after'][0]:.2f}" + (" — a shared, noisy machine: read ratios, not absolutes"
                                                               if result['load_average_before'][0] > 0.5 else ""))
-    header = (f"{'row':44} {'tok/s':>6} {'x cloud':>7} {'TTFT s':>7} {'ITL p50':>8} {'ITL p95':>8} {'B down/t':>9} "
+    header = (f"{'row':44} {'tok/s':>6} {'x cloud':>7} {'min-max':>9} {'TTFT s':>7} {'ITL p50':>8} {'ITL p95':>8} {'B down/t':>9} "
               f"{'B up/t':>7} {'hs KB':>6} {'RT/t':>6} {'side':>5} {'chg':>5} {'=cloud':>6}")
     lines += ["", header, "-" * len(header)]
     for name in ROWS:
@@ -369,11 +427,13 @@ def format_result(result: dict) -> str:
             continue
         lines.append(
             f"{ROW_TITLES[name]:44} {fmt(r['tokens_per_s'], '6.1f'):>6} {fmt(r.get('tokens_per_s_vs_cloud_only'), '6.2f'):>7} "
+            f"{_spread(r):>9} "
             f"{fmt(r['ttft_s'], '7.2f'):>7} {fmt(r['itl_p50_ms'], '8.1f'):>8} {fmt(r['itl_p95_ms'], '8.1f'):>8} "
             f"{r['bytes_down_per_token']:>9.0f} {r['bytes_up_per_token']:>7.0f} {r['handshake_bytes'] / 1e3:>6.1f} "
             f"{r['round_trips_per_token']:>6.2f} "
             f"{r['side_usage']:>5.0%} {r['change_rate']:>5.0%} {fmt(r.get('same_tokens_as_cloud_only'), '6.0%'):>6}")
-    lines.append("tok/s: committed tokens per second after the first (decode); TTFT from opening the connection; "
+    lines.append("tok/s: median over repeats of committed tokens per second after the first (decode); x cloud: median "
+                 "of the per-repeat ratios to cloud-only, min-max beside it; TTFT from opening the connection; "
                  "ITL: inter-token latency as committed; B/t: websocket payload bytes per token after the handshake; "
                  "hs KB: handshake per document, both ways (prompt; the projection weights for +proj); "
                  "RT/t: round trips the device waits on per token; chg: rollbacks / side tokens; "
@@ -397,6 +457,11 @@ def format_result(result: dict) -> str:
             value = "-" if g["value"] is None else f"{g['value']:.2f}"
             lines.append(f"  {g['goal']}: {value} -> {state}")
     return "\n".join(lines)
+
+
+def _spread(r: dict) -> str:
+    lo, hi = r.get("vs_cloud_only_min"), r.get("vs_cloud_only_max")
+    return "-" if lo is None else f"{lo:.2f}-{hi:.2f}"
 
 
 def plot_result(result: dict, path: Path) -> Path:

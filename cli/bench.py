@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_DOCS = ["aclsum:test:0", "aclsum:test:1", "aclsum:test:2"]
+LINK_DOCS = [f"aclsum:test:{i}" for i in range(10)]  # enough tokens to tell 0.87 from 0.95
 
 
 def progress_log(as_json: bool):
@@ -37,7 +38,7 @@ def cmd_bench_link(args) -> int:
                                 per_layer_tokens=args.per_layer_tokens, window=args.window, codec=args.codec,
                                 rows=args.rows or ROWS, link_mode=args.link, device_variant=args.device_variant,
                                 workdir=args.workdir, pin=not args.no_pin, tau=args.tau, skip_cost=args.skip_cost,
-                                log=log)
+                                repeats=args.repeats, in_flight=args.in_flight, log=log)
         result["command"] = "spa " + " ".join(sys.argv[1:])
         out = args.out / f"link-{profile}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,14 +140,18 @@ def add_bench_parsers(bench_sub) -> None:
                    help="link profile(s): loopback, 5g (20 ms, 100/50 Mbit/s), 4g (50 ms, 20 Mbit/s), "
                         "3g (150 ms, 2/1 Mbit/s); default 4g")
     p.add_argument("--plugin", help="plugin .pte (default: train and export a quick one into --workdir)")
-    p.add_argument("--docs", nargs="+", default=DEFAULT_DOCS, help="documents (default: aclsum:test:0..2)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--docs", nargs="+", default=LINK_DOCS, help="documents (default: aclsum:test:0..9)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="runs of every row, interleaved (default 3)")
+    p.add_argument("--in-flight", type=int, default=4, help="side outputs in flight in the spa_inflight rows "
+                                                            "(default 4)")
     p.add_argument("--per-layer-tokens", type=int, default=8,
                    help="tokens per document for the per-layer row (each costs one round trip per layer; default 8)")
     p.add_argument("--window", type=int, default=8, help="draft-ahead window W of the draft-ahead row (default 8)")
     p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"])
     p.add_argument("--rows", nargs="+", help="only these rows (cloud_only side_every_token per_layer spa_lockstep "
-                                             "spa_draft spa_draft_proj spa_draft_push device_only)")
+                                             "spa_draft spa_draft_proj spa_draft_push spa_inflight "
+                                             "spa_inflight_push device_only)")
     p.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
                    help="netns: namespaces + tbf + NFQUEUE delay (root); proxy: userspace delay proxy; "
                         "auto: netns when possible (default)")

@@ -35,7 +35,7 @@ from spa.generate import prefill, truncate
 from spa.projection import project
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
-from spa.protocol.frames import FrameCodec
+from spa.protocol.frames import FrameCodec, negotiate
 from spa.protocol.gateway import Draft, Forget, GatewayProtocol, Head, Prefill, SendTaps, Truncate
 from spa.step import cloud_state
 
@@ -66,7 +66,10 @@ class Link:
         if socket_sndbuf and sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_sndbuf)
         self.limits = limits
-        self.frames = FrameCodec(limits.max_frame_bytes, limits.max_message_bytes)
+        # Reads zstd or uncompressed frames, and answers in the hello's form, until the hello's
+        # offer is settled (`negotiate`); then one form both ways (PROTOCOL.md §2).
+        self.frames = FrameCodec(limits.max_frame_bytes, limits.max_message_bytes, compression=None)
+        self.compression: str | None = None  # the choice, announced in ready/resumed
         self.inbox: asyncio.Queue = asyncio.Queue(maxsize=INBOX_FRAMES)
         self.slow = False
         self.reader = asyncio.create_task(self._read())
@@ -129,7 +132,14 @@ class Link:
     def pending(self) -> bool:
         return not self.inbox.empty()
 
+    def negotiate(self, offer) -> None:
+        """Settle this connection's frame compression from a hello's offer (ProtocolError if none fits)."""
+        self.compression = negotiate(offer)
+
     async def send(self, msg: dict) -> None:
+        if self.compression is not None and msg.get("type") in ("ready", "resumed"):
+            msg = {**msg, "compression": self.compression}  # this message is the first in the chosen form
+            self.frames.negotiated(self.compression)
         data = self.frames.pack(msg)
         try:
             await asyncio.wait_for(self.conn.send(data), self.limits.send_timeout_s)
@@ -332,8 +342,8 @@ class GatewaySession:
 
     def _report_draft(self, action: Draft, job: asyncio.Future) -> None:
         states, token = job.result()
-        self.states[action.pos] = states
-        self.proto.draft_ready(action.pos, states[-1].numpy()[None], token, self.engine.pieces[token])
+        if self.proto.draft_ready(action.pos, states[-1].numpy()[None], token, self.engine.pieces[token]):
+            self.states[action.pos] = states  # (a stale draft's states are void: its KV entry is truncated)
 
     async def _run(self, action) -> None:
         engine, proto = self.engine, self.proto

@@ -234,14 +234,14 @@ def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
     profile = "4g"
     proc = spa_bench("--profile", profile, "--plugin", pte_path, "--docs", "aclsum:test:0", "--max-new-tokens", "4",
                      "--per-layer-tokens", "2", "--window", "4", "--rows", "cloud_only", "side_every_token",
-                     "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "--json", "--out",
-                     tmp_path, merge=False)
+                     "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "spa_inflight",
+                     "spa_inflight_push", "--repeats", "2", "--json", "--out", tmp_path, merge=False)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-4000:]
     result = json.loads(out)
     rows = result["rows"]
     assert set(rows) == {"cloud_only", "side_every_token", "per_layer", "spa_lockstep", "spa_draft",
-                         "spa_draft_proj", "spa_draft_push"}, rows
+                         "spa_draft_proj", "spa_draft_push", "spa_inflight", "spa_inflight_push"}, rows
     for name, r in rows.items():
         assert "error" not in r, (name, r)
         for key in ("tokens_per_s", "ttft_s", "itl_p50_ms", "itl_p95_ms", "bytes_down_per_token",
@@ -255,6 +255,11 @@ def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
     assert rows["per_layer"]["round_trips_per_token"] == 30  # SmolLM2's 30 layers
     assert rows["spa_lockstep"]["per_doc_tokens"] == rows["spa_draft"]["per_doc_tokens"]  # lossless draft-ahead
     assert rows["spa_draft_push"]["per_doc_tokens"] == rows["spa_draft_proj"]["per_doc_tokens"]  # pushed taps too
+    for name in ("spa_inflight", "spa_inflight_push"):  # several side outputs in flight: lossless too
+        assert rows[name]["per_doc_tokens"] == rows["spa_draft"]["per_doc_tokens"], name
+    for r in rows.values():  # every row ran twice, interleaved; a ratio per repeat, median and spread
+        assert r["repeats"] == 2 and len(r["tokens_per_s_runs"]) == 2 and r["same_tokens_every_repeat"]
+        assert r["vs_cloud_only_min"] <= r["tokens_per_s_vs_cloud_only"] <= r["vs_cloud_only_max"]
     assert rows["spa_draft_proj"]["handshake_bytes"] > rows["spa_draft"]["handshake_bytes"] + 500_000  # the upload
     assert result["link"]["mode"] == ("netns" if NETNS else "proxy")
     assert result["link"]["measured"]["rtt_ms"] > 0

@@ -31,7 +31,16 @@ draft is reported, and so does everything received after it, to keep the order.
 Resumption (`resumable=True`): a fresh connection's `hello` with `resume`
 yields the action `ResumeWanted`; the host finds the session it names, calls
 that session's `check_resume(hello)` and then `resume(next, secret)`, which
-queues `resumed` and what the device must get again.
+queues `resumed` and what the device must get again. With `tokens` (a
+`spa.protocol.resume.ResumeTokens`: signed resume tokens any replica of the
+deployment can verify) the protocol issues the secrets itself, refreshes them
+on steps and verdicts, and a gateway that does not hold the session rebuilds
+it: the fresh protocol's `check_rebuild(hello)`, then the host tokenizes the
+prompt and calls `rebuilt(session, prompt_tokens, commits)` (which queues
+`resumed`), and feeds the committed tokens to a new KV cache (prefill, then
+one-token steps) before serving the Draft that follows. `check_resume` raises
+`SessionMoved` when the token shows that the session was resumed elsewhere
+since: the host drops its copy and rebuilds.
 """
 
 import hmac
@@ -45,6 +54,7 @@ from spa.cloud_gate import predicts_open
 from spa.protocol import messages as m
 from spa.protocol.errors import PeerError, ProtocolError
 from spa.protocol.limits import Limits
+from spa.protocol.resume import REFUSED, ResumeTokens, TokenClaims, generation_digest, prefix_digest
 
 
 # --- actions: what the host computes -------------------------------------
@@ -90,6 +100,12 @@ class Forget:
 Action = Prefill | ResumeWanted | Draft | SendTaps | Head | Truncate | Forget
 
 
+class SessionMoved(Exception):
+    """The resume token is newer than the session this gateway holds: the
+    session was resumed on another replica since. The host drops its copy and
+    rebuilds the session from the resume hello."""
+
+
 @dataclass
 class GatewayStats:
     """Everything the gateway counts for one session; sent in `end.stats`."""
@@ -102,6 +118,7 @@ class GatewayStats:
     pushed_used: int = 0  # sigma = 1 positions answered from pushed taps
     early_taps: int = 0  # taps sent while a draft was being computed
     resumes: int = 0
+    rebuilt_tokens: int = 0  # committed tokens fed again to rebuild the session on this gateway (a resume elsewhere)
     max_in_flight: int = 0  # most sigma = 1 positions awaiting their verdict at once
     stale: int = 0  # device messages of an epoch a rollback had ended (dropped)
     # Filled in by the host (backbone work):
@@ -149,9 +166,14 @@ class GatewayProtocol:
         limits: Limits = Limits(),
         auth_token: str | None = None,  # None: no auth (loopback only)
         resumable: bool = False,  # the host keeps sessions for `hello.resume`
+        tokens: ResumeTokens | None = None,  # signed resume tokens (None: the host's opaque secrets)
     ):
         self.backbone = backbone
         self.resumable = resumable
+        self.tokens = tokens
+        self.resume_gen = 0  # resumes of this session so far (on any replica): tokens carry it
+        self._token_time = 0.0  # when the current token was issued (tokens' clock)
+        self._claims: TokenClaims | None = None  # of the token check_resume accepted
         self.eos_ids = frozenset(int(t) for t in eos_ids)
         self.limits = limits
         self.auth_token = auth_token
@@ -384,20 +406,39 @@ class GatewayProtocol:
         out, self._outbox = self._outbox, []
         return out
 
-    def started(self, session: str, secret: str, prompt_tokens: int) -> None:
+    def started(self, session: str, secret: str | None, prompt_tokens: int) -> None:
         """After Prefill: the prompt's length; queues `ready`. Raises
-        ProtocolError("limit") for a prompt over max_prompt_tokens."""
+        ProtocolError("limit") for a prompt over max_prompt_tokens. `secret`
+        None: issue a resume token (with `tokens`)."""
         self._require(self.phase == "ready", "started() before hello or twice")
+        self._check_prompt(prompt_tokens)
+        self.first_pos = self.verified = self.decided = prompt_tokens - 1
+        self.phase = "generating"
+        self.session, self.secret = session, secret if secret is not None else self._issue()
+        self.stats.prompt_tokens = prompt_tokens
+        self._next_feed = None  # the prefill computed the states of the first position
+        self._outbox.append(m.Ready(session, secret, self.backbone, prompt_tokens, self.limits.to_dict()).to_dict())
+
+    def _check_prompt(self, prompt_tokens: int) -> None:
         if not 1 <= prompt_tokens <= self.limits.max_prompt_tokens:
             raise ProtocolError(
                 "limit", f"prompt has {prompt_tokens} tokens; allowed 1..{self.limits.max_prompt_tokens}"
             )
-        self.first_pos = self.verified = self.decided = prompt_tokens - 1
-        self.phase = "generating"
-        self.session, self.secret = session, secret
-        self.stats.prompt_tokens = prompt_tokens
-        self._next_feed = None  # the prefill computed the states of the first position
-        self._outbox.append(m.Ready(session, secret, self.backbone, prompt_tokens, self.limits.to_dict()).to_dict())
+
+    def _issue(self) -> str:
+        """A new resume token for the session as it stands (signed: any replica can check it)."""
+        self._require(self.tokens is not None, "no secret given and no resume tokens")
+        self._token_time = self.tokens.clock()
+        return self.tokens.issue(self.session, self.resume_gen, [c.token for c in self._commits],
+                                 generation_digest(self.hello), 2 * self.limits.resume_grace_s)
+
+    def _refreshed(self, msg: dict) -> dict:
+        """msg with a fresh resume token when the current one is half a grace old (tokens expire
+        2 grace after issue, so a device losing its link always holds one valid for a grace)."""
+        if (self.tokens is not None and self.resumable
+                and self.tokens.clock() - self._token_time >= self.limits.resume_grace_s / 2):
+            self.secret = msg["secret"] = self._issue()
+        return msg
 
     def can_draft(self) -> bool:
         """True while another step may be drafted: fewer than W + 1 unverified
@@ -410,30 +451,31 @@ class GatewayProtocol:
             return False
         return len(self._drafts) <= self.hello.options.window
 
-    def draft_ready(self, pos: int, f: np.ndarray, token: int, piece: bytes) -> None:
+    def draft_ready(self, pos: int, f: np.ndarray, token: int, piece: bytes) -> bool:
         """The host computed the Draft for pos: f_pos [1, H] (float32) and the
         backbone's token. Queues its step (after its taps, where the device's
         gate will open and it uploaded that gate), then handles what arrived
-        meanwhile."""
+        meanwhile. Returns False for a draft a rollback made stale (dropped)."""
         self._require(self._drafting is not None and pos == self._drafting.pos, f"draft_ready({pos}) not asked for")
         stale = self._drafting.epoch != self.epoch  # a rollback came while it was computed (the host's
         self._drafting = None                        # Truncate, queued after it, drops its KV entry)
         if stale:
             self._replay_stash()
-            return
+            return False
         token = int(token)
         opts = self.hello.options
         entry = _Drafted(pos, token, bytes(piece), self._encode(f))
         self._drafts.append(entry)
         self._next_feed = token
         self.stats.drafts += 1
-        step = m.Step(self.epoch, pos, entry.f, token, entry.piece).to_dict()
+        step = self._refreshed(m.Step(self.epoch, pos, entry.f, token, entry.piece).to_dict())
         if self.gate is not None and predicts_open(f, self.gate, opts.codec, opts.outliers):
             self._held = step
             self._actions.append(SendTaps(pos))
         else:
             self._outbox.append(step)
         self._replay_stash()
+        return True
 
     def _replay_stash(self) -> None:
         """Handle, in order, what arrived while a draft was computed."""
@@ -489,7 +531,7 @@ class GatewayProtocol:
             self._actions = deque(a for a in self._actions if not isinstance(a, (SendTaps, Head)) or a.pos <= pos)
             self._actions.append(Truncate(pos + 1))
         self._committed(m.Commit(pos, token, piece))
-        self._outbox.append(m.Verdict(self.epoch, pos, token, piece, changed).to_dict())
+        self._outbox.append(self._refreshed(m.Verdict(self.epoch, pos, token, piece, changed).to_dict()))
         self._verify()
         self._maybe_end()
 
@@ -502,14 +544,36 @@ class GatewayProtocol:
 
     def check_resume(self, hello: m.Hello) -> None:
         """On the session a `ResumeWanted` names: raise resume_failed unless the
-        secret is this session's current one (constant-time) and the hello asks
-        for the same generation (plugin, prompt, options)."""
-        if self.secret is None or not hmac.compare_digest(hello.resume.secret.encode(), self.secret.encode()):
-            raise ProtocolError("resume_failed", "unknown session or wrong secret")
-        if (hello.plugin, hello.prompt, hello.options) != (self.hello.plugin, self.hello.prompt, self.hello.options):
+        secret is this session's current one (constant-time; with `tokens`: a
+        genuine, unexpired, unused token issued since the last resume) and the
+        hello asks for the same generation (plugin, prompt, options, and the
+        uploads if it sends them again). SessionMoved: the session was resumed
+        on another replica since (rebuild it)."""
+        if self.tokens is not None:
+            if self.session is None:
+                raise ProtocolError("resume_failed", REFUSED)
+            claims = self.tokens.check(hello.resume.secret, self.session)
+            if claims.g > self.resume_gen:
+                raise SessionMoved()
+            if claims.g < self.resume_gen:  # issued before a resume: rotated away
+                raise ProtocolError("resume_failed", REFUSED)
+            self._claims = claims
+        elif self.secret is None or not hmac.compare_digest(hello.resume.secret.encode(), self.secret.encode()):
+            raise ProtocolError("resume_failed", REFUSED)
+        differs = (hello.plugin, hello.prompt, hello.options) != (self.hello.plugin, self.hello.prompt,
+                                                                 self.hello.options)
+        if not differs and (hello.projection is not None or hello.gate is not None):
+            differs = generation_digest(hello) != generation_digest(self.hello)
+        if differs:
             raise ProtocolError("resume_failed", "the resume hello differs from the session's (plugin, prompt, options)")
+        sent = hello.resume.tokens
+        if sent is not None:  # what the device committed must be what this gateway verified
+            mine = [c.token for c in self._commits]
+            n = min(len(sent), len(mine))
+            if list(sent[:n]) != mine[:n]:
+                raise ProtocolError("resume_failed", "the committed tokens differ from the session's")
 
-    def resume(self, next_pos: int, secret: str) -> None:
+    def resume(self, next_pos: int, secret: str | None = None) -> None:
         """Continue after a lost connection; the device has committed every
         position < next_pos. Queues `resumed`, then `end` again if the session
         ended, else a step for each unverified drafted position. Any pending
@@ -541,7 +605,11 @@ class GatewayProtocol:
         self._held = None
         self._stash.clear()
         self.pushed.clear()  # resent steps carry no taps: the device asks with need_taps
-        self.secret = secret
+        self.resume_gen += 1
+        if self._claims is not None:  # the token just used never resumes again here
+            self.tokens.spend(self._claims)
+            self._claims = None
+        self.secret = secret if secret is not None else self._issue()
         self.stats.resumes += 1
         self.closing = False
         self._outbox.append(m.Resumed(self.session, secret, self.epoch, self.verified, commits).to_dict())
@@ -551,6 +619,70 @@ class GatewayProtocol:
             return
         for d in self._drafts:  # the steps it may have missed, identical to the first time
             self._outbox.append(m.Step(self.epoch, d.pos, d.f, d.token, d.piece).to_dict())
+        self._maybe_end()
+
+    # --- rebuilding a session this gateway does not hold -----------------
+
+    def check_rebuild(self, hello: m.Hello) -> None:
+        """On the fresh protocol whose `ResumeWanted` names a session this
+        gateway does not hold: raise resume_failed unless the token is genuine,
+        unexpired, unused here, of that session and generation, and the
+        device's committed tokens start with the prefix it covers; then check
+        the hello like a new one (limits, uploads). The token is spent at once."""
+        self._require(self.phase == "hello" and hello.resume is not None, "check_rebuild() out of place")
+        resume = hello.resume
+        if self.tokens is None or resume.tokens is None:  # nothing to rebuild from
+            raise ProtocolError("resume_failed", REFUSED)
+        claims = self.tokens.check(resume.secret, resume.session)
+        if generation_digest(hello) != claims.generation:
+            raise ProtocolError("resume_failed", "the resume hello differs from the session's (plugin, prompt, options)")
+        if claims.n > len(resume.tokens) or prefix_digest(resume.tokens[:claims.n]) != claims.prefix:
+            raise ProtocolError("resume_failed", "the committed tokens differ from the session's")
+        opts = hello.options
+        if opts.window > self.limits.max_window or len(resume.tokens) > opts.max_new_tokens:
+            raise ProtocolError("resume_failed", "the resume asks for more than the session may have")
+        if opts.max_new_tokens > self.limits.max_new_tokens:
+            raise ProtocolError("limit", f"max_new_tokens {opts.max_new_tokens} > {self.limits.max_new_tokens}")
+        if hello.projection is not None:
+            self.projection = self._projection(hello.projection, len(hello.plugin.taps))
+        if hello.gate is not None:
+            hidden = self.backbone.hidden_size
+            self.gate = (self._floats(hello.gate.weight, "<f4", (2, hidden), "hello.gate.weight"),
+                         self._floats(hello.gate.bias, "<f4", (2,), "hello.gate.bias"), hello.gate.tau)
+        self.tokens.spend(claims)
+        self.hello = hello
+        self.resume_gen = claims.g
+        self.phase = "ready"
+
+    def rebuilt(self, session: str, prompt_tokens: int, commits: list) -> None:
+        """After check_rebuild, the prompt tokenized: the session continues from
+        the device's committed tokens (`commits`: m.Commit for positions P - 1
+        upwards, pieces from the host's vocabulary). Queues `resumed` (and
+        `end` if those tokens already end the generation). Unless it ended, the
+        host must then have a KV cache holding the prompt and every committed
+        token but the last: the next Draft feeds that one."""
+        self._require(self.phase == "ready" and self.hello.resume is not None, "rebuilt() without check_rebuild()")
+        self._check_prompt(prompt_tokens)
+        first = prompt_tokens - 1
+        if self.hello.resume.next != first + len(commits) or [c.pos for c in commits] != list(
+                range(first, first + len(commits))):
+            raise ProtocolError("resume_failed", f"device resumes at position {self.hello.resume.next} with "
+                                                 f"{len(commits)} committed tokens after a prompt of {prompt_tokens}")
+        self.session = session
+        self.first_pos = self.verified = self.decided = first
+        self.phase = "generating"
+        self.stats.prompt_tokens = prompt_tokens
+        self.stats.rebuilt_tokens = len(commits)
+        for c in commits:
+            if self.finish_reason:
+                raise ProtocolError("resume_failed", "committed tokens go on after the end of the generation")
+            self.verified = self.decided = c.pos + 1
+            self._committed(c)
+        self._next_feed = commits[-1].token if commits else None  # None: the prefill's states
+        self.resume_gen += 1
+        self.secret = self._issue()
+        self.stats.resumes += 1
+        self._outbox.append(m.Resumed(session, self.secret, self.epoch, self.verified, ()).to_dict())
         self._maybe_end()
 
     def _encode(self, x: np.ndarray) -> dict:
