@@ -18,6 +18,7 @@ import os
 import secrets
 import signal
 import ssl
+from dataclasses import dataclass
 
 from websockets.asyncio.server import serve
 
@@ -62,6 +63,18 @@ def _trim_memory() -> None:
         pass
 
 
+@dataclass
+class GatewayCounters:
+    """What the gateway process counts over all its sessions (each session's own figures
+    are in its protocol's GatewayStats, sent in `end`)."""
+
+    sessions: int = 0  # sessions started
+    resumes: int = 0  # resumes served
+    resume_refused: int = 0
+    expired: int = 0  # sessions not resumed within the grace
+    slow_readers: int = 0  # connections dropped because the device did not read
+
+
 class Gateway:
     def __init__(self, backbone, limits: Limits = Limits(), auth_token: str | None = None,
                  max_batch: int = 64, batching: bool = True, write_limit: int = 1 << 16,
@@ -77,7 +90,7 @@ class Gateway:
         self.sessions: set[GatewaySession] = set()  # every session holding memory
         self._by_id: dict[str, GatewaySession] = {}
         self.connections = 0
-        self.stats = {"sessions": 0, "resumes": 0, "resume_refused": 0, "expired": 0, "slow_readers": 0}
+        self.stats = GatewayCounters()
 
     def kv_bytes(self) -> int:
         """Bytes of KV caches and kept taps over all sessions."""
@@ -93,6 +106,8 @@ class Gateway:
                                     resumable=self.limits.resume_grace_s > 0)
             proto.receive(await link.recv(self.limits.idle_timeout_s))
             action = proto.next_action()
+            if isinstance(action, (Prefill, ResumeWanted)):
+                link.negotiate(action.hello.compression)  # frame compression: ready names it (PROTOCOL.md §2)
             if isinstance(action, Prefill):
                 if len(self.sessions) >= self.limits.max_sessions:
                     raise ProtocolError("busy", f"the gateway serves {self.limits.max_sessions} sessions already; "
@@ -100,7 +115,7 @@ class Gateway:
                 session = GatewaySession(self.engine, self.limits, proto)
                 self.sessions.add(session)
                 self._by_id[session.id] = session
-                self.stats["sessions"] += 1
+                self.stats.sessions += 1
                 await self._serve(session, link, action)
             elif isinstance(action, ResumeWanted):
                 await self._resume(link, action)
@@ -127,7 +142,7 @@ class Gateway:
                 raise ProtocolError("resume_failed", "unknown session or wrong secret")
             session.proto.check_resume(hello)
         except ProtocolError:
-            self.stats["resume_refused"] += 1
+            self.stats.resume_refused += 1
             raise
         if session.link is not None:  # its old connection is still open (half-open TCP): take over
             session.link.abort()
@@ -142,10 +157,10 @@ class Gateway:
                 if session.expiry is not None:
                     session.expiry.cancel()
                     session.expiry = None
-                self.stats["resumes"] += 1
+                self.stats.resumes += 1
             over = await session.run(link, action)
-            self.stats["slow_readers"] += session.close_reason == "slow_reader"
-            self.stats["resume_refused"] += session.close_reason == "resume_refused"
+            self.stats.slow_readers += session.close_reason == "slow_reader"
+            self.stats.resume_refused += session.close_reason == "resume_refused"
             if over:
                 self._free(session)
             else:
@@ -157,7 +172,7 @@ class Gateway:
     def _expire(self, session: GatewaySession) -> None:
         if session.link is None and not session.lock.locked():
             log.info("session %s: not resumed within %g s; freed", session.id, self.limits.resume_grace_s)
-            self.stats["expired"] += 1
+            self.stats.expired += 1
             self._free(session)
 
     def _free(self, session: GatewaySession) -> None:

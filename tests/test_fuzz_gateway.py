@@ -10,6 +10,7 @@ time and must produce exactly the tokens it produces alone.
 import os
 import struct
 import threading
+from dataclasses import asdict
 
 import msgpack
 import numpy as np
@@ -279,5 +280,5 @@ def test_gateway_memory_is_bounded_and_returned(fuzz_gateway, good_session, rss_
     assert fuzz_gateway.wait_until(lambda g: len(g.sessions) <= 1 and g.kv_bytes() < 64 << 20, timeout=30)
     growth = _rss() - rss_before
     assert growth < 400 << 20, f"process grew by {growth >> 20} MiB"
-    stats = fuzz_gateway.call(lambda: dict(fuzz_gateway.gateway.stats))
+    stats = fuzz_gateway.call(lambda: asdict(fuzz_gateway.gateway.stats))
     assert stats["sessions"] > 60, stats  # the fuzzers really opened sessions

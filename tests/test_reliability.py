@@ -277,7 +277,7 @@ def _resume_security(gw, pte, prompt):
     changed = _hello(pte, prompt + " and more", m.Resume(sid, got[0]["secret"], start))
     got2, _ = asyncio.run(_exchange(gw.url, changed))
     assert got2[-1]["code"] == "resume_failed" and "differs" in got2[-1]["message"]
-    assert gw.call(lambda: gw.gateway.stats["resume_refused"]) >= 6
+    assert gw.call(lambda: gw.gateway.stats.resume_refused) >= 6
 
 
 def test_sessions_not_resumed_are_freed_after_the_grace(backbone, pte, prompt):
@@ -285,7 +285,7 @@ def test_sessions_not_resumed_are_freed_after_the_grace(backbone, pte, prompt):
         _raw_session(gw.url, _hello(pte, prompt), read=3)  # generation under way, then the link dies
         assert gw.call(lambda: len(gw.gateway.sessions)) == 1  # kept for a resume...
         assert gw.wait_until(lambda g: not g.sessions and g.kv_bytes() == 0, timeout=10)  # ...then freed
-        assert gw.call(lambda: gw.gateway.stats["expired"]) == 1
+        assert gw.call(lambda: gw.gateway.stats.expired) == 1
 
 
 def test_client_killed_mid_message_leaves_no_state(backbone, pte, prompt):
