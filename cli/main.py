@@ -23,7 +23,7 @@ def cmd_train(args) -> int:
 
     settings = TrainSettings.quick(args.profile, args.seed) if args.quick else TrainSettings(args.profile, args.seed)
     for name in ("epochs", "rank", "tap_every", "skip_cost", "max_usage", "lr", "max_doc_tokens", "train_docs", "val_docs",
-                 "combination"):
+                 "combination", "gate_labels", "label_folds"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
@@ -127,7 +127,7 @@ def cmd_summarize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from evaluation.run import evaluate, write_report
+    from evaluation.run import RECIPES, evaluate, write_report
     from spa.backbone import load_backbone
 
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
@@ -135,7 +135,8 @@ def cmd_eval(args) -> int:
     command = "spa eval " + " ".join(sys.argv[2:])
     results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir, sizes, args.split,
                        on_checkpoint=lambda partial: write_report(partial, args.out, command),
-                       tune_papers=args.tune_papers, replacement=not args.no_replacement)
+                       tune_papers=args.tune_papers, replacement=not args.no_replacement,
+                       recipes=tuple(RECIPES[name] for name in args.recipes))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -179,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lambda: nats a token's loss must drop to open the gate (default 0.3); higher -> less side usage")
     p.add_argument("--max-usage", type=float,
                    help="tau keeps the side usage on validation at most this share (default 0.5)")
+    p.add_argument("--gate-labels", choices=["gain", "flip"],
+                   help="what the gate learns: gain (default: the side lowers the loss by more than lambda) or flip "
+                        "(the side changes the greedy token)")
+    p.add_argument("--label-folds", type=int, help="cross-fitting folds for the gate labels (default 2)")
     p.add_argument("--lr", type=float)
     p.add_argument("--max-doc-tokens", type=int, help="truncate each paper to about this many tokens (default 384)")
     p.add_argument("--train-docs", type=int, help="use only the first N train papers")
@@ -252,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"], help="test (the report) or val (for tuning)")
     p.add_argument("--no-sizes", action="store_true", help="skip the training-size rows (small/medium plugins)")
     p.add_argument("--no-replacement", action="store_true", help="skip the paper's S2/S3 rows (replacement plugins)")
+    p.add_argument("--recipes", nargs="*", default=[], choices=["flip"],
+                   help="further gate recipes, each a row 'SPA with <recipe>' with its own plugin and tau tuned on "
+                        "validation Rouge-L at <= 37%% side usage in generation (flip: the gate learns where the side "
+                        "changes the greedy token)")
     p.add_argument("--tune-papers", type=int, help="validation papers for tuning tau on Rouge-L (default: all 50; "
                    "cached in the workdir)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation cap (default 48: summaries are one sentence)")

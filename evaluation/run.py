@@ -21,13 +21,14 @@ Generation: greedy, at most `max_new_tokens` (summaries are one sentence).
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from evaluation.batched import ALWAYS, NEVER, Row, generate_rows
+from evaluation.bootstrap import RESAMPLES, format_interval, paired_bootstrap
 from evaluation.rouge import rouge_l, side_usage
 from evaluation.tune import MAX_GENERATION_USAGE, USAGE_CANDIDATES, tune_usage, usage_taus
 from export.export import export_plugin
@@ -37,6 +38,8 @@ from spa.pte import PtePlugin
 from training.train import TrainSettings, train_plugin
 
 SWEEP_USAGE = (0.2, 0.4, 0.6, 0.8)
+GOAL_USAGE = 0.4  # issue 16: SPA >= side always on at <= 40 % side usage on the test split
+RECIPE_ROW = "SPA with "  # + a recipe's name: a further gated plugin (`evaluate`'s `recipes`)
 # The paper's replacement settings (Table 3), with a plugin trained for replacement (combination "replace").
 S2 = "S2: gate picks backbone or side state"
 S3 = "S3: side state on every token (LST)"
@@ -53,6 +56,8 @@ def sweep_label(usage: float) -> str:
 
 def _dirs(settings: TrainSettings, workdir: Path) -> tuple[Path, Path]:
     name = f"{settings.profile}-{settings.train_docs or 'full'}" + ("-replace" if settings.combination == "replace" else "")
+    default = TrainSettings(settings.profile, train_docs=settings.train_docs, combination=settings.combination)
+    name += "".join(f"-{k}={v}" for k, v in asdict(settings).items() if v != getattr(default, k))  # a recipe's plugins
     return workdir / "plugins" / name, workdir / "exports" / name
 
 
@@ -84,29 +89,65 @@ def with_tuned_tau(backbone, settings: TrainSettings, workdir: Path, tuning: dic
     plugin = load_plugin(plugin_dir)
     loss_tau = (plugin.config.training.get("tau_tuning") or {}).get("loss_tau", plugin.config.tau)
     plugin.config.tau = tau
+    cap = tuning.get("max_generation_usage", MAX_GENERATION_USAGE)
     rule = (f"tau for the teacher-forced validation usage at which the profile's full-data plugin wrote the best "
-            f"validation Rouge-L with at most {MAX_GENERATION_USAGE:.0%} side usage in generation (evaluation/tune.py)")
-    plugin.config.training["tau_tuning"] = {"rule": rule, "loss_tau": loss_tau, **tuning}
+            f"validation Rouge-L with at most {cap:.0%} side usage in generation (evaluation/tune.py)")
+    record = {k: v for k, v in tuning.items() if k != "val_per_paper"}  # the per-paper scores stay in the report
+    plugin.config.training["tau_tuning"] = {"rule": rule, "loss_tau": loss_tau, **record}
     save_plugin(plugin, plugin_dir)
     export_plugin(plugin_dir, export_dir, variants=("fp32",), progress=log)
     return PtePlugin(export_dir / "plugin-fp32.pte")
 
 
-def tuned_usages(backbone, profiles, workdir: Path, papers: int | None, max_new_tokens: int) -> dict:
-    """profile -> tune_usage's record, cached in workdir (keyed by training settings and tuning size)."""
-    cache = workdir / "tau_tuning.json"
-    key = {p: asdict(TrainSettings(p)) for p in profiles} | {
-        "papers": papers, "max_new_tokens": max_new_tokens, "candidates": list(USAGE_CANDIDATES),
-        "max_generation_usage": MAX_GENERATION_USAGE}
+def tuned_usages(backbone, profiles, workdir: Path, papers: int | None, max_new_tokens: int,
+                 recipe: "Recipe | None" = None) -> dict:
+    """profile -> tune_usage's record, cached in workdir (keyed by training settings and tuning size).
+    `recipe`: a further gate recipe's plugins and tuning rule (None: the default recipe's)."""
+    recipe = recipe or Recipe("", {})
+    cache = workdir / (f"tau_tuning-{recipe.slug}.json" if recipe.name else "tau_tuning.json")
+    key = {p: recipe.settings(p).record() for p in profiles} | {
+        "papers": papers, "max_new_tokens": max_new_tokens, "candidates": list(recipe.candidates),
+        "max_generation_usage": recipe.max_generation_usage}
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return saved["tuning"]
-    full = {p: (plugin_for(backbone, TrainSettings(p), workdir), TrainSettings(p)) for p in profiles}
-    tuning = tune_usage(backbone, full, papers, max_new_tokens, log)
+    full = {p: (plugin_for(backbone, recipe.settings(p), workdir), recipe.settings(p)) for p in profiles}
+    tuning = tune_usage(backbone, full, papers, max_new_tokens, log, recipe.candidates, recipe.max_generation_usage)
     workdir.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "tuning": tuning}, indent=2) + "\n")
     return tuning
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A gate recipe the report holds against the goal: training settings (overrides of the
+    defaults) and how tau is tuned on validation Rouge-L (teacher-forced usage candidates, the
+    most side usage allowed in the validation generations)."""
+
+    name: str  # "" for the default recipe (the "SPA" row)
+    overrides: dict
+    candidates: tuple = USAGE_CANDIDATES
+    max_generation_usage: float = MAX_GENERATION_USAGE
+
+    def settings(self, profile: str, **more) -> TrainSettings:
+        return TrainSettings(profile, **self.overrides, **more)
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ", "-")
+
+    @property
+    def row(self) -> str:
+        return RECIPE_ROW + self.name if self.name else "SPA"
+
+
+# Gate recipes beside the default one (issue 16), tuned on validation only; `spa eval --recipes NAME ...`.
+GOAL_CANDIDATES = (0.2, 0.25, 0.3, 0.35, 0.4)  # teacher-forced validation usage
+GOAL_GENERATION_USAGE = 0.37  # at most this in the validation generations: room under GOAL_USAGE for the split shift
+RECIPES = {
+    "flip": Recipe("flip-label gate", {"gate_labels": "flip"}, GOAL_CANDIDATES, GOAL_GENERATION_USAGE),
+}
 
 
 def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float, float]:
@@ -115,16 +156,18 @@ def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float,
 
 def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdir: Path, sizes=(25, 50),
              split: str = "test", on_checkpoint=None, checkpoint_every: int = 10, tune_papers: int | None = None,
-             replacement: bool = True) -> dict:
+             replacement: bool = True, recipes: tuple = ()) -> dict:
     """The results table; `on_checkpoint(results)` also gets it every `checkpoint_every` papers.
     `tune_papers`: validation papers for tuning tau on Rouge-L (None: all 50). `replacement`:
-    the paper's S2/S3 rows (replacement plugins, trained too)."""
+    the paper's S2/S3 rows (replacement plugins, trained too). `recipes`: further gate recipes
+    (`Recipe`), each a row "SPA with <name>" with its own plugin and its own tau tuning."""
     t0 = time.time()
     for profile in profiles:
         check_profile(profile)
     template = chat_template(backbone.tokenizer)
     rows, plugins = [Row("backbone, generic instruction", None, NEVER)], {}
     tuning = tuned_usages(backbone, profiles, workdir, tune_papers, max_new_tokens)
+    recipe_tuning = {r.name: tuned_usages(backbone, profiles, workdir, tune_papers, max_new_tokens, r) for r in recipes}
     for profile in profiles:
         full = TrainSettings(profile)
         pte = with_tuned_tau(backbone, full, workdir, tuning[profile])
@@ -132,6 +175,13 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
                             "tau_tuning": pte.config.training.get("tau_tuning")}
         rows += [Row(f"{profile}|side always on", pte, ALWAYS), Row(f"{profile}|SPA", pte, pte.tau)]
         rows += [Row(f"{profile}|{sweep_label(u)}", pte, tau) for u, tau in plugins[profile]["sweep"].items()]
+        plugins[profile]["recipes"] = {}
+        for recipe in recipes:
+            gated = with_tuned_tau(backbone, recipe.settings(profile), workdir, recipe_tuning[recipe.name][profile])
+            plugins[profile]["recipes"][recipe.name] = {
+                "row": recipe.row, "tau": gated.tau, "settings": recipe.settings(profile).record(),
+                "tau_tuning": recipe_tuning[recipe.name][profile]}
+            rows.append(Row(f"{profile}|{recipe.row}", gated, gated.tau))
         if replacement:
             replace = plugin_for(backbone, TrainSettings(profile, combination="replace"), workdir)
             rows += [Row(f"{profile}|{S2}", replace, replace.tau), Row(f"{profile}|{S3}", replace, ALWAYS)]
@@ -164,8 +214,10 @@ def _score(backbone, papers, planned, split, max_new_tokens, max_doc_tokens, plu
     def score(gens, profile) -> dict:
         texts = [backbone.decode(g.tokens) for g in gens]
         refs = [p.summaries[profile] for p in papers]
-        return {"rouge_l": sum(map(rouge_l, texts, refs)) / len(refs), "side_usage": side_usage([g.sigmas for g in gens]),
-                "mean_tokens": sum(len(g.tokens) for g in gens) / len(gens), "examples": texts[:3]}
+        per_paper = list(map(rouge_l, texts, refs))
+        return {"rouge_l": sum(per_paper) / len(refs), "side_usage": side_usage([g.sigmas for g in gens]),
+                "mean_tokens": sum(len(g.tokens) for g in gens) / len(gens), "examples": texts[:3],
+                "per_paper": per_paper}
 
     results = {"split": split, "papers": len(papers), "planned_papers": planned, "max_new_tokens": max_new_tokens,
                "max_doc_tokens": max_doc_tokens, "seconds": seconds, "profiles": {}}
@@ -175,7 +227,10 @@ def _score(backbone, papers, planned, split, max_new_tokens, max_doc_tokens, plu
         for name, gens in generations.items():
             if name.startswith(profile + "|"):
                 table[name.split("|", 1)[1]] = score(gens, profile)
-        results["profiles"][profile] = {"plugin": plugin, "rows": table,
+        always = table["side always on"]["per_paper"]
+        intervals = {name: paired_bootstrap(row["per_paper"], always) for name, row in table.items()
+                     if name.startswith("SPA")}
+        results["profiles"][profile] = {"plugin": plugin, "rows": table, "vs_always_on": intervals,
                                         "references": [p.summaries[profile] for p in papers[:3]]}
     return results
 
@@ -201,6 +256,21 @@ def markdown(results: dict, command: str) -> str:
             cells.append(f"{r['rouge_l']:.2f} | {r['side_usage']:.0%}" if r else "- | -")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines.append(f"SPA against side always on, per profile: the difference of mean Rouge-L with its paired bootstrap "
+                 f"95 % interval ({RESAMPLES:,} resamples of the {results['papers']} papers, seeded; "
+                 f"`evaluation/bootstrap.py`). Goal: SPA >= always on at <= {GOAL_USAGE:.0%} side usage.")
+    lines.append("")
+    lines.append("| profile | row | Rouge-L | usage | always on | SPA - always on [95 % CI] | goal |")
+    lines.append("|---|---|---:|---:|---:|---:|---|")
+    for p in profiles:
+        info = results["profiles"][p]
+        always = info["rows"]["side always on"]["rouge_l"]
+        for name in gated_rows(info["rows"]):
+            r, ci = info["rows"][name], info["vs_always_on"][name]
+            met = r["rouge_l"] >= always and r["side_usage"] <= GOAL_USAGE
+            lines.append(f"| {p} | {name} | {r['rouge_l']:.2f} | {r['side_usage']:.0%} | {always:.2f} | "
+                         f"{format_interval(ci)} | {'met' if met else 'missed'} |")
+    lines.append("")
     lines.append("\"Side always on\" is the paper's S1 (the side output added on every token). S2 and S3 use a "
                  "plugin trained to *replace* the backbone's final state by the side's (same side network, same "
                  "recipe): S2 lets its gate pick one of the two per token, S3 (LST) uses the side's on every token. "
@@ -221,7 +291,24 @@ def markdown(results: dict, command: str) -> str:
         lines.append(f"**{p}**: tau {info['plugin']['tau']:.4g}{tuned}; example (SPA): "
                      f"\"{info['rows']['SPA']['examples'][0]}\" — reference: \"{info['references'][0]}\"")
         lines.append("")
+        for name, recipe in (info["plugin"].get("recipes") or {}).items():
+            t = recipe["tau_tuning"]
+            gen = t["val_generation_usage"]
+            changed = ", ".join(f"{k} = {v}" for k, v in recipe["settings"].items()
+                                if k not in ("profile",) and v != getattr(TrainSettings(p), k))
+            lines.append(f"**{p}, {recipe['row']}** ({changed}): tau {recipe['tau']:.4g} for {t['usage']:.0%} "
+                         f"teacher-forced validation usage, chosen on {t['val_papers']} validation papers: Rouge-L "
+                         f"(usage in generation) " + ", ".join(f"{float(u):.0%}: {r:.2f} ({gen[u]:.0%})"
+                                                                for u, r in t["val_rouge_l"].items())
+                         + f"; eligible up to {t['max_generation_usage']:.0%} in generation; example: "
+                           f"\"{info['rows'][recipe['row']]['examples'][0]}\"")
+            lines.append("")
     return "\n".join(lines)
+
+
+def gated_rows(rows: dict) -> list[str]:
+    """The rows held against the goal: SPA with each gate recipe at its tuned tau."""
+    return [name for name in rows if name == "SPA" or name.startswith(RECIPE_ROW)]
 
 
 def plot(results: dict, path: Path) -> None:

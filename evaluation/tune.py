@@ -41,43 +41,48 @@ def usage_taus(backbone, pte, settings, usages) -> dict[float, float]:
     return {u: float(torch.quantile(p, 1 - u)) for u in usages}
 
 
-def best_usage(rouge_by_usage: dict[float, float], generation_usage: dict[float, float]) -> float:
-    """The eligible usage (generation usage <= MAX_GENERATION_USAGE) with the best
+def best_usage(rouge_by_usage: dict[float, float], generation_usage: dict[float, float],
+               max_generation_usage: float = MAX_GENERATION_USAGE) -> float:
+    """The eligible usage (generation usage <= max_generation_usage) with the best
     Rouge-L; on a tie (to 1e-6 points) the lower usage; none eligible: the lowest."""
-    eligible = [u for u in rouge_by_usage if generation_usage[u] <= MAX_GENERATION_USAGE]
+    eligible = [u for u in rouge_by_usage if generation_usage[u] <= max_generation_usage]
     if not eligible:
         return min(rouge_by_usage)
     return max(eligible, key=lambda u: (round(rouge_by_usage[u], 6), -u))
 
 
-def tune_usage(backbone, plugins: dict, papers: int | None, max_new_tokens: int, log) -> dict:
+def tune_usage(backbone, plugins: dict, papers: int | None, max_new_tokens: int, log,
+               candidates=USAGE_CANDIDATES, max_generation_usage: float = MAX_GENERATION_USAGE) -> dict:
     """plugins: profile -> (pte, TrainSettings). Returns profile -> {"usage": the chosen
     teacher-forced validation usage, "val_rouge_l": {usage: Rouge-L}, "val_generation_usage":
-    {usage: side usage in the validation generations}, "val_papers": n, "max_new_tokens": m}."""
+    {usage: side usage in the validation generations}, "val_papers": n, "max_new_tokens": m,
+    "val_per_paper": {usage: per-paper Rouge-L}}. `candidates`: teacher-forced validation
+    usages to try; `max_generation_usage`: the most side usage a candidate may have in generation."""
     rows = []
     for profile, (pte, settings) in plugins.items():
-        for usage, tau in usage_taus(backbone, pte, settings, USAGE_CANDIDATES).items():
+        for usage, tau in usage_taus(backbone, pte, settings, candidates).items():
             rows.append((profile, usage, Row(f"{profile}|{usage}", pte, tau)))
     val = load_split("val", papers)
     template = chat_template(backbone.tokenizer)
     max_doc_tokens = next(iter(plugins.values()))[1].max_doc_tokens
-    scores = {row.name: 0.0 for _, _, row in rows}
+    scores = {row.name: [] for _, _, row in rows}
     sigmas = {row.name: [] for _, _, row in rows}
     for paper in tqdm(val, desc=f"tuning tau on validation Rouge-L ({len(rows)} rows per paper)", unit="paper"):
         ids = backbone.encode(paper_prompt(paper, template, GENERIC_INSTRUCTION, max_doc_tokens))
         for (profile, _, row), gen in zip(rows, generate_rows(backbone, ids, [r for _, _, r in rows], max_new_tokens)):
-            scores[row.name] += rouge_l(backbone.decode(gen.tokens), paper.summaries[profile]) / len(val)
+            scores[row.name].append(rouge_l(backbone.decode(gen.tokens), paper.summaries[profile]))
             sigmas[row.name].append(gen.sigmas)
     out = {}
     for profile in plugins:
         mine = [(usage, row.name) for p, usage, row in rows if p == profile]
-        by_usage = {usage: scores[name] for usage, name in mine}
+        by_usage = {usage: sum(scores[name]) / len(val) for usage, name in mine}
         generated = {usage: side_usage(sigmas[name]) for usage, name in mine}
-        best = best_usage(by_usage, generated)
+        best = best_usage(by_usage, generated, max_generation_usage)
         out[profile] = {"usage": best, "val_rouge_l": {f"{u:g}": r for u, r in by_usage.items()},
                         "val_generation_usage": {f"{u:g}": g for u, g in generated.items()},
-                        "max_generation_usage": MAX_GENERATION_USAGE, "val_papers": len(val),
-                        "max_new_tokens": max_new_tokens}
+                        "max_generation_usage": max_generation_usage, "val_papers": len(val),
+                        "max_new_tokens": max_new_tokens,
+                        "val_per_paper": {f"{u:g}": scores[name] for u, name in mine}}
         log(f"{profile}: validation Rouge-L (usage in generation) by teacher-forced usage: "
             + ", ".join(f"{u:.0%} {by_usage[u]:.2f} ({generated[u]:.0%})" for u in by_usage) + f" -> {best:.0%}")
     return out

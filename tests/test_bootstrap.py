@@ -41,3 +41,33 @@ def test_refuses_unpaired_input_and_formats_points():
     with pytest.raises(ValueError):
         paired_bootstrap([], [])
     assert format_interval({"diff": 0.42, "low": -0.8, "high": 1.613}) == "+0.42 [-0.80, +1.61]"
+
+
+def test_report_prints_each_gated_row_against_always_on_with_its_interval():
+    from evaluation.run import _score, markdown
+    from spa.reference import Generation
+
+    class Decoder:
+        decode = staticmethod(lambda tokens: " ".join(tokens))
+
+    class Paper:
+        def __init__(self, summary):
+            self.summaries = {"outcome": summary}
+
+    papers = [Paper("a b c d"), Paper("e f g h")]
+    gens = lambda texts, sigma: [Generation(tokens=t.split(), sigmas=[sigma] * len(t.split())) for t in texts]  # noqa
+    generations = {"backbone, generic instruction": gens(["x", "y"], 0),
+                   "outcome|side always on": gens(["a b", "e f"], 1),
+                   "outcome|SPA": gens(["a b c d", "e f"], 0),
+                   "outcome|SPA with flip-label gate": gens(["a b", "x"], 0)}
+    plugin = {"tau": 0.5, "settings": {}, "sweep": {}, "tau_tuning": None, "recipes": {}}
+    results = _score(Decoder(), papers, 2, "test", 48, 384, {"outcome": plugin}, generations,
+                     {"outcome": gens(["x", "y"], 0)}, 60.0)
+    intervals = results["profiles"]["outcome"]["vs_always_on"]
+    assert set(intervals) == {"SPA", "SPA with flip-label gate"}
+    per_paper = results["profiles"]["outcome"]["rows"]["SPA"]["per_paper"]
+    assert per_paper == pytest.approx([100.0, 2 * 100 / 3])  # "a b" vs "a b c d": P 1, R 1/2 -> F 2/3
+    assert intervals["SPA"]["diff"] == pytest.approx((100 - 200 / 3) / 2)
+    md = markdown(results, "spa eval")
+    assert f"| outcome | SPA | 83.33 | 0% | 66.67 | {format_interval(intervals['SPA'])} | met |" in md
+    assert "| outcome | SPA with flip-label gate | 33.33 | 0% | 66.67 |" in md and "| missed |" in md

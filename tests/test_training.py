@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from spa.plugin import load_plugin
@@ -45,3 +46,29 @@ def test_tau_minimizes_gated_loss_plus_cost():
     assert choose_tau(split, skip_cost=5.0) >= 0.9
     # A usage cap of one token in three keeps only the most useful token open.
     assert 0.6 < choose_tau(split, skip_cost=0.0, max_usage=0.34) < 0.9
+
+
+def test_token_effects_and_recorded_settings():
+    from types import SimpleNamespace
+
+    from training.tapcache import TokenSet
+    from training.train import LATER_SETTINGS, token_effects
+
+    class Backbone:  # logits = the state itself
+        train_logits = staticmethod(lambda x: x)
+
+    # Three tokens over a 3-word vocabulary; the side adds [0, 2, 0] to every state.
+    f = torch.tensor([[3.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 1.0, 5.0]])
+    states = torch.stack([torch.zeros_like(f), f], dim=1)  # [N, taps + f, V]: tap 0 unused
+    plugin = SimpleNamespace(config=SimpleNamespace(taps=[0], combination="add"),
+                             side=lambda taps: torch.tensor([0.0, 2.0, 0.0]).expand(len(taps), 3))
+    data = TokenSet(states, torch.tensor([1, 0, 2]), torch.zeros(3, dtype=torch.long))
+    gains, flips = token_effects(Backbone(), plugin, data)
+    assert flips.tolist() == [True, False, False]  # only the first token's argmax moves (0 -> 1)
+    ce = lambda x, t: -torch.log_softmax(x, -1)[t]  # noqa: E731
+    side = f + torch.tensor([0.0, 2.0, 0.0])
+    expected = [(ce(f[i], t) - ce(side[i], t)).item() for i, t in enumerate([1, 0, 2])]
+    assert gains.tolist() == pytest.approx(expected) and expected[0] > 0 > expected[1]
+    # Later settings are recorded only off their defaults: the default recipe's config (and hash) is unchanged.
+    assert set(LATER_SETTINGS).isdisjoint(TrainSettings("outcome").record())
+    assert TrainSettings("outcome", gate_labels="flip").record()["gate_labels"] == "flip"

@@ -12,6 +12,8 @@ The recipe trains exactly what the runtime runs, the *hard* gate:
    side's gains on its own training tokens are inflated by overfitting, and
    a gate taught on them opens too often (measured on validation, outcome
    profile, 50 % usage: loss 2.515 with in-sample labels, 2.500 cross-fitted).
+   `gate_labels="flip"` labels instead the tokens where the side changes the
+   greedy token (`label_folds` sets the cross-fitting folds; default 2).
 3. tau on the validation split: the threshold minimizing
    hard-gate loss + lam * side usage, among those keeping the side usage at
    most `max_usage` (default 0.5: the side network on at most half the tokens).
@@ -49,11 +51,23 @@ class TrainSettings:
     max_usage: float = 0.5  # largest side usage tau may give on the validation split
     gate_steps: int = 300
     combination: str = "add"  # "replace": the paper's S2/S3 replacement plugins (evaluation rows)
+    # Added later; recorded in a plugin's config only when set otherwise (LATER_SETTINGS), so the
+    # default recipe's plugins keep their content hash.
+    gate_labels: str = "gain"  # "gain": gain > lambda; "flip": the side changes the greedy token
+    label_folds: int = 2  # cross-fitting folds for the gate labels
+
+    def record(self) -> dict:
+        """The settings as recorded in config.json: later fields only where they differ from their default."""
+        return {k: v for k, v in asdict(self).items() if LATER_SETTINGS.get(k, object()) != v}
 
     @classmethod
     def quick(cls, profile: str, seed: int = 0) -> "TrainSettings":
         """About a minute on a 2-core CPU: for tests and the demo."""
         return cls(profile, seed, train_docs=16, val_docs=8, max_doc_tokens=128, epochs=4, lr=2e-3)
+
+
+LATER_SETTINGS = {"gate_labels": "gain", "label_folds": 2}
+GATE_LABELS = ("gain", "flip")
 
 
 @dataclass
@@ -77,10 +91,26 @@ def token_losses(backbone, plugin: Plugin, data: TokenSet, sigma: float, batch: 
     with torch.no_grad():
         for i in range(0, len(data), batch):
             states, targets = data.states[i:i + batch], data.targets[i:i + batch]
-            f = states[:, -1]
-            state = combine(f, plugin.side(states[:, plugin.config.taps]), plugin.config.combination) if sigma else f
-            out.append(F.cross_entropy(backbone.train_logits(state), targets, reduction="none"))
+            out.append(F.cross_entropy(_logits(backbone, plugin, states, sigma), targets, reduction="none"))
     return torch.cat(out)
+
+
+def token_effects(backbone, plugin: Plugin, data: TokenSet, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, what the side does (sigma = 1 against 0): (loss gain, whether the greedy token changes)."""
+    gains, flips = [], []
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            states, targets = data.states[i:i + batch], data.targets[i:i + batch]
+            base, side = _logits(backbone, plugin, states, 0.0), _logits(backbone, plugin, states, 1.0)
+            gains.append(F.cross_entropy(base, targets, reduction="none") - F.cross_entropy(side, targets, reduction="none"))
+            flips.append(base.argmax(-1) != side.argmax(-1))
+    return torch.cat(gains), torch.cat(flips)
+
+
+def _logits(backbone, plugin: Plugin, states: torch.Tensor, sigma: float) -> torch.Tensor:
+    f = states[:, -1]
+    state = combine(f, plugin.side(states[:, plugin.config.taps]), plugin.config.combination) if sigma else f
+    return backbone.train_logits(state)
 
 
 def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: TrainSettings, gen) -> list[dict]:
@@ -160,7 +190,7 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
     for name, tokens in (("train", train), ("val", val)):
         base, side = token_losses(backbone, plugin, tokens, 0.0), token_losses(backbone, plugin, tokens, 1.0)
         splits[name] = Split(base, side, torch.zeros_like(base))
-    labels = cross_fitted_gains(backbone, config, train, val, s) > s.skip_cost
+    labels = gate_labels(backbone, config, train, val, s)
     train_gate(plugin, train.states[:, -1], labels, s.gate_steps)
     with torch.no_grad():
         for name, tokens in (("train", train), ("val", val)):
@@ -173,22 +203,38 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
         metrics[name] = {"loss_backbone": split.base.mean().item(), "loss_side_always": split.side.mean().item(),
                          "loss_gated": gated, "side_usage": usage, "tokens": len(split.base)}
     metrics["gate_positive_labels"] = labels.float().mean().item()
-    config.training = {"settings": asdict(s), "side_history": history, "metrics": metrics}
+    config.training = {"settings": s.record(), "side_history": history, "metrics": metrics}
     return plugin.eval(), metrics
 
 
-def cross_fitted_gains(backbone, config: PluginConfig, train: TokenSet, val: TokenSet, s: TrainSettings) -> torch.Tensor:
-    """Per train token: how much a side network that never saw its paper lowers its loss."""
-    gains = torch.zeros(len(train))
-    for half in (0, 1):
-        fit = (train.doc_index % 2) != half
+def gate_labels(backbone, config: PluginConfig, train: TokenSet, val: TokenSet, s: TrainSettings) -> torch.Tensor:
+    """Per train token, the gate's target, from cross-fitted side networks (see cross_fitted):
+    "gain": the side lowers the token's loss by more than lambda;
+    "flip": the side changes the greedy token (argmax of the logits). In greedy decoding the side
+    output never enters the backbone's layers, so sigma_t matters exactly where it flips the token:
+    a gate that opens on every flip writes what "side always on" writes."""
+    if s.gate_labels not in GATE_LABELS:
+        raise ValueError(f"gate_labels must be one of {GATE_LABELS}, not {s.gate_labels!r}")
+    gains, flips = cross_fitted(backbone, config, train, val, s)
+    return gains > s.skip_cost if s.gate_labels == "gain" else flips
+
+
+def cross_fitted(backbone, config: PluginConfig, train: TokenSet, val: TokenSet,
+                 s: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per train token, measured by a side network that never saw its paper (`label_folds` helpers,
+    each trained on the other folds' papers): (loss gain, whether the greedy token changes)."""
+    gains, flips = torch.zeros(len(train)), torch.zeros(len(train), dtype=torch.bool)
+    folds = s.label_folds
+    for fold in range(folds):
+        fit = (train.doc_index % folds) != fold
         part = lambda keep: TokenSet(train.states[keep], train.targets[keep], train.doc_index[keep])  # noqa: E731
         helper = Plugin(config)
-        print(f"  gate labels: side network on half {half + 1}/2 of the papers", file=sys.stderr, flush=True)
-        train_side(backbone, helper, part(fit), val, s, torch.Generator().manual_seed(s.seed + 1 + half))
+        print(f"  gate labels: side network on the papers outside fold {fold + 1}/{folds}", file=sys.stderr,
+              flush=True)
+        train_side(backbone, helper, part(fit), val, s, torch.Generator().manual_seed(s.seed + 1 + fold))
         held = part(~fit)
-        gains[~fit] = token_losses(backbone, helper, held, 0.0) - token_losses(backbone, helper, held, 1.0)
-    return gains
+        gains[~fit], flips[~fit] = token_effects(backbone, helper, held)
+    return gains, flips
 
 
 def rms_of(f: torch.Tensor) -> float:
