@@ -80,9 +80,47 @@ def cmd_gateway(args) -> int:
     if args.keyfile and not args.certfile:
         raise SpaError("--keyfile needs --certfile")
     tls = tls_context(args.certfile, args.keyfile) if args.certfile else None  # before the slow backbone load
+    from spa.protocol.resume import load_secret
+
+    resume_secret = load_secret(args.resume_secret_file)  # the file, else $SPA_RESUME_SECRET, else per process
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     asyncio.run(run_gateway(backbone, args.host, args.port, _limits(args), token,
-                            announce=lambda line: print(line, flush=True), ssl_context=tls, max_batch=args.max_batch))
+                            announce=lambda line: print(line, flush=True), ssl_context=tls, max_batch=args.max_batch,
+                            resume_secret=resume_secret))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """`spa serve`: `spa gateway` as N Ray Serve replicas (cloud_gateway/ray_serve.py)."""
+    import secrets
+
+    from cloud_gateway.server import is_loopback
+    from spa.protocol.resume import load_secret
+
+    token = args.token or os.environ.get("SPA_GATEWAY_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        raise SpaError(f"refusing to listen on {args.host} without an auth token: pass --token or set SPA_GATEWAY_TOKEN")
+    if args.keyfile and not args.certfile:
+        raise SpaError("--keyfile needs --certfile")
+    if args.replicas < 1 or (args.min_replicas or 1) < 0 or (args.max_replicas or 1) < 1:
+        raise SpaError("replica counts must be positive")
+    if not 0 < args.replica_cpus <= 1:
+        raise SpaError("--replica-cpus must be in (0, 1]: each replica runs one compute thread")
+    try:
+        from cloud_gateway.ray_serve import deployment_options, run_serve
+    except ImportError as exc:
+        raise SpaError(f"spa serve needs Ray Serve (scripts/setup.sh installs ray[serve]): {exc}") from None
+    limits = _limits(args)
+    # Every replica signs and checks resume tokens with the same secret: the file, $SPA_RESUME_SECRET, or one
+    # made here for this deployment (then a restarted `spa serve` cannot resume the old sessions).
+    secret = load_secret(args.resume_secret_file) or secrets.token_bytes(32)
+    config = {"backbone": args.backbone, "dtype": args.dtype, "device": args.device, "auth_token": token,
+              "limits": limits.to_dict(), "max_batch": args.max_batch, "resume_secret": secret,
+              "torch_threads": args.torch_threads, "verbose": args.verbose}
+    options = deployment_options(args.replicas, args.min_replicas, args.max_replicas, args.target_sessions,
+                                 limits.max_sessions, args.replica_cpus, args.replica_gpus, args.torch_threads)
+    run_serve(config, host=args.host, port=args.port, address=args.address, options=options,
+              certfile=args.certfile, keyfile=args.keyfile, announce=lambda line: print(line, flush=True))
     return 0
 
 
@@ -158,6 +196,30 @@ def _add_backbone_numerics(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the backbone: cpu, cuda, cuda:1, ... (default cpu)")
 
 
+def _add_serving_options(p) -> None:
+    """The options `spa gateway` and `spa serve` share: backbone, auth, limits, resume, TLS, batching."""
+    p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2-135M-Instruct)")
+    _add_backbone_numerics(p)
+    p.add_argument("--token", help="auth token devices must send (default: $SPA_GATEWAY_TOKEN; required off loopback)")
+    p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 8); more are refused with 'busy'")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default 4096)")
+    p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a session may ask (default 2048)")
+    p.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds of device silence before a session is closed (default 120)")
+    p.add_argument("--max-frame-bytes", type=int, help="largest websocket message accepted (default 2 MiB)")
+    p.add_argument("--resume-grace", dest="resume_grace_s", type=float,
+                   help="seconds a session whose connection was lost waits for its device to resume (default 30; 0: off)")
+    p.add_argument("--resume-secret-file", help="file holding the secret that signs resume tokens, shared by every "
+                   "gateway of a deployment so that any of them (or this one restarted) resumes a session "
+                   "(default: $SPA_RESUME_SECRET, else a random secret per process)")
+    p.add_argument("--send-timeout", dest="send_timeout_s", type=float,
+                   help="seconds a device may leave sent data unread before it is dropped as a slow reader (default 30)")
+    p.add_argument("--certfile", help="TLS certificate chain (PEM): serve wss:// instead of ws://")
+    p.add_argument("--keyfile", help="TLS private key (PEM), if not inside --certfile")
+    p.add_argument("--max-batch", type=int, default=64, help="most sessions' decode steps run as one batched forward "
+                   "(default 64; 1: no batching)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log sessions")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa", description="Side Plugin Adaptation: personalized generation split "
                                      "between a phone (ExecuTorch plugin) and a cloud (frozen backbone).")
@@ -201,24 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="serve the backbone to devices over websockets")
     p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; any other needs --token)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (0: pick a free one; the banner says which)")
-    p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2-135M-Instruct)")
-    _add_backbone_numerics(p)
-    p.add_argument("--token", help="auth token devices must send (default: $SPA_GATEWAY_TOKEN; required off loopback)")
-    p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 8); more are refused with 'busy'")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default 4096)")
-    p.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a session may ask (default 2048)")
-    p.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds of device silence before a session is closed (default 120)")
-    p.add_argument("--max-frame-bytes", type=int, help="largest websocket message accepted (default 2 MiB)")
-    p.add_argument("--resume-grace", dest="resume_grace_s", type=float,
-                   help="seconds a session whose connection was lost waits for its device to resume (default 30; 0: off)")
-    p.add_argument("--send-timeout", dest="send_timeout_s", type=float,
-                   help="seconds a device may leave sent data unread before it is dropped as a slow reader (default 30)")
-    p.add_argument("--certfile", help="TLS certificate chain (PEM): serve wss:// instead of ws://")
-    p.add_argument("--keyfile", help="TLS private key (PEM), if not inside --certfile")
-    p.add_argument("--max-batch", type=int, default=64, help="most sessions' decode steps run as one batched forward "
-                   "(default 64; 1: no batching)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log sessions")
+    _add_serving_options(p)
     p.set_defaults(run=cmd_gateway)
+
+    p = sub.add_parser("serve", help="serve the backbone as a Ray Serve application: N gateway replicas behind one "
+                       "WebSocket endpoint (a local Ray cluster, or --address)")
+    p.add_argument("--host", default="127.0.0.1", help="interface of Ray Serve's proxy (default 127.0.0.1; any other "
+                   "needs --token)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a "
+                   "local one")
+    p.add_argument("--replicas", type=int, default=1, help="gateway replicas, each with its own backbone (default 1)")
+    p.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas on "
+                   "ongoing sessions instead of a fixed count")
+    p.add_argument("--max-replicas", type=int)
+    p.add_argument("--target-sessions", type=float, default=4.0,
+                   help="autoscaling: device connections per replica to aim for (default 4)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default 0; with --device cuda)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica (default 1)")
+    _add_serving_options(p)
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("summarize", help="write a personalized summary through the gateway (the device side)")
     p.add_argument("document", help="a text file, '-' for stdin, or aclsum:SPLIT:INDEX (e.g. aclsum:test:0)")

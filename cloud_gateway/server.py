@@ -6,16 +6,21 @@ batches the decode steps of concurrent sessions into one forward.
 
 Sessions are kept by id so that a device whose connection was lost can
 resume (docs/PROTOCOL.md §6); `Gateway.sessions` holds every session that
-holds memory, attached to a connection or waiting for a resume.
+holds memory, attached to a connection or waiting for a resume. Resume
+tokens are signed with the deployment's secret (`resume_secret`; a random
+one per process when none is given), so a gateway that does not hold a
+session — a restarted one, another replica — rebuilds it from the resume.
+
+`Gateway.handle_link(link)` serves one connection whatever carries it: the
+`websockets` server here (`handle`), Ray Serve's Starlette WebSockets in
+cloud_gateway/ray_serve.py.
 """
 
 import asyncio
 import ctypes
-import hmac
 import ipaddress
 import logging
 import os
-import secrets
 import signal
 import ssl
 from dataclasses import dataclass
@@ -23,16 +28,16 @@ from dataclasses import dataclass
 from websockets.asyncio.server import serve
 
 from cloud_gateway.engine import Engine
-from cloud_gateway.session import GatewaySession, Link, LinkLost
+from cloud_gateway.session import GatewaySession, Link, LinkLost, WebsocketsTransport
 from spa.errors import SpaError
 from spa.protocol.errors import NORMAL_CLOSE, PeerError, ProtocolError
-from spa.protocol.gateway import GatewayProtocol, Prefill, ResumeWanted
+from spa.protocol.gateway import GatewayProtocol, Prefill, ResumeWanted, SessionMoved
 from spa.protocol.limits import Limits
+from spa.protocol.resume import REFUSED, ResumeTokens
 
 __all__ = ["Engine", "Gateway", "is_loopback", "run_gateway", "tls_context"]
 
 log = logging.getLogger("spa.gateway")
-_DUMMY_SECRET = secrets.token_urlsafe(24)
 
 
 def is_loopback(host: str) -> bool:
@@ -70,6 +75,7 @@ class GatewayCounters:
 
     sessions: int = 0  # sessions started
     resumes: int = 0  # resumes served
+    rebuilds: int = 0  # resumes of sessions this gateway did not hold (rebuilt from the device's tokens)
     resume_refused: int = 0
     expired: int = 0  # sessions not resumed within the grace
     slow_readers: int = 0  # connections dropped because the device did not read
@@ -78,8 +84,10 @@ class GatewayCounters:
 class Gateway:
     def __init__(self, backbone, limits: Limits = Limits(), auth_token: str | None = None,
                  max_batch: int = 64, batching: bool = True, write_limit: int = 1 << 16,
-                 socket_sndbuf: int | None = None):
+                 socket_sndbuf: int | None = None, resume_secret: bytes | None = None):
         self.engine = Engine(backbone, max_batch=max_batch, batching=batching)
+        # Resume tokens signed with the deployment's shared secret (None: this process's own).
+        self.tokens = ResumeTokens(resume_secret)
         # Outgoing bytes one connection may buffer before a send waits for the
         # device: the websockets write limit, and optionally the kernel's
         # SO_SNDBUF (else the OS default, which autotunes up to MiBs).
@@ -97,13 +105,17 @@ class Gateway:
         return sum(s.kv_bytes for s in self.sessions)
 
     async def handle(self, conn) -> None:
+        """The `websockets` server's handler: one connection."""
+        await self.handle_link(Link(WebsocketsTransport(conn, self.socket_sndbuf), self.limits))
+
+    async def handle_link(self, link: Link) -> None:
+        """Serve one device connection until it ends."""
         self.connections += 1
-        link = Link(conn, self.limits, self.socket_sndbuf)
         try:
             if self.connections > 2 * self.limits.max_sessions + 16:  # connections that never say hello
                 raise ProtocolError("busy", "too many connections; retry later")
             proto = GatewayProtocol(self.engine.identity, self.engine.eos_ids, self.limits, self.auth_token,
-                                    resumable=self.limits.resume_grace_s > 0)
+                                    resumable=self.limits.resume_grace_s > 0, tokens=self.tokens)
             proto.receive(await link.recv(self.limits.idle_timeout_s))
             action = proto.next_action()
             if isinstance(action, (Prefill, ResumeWanted)):
@@ -118,7 +130,7 @@ class Gateway:
                 self.stats.sessions += 1
                 await self._serve(session, link, action)
             elif isinstance(action, ResumeWanted):
-                await self._resume(link, action)
+                await self._resume(link, proto, action)
             else:
                 raise ProtocolError("out_of_order", "the first message must be hello")
         except ProtocolError as exc:
@@ -133,27 +145,61 @@ class Gateway:
             link.stop()
             self.connections -= 1
 
-    async def _resume(self, link: Link, action: ResumeWanted) -> None:
+    async def _resume(self, link: Link, proto: GatewayProtocol, action: ResumeWanted) -> None:
+        """A resume hello: continue the session this gateway holds, or rebuild
+        it from the hello (`proto`, the connection's fresh protocol) when it
+        holds none: its replica died, this gateway restarted, or the device
+        reached another replica."""
         hello = action.hello
         session = self._by_id.get(hello.resume.session)
+        rebuild = False
         try:
-            if session is None:  # the same work and answer as a wrong secret
-                hmac.compare_digest(hello.resume.secret.encode(), _DUMMY_SECRET.encode())
-                raise ProtocolError("resume_failed", "unknown session or wrong secret")
-            session.proto.check_resume(hello)
+            if session is not None:
+                try:
+                    session.proto.check_resume(hello)
+                except SessionMoved:  # resumed elsewhere since: this copy is stale
+                    log.info("session %s: resumed on another replica since; dropping this copy", session.id)
+                    self._drop(session)
+                    session = None
+            if session is None:
+                proto.check_rebuild(hello)  # the signed token (same answer as a wrong secret); spent here
+                if len(self.sessions) >= self.limits.max_sessions:
+                    raise ProtocolError("busy", f"the gateway serves {self.limits.max_sessions} sessions already; "
+                                                "retry later")
+                session = GatewaySession(self.engine, self.limits, proto, session_id=hello.resume.session)
+                self.sessions.add(session)
+                self._by_id[session.id] = session
+                self.stats.rebuilds += 1
+                rebuild = True
         except ProtocolError:
             self.stats.resume_refused += 1
             raise
         if session.link is not None:  # its old connection is still open (half-open TCP): take over
             session.link.abort()
-        await self._serve(session, link, action)
+        await self._serve(session, link, action, rebuild)
 
-    async def _serve(self, session: GatewaySession, link: Link, action) -> None:
+    def _drop(self, session: GatewaySession) -> None:
+        """Forget a session resumed elsewhere since (its state here is stale)."""
+        session.moved = True
+        if self._by_id.get(session.id) is session:
+            del self._by_id[session.id]
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        if session.link is not None:
+            session.link.abort()
+        if not session.lock.locked():
+            self._free(session)
+
+    async def _serve(self, session: GatewaySession, link: Link, action, rebuild: bool = False) -> None:
         async with session.lock:
-            if isinstance(action, ResumeWanted):
-                if session.freed:  # expired while we waited
-                    raise ProtocolError("resume_failed", "unknown session or wrong secret")
-                session.proto.check_resume(action.hello)  # again: a concurrent resume may have rotated it
+            if isinstance(action, ResumeWanted) and not rebuild:
+                if session.freed or session.moved:  # expired (or moved) while we waited
+                    raise ProtocolError("resume_failed", REFUSED)
+                try:  # again: a concurrent resume may have rotated it
+                    session.proto.check_resume(action.hello)
+                except SessionMoved:
+                    raise ProtocolError("resume_failed", REFUSED) from None
                 if session.expiry is not None:
                     session.expiry.cancel()
                     session.expiry = None
@@ -161,7 +207,7 @@ class Gateway:
             over = await session.run(link, action)
             self.stats.slow_readers += session.close_reason == "slow_reader"
             self.stats.resume_refused += session.close_reason == "resume_refused"
-            if over:
+            if over or session.moved:
                 self._free(session)
             else:
                 log.info("session %s: connection lost; kept %g s for a resume", session.id,
@@ -178,7 +224,8 @@ class Gateway:
     def _free(self, session: GatewaySession) -> None:
         session.release()
         self.sessions.discard(session)
-        self._by_id.pop(session.id, None)
+        if self._by_id.get(session.id) is session:
+            del self._by_id[session.id]
         if not self.sessions:
             _trim_memory()
 
@@ -202,11 +249,13 @@ class Gateway:
 
 
 async def run_gateway(backbone, host: str, port: int, limits: Limits, auth_token: str | None,
-                      announce=print, ssl_context: ssl.SSLContext | None = None, max_batch: int = 64) -> None:
-    """Serve until SIGINT/SIGTERM."""
+                      announce=print, ssl_context: ssl.SSLContext | None = None, max_batch: int = 64,
+                      resume_secret: bytes | None = None) -> None:
+    """Serve until SIGINT/SIGTERM. `resume_secret`: the deployment's shared
+    secret for resume tokens (None: this process's own)."""
     if not is_loopback(host) and not auth_token:
         raise SpaError(f"refusing to listen on {host} without an auth token: pass --token or set SPA_GATEWAY_TOKEN")
-    gateway = Gateway(backbone, limits, auth_token, max_batch=max_batch)
+    gateway = Gateway(backbone, limits, auth_token, max_batch=max_batch, resume_secret=resume_secret)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
@@ -216,6 +265,7 @@ async def run_gateway(backbone, host: str, port: int, limits: Limits, auth_token
         scheme = "wss" if ssl_context is not None else "ws"
         announce(f"spa gateway: serving {ident.name} ({ident.fingerprint}) on {scheme}://{bound[0]}:{bound[1]} "
                  f"(auth {'on' if auth_token else 'off'}, max {limits.max_sessions} sessions, "
-                 f"resume grace {limits.resume_grace_s:g} s, pid {os.getpid()})")
+                 f"resume grace {limits.resume_grace_s:g} s, "
+                 f"{'shared' if resume_secret else 'per-process'} resume secret, pid {os.getpid()})")
         await stop
     gateway.close()

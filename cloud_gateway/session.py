@@ -26,12 +26,13 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 
 import torch
 from websockets.exceptions import ConnectionClosed
 
 from cloud_gateway.engine import kv_bytes
-from spa.generate import prefill, truncate
+from spa.generate import decode_one_token, prefill, truncate
 from spa.projection import project
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
@@ -55,16 +56,57 @@ class _ResumeRefused(Exception):
         self.error = error
 
 
-class Link:
-    """One websocket connection: a reader task feeding a bounded inbox, and
-    sends bounded in time. The websockets library buffers at most `max_queue`
-    incoming frames and `write_limit` outgoing bytes (+ one message)."""
+class WebsocketsTransport:
+    """A `websockets` server connection as a Link's transport (`spa gateway`).
 
-    def __init__(self, conn, limits, socket_sndbuf: int | None = None):
+    A transport has `frames()` (an async iterator of the received messages,
+    ending when the connection does), `send(data)` (LinkLost once closed),
+    `close(code, reason)`, `abort()` (drop the connection at once) and
+    `peer_closed` (the device sent a close frame: it left on purpose).
+    cloud_gateway/ray_serve.py has the Starlette one."""
+
+    def __init__(self, conn, socket_sndbuf: int | None = None):
         self.conn = conn
         sock = conn.transport.get_extra_info("socket")
         if socket_sndbuf and sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_sndbuf)
+
+    async def frames(self):
+        try:
+            async for data in self.conn:
+                yield data
+        except ConnectionClosed:
+            pass
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.conn.send(data)
+        except ConnectionClosed:
+            raise LinkLost() from None
+
+    async def close(self, code: int, reason: str = "") -> None:
+        try:
+            await self.conn.close(code, reason)
+        except ConnectionClosed:
+            pass
+
+    def abort(self) -> None:
+        self.conn.transport.abort()
+
+    @property
+    def peer_closed(self) -> bool:
+        return self.conn.protocol.close_rcvd is not None
+
+
+class Link:
+    """One device connection: a reader task feeding a bounded inbox, and
+    sends bounded in time, over a transport (`WebsocketsTransport`, or the
+    Starlette one of cloud_gateway/ray_serve.py). The websockets library
+    buffers at most `max_queue` incoming frames and `write_limit` outgoing
+    bytes (+ one message)."""
+
+    def __init__(self, transport, limits):
+        self.transport = transport
         self.limits = limits
         # Reads zstd or uncompressed frames, and answers in the hello's form, until the hello's
         # offer is settled (`negotiate`); then one form both ways (PROTOCOL.md §2).
@@ -77,17 +119,17 @@ class Link:
     async def _read(self) -> None:
         """Move frames from the socket to the inbox (unpacked, or the error)."""
         try:
-            async for data in self.conn:
+            async for data in self.transport.frames():
                 if isinstance(data, str):
                     item = ProtocolError("bad_frame", "text frames are not allowed; send binary frames")
+                elif len(data) > self.limits.max_frame_bytes:  # transports that do not enforce it themselves
+                    item = ProtocolError("too_large", f"frame of {len(data)} bytes > {self.limits.max_frame_bytes}")
                 else:
                     try:
                         item = self.frames.unpack(data)
                     except ProtocolError as exc:
                         item = exc
                 await self.inbox.put(item)  # blocks when full: the socket is not read meanwhile
-        except ConnectionClosed:
-            pass
         finally:
             try:
                 self.inbox.put_nowait(_CLOSED)
@@ -142,22 +184,20 @@ class Link:
             self.frames.negotiated(self.compression)
         data = self.frames.pack(msg)
         try:
-            await asyncio.wait_for(self.conn.send(data), self.limits.send_timeout_s)
+            await asyncio.wait_for(self.transport.send(data), self.limits.send_timeout_s)
         except asyncio.TimeoutError:
             self.slow = True
-            raise LinkLost() from None
-        except ConnectionClosed:
             raise LinkLost() from None
 
     @property
     def device_closed(self) -> bool:
         """True when the device sent a close frame (it left on purpose)."""
-        return self.conn.protocol.close_rcvd is not None
+        return self.transport.peer_closed
 
     async def close(self, code: int, reason: str = "") -> None:
         try:
-            await asyncio.wait_for(self.conn.close(code, reason), self.limits.send_timeout_s)
-        except (asyncio.TimeoutError, ConnectionClosed):
+            await asyncio.wait_for(self.transport.close(code, reason), self.limits.send_timeout_s)
+        except (asyncio.TimeoutError, LinkLost):
             self.abort()
 
     async def fail(self, code: str, message: str) -> None:
@@ -169,13 +209,13 @@ class Link:
         await self.close(CODES[code][0], code)
 
     def abort(self) -> None:
-        self.conn.transport.abort()
+        self.transport.abort()
 
     async def drop_slow(self) -> None:
         """The device does not read: try the slow_reader close briefly, then reset."""
         try:
-            await asyncio.wait_for(self.conn.close(CODES["slow_reader"][0], "slow_reader"), 1.0)
-        except (asyncio.TimeoutError, ConnectionClosed):
+            await asyncio.wait_for(self.transport.close(CODES["slow_reader"][0], "slow_reader"), 1.0)
+        except (asyncio.TimeoutError, LinkLost):
             pass
         self.abort()
 
@@ -188,11 +228,13 @@ class GatewaySession:
     the protocol asks for and moves maps between the protocol and the link.
     It keeps compute state only (KV cache, states of unverified positions)."""
 
-    def __init__(self, engine, limits, proto: GatewayProtocol):
+    def __init__(self, engine, limits, proto: GatewayProtocol, session_id: str | None = None):
         self.engine = engine
         self.limits = limits
-        self.proto = proto  # has received the hello (its next action is Prefill)
-        self.id = secrets.token_hex(16)
+        self.proto = proto  # has received the hello (Prefill), or passed check_rebuild (a resume elsewhere)
+        self.id = session_id or secrets.token_hex(16)
+        self.moved = False  # resumed on another replica since: this copy is dropped
+        self.rebuild_s: float | None = None  # seconds the last rebuild took (prefill + committed tokens)
         self.link: Link | None = None
         self.lock = asyncio.Lock()  # one connection serves the session at a time
         self.expiry: asyncio.TimerHandle | None = None  # while waiting for a resume
@@ -230,6 +272,8 @@ class GatewaySession:
         try:
             if isinstance(action, Prefill):
                 await self._prefill(action.hello)
+            elif self.proto.phase == "ready":  # a session held elsewhere: rebuild it here
+                await self._rebuild(action.hello)
             else:
                 self._resume(action.hello)
             await self._serve()
@@ -281,12 +325,44 @@ class GatewaySession:
                                          f"{limits.max_prompt_tokens} tokens")
         # Tokenizing off the event loop and off the compute thread.
         ids = await asyncio.get_running_loop().run_in_executor(None, engine.backbone.encode, hello.prompt)
-        self.proto.started(self.id, secrets.token_urlsafe(24), len(ids))  # checks the prompt limit first
+        self.proto.started(self.id, self._secret(), len(ids))  # checks the prompt limit first
         self.cache, self.states[len(ids) - 1] = await engine.run(prefill, engine.backbone, ids)
+
+    def _secret(self) -> str | None:
+        """An opaque random secret, or None where the protocol signs resume tokens itself."""
+        return None if self.proto.tokens is not None else secrets.token_urlsafe(24)
+
+    async def _rebuild(self, hello: m.Hello) -> None:
+        """Resume a session this gateway does not hold (its replica died, the
+        gateway restarted, the device reached another replica): prefill the
+        prompt, then feed the device's committed tokens as one-token steps,
+        as the uninterrupted session did (docs/DESIGN.md §2: never a longer
+        prefill), so a solo session continues bit-identically."""
+        engine, limits = self.engine, self.limits
+        if len(hello.prompt) > limits.max_prompt_tokens * engine.max_token_chars:
+            raise ProtocolError("limit", f"prompt of {len(hello.prompt)} characters is over "
+                                         f"{limits.max_prompt_tokens} tokens")
+        ids = await asyncio.get_running_loop().run_in_executor(None, engine.backbone.encode, hello.prompt)
+        tokens = hello.resume.tokens
+        if any(t >= len(engine.pieces) for t in tokens):
+            raise ProtocolError("resume_failed", "a committed token id is beyond the vocabulary")
+        first = len(ids) - 1
+        self.proto.rebuilt(self.id, len(ids), [m.Commit(first + i, t, engine.pieces[t]) for i, t in enumerate(tokens)])
+        if self.proto.phase != "generating":  # the device's tokens end the generation: only `end` is left
+            return
+        t0 = time.perf_counter()
+        self.cache, states = await engine.run(prefill, engine.backbone, ids)
+        if not tokens:
+            self.states[first] = states
+        for t in tokens[:-1]:  # one compute job each: other sessions' rounds run in between
+            await engine.run(decode_one_token, engine.backbone, self.cache, t)
+        self.rebuild_s = time.perf_counter() - t0
+        log.info("session %s: rebuilt from %d prompt and %d committed tokens in %.2f s", self.id, len(ids),
+                 len(tokens), self.rebuild_s)
 
     def _resume(self, hello: m.Hello) -> None:
         try:
-            self.proto.resume(hello.resume.next, secrets.token_urlsafe(24))
+            self.proto.resume(hello.resume.next, self._secret())
         except ProtocolError as exc:
             raise _ResumeRefused(exc) from None
         log.info("session %s: resumed at position %d (epoch %d)", self.id, self.proto.verified, self.proto.epoch)

@@ -452,8 +452,8 @@ def test_projected_taps_travel_as_r_columns_and_the_device_runs_side_projected()
     dp.receive(taps)
     action = dp.next_action()
     assert isinstance(action, RunSide) and action.projected and action.taps.shape == (len(TAPS), R)
-    # A resume hello does not upload the weights again: the session keeps them.
-    assert "projection" not in dp.resume_hello()
+    # A resume hello uploads the weights again (a replica that does not hold the session rebuilds it with them).
+    assert dp.resume_hello()["projection"] == proj.to_dict()
 
 
 _GATE_WEIGHT = RNG.normal(0, 1, (2, H)).astype("<f4")

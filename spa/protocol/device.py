@@ -162,9 +162,11 @@ class DeviceProtocol:
         first position it has not verified, and the device gates them again."""
         self._require(self.phase in ("generating", "resuming") and self.session is not None, "resume_hello()")
         self.phase = "resuming"
-        resume = m.Resume(self.session, self.secret, self.next_pos)
+        # Everything a gateway that does not hold the session needs to rebuild
+        # it: the committed token ids and the first hello's uploads.
+        resume = m.Resume(self.session, self.secret, self.next_pos, tuple(c.token for c in self.committed))
         h = self.hello
-        return m.Hello(h.token, h.plugin, h.prompt, h.options, resume, h.version).to_dict()
+        return m.Hello(h.token, h.plugin, h.prompt, h.options, resume, h.version, h.projection, h.gate).to_dict()
 
     def _on_resumed(self, r: m.Resumed) -> None:
         self._expect(self.phase == "resuming", "resumed without a resume hello")
@@ -194,6 +196,8 @@ class DeviceProtocol:
             step.pos <= self.gateway_verified + self.window,
             f"step {step.pos} beyond window {self.window} after position {self.gateway_verified}",
         )
+        if step.secret is not None:  # a refreshed resume token
+            self.secret = step.secret
         self.steps[step.pos] = (step, self._shaped(step.f_array, "step.f", 1))
         if step.taps is not None:
             self._expect(self.hello.gate is not None, f"step {step.pos} pushes taps; the hello did not ask for that")
@@ -218,6 +222,8 @@ class DeviceProtocol:
         draft = self.steps[v.pos][0].draft
         self._expect(v.changed == (v.token != draft), "verdict.changed disagrees with the draft")
         self._expect(v.epoch == self.epoch + v.changed, f"verdict epoch {v.epoch} after epoch {self.epoch}")
+        if v.secret is not None:  # a refreshed resume token
+            self.secret = v.secret
         self._commit(v.pos, v.token, v.piece)
         if v.changed:  # drafts after pos were built on the old token, and so were our decisions on them
             self.stats.rollbacks += 1

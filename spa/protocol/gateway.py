@@ -414,10 +414,12 @@ class GatewayProtocol:
         self._check_prompt(prompt_tokens)
         self.first_pos = self.verified = self.decided = prompt_tokens - 1
         self.phase = "generating"
-        self.session, self.secret = session, secret if secret is not None else self._issue()
+        self.session = session
+        self.secret = secret if secret is not None else self._issue()
         self.stats.prompt_tokens = prompt_tokens
         self._next_feed = None  # the prefill computed the states of the first position
-        self._outbox.append(m.Ready(session, secret, self.backbone, prompt_tokens, self.limits.to_dict()).to_dict())
+        self._outbox.append(m.Ready(session, self.secret, self.backbone, prompt_tokens,
+                                    self.limits.to_dict()).to_dict())
 
     def _check_prompt(self, prompt_tokens: int) -> None:
         if not 1 <= prompt_tokens <= self.limits.max_prompt_tokens:
@@ -612,7 +614,7 @@ class GatewayProtocol:
         self.secret = secret if secret is not None else self._issue()
         self.stats.resumes += 1
         self.closing = False
-        self._outbox.append(m.Resumed(self.session, secret, self.epoch, self.verified, commits).to_dict())
+        self._outbox.append(m.Resumed(self.session, self.secret, self.epoch, self.verified, commits).to_dict())
         if self.end_msg is not None:  # the device missed `end`
             self._outbox.append(self.end_msg)
             self.closing = True

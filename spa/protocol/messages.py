@@ -202,21 +202,34 @@ class GateUpload:
 @dataclass(frozen=True)
 class Resume:
     session: str  # ready.session
-    secret: str  # the latest secret: ready.secret, or the last resumed.secret
+    secret: str  # the latest resume token: ready.secret, a refreshed step/verdict.secret, or resumed.secret
     # The first position the device has not committed (P - 1 + its committed
     # tokens). Optional in the map; a gateway that resumes requires it.
     next: int | None = None
+    # The ids of every generated token the device committed, in order (on the
+    # wire: bin, uint32 little-endian). Optional; a gateway that does not hold
+    # the session (another replica, a restart) needs them to rebuild it.
+    tokens: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
         d = {"session": self.session, "secret": self.secret}
         if self.next is not None:
             d["next"] = self.next
+        if self.tokens is not None:
+            d["tokens"] = np.asarray(self.tokens, "<u4").tobytes()
         return d
 
     @classmethod
     def read(cls, f: _Fields) -> "Resume":
         nxt = None if f.d.get("next") is None else f.integer("next")
-        return cls(f.text("session"), f.text("secret"), nxt)
+        tokens = None
+        if f.d.get("tokens") is not None:
+            raw = f.blob("tokens")
+            ids = np.frombuffer(raw, "<u4") if len(raw) % 4 == 0 else None
+            if ids is None or (ids > INT32_MAX).any():
+                f._bad("tokens", "expected bin of uint32 little-endian token ids below 2^31")
+            tokens = tuple(int(t) for t in ids)
+        return cls(f.text("session"), f.text("secret"), nxt, tokens)
 
 
 @dataclass(frozen=True)
@@ -399,6 +412,7 @@ class Step:
     # Decoded by parse (None on a message built to be sent): f [1, H], pushed taps [rows, cols].
     f_array: np.ndarray | None = field(default=None, repr=False, compare=False)
     taps_array: np.ndarray | None = field(default=None, repr=False, compare=False)
+    secret: str | None = None  # a refreshed resume token (replaces the device's), or None
 
     def to_dict(self) -> dict:
         d = {
@@ -411,6 +425,8 @@ class Step:
         }
         if self.taps is not None:
             d["taps"] = self.taps
+        if self.secret is not None:
+            d["secret"] = self.secret
         return d
 
     @classmethod
@@ -419,7 +435,8 @@ class Step:
         fmap, f_array = f.activation("f")
         draft, piece = f.integer("draft"), f.blob("piece")
         taps, taps_array = (None, None) if f.d.get("taps") is None else f.activation("taps")
-        return cls(epoch, pos, fmap, draft, piece, taps, f_array, taps_array)
+        secret = None if f.d.get("secret") is None else f.text("secret")
+        return cls(epoch, pos, fmap, draft, piece, taps, f_array, taps_array, secret)
 
 
 @dataclass(frozen=True)
@@ -448,9 +465,10 @@ class Verdict:
     token: int  # the committed x_{pos+1}
     piece: bytes
     changed: bool  # token != the draft; drafts after pos are void
+    secret: str | None = None  # a refreshed resume token (replaces the device's), or None
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "type": self.TYPE,
             "epoch": self.epoch,
             "pos": self.pos,
@@ -458,11 +476,15 @@ class Verdict:
             "piece": self.piece,
             "changed": self.changed,
         }
+        if self.secret is not None:
+            d["secret"] = self.secret
+        return d
 
     @classmethod
     def read(cls, f: _Fields) -> "Verdict":
+        secret = None if f.d.get("secret") is None else f.text("secret")
         return cls(
-            f.integer("epoch"), f.integer("pos"), f.integer("token"), f.blob("piece"), f.flag("changed")
+            f.integer("epoch"), f.integer("pos"), f.integer("token"), f.blob("piece"), f.flag("changed"), secret
         )
 
 
