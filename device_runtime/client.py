@@ -56,10 +56,11 @@ class _Lost(Exception):
 
 
 # Close codes after which a resume is worth trying: no close frame at all
-# (1006: reset, cut link) and a keepalive timeout (1011 with no error
-# message). 1001 (going away) means the gateway process is shutting down:
-# its sessions live in memory only, so there is nothing to resume.
-_RETRYABLE_CLOSE = (None, 1006, 1011)
+# (1006: reset, cut link), a keepalive timeout (1011 with no error message),
+# and 1001 (going away: the gateway process is shutting down; a restarted
+# gateway or another replica with the deployment's secret rebuilds the
+# session, and any other answers resume_failed, a one-line error).
+_RETRYABLE_CLOSE = (None, 1006, 1011, 1001)
 
 
 def upload_projection(pte) -> m.Projection:
@@ -238,8 +239,6 @@ def _closed(conn) -> Exception:
     code = None if rcvd is None else rcvd.code
     if code in _RETRYABLE_CLOSE:
         return _Lost("no close frame" if code is None else f"close code {code}")
-    if code == 1001:
-        return SpaError("the gateway shut down mid-generation (close code 1001); the session is lost")
     return SpaError(f"the gateway closed the connection before the summary ended (close code {code})")
 
 

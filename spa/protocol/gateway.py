@@ -174,6 +174,7 @@ class GatewayProtocol:
         self.resume_gen = 0  # resumes of this session so far (on any replica): tokens carry it
         self._token_time = 0.0  # when the current token was issued (tokens' clock)
         self._claims: TokenClaims | None = None  # of the token check_resume accepted
+        self._generation: bytes | None = None  # generation_digest of the session's hello
         self.eos_ids = frozenset(int(t) for t in eos_ids)
         self.limits = limits
         self.auth_token = auth_token
@@ -431,8 +432,10 @@ class GatewayProtocol:
         """A new resume token for the session as it stands (signed: any replica can check it)."""
         self._require(self.tokens is not None, "no secret given and no resume tokens")
         self._token_time = self.tokens.clock()
+        if self._generation is None:  # hashes the uploads (~1 MB with the projection): once
+            self._generation = generation_digest(self.hello)
         return self.tokens.issue(self.session, self.resume_gen, [c.token for c in self._commits],
-                                 generation_digest(self.hello), 2 * self.limits.resume_grace_s)
+                                 self._generation, 2 * self.limits.resume_grace_s)
 
     def _refreshed(self, msg: dict) -> dict:
         """msg with a fresh resume token when the current one is half a grace old (tokens expire
