@@ -15,9 +15,29 @@ from spa.protocol.errors import ProtocolError
 from spa.protocol.gateway import Draft, GatewayProtocol, Head, Prefill, ResumeWanted, SendTaps, SessionMoved
 from spa.protocol.limits import Limits
 from spa.protocol.resume import EXPIRED, REFUSED, REPLAYED, ResumeTokens
-from tests.test_reliability_protocol import BACKBONE, EOS, P, TAPS, _device_step, _f, _hello
+from spa.protocol.device import RunGate, RunSide
+from tests.test_reliability_protocol import BACKBONE, EOS, P, TAPS
 
 SECRET = b"a deployment secret of 32 bytes!"
+
+
+def _hello(window, resume=None) -> m.Hello:  # the session of tests/test_reliability_protocol.py
+    return m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt",
+                   m.Options(window=window, max_new_tokens=12, codec="f32"), resume)
+
+
+def _f(pos, fed):
+    return np.random.default_rng(pos * 1000 + fed).normal(0, 1, (1, BACKBONE.hidden_size)).astype(np.float32)
+
+
+def _device_step(dp):
+    """Gate: sigma = 1 on even positions; side output positive on positions divisible by 4."""
+    while (action := dp.next_action()) is not None:
+        if isinstance(action, RunGate):
+            dp.gated(action.pos, action.pos % 2 == 0)
+        elif isinstance(action, RunSide):
+            value = 1.0 if action.pos % 4 == 0 else -1.0
+            dp.side_output(action.pos, np.full((1, BACKBONE.hidden_size), value, np.float32))
 GRACE = 10.0
 
 
