@@ -116,7 +116,10 @@ class Gateway:
                 raise ProtocolError("busy", "too many connections; retry later")
             proto = GatewayProtocol(self.engine.identity, self.engine.eos_ids, self.limits, self.auth_token,
                                     resumable=self.limits.resume_grace_s > 0, tokens=self.tokens)
-            proto.receive(await link.recv(self.limits.idle_timeout_s))
+            first = await link.recv(self.limits.idle_timeout_s)
+            if first.get("type") == "hello" and link.frames.first_form == "none":
+                link.frames.answer_in("none")  # a device without zstd reads our answers, errors included
+            proto.receive(first)
             action = proto.next_action()
             if isinstance(action, (Prefill, ResumeWanted)):
                 link.negotiate(action.hello.compression)  # frame compression: ready names it (PROTOCOL.md §2)

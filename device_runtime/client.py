@@ -88,6 +88,7 @@ class _Counters:
         self.up = self.down = self.handshake_up = self.handshake_down = 0
         self.round_trips = 0
         self.resumes_seen = 0
+        self.compression = None  # the frame compression the gateway chose (ready/resumed)
         self.messages_down: dict[str, int] = {}  # message type -> count
         self.messages_up: dict[str, int] = {}
 
@@ -100,7 +101,8 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
                       token: str = "", on_commit=None, limits: Limits = Limits(),
                       open_timeout: float = 30.0, cafile: str | None = None,
                       reconnect: bool = True, cloud_projection: bool = False,
-                      push_taps: bool = False, max_in_flight: int = 1) -> SummaryResult:
+                      push_taps: bool = False, max_in_flight: int = 1,
+                      compression: tuple[str, ...] | None = None) -> SummaryResult:
     """Generate one summary through the gateway at `url`; `on_commit(piece, sigma)` streams it.
 
     `cafile`: CA bundle to trust for wss:// (default: the system's). `reconnect`:
@@ -113,7 +115,10 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     one round trip per side token instead of two (spa/cloud_gate.py).
     `max_in_flight`: side outputs that may await their verdict at once (1: gate
     the next draft only after the verdict; more lets the device gate the drafts
-    already here and send their side outputs without waiting, docs/PROTOCOL.md §6)."""
+    already here and send their side outputs without waiting, docs/PROTOCOL.md §6).
+    `compression`: the frame compressions offered in `hello`, preferred first, e.g.
+    ("zstd", "none") or ("none",) (PROTOCOL.md §2); None sends no offer, which
+    means zstd. `stats["compression"]` says what the gateway chose."""
     if pte.config.combination != "add":
         raise SpaError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) does "
                        f"not run in the split; the gateway adds the side output (retrain without --combination)")
@@ -121,7 +126,8 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
     proto = DeviceProtocol(m.Hello(token, plugin, prompt, options,
                                    projection=upload_projection(pte) if cloud_projection else None,
-                                   gate=upload_gate(pte, tau) if push_taps else None), max_in_flight)
+                                   gate=upload_gate(pte, tau) if push_taps else None,
+                                   compression=tuple(compression) if compression else None), max_in_flight)
     counters, result, sigma_of = _Counters(), SummaryResult(), {}
     tls = client_tls(cafile) if url.startswith("wss://") else None
     clock = {"start": time.perf_counter(), "first": None, "last": None}
@@ -192,6 +198,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "tau": tau,
         "gateway": proto.end.stats,
         "resumes": proto.stats.resumes,
+        "compression": counters.compression,
     }
     return result
 
@@ -200,7 +207,9 @@ async def _connection(url, proto: DeviceProtocol, pte, tau, sigma_of, counters, 
                       open_timeout, tls, clock) -> None:
     """One websocket connection: hello (or the resume hello), then messages until
     the end. Raises _Lost when the connection ends early in a repairable way."""
-    frames = FrameCodec(limits.max_frame_bytes, limits.max_message_bytes)  # one per connection
+    offer = proto.hello.compression or ("zstd",)
+    # one per connection; reads either form until ready/resumed names the choice
+    frames = FrameCodec(limits.max_frame_bytes, limits.max_message_bytes, compression=None, write=offer[0])
     ctx = connect(url, compression=None, max_size=limits.max_frame_bytes, open_timeout=open_timeout, ssl=tls)
     async with ctx as conn:
         hello = frames.pack(proto.resume_hello() if proto.ready is not None else proto.hello_message())
@@ -218,6 +227,12 @@ async def _connection(url, proto: DeviceProtocol, pte, tau, sigma_of, counters, 
                 else:
                     counters.down += len(data)
                 msg = frames.unpack(data)
+                if msg.get("type") in ("ready", "resumed"):  # the connection's frame compression from here on
+                    choice = msg.get("compression", "zstd")
+                    if choice not in offer:
+                        raise ProtocolError("bad_field", f"{msg['type']}.compression: {choice!r} was not offered ({list(offer)})")
+                    frames.negotiated(choice)
+                    counters.compression = choice
                 counters.count(counters.messages_down, str(msg.get("type")))
                 proto.receive(msg)  # a verdict (or a resumed's commit) commits a token
                 _compute(proto, pte, tau, sigma_of)  # a sigma = 0 gate commits a draft

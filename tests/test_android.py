@@ -163,6 +163,8 @@ def _messages() -> list[dict]:
         m.End("max_tokens", {"tokens": 3, "rollbacks": 1, "seconds": 0.5}),
         m.Error("limit", "too many"),
         m.Bye(),
+        m.Hello("", m.Plugin("fp", (1,), "h"), "p", m.Options(), compression=("none", "zstd", "lz4")),
+        m.Ready("s1", "r1", bb, 12, Limits().to_dict(), "none"),
     )]
 
 
@@ -178,6 +180,8 @@ def _invalid_messages() -> list[dict]:
         {**step, "piece": "text"},
         {**step, "f": {**step["f"], "scale": b""}},
         {**hello, "version": 3},
+        {**hello, "compression": []},
+        {**hello, "compression": ["zstd", 7]},
         {**hello, "options": {**hello["options"], "codec": "int2"}},
         {**hello, "plugin": {**hello["plugin"], "taps": [2, 1]}},
         {"type": "end", "reason": "eos", "stats": {"rollbacks": 1}},

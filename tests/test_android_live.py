@@ -63,3 +63,34 @@ def test_java_client_commits_the_python_device_tokens(gateway, exported, pte, ba
         if window == 0:  # lock-step: the same messages, from the same encoder (with W > 0 how many
             # sigma = 0 positions one accept covers depends on when steps arrive)
             assert java["stats"]["bytes_up"] == python.stats["bytes_up"]
+
+
+def test_java_and_python_clients_agree_with_and_without_frame_compression(gateway, exported, pte, backbone, tmp_path,
+                                                                         java_ready):
+    """Compression negotiated in the handshake (PROTOCOL.md §2): `none` (a phone without zstd) and `zstd`
+    give the same tokens, from both clients, against the real gateway; only the bytes change."""
+    export_dir, _ = exported
+    prompt = device_prompt(pte.config, load_document("aclsum:test:0", pte.config.max_doc_tokens))
+    tau, ref = _with_margin(backbone, pte, prompt)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(prompt)
+    runs = {}
+    for offer, chosen in (("none", "none"), ("zstd", "zstd"), ("auto", "zstd"), ("none,zstd", "none")):
+        proc = subprocess.run([str(CLI), "--gateway", gateway.url, "--plugin", str(export_dir), "--prompt-file",
+                               str(prompt_file), "--token", GATEWAY_TOKEN, "--window", "4", "--max-new-tokens",
+                               str(MAX_NEW), "--tau", repr(tau), "--compression", offer],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        java = json.loads(proc.stdout)
+        assert java["stats"]["compression"] == chosen, (offer, java["stats"]["compression"])
+        assert java["tokens"] == ref.tokens, (offer, java["text"])
+        runs["java", offer] = java["stats"]
+    for offer in (("none",), ("zstd",)):
+        python = asyncio.run(run_session(gateway.url, pte, prompt, Options(window=4, max_new_tokens=MAX_NEW), tau=tau,
+                                         token=GATEWAY_TOKEN, compression=offer))
+        assert python.stats["compression"] == offer[0]
+        assert python.tokens == ref.tokens
+        runs["python", offer[0]] = python.stats
+    # uncompressed frames cost more bytes down, for both clients alike
+    assert runs["java", "none"]["bytes_down"] > runs["java", "zstd"]["bytes_down"]
+    assert runs["python", "none"]["bytes_down"] > runs["python", "zstd"]["bytes_down"]

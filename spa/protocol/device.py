@@ -166,7 +166,8 @@ class DeviceProtocol:
         # it: the committed token ids and the first hello's uploads.
         resume = m.Resume(self.session, self.secret, self.next_pos, tuple(c.token for c in self.committed))
         h = self.hello
-        return m.Hello(h.token, h.plugin, h.prompt, h.options, resume, h.version, h.projection, h.gate).to_dict()
+        return m.Hello(h.token, h.plugin, h.prompt, h.options, resume, h.version, h.projection, h.gate,
+                       h.compression).to_dict()
 
     def _on_resumed(self, r: m.Resumed) -> None:
         self._expect(self.phase == "resuming", "resumed without a resume hello")

@@ -273,6 +273,9 @@ class Hello:
     projection: Projection | None = field(default=None, repr=False)
     # Pushed taps (opt-in, new sessions only, like projection).
     gate: GateUpload | None = field(default=None, repr=False)
+    # Frame compressions the device can read and write, preferred first (PROTOCOL.md §2);
+    # None: not sent, which means ("zstd",).
+    compression: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict:
         d = {
@@ -289,6 +292,8 @@ class Hello:
             d["projection"] = self.projection.to_dict()
         if self.gate is not None:
             d["gate"] = self.gate.to_dict()
+        if self.compression is not None:
+            d["compression"] = list(self.compression)
         return d
 
     @classmethod
@@ -306,6 +311,7 @@ class Hello:
             resume=None if resume is None else Resume.read(f.map("resume")),
             projection=None if projection is None else Projection.read(f.map("projection")),
             gate=None if gate is None else GateUpload.read(f.map("gate")),
+            compression=_compression_offer(f),
         )
 
 
@@ -378,6 +384,9 @@ class Ready:
     backbone: Backbone
     prompt_tokens: int  # P; the first step has pos = P - 1
     limits: dict = field(default_factory=dict)  # the gateway's Limits, by name
+    # The frame compression of this connection from this message on (PROTOCOL.md §2); set per
+    # connection by the transport (cloud_gateway/session.py). Absent on the wire: "zstd".
+    compression: str = "zstd"
 
     def to_dict(self) -> dict:
         return {
@@ -387,6 +396,7 @@ class Ready:
             "backbone": self.backbone.to_dict(),
             "prompt_tokens": self.prompt_tokens,
             "limits": self.limits,
+            "compression": self.compression,
         }
 
     @classmethod
@@ -397,6 +407,7 @@ class Ready:
             Backbone.read(f.map("backbone")),
             f.integer("prompt_tokens", lo=1),
             f.numbers("limits"),
+            _compression_choice(f),
         )
 
 
@@ -532,10 +543,11 @@ class Resumed:
     # (a verdict lost on the way, and drafts the gateway verified after it),
     # in order from the device's `next`: pos = next + len(commits).
     commits: tuple[Commit, ...] = ()
+    compression: str = "zstd"  # this connection's frame compression, as in `ready`
 
     def to_dict(self) -> dict:
         d = {"type": self.TYPE, "session": self.session, "secret": self.secret, "epoch": self.epoch,
-             "pos": self.pos}
+             "pos": self.pos, "compression": self.compression}
         if self.commits:
             d["commits"] = [c.to_dict() for c in self.commits]
         return d
@@ -546,7 +558,24 @@ class Resumed:
         if not isinstance(commits, list) or len(commits) > MAX_RESUMED_COMMITS:
             f._bad("commits", f"expected a list of at most {MAX_RESUMED_COMMITS} commits")
         return cls(f.text("session"), f.text("secret"), f.integer("epoch"), f.integer("pos"),
-                   tuple(Commit.read(_Fields(c, f"resumed.commits[{i}]")) for i, c in enumerate(commits)))
+                   tuple(Commit.read(_Fields(c, f"resumed.commits[{i}]")) for i, c in enumerate(commits)),
+                   _compression_choice(f))
+
+
+def _compression_offer(f: _Fields) -> tuple[str, ...] | None:
+    """hello.compression: 1 to 8 names, preferred first (unknown names are allowed: the gateway skips them)."""
+    offer = f.d.get("compression")
+    if offer is None:
+        return None
+    if (not isinstance(offer, list) or not 1 <= len(offer) <= 8
+            or any(type(c) is not str or not 0 < len(c) <= 32 for c in offer)):
+        f._bad("compression", "expected a list of 1 to 8 names of at most 32 characters")
+    return tuple(offer)
+
+
+def _compression_choice(f: _Fields) -> str:
+    """ready/resumed.compression: absent from an older gateway, which means zstd."""
+    return "zstd" if f.d.get("compression") is None else f.text("compression", max_len=32)
 
 
 # --- either direction ----------------------------------------------------

@@ -11,8 +11,11 @@ import java.io.PrintStream;
  * <pre>
  * java -cp ... org.spa.protocol.Cli --gateway ws://127.0.0.1:PORT --plugin EXPORT_DIR --prompt-file FILE
  *      [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] [--max-new-tokens N]
- *      [--temperature X] [--seed S] [--tau X] [--timeout SECONDS]
+ *      [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none|...]
  * </pre>
+ *
+ * --compression: the frame compressions offered in hello, preferred first (default auto: zstd and
+ * none if zstd-jni loads here, else none; docs/PROTOCOL.md section 2); stats.compression is the choice.
  *
  * The prompt file holds the final prompt text (chat template applied), UTF-8.
  * Prints one JSON object (ASCII, non-ASCII escaped): tokens, text, sigma (and sigmas),
@@ -33,6 +36,7 @@ public final class Cli {
         String token = System.getenv("SPA_GATEWAY_TOKEN");
         Double tau = null;
         int timeout = 120;
+        java.util.List<String> offer = null; // auto
         Messages.Options options = new Messages.Options();
         options.window = 4;
         options.maxNewTokens = 64;
@@ -59,6 +63,7 @@ public final class Cli {
                 else if (a.equals("--seed")) options.seed = Long.parseLong(v);
                 else if (a.equals("--tau")) tau = Double.parseDouble(v);
                 else if (a.equals("--timeout")) timeout = Integer.parseInt(v);
+                else if (a.equals("--compression")) offer = v.equals("auto") ? null : java.util.Arrays.asList(v.split(","));
                 else throw new IllegalArgumentException("unknown option " + a);
             }
             if (plugin == null || promptFile == null) throw new IllegalArgumentException("--plugin and --prompt-file are required");
@@ -81,6 +86,7 @@ public final class Cli {
             double threshold = tau != null ? tau : executor.config.tau;
             GatewayClient client = new GatewayClient(gateway, executor, executor.config.helloPlugin(), threshold, token)
                     .timeout(timeout);
+            if (offer != null) client.compression(offer);
             SessionResult result = client.run(prompt, options, null);
             out.println(Json.write(result.toMap()));
             return 0;
@@ -96,6 +102,6 @@ public final class Cli {
     static String usage() {
         return "usage: java -cp CLASSPATH org.spa.protocol.Cli --gateway ws://HOST:PORT --plugin EXPORT_DIR "
                 + "--prompt-file FILE [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] "
-                + "[--max-new-tokens N] [--temperature X] [--seed S] [--tau X] [--timeout SECONDS]";
+                + "[--max-new-tokens N] [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none]";
     }
 }

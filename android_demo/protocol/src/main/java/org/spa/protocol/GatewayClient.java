@@ -47,6 +47,7 @@ public final class GatewayClient {
     private final String token;
     private int timeoutSeconds = 120;
     private int openTimeoutSeconds = 30;
+    private List<String> offer = Frames.offer(); // frame compressions this device can load, preferred first
     private final BlockingQueue<Object> inbox = new LinkedBlockingQueue<Object>();
 
     /**
@@ -68,6 +69,16 @@ public final class GatewayClient {
         return this;
     }
 
+    /**
+     * The frame compressions to offer in `hello`, preferred first (default {@link Frames#offer()}:
+     * zstd and none if zstd-jni loads, else none only). docs/PROTOCOL.md section 2.
+     */
+    public GatewayClient compression(List<String> offer) {
+        if (offer == null || offer.isEmpty()) throw new IllegalArgumentException("offer at least one compression");
+        this.offer = offer;
+        return this;
+    }
+
     /** Ask a running {@link #run} to send `bye` and stop (from any thread). */
     public void cancel() {
         inbox.add(CANCEL);
@@ -75,9 +86,11 @@ public final class GatewayClient {
 
     /** Generate one summary; blocks until `end` (or a failure). */
     public SessionResult run(String prompt, Messages.Options options, Listener listener) throws ClientException {
-        DeviceSession session = new DeviceSession(new Messages.Hello(token, plugin, prompt, options));
+        DeviceSession session = new DeviceSession(new Messages.Hello(token, plugin, prompt, options, null, null, offer));
         gateP.clear();
-        Frames frames = new Frames();
+        // both forms are read until ready names the choice; the hello goes in the preferred one
+        Frames frames = new Frames(Limits.MAX_FRAME_BYTES, Limits.MAX_MESSAGE_BYTES, 3, null, offer.get(0));
+        String compression = null;
         Counters counters = new Counters();
         SessionResult result = new SessionResult();
         Utf8Stream utf8 = new Utf8Stream();
@@ -115,6 +128,14 @@ public final class GatewayClient {
                 if (session.ready() == null) counters.handshakeDown += data.length;
                 else counters.down += data.length;
                 Map<String, Object> msg = frames.unpack(data);
+                if ("ready".equals(msg.get("type"))) { // the connection's frame compression from here on
+                    Object choice = msg.get("compression");
+                    compression = choice == null ? Frames.ZSTD : String.valueOf(choice);
+                    if (!offer.contains(compression)) {
+                        throw new ProtocolException("bad_field", "ready.compression: \"" + compression + "\" was not offered " + offer);
+                    }
+                    frames.negotiated(compression);
+                }
                 counters.count(counters.messagesDown, String.valueOf(msg.get("type")));
                 session.receive(msg); // a verdict commits a token
                 compute(session); // a sigma = 0 gate commits a draft
@@ -161,6 +182,7 @@ public final class GatewayClient {
         result.text = session.text();
         result.finishReason = session.end().reason;
         fillStats(result, session, counters, options, tStart, tFirst, tLast);
+        result.stats.put("compression", compression);
         return result;
     }
 

@@ -150,18 +150,26 @@ public final class Messages {
         public final String prompt; // formatted by the device (chat template included)
         public final Options options;
         public final String resumeSession, resumeSecret; // reserved: null unless resuming
+        /** Frame compressions this device reads and writes, preferred first; null: not sent (= zstd). */
+        public final List<String> compression;
 
         public Hello(String token, Plugin plugin, String prompt, Options options) {
-            this(token, plugin, prompt, options, null, null);
+            this(token, plugin, prompt, options, null, null, null);
         }
 
         public Hello(String token, Plugin plugin, String prompt, Options options, String resumeSession, String resumeSecret) {
+            this(token, plugin, prompt, options, resumeSession, resumeSecret, null);
+        }
+
+        public Hello(String token, Plugin plugin, String prompt, Options options, String resumeSession, String resumeSecret,
+                     List<String> compression) {
             this.token = token;
             this.plugin = plugin;
             this.prompt = prompt;
             this.options = options;
             this.resumeSession = resumeSession;
             this.resumeSecret = resumeSecret;
+            this.compression = compression;
         }
 
         @Override
@@ -183,6 +191,7 @@ public final class Messages {
                 r.put("secret", resumeSecret);
                 d.put("resume", r);
             }
+            if (compression != null) d.put("compression", new ArrayList<Object>(compression));
             return d;
         }
 
@@ -196,9 +205,26 @@ public final class Messages {
             Plugin plugin = Plugin.read(f.map("plugin"));
             String prompt = f.text("prompt", -1);
             Options options = Options.read(f.map("options"));
-            if (f.d.get("resume") == null) return new Hello(token, plugin, prompt, options);
+            List<String> compression = compressionOffer(f);
+            if (f.d.get("resume") == null) return new Hello(token, plugin, prompt, options, null, null, compression);
             Fields r = f.map("resume");
-            return new Hello(token, plugin, prompt, options, r.text("session"), r.text("secret"));
+            return new Hello(token, plugin, prompt, options, r.text("session"), r.text("secret"), compression);
+        }
+
+        /** hello.compression: 1 to 8 names of at most 32 characters (unknown names allowed: the gateway skips them). */
+        private static List<String> compressionOffer(Fields f) throws ProtocolException {
+            Object v = f.d.get("compression");
+            if (v == null) return null;
+            boolean ok = v instanceof List && !((List<?>) v).isEmpty() && ((List<?>) v).size() <= 8;
+            List<String> out = new ArrayList<String>();
+            if (ok) {
+                for (Object c : (List<?>) v) {
+                    ok &= c instanceof String && !((String) c).isEmpty() && Fields.codePoints((String) c) <= 32;
+                    if (ok) out.add((String) c);
+                }
+            }
+            if (!ok) throw f.bad("compression", "expected a list of 1 to 8 names of at most 32 characters");
+            return out;
         }
     }
 
@@ -290,13 +316,21 @@ public final class Messages {
         public final Backbone backbone;
         public final long promptTokens; // P; the first step has pos = P - 1
         public final Map<String, Object> limits; // the gateway's limits, by name
+        /** This connection's frame compression from this message on; "zstd" when an older gateway omits it. */
+        public final String compression;
 
         public Ready(String session, String secret, Backbone backbone, long promptTokens, Map<String, Object> limits) {
+            this(session, secret, backbone, promptTokens, limits, Frames.ZSTD);
+        }
+
+        public Ready(String session, String secret, Backbone backbone, long promptTokens, Map<String, Object> limits,
+                     String compression) {
             this.session = session;
             this.secret = secret;
             this.backbone = backbone;
             this.promptTokens = promptTokens;
             this.limits = limits;
+            this.compression = compression;
         }
 
         @Override
@@ -312,12 +346,14 @@ public final class Messages {
             d.put("backbone", backbone.toMap());
             d.put("prompt_tokens", promptTokens);
             d.put("limits", limits);
+            d.put("compression", compression);
             return d;
         }
 
         static Ready read(Fields f) throws ProtocolException {
             return new Ready(f.text("session"), f.text("secret"), Backbone.read(f.map("backbone")),
-                    f.integer("prompt_tokens", 1, Fields.INT32_MAX), f.numbers("limits"));
+                    f.integer("prompt_tokens", 1, Fields.INT32_MAX), f.numbers("limits"),
+                    f.d.get("compression") == null ? Frames.ZSTD : f.text("compression", 32));
         }
     }
 

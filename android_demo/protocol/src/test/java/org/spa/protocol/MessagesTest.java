@@ -101,7 +101,7 @@ public class MessagesTest {
         assertBad(map("type", "end", "reason", "tired", "stats", tokens1), "bad_field", "end.reason");
         assertBad(map("type", "end", "reason", "eos", "stats", rollbacks), "bad_field", "end.stats.tokens");
         assertBad(map("type", "end", "reason", "eos", "stats", nan), "bad_field", "end.stats");
-        assertBad(TestData.with(hello, "version", 2L, "plugin", null), "version", "");
+        assertBad(TestData.with(hello, "version", (long) Messages.VERSION + 1, "plugin", null), "version", "");
         assertBad(TestData.with(hello, "options", TestData.with(options, "codec", "int2")), "bad_field", "hello.options.codec");
         assertBad(TestData.with(hello, "options", TestData.with(options, "temperature", -1L)), "bad_field", "hello.options.temperature");
         assertBad(TestData.with(hello, "plugin", TestData.with(plugin, "taps", TestData.list(2L, 1L))), "bad_field", "hello.plugin.taps");
