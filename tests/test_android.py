@@ -9,7 +9,10 @@
 * Java and Python talk through real frames: activations the Java encoder
   produced decode in Python exactly as Python's own, and every message type
   round-trips through the Java parser (and invalid ones are refused with the
-  same error code).
+  same error code); parsed as the device receives them, Java refuses what
+  Python's `parse(d, "device")` refuses with the same code and text (`type` of
+  any length, the direction); plain documents are the same (the spec's
+  whitespace, Python's str.split()).
 
 Live sessions of the Java client against `spa gateway` live elsewhere.
 """
@@ -201,3 +204,113 @@ def test_java_refuses_invalid_messages_with_pythons_codes(junit_run, tmp_path):
         with pytest.raises(ProtocolError) as e:
             m.parse(sent)
         assert back["type"] == "error" and back["code"] == e.value.code, (sent, back)
+
+
+# --- the `type` field, the direction, readable texts (docs/PROTOCOL.md §3) -------------
+
+
+def _device_bound_refusals() -> list[dict]:
+    """Maps the device refuses: `type` of any length that names no message (unknown_type, the
+    text shortened), a missing or non-str `type` (bad_field, message.type), and every type the
+    device never receives, decided before any other field is read (complete ones too)."""
+    good = _messages()
+    gateway_bound = [d for d in good if d["type"] in m.RECEIVES["gateway"] - m.RECEIVES["device"]]
+    assert {d["type"] for d in gateway_bound} == {"hello", "accept", "need_taps", "side", "bye"}
+    return [
+        {"type": "x" * 33},  # once over the Java client's old 32-character limit: bad_field there
+        {"type": "y" * (1 << 20)},
+        {"type": "\U0001F600" + "z" * 70},  # cut at 64 code points, not UTF-16 units
+        {"type": "it's\n\x01\u2028"},  # repr's quotes and escapes
+        {"type": ""},
+        {"epoch": 0},
+        {"type": 5},
+        {"type": None},
+        {"type": True},
+        {"type": b"step"},
+        *({"type": t} for t in ("hello", "accept", "need_taps", "side", "bye")),  # incomplete: still unknown_type
+        *gateway_bound,
+        {"type": "step"},  # a type the device receives: its fields are read
+        {"type": "error", "code": "limit"},
+        {"type": "error", "code": "limit", "message": 5},
+        {**good[2], "compression": 7},
+        {**good[2], "compression": "z" * 33},
+        {"type": "end", "reason": "eos", "stats": {"tokens": 1.5}},
+    ]
+
+
+def test_java_refuses_like_pythons_device_parser(junit_run, tmp_path):
+    """Messages.parse(d, DEVICE) == m.parse(d, "device"): the same code and the same text."""
+    maps = _device_bound_refusals()
+    for sent, back in zip(maps, _interop(junit_run, "device", maps, tmp_path)):
+        with pytest.raises(ProtocolError) as e:
+            m.parse(sent, "device")
+        shown = str(sent)[:120]
+        assert back["type"] == "error", shown
+        assert (back["code"], back["message"]) == (e.value.code, e.value.message), shown
+
+
+def test_java_device_parser_reads_what_the_device_receives(junit_run, tmp_path):
+    maps = [d for d in _messages() if d["type"] in m.RECEIVES["device"]]
+    assert {d["type"] for d in maps} == {"ready", "step", "taps", "verdict", "end", "error"}
+    for sent, back in zip(maps, _interop(junit_run, "device", maps, tmp_path)):
+        assert m.parse(back, "device") == m.parse(sent, "device"), sent["type"]
+
+
+def test_java_error_texts_match_pythons(junit_run, tmp_path):
+    """No "at most None characters", no ">= 0.0" or ">= -inf": the texts Python writes."""
+    hello = _messages()[0]
+    maps = [
+        {**hello, "prompt": 7},  # no length limit: "expected a str"
+        {**hello, "token": "t" * 257},
+        {**hello, "options": {**hello["options"], "temperature": -0.5}},
+        {**hello, "options": {**hello["options"], "temperature": float("nan")}},
+        {**hello, "options": {**hello["options"], "temperature": "hot"}},
+        {**hello, "plugin": {**hello["plugin"], "fingerprint": None}},
+        {"type": "step"},  # both directions: a step's first missing field
+    ]
+    for sent, back in zip(maps, _interop(junit_run, "messages", maps, tmp_path)):
+        with pytest.raises(ProtocolError) as e:
+            m.parse(sent)
+        assert back["type"] == "error", sent
+        assert (back["code"], back["message"]) == (e.value.code, e.value.message)
+        assert "None" not in back["message"] and "inf" not in back["message"]
+
+
+# --- the prompt: a plain document (docs/PROTOCOL.md §4, "The prompt", step 3) -----------
+
+# The spec's whitespace list, which is Python's str.isspace() (and so str.split()).
+SPEC_WHITESPACE = {*range(0x09, 0x0E), *range(0x1C, 0x20), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
+                   0x2028, 0x2029, 0x202F, 0x205F, 0x3000}
+
+
+def _prompt_cases() -> list[tuple[str, int]]:
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    assert {ord(s) for s in spaces} == SPEC_WHITESPACE
+    cases = [(f"{s}a{s}{s}b {s}", 10) for s in spaces]
+    # every code point but the surrogates next to a letter: which ones split words; whole, and cut
+    every = "".join(chr(c) + "w" for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and (c < 0x10000 or c % 97 == 0))
+    cases += [(every, 1 << 20), (every, 128), (every, 1)]
+    cases += [
+        ("\x01x\x02\n", 10),  # control characters at the ends stay (trim() dropped them)
+        ("\x1c\x1dword\x1e\x1f", 10),
+        ("\u00a0\u2003 Résumé,\u3000 déjà\u205fvu\u2029 \u200bzero-width\ufeff", 10),
+        ("\U0001F600\U0001F600\u00a0b\u3000cdefgh", 2),  # the cut counts code points
+        ("\U0001F600" * 9 + "\u2028" + "a" * 10, 2),  # no space within the limit: a hard cut
+        ("\u0085\u1680\u180e\u200b\u2060", 10),  # U+180E, U+200B, U+2060 are no whitespace
+        ("  a \n b\t\tc ", 10),
+    ]
+    rng = np.random.default_rng(23)
+    alphabet = [*spaces, "a", "b", "é", "\U0001F600", "\x00", "\x01", "\x1b", "\x7f", "\u200b", "\ufeff", "{"]
+    for _ in range(200):
+        n = int(rng.integers(0, 120))
+        cases.append(("".join(rng.choice(alphabet, n)), int(rng.integers(1, 12))))
+    return cases
+
+
+def test_java_plain_document_matches_python(junit_run, tmp_path):
+    from spa.data import plain_document
+
+    cases = _prompt_cases()
+    maps = [{"text": text, "max_doc_tokens": n} for text, n in cases]
+    for (text, n), back in zip(cases, _interop(junit_run, "prompts", maps, tmp_path)):
+        assert back["document"] == plain_document(text, n), (text[:80], n)

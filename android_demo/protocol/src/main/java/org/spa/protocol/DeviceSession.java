@@ -95,7 +95,7 @@ public final class DeviceSession {
     // ------------------------------------------------------------------ incoming
 
     public void receive(Map<String, Object> d) throws ProtocolException, PeerException {
-        Messages.Message msg = Messages.parse(d);
+        Messages.Message msg = Messages.parse(d, Messages.DEVICE); // a gateway-bound type: unknown_type
         if (msg instanceof Messages.Error) {
             Messages.Error e = (Messages.Error) msg;
             throw new PeerException(e.code, e.message);

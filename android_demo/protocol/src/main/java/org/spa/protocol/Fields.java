@@ -49,8 +49,16 @@ final class Fields {
     double number(String name, double lo) throws ProtocolException {
         Object v = get(name);
         double x = isNumber(v) ? ((Number) v).doubleValue() : Double.NaN;
-        if (Double.isNaN(x) || Double.isInfinite(x) || x < lo) throw bad(name, "expected a finite number >= " + lo);
+        if (Double.isNaN(x) || Double.isInfinite(x) || x < lo) {
+            throw bad(name, "expected a finite number" + (lo == Double.NEGATIVE_INFINITY ? "" : " >= " + shown(lo)));
+        }
         return x;
+    }
+
+    /** A bound as Python's {@code :g} writes the usual ones: 0, not 0.0. */
+    static String shown(double x) {
+        if (x == Math.rint(x) && Math.abs(x) < 1e15) return String.valueOf((long) x);
+        return String.valueOf(x);
     }
 
     boolean flag(String name) throws ProtocolException {
@@ -63,7 +71,7 @@ final class Fields {
     String text(String name, int maxLen, String... choices) throws ProtocolException {
         Object v = get(name);
         if (!(v instanceof String) || (maxLen >= 0 && codePoints((String) v) > maxLen)) {
-            throw bad(name, "expected a str of at most " + (maxLen < 0 ? "None" : String.valueOf(maxLen)) + " characters");
+            throw bad(name, "expected a str" + (maxLen < 0 ? "" : " of at most " + maxLen + " characters"));
         }
         if (choices.length > 0) {
             for (String c : choices) if (c.equals(v)) return (String) v;

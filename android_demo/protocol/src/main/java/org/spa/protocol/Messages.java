@@ -3,6 +3,7 @@ package org.spa.protocol;
 import java.util.ArrayList;
 import java.util.LinkedHashMap;
 import java.util.List;
+import java.util.Locale;
 import java.util.Map;
 
 /**
@@ -31,10 +32,40 @@ public final class Messages {
         }
     }
 
-    /** Validate an unpacked map and return its message. */
+    /** Receivers for {@link #parse(Map, String)}: this client is always the device. */
+    public static final String DEVICE = "device", GATEWAY = "gateway";
+    /** Every message type of version 2 (docs/PROTOCOL.md section 4). */
+    static final String[] TYPES = {"hello", "accept", "need_taps", "side", "bye",
+            "ready", "resumed", "step", "taps", "verdict", "end", "error"};
+    /** The types each side receives; `error` goes both ways. */
+    static final String[] GATEWAY_RECEIVES = {"hello", "accept", "need_taps", "side", "bye", "error"};
+    static final String[] DEVICE_RECEIVES = {"ready", "resumed", "step", "taps", "verdict", "end", "error"};
+
+    /** Validate an unpacked map and return its message, of either direction (tests, tools). */
     public static Message parse(Map<String, Object> d) throws ProtocolException {
+        return parse(d, null);
+    }
+
+    /**
+     * Validate an unpacked map and return its message. {@code receiver} ({@link #DEVICE} or
+     * {@link #GATEWAY}): a type that side never receives is `unknown_type`, decided from `type`
+     * alone, before any other field is read (docs/PROTOCOL.md section 3); null accepts both
+     * directions. A `type` that is missing or not a str is `bad_field` (message.type); any str,
+     * however long, that names no message is `unknown_type`.
+     */
+    public static Message parse(Map<String, Object> d, String receiver) throws ProtocolException {
         Fields f = new Fields(d, "message");
-        String kind = f.text("type", 32);
+        String kind = f.text("type", -1);
+        if (!contains(TYPES, kind)) throw new ProtocolException("unknown_type", "unknown message type " + shown(kind));
+        if (receiver != null) {
+            String[] receives;
+            if (DEVICE.equals(receiver)) receives = DEVICE_RECEIVES;
+            else if (GATEWAY.equals(receiver)) receives = GATEWAY_RECEIVES;
+            else throw new IllegalArgumentException("receiver must be \"device\" or \"gateway\", not " + receiver);
+            if (!contains(receives, kind)) {
+                throw new ProtocolException("unknown_type", "the " + receiver + " does not receive " + shown(kind));
+            }
+        }
         Fields g = new Fields(d, kind);
         if ("hello".equals(kind)) return Hello.read(g);
         if ("accept".equals(kind)) return new Accept(g.integer("epoch"), g.integer("upto"));
@@ -51,7 +82,63 @@ public final class Messages {
         }
         if ("end".equals(kind)) return End.read(g);
         if ("error".equals(kind)) return new Error(g.text("code"), g.text("message", 4096));
-        throw new ProtocolException("unknown_type", "unknown message type '" + kind + "'");
+        // "resumed" answers a hello.resume, which this client never sends (docs/PROTOCOL.md section 6)
+        throw new ProtocolException("unknown_type", "this client does not resume: it does not receive " + shown(kind));
+    }
+
+    private static boolean contains(String[] names, String name) {
+        for (String n : names) if (n.equals(name)) return true;
+        return false;
+    }
+
+    /** Longest type name an error text shows whole (a `type` may be megabytes long). */
+    static final int SHOWN_TYPE_CHARS = 64;
+
+    /**
+     * A type name for an error text, as Python's repr writes it (quotes, escapes), cut to
+     * {@link #SHOWN_TYPE_CHARS} code points with the full length said: spa.protocol.messages._shown.
+     */
+    static String shown(String kind) {
+        int n = Fields.codePoints(kind);
+        if (n <= SHOWN_TYPE_CHARS) return repr(kind);
+        return repr(kind.substring(0, kind.offsetByCodePoints(0, SHOWN_TYPE_CHARS))) + "... (" + n + " characters)";
+    }
+
+    /** Python's repr of a str: single quotes unless it holds ' and no ", non-printables escaped. */
+    static String repr(String s) {
+        char quote = s.indexOf('\'') >= 0 && s.indexOf('"') < 0 ? '"' : '\'';
+        StringBuilder b = new StringBuilder(s.length() + 2).append(quote);
+        for (int i = 0; i < s.length(); ) {
+            int c = s.codePointAt(i);
+            i += Character.charCount(c);
+            if (c == quote || c == '\\') b.append('\\').appendCodePoint(c);
+            else if (c == '\n') b.append("\\n");
+            else if (c == '\r') b.append("\\r");
+            else if (c == '\t') b.append("\\t");
+            else if (printable(c)) b.appendCodePoint(c);
+            else if (c < 0x100) b.append(String.format(Locale.ROOT, "\\x%02x", c));
+            else if (c < 0x10000) b.append(String.format(Locale.ROOT, "\\u%04x", c));
+            else b.append(String.format(Locale.ROOT, "\\U%08x", c));
+        }
+        return b.append(quote).toString();
+    }
+
+    /** Python's str.isprintable for one code point: not Cc, Cf, Cs, Co, Cn, Zl, Zp, nor Zs other than ' '. */
+    private static boolean printable(int c) {
+        if (c == ' ') return true;
+        switch (Character.getType(c)) {
+            case Character.CONTROL:
+            case Character.FORMAT:
+            case Character.SURROGATE:
+            case Character.PRIVATE_USE:
+            case Character.UNASSIGNED:
+            case Character.LINE_SEPARATOR:
+            case Character.PARAGRAPH_SEPARATOR:
+            case Character.SPACE_SEPARATOR:
+                return false;
+            default:
+                return true;
+        }
     }
 
     // ------------------------------------------------------------------ parts

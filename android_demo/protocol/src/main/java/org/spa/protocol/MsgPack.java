@@ -1,5 +1,6 @@
 package org.spa.protocol;
 
+import java.io.EOFException;
 import java.io.IOException;
 import java.math.BigInteger;
 import java.nio.ByteBuffer;
@@ -13,8 +14,12 @@ import java.util.Map;
 
 import org.msgpack.core.MessageBufferPacker;
 import org.msgpack.core.MessageFormat;
+import org.msgpack.core.MessageInsufficientBufferException;
+import org.msgpack.core.MessageIntegerOverflowException;
+import org.msgpack.core.MessageNeverUsedFormatException;
 import org.msgpack.core.MessagePack;
 import org.msgpack.core.MessagePackException;
+import org.msgpack.core.MessageSizeException;
 import org.msgpack.core.MessageUnpacker;
 
 /**
@@ -86,9 +91,9 @@ public final class MsgPack {
             if (u.hasNext()) throw badFrame("trailing bytes after the msgpack value");
             return value;
         } catch (MessagePackException e) { // truncation, bad format bytes
-            throw badFrame("bad msgpack: " + e.getMessage());
+            throw badFrame("bad msgpack: " + reason(e));
         } catch (IOException e) {
-            throw badFrame("bad msgpack: " + e.getMessage());
+            throw badFrame("bad msgpack: " + reason(e));
         } finally {
             try {
                 u.close();
@@ -119,6 +124,7 @@ public final class MsgPack {
             if (depth > maxDepth) throw badFrame("msgpack nesting deeper than " + maxDepth);
             if (!u.hasNext()) throw badFrame("truncated msgpack");
             MessageFormat format = u.getNextFormat();
+            if (format == MessageFormat.NEVER_USED) throw badFrame("bad msgpack: " + NEVER_USED);
             switch (format.getValueType()) {
                 case NIL:
                     u.unpackNil();
@@ -167,7 +173,7 @@ public final class MsgPack {
                     }
                     return map;
                 }
-                default: // EXTENSION, and the never-used format byte 0xc1
+                default: // EXTENSION
                     throw badFrame("msgpack " + format + " is not allowed");
             }
         }
@@ -177,6 +183,21 @@ public final class MsgPack {
             if (n < 0 || n > left()) throw badFrame("msgpack str/bin of " + (n & 0xffffffffL) + " bytes overruns the frame");
             return n;
         }
+    }
+
+    static final String NEVER_USED = "a byte that starts no msgpack value (e.g. 0xc1, which msgpack never uses)";
+
+    /** A readable reason for a msgpack error: some (a truncated value, a size) carry no text. */
+    static String reason(Exception e) {
+        String m = e.getMessage();
+        if (m != null && !m.trim().isEmpty()) return m;
+        if (e instanceof MessageInsufficientBufferException || e instanceof EOFException) {
+            return "the frame ends inside a msgpack value (truncated)";
+        }
+        if (e instanceof MessageNeverUsedFormatException) return NEVER_USED;
+        if (e instanceof MessageSizeException) return "a msgpack length beyond what this decoder holds";
+        if (e instanceof MessageIntegerOverflowException) return "a msgpack integer beyond 64 bits";
+        return e.getClass().getSimpleName();
     }
 
     private static ProtocolException badFrame(String message) {

@@ -22,6 +22,10 @@ import java.util.Map;
  * java ... org.spa.protocol.InteropTool messages IN OUT
  *     IN any message maps packed by Python; OUT each one parsed by Messages.parse and re-packed
  *     by toMap(), or {"type": "error", "code", "message"} when Java refuses it
+ * java ... org.spa.protocol.InteropTool device IN OUT
+ *     as messages, parsed as the device receives them: Messages.parse(map, Messages.DEVICE)
+ * java ... org.spa.protocol.InteropTool prompts IN OUT
+ *     IN maps {"text": str, "max_doc_tokens": int}; OUT maps {"document": Prompts.plainDocument(text, max_doc_tokens)}
  * </pre>
  */
 public final class InteropTool {
@@ -29,7 +33,7 @@ public final class InteropTool {
 
     public static void main(String[] args) throws Exception {
         if (args.length != 3) {
-            System.err.println("usage: InteropTool encode|messages IN OUT");
+            System.err.println("usage: InteropTool encode|messages|device|prompts IN OUT");
             System.exit(2);
         }
         Frames frames = new Frames();
@@ -39,7 +43,9 @@ public final class InteropTool {
             Map<String, Object> reply;
             try {
                 in = frames.unpack(frame);
-                reply = args[0].equals("encode") ? encode(in) : Messages.parse(in).toMap();
+                if (args[0].equals("encode")) reply = encode(in);
+                else if (args[0].equals("prompts")) reply = prompt(in);
+                else reply = Messages.parse(in, args[0].equals("device") ? Messages.DEVICE : null).toMap();
             } catch (ProtocolException e) {
                 reply = Messages.Error.of(e).toMap();
             }
@@ -55,6 +61,12 @@ public final class InteropTool {
         for (int r = 0; r < rows; r++) for (int c = 0; c < cols; c++) x[r][c] = b.getFloat();
         Map<String, Object> reply = new LinkedHashMap<String, Object>();
         reply.put("encoded", ActivationCodec.encode(x, (String) in.get("scheme"), ((Number) in.get("outliers")).intValue()));
+        return reply;
+    }
+
+    private static Map<String, Object> prompt(Map<String, Object> in) {
+        Map<String, Object> reply = new LinkedHashMap<String, Object>();
+        reply.put("document", Prompts.plainDocument((String) in.get("text"), ((Number) in.get("max_doc_tokens")).intValue()));
         return reply;
     }
 
