@@ -93,6 +93,15 @@ def cmd_bench_load(args) -> int:
     from benchmarks.load import format_load, run_load_bench
 
     log = progress_log(args.json)
+    if args.replicas:  # spa serve with each replica count, side by side, and the cost of a resume
+        from benchmarks.load import format_replicas, run_replica_bench
+
+        result = run_replica_bench(replicas=args.replicas, sessions=args.sessions, plugin=args.plugin,
+                                   max_new_tokens=args.max_new_tokens, window=args.window, codec=args.codec,
+                                   tau=args.tau, workdir=args.workdir, log=log)
+        result["command"] = "spa " + " ".join(sys.argv[1:])
+        write_result(result, args.out / "load-replicas.json", args.json, lambda r: "\n" + format_replicas(r))
+        return 0 if all(row["held"] == row["sessions"] for row in result["replica_rows"]) else 1
     result = run_load_bench(sessions=args.sessions, plugin=args.plugin, max_new_tokens=args.max_new_tokens,
                             window=args.window, codec=args.codec, tau=args.tau, unbatched=args.unbatched,
                             pin=not args.no_pin, workdir=args.workdir, log=log)
@@ -215,4 +224,7 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--unbatched", action="store_true",
                    help="also run the largest count against a gateway with --max-batch 1 (no batching)")
     p.add_argument("--no-pin", action="store_true", help="do not pin gateway and devices to different CPUs")
+    p.add_argument("--replicas", type=int, nargs="+",
+                   help="run the counts against `spa serve --replicas R` for each R instead (e.g. 1 2), side by "
+                        "side, and measure what a resume on a gateway that does not hold the session costs")
     _add_outputs(p, cmd_bench_load, "quick plugin and exports (reused)", "where load.json goes", JSON_HELP)

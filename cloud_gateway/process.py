@@ -23,6 +23,82 @@ class GatewayProcess(ServerProcess):
         super().__init__(cmd, "spa gateway", env=python_env(**(env or {})), start_timeout=start_timeout)
 
 
+class ServeProcess(ServerProcess):
+    """`spa serve` (Ray Serve, N gateway replicas) as a child process; `url` is known once every
+    replica is up. `stop` ends it with SIGTERM (it deletes the application and stops the local Ray
+    cluster it started), then kills whatever of that cluster is left: Ray's processes are found by
+    the cluster's own temporary directory (`ray_temp_dir(pid)`), also after a failure."""
+
+    def __init__(self, *extra_args: str, port: int = 0, env: dict | None = None, start_timeout: float = 600.0):
+        cmd = python_command("cli.main", "serve", "--port", port or _free_port(), *extra_args)
+        super().__init__(cmd, "spa serve", env=python_env(**(env or {})), start_timeout=start_timeout)
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        from spa.children import stop
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # the driver shuts Serve and its Ray cluster down
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+        stop(self.proc, timeout=10.0)
+        kill_ray_cluster(ray_temp_dir(self.proc.pid))
+
+
+def ray_temp_dir(pid: int) -> str:
+    """The temporary directory of the local Ray cluster that `spa serve` with this pid starts (short:
+    Ray puts Unix sockets under it)."""
+    return f"/tmp/spa-ray-{pid}"
+
+
+def kill_ray_cluster(temp_dir: str) -> list[int]:
+    """SIGKILL every process whose command line names `temp_dir`, or that holds a file under it (a
+    local Ray cluster's raylet, GCS, agents, workers, replicas); their pids."""
+    import os
+    import shutil
+    import signal
+    from pathlib import Path
+
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if temp_dir.encode() in cmdline or _has_open_file_under(proc, temp_dir):  # Ray's agents rename themselves
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+            except OSError:
+                pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return killed
+
+
+def _has_open_file_under(proc, temp_dir: str) -> bool:
+    import os
+
+    try:
+        return any(os.readlink(fd).startswith(temp_dir + "/") for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ThreadedGateway:
     """A `cloud_gateway.server.Gateway` serving on 127.0.0.1 from its own event
     loop in a daemon thread. `gateway` is the live object (read its sessions

