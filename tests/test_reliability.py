@@ -356,7 +356,7 @@ def test_a_device_that_stops_reading_stalls_no_one(backbone, pte, prompt, refere
         conn, good, seconds = asyncio.run(main())
         assert good.tokens == reference.tokens  # the normal session was served, correctly
         # The stalled one was dropped as a slow reader, and its state freed after the grace.
-        assert gw.wait_until(lambda g: g.stats["slow_readers"] == 1, timeout=30)
+        assert gw.wait_until(lambda g: g.stats.slow_readers == 1, timeout=30)
         assert gw.wait_until(lambda g: not g.sessions, timeout=10)
 
 
