@@ -202,15 +202,15 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
             ids = backbone.encode(paper_prompt(paper, template, ASPECT_INSTRUCTIONS[profile], max_doc_tokens))
             prompted[profile].append(generate_rows(backbone, ids, [Row("prompted", None, NEVER)], max_new_tokens)[0])
         if done % checkpoint_every == 0 or done == len(test):
-            results = _score(backbone, test[:done], len(test), split, max_new_tokens, max_doc_tokens, plugins,
-                             generations, prompted, time.time() - t0)
+            results = score_results(backbone, test[:done], len(test), split, max_new_tokens, max_doc_tokens,
+                                    plugins, generations, prompted, time.time() - t0)
             if on_checkpoint is not None:
                 on_checkpoint(results)  # an interrupted run still leaves a report on what it covered
     return results
 
 
-def _score(backbone, papers, planned, split, max_new_tokens, max_doc_tokens, plugins, generations, prompted,
-           seconds) -> dict:
+def score_results(backbone, papers, planned, split, max_new_tokens, max_doc_tokens, plugins, generations, prompted,
+                  seconds) -> dict:
     def score(gens, profile) -> dict:
         texts = [backbone.decode(g.tokens) for g in gens]
         refs = [p.summaries[profile] for p in papers]

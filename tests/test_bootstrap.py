@@ -44,7 +44,7 @@ def test_refuses_unpaired_input_and_formats_points():
 
 
 def test_report_prints_each_gated_row_against_always_on_with_its_interval():
-    from evaluation.run import _score, markdown
+    from evaluation.run import markdown, score_results
     from spa.reference import Generation
 
     class Decoder:
@@ -61,7 +61,7 @@ def test_report_prints_each_gated_row_against_always_on_with_its_interval():
                    "outcome|SPA": gens(["a b c d", "e f"], 0),
                    "outcome|SPA with flip-label gate": gens(["a b", "x"], 0)}
     plugin = {"tau": 0.5, "settings": {}, "sweep": {}, "tau_tuning": None, "recipes": {}}
-    results = _score(Decoder(), papers, 2, "test", 48, 384, {"outcome": plugin}, generations,
+    results = score_results(Decoder(), papers, 2, "test", 48, 384, {"outcome": plugin}, generations,
                      {"outcome": gens(["x", "y"], 0)}, 60.0)
     intervals = results["profiles"]["outcome"]["vs_always_on"]
     assert set(intervals) == {"SPA", "SPA with flip-label gate"}
