@@ -32,7 +32,7 @@ import torch
 from websockets.exceptions import ConnectionClosed
 
 from cloud_gateway.engine import kv_bytes
-from spa.generate import decode_one_token, prefill, truncate
+from spa.generate import decode_one_token, truncate
 from spa.projection import project
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
@@ -326,7 +326,7 @@ class GatewaySession:
         # Tokenizing off the event loop and off the compute thread.
         ids = await asyncio.get_running_loop().run_in_executor(None, engine.backbone.encode, hello.prompt)
         self.proto.started(self.id, self._secret(), len(ids))  # checks the prompt limit first
-        self.cache, self.states[len(ids) - 1] = await engine.run(prefill, engine.backbone, ids)
+        self.cache, self.states[len(ids) - 1] = await engine.prefill(ids)  # batched with other sessions' prefills
 
     def _secret(self) -> str | None:
         """An opaque random secret, or None where the protocol signs resume tokens itself."""
@@ -351,7 +351,7 @@ class GatewaySession:
         if self.proto.phase != "generating":  # the device's tokens end the generation: only `end` is left
             return
         t0 = time.perf_counter()
-        self.cache, states = await engine.run(prefill, engine.backbone, ids)
+        self.cache, states = await engine.prefill(ids)
         if not tokens:
             self.states[first] = states
         for t in tokens[:-1]:  # one compute job each: other sessions' rounds run in between
