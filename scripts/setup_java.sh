@@ -9,33 +9,10 @@
 set -euo pipefail
 . "$(dirname "$0")/../android_demo/scripts/common.sh"
 
-LOG="$(mktemp)"
-trap 'rm -f "$LOG"' EXIT
-run_logged() { # run a command quietly; on failure show its output and stop
-    if ! "$@" >>"$LOG" 2>&1; then
-        cat "$LOG" >&2
-        die "'$*' failed (output above)"
-    fi
-}
-
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"
-    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-    else die "need root to run: $* (or install those Debian packages yourself)"
-    fi
-}
 
 # --- Debian packages -----------------------------------------------------------------
 PACKAGES="default-jdk-headless junit4 libhamcrest-java libmsgpack-java libokhttp-java libokio-java libzstd-jni-java libzstd-jni1"
-missing=""
-for p in $PACKAGES; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install these Debian/Ubuntu packages:$missing"
-    run_logged as_root apt-get update -qq
-    run_logged as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
-fi
+apt_install_missing $PACKAGES
 require_tools
 require_libs
 require "$JUNIT_JAR" "JUnit 4 (Debian junit4)"

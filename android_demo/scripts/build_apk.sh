@@ -41,33 +41,11 @@ TOOLS_SRC="$DEMO_DIR/tools/src/main/java"
 RES_DIR="$DEMO_DIR/app/src/main/res"
 MANIFEST="$DEMO_DIR/app/src/main/AndroidManifest.xml"
 
-LOG="$(mktemp)"
-trap 'rm -f "$LOG"' EXIT
-run_logged() { # run a command quietly; on failure show its output and stop
-    if ! "$@" >>"$LOG" 2>&1; then
-        tail -50 "$LOG" >&2
-        die "'$*' failed (output above)"
-    fi
-}
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"
-    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
-    else die "need root to run: $* (or install those Debian packages yourself)"
-    fi
-}
 
 # --- 1. packages ----------------------------------------------------------------------------
 "$REPO_DIR/scripts/setup_java.sh" # JDK, Java libraries, android.jar, ExecuTorch classes.jar
 PACKAGES="aapt zipalign apksigner android-framework-res dexdump proguard-cli libasm-java"
-missing=""
-for p in $PACKAGES; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install these Debian packages:$missing"
-    run_logged as_root apt-get update -qq
-    run_logged as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
-fi
+apt_install_missing $PACKAGES
 for tool in aapt zipalign apksigner dexdump keytool python3; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found after installing:$PACKAGES"
 done

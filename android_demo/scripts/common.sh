@@ -86,3 +86,29 @@ bullseye_download() {
     [ -n "$deb" ] || die "apt-get download $pkg produced no .deb (is Debian bullseye still on the mirror?)"
     echo "$deb"
 }
+
+# Quiet runs and Debian installs, for the scripts that set things up (setup_java.sh, build_apk.sh).
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+run_logged() { # run a command quietly; on failure show the end of its output and stop
+    if ! "$@" >>"$LOG" 2>&1; then
+        tail -50 "$LOG" >&2
+        die "'$*' failed (output above)"
+    fi
+}
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else die "need root to run: $* (or install those Debian packages yourself)"
+    fi
+}
+apt_install_missing() { # install those of the named Debian packages that are not installed yet
+    local missing="" p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+    done
+    [ -z "$missing" ] && return 0
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install these Debian packages:$missing"
+    run_logged as_root apt-get update -qq
+    run_logged as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+}
