@@ -1,4 +1,4 @@
-"""A benchmark-only server for the two baselines the SPA gateway does not serve.
+"""A benchmark-only server for the three baselines the SPA gateway does not serve.
 
 Same backbone, same step functions (`spa.generate`), same framing (one zstd
 frame of one msgpack map per binary websocket message, `FrameCodec`), same
@@ -18,14 +18,27 @@ differ only in what the split sends and waits for.
   One round trip per layer per token. The device really computes a rank-r adapter
   (`B @ A @ rms(h)`, fixed random weights scaled small) — a latency and
   bytes row, not a quality one.
+* **cloud_plugin** (the *ceiling*: the plugin hosted in the cloud — the user
+  uploads the whole side network and the server runs it beside the backbone:
+  no privacy, no round trip): the hello names the plugin's `.pte` **by its
+  path** (`pte`; the benchmark runs server and device on one machine, so a
+  path stands in for the upload) and its threshold (`tau`, null: the
+  plugin's own); the server loads it once with the ExecuTorch runtime
+  (`spa.pte.PtePlugin`, one thread: the same program the device runs) and
+  decides every position with the SPA step of the split
+  (`spa.step.split_state`: gate on dequant(Q(f_t)), side on dequant(Q(T_t))
+  where it opens, f_t + dequant(Q(s_t))) with the session's codec — the same
+  tokens as the SPA rows and the in-process reference, greedy — then streams
+  each token as `stream` does, with its sigma.
 
 Messages (benchmark-only, not part of docs/PROTOCOL.md):
 
-    device -> server  hello {mode, prompt, max_new_tokens, codec, outliers, token}
+    device -> server  hello {mode, prompt, max_new_tokens, codec, outliers, token,
+                             pte, tau}             (pte, tau: cloud_plugin only)
     server -> device  ready {prompt_tokens, num_layers, hidden_size}
     server -> device  act {layer, pos, h}          (per_layer only)
     device -> server  delta {layer, pos, d}        (per_layer only)
-    server -> device  token {pos, token, piece}
+    server -> device  token {pos, token, piece[, sigma]}   (sigma: cloud_plugin only)
     server -> device  end {tokens, reason}
 
     python -m benchmarks.baseline_server --host H --port 0 [--token T]
@@ -48,11 +61,13 @@ from spa import codec
 from spa.generate import choose_token, decode_one_token, prefill
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
+from spa.pte import PtePlugin, set_threads
+from spa.step import quantizing_wire, split_state
 from spa.tokens import token_pieces
 
 log = logging.getLogger("spa.bench.server")
 LIMITS = Limits()
-MODES = ("stream", "per_layer")
+MODES = ("stream", "per_layer", "cloud_plugin")
 
 
 class BaselineServer:
@@ -62,6 +77,7 @@ class BaselineServer:
         self.pieces = token_pieces(backbone.tokenizer)
         self.eos = backbone.eos_token_ids
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spa-bench-compute")
+        self.plugins: dict[tuple, PtePlugin] = {}  # cloud_plugin: loaded once per file (the upload is kept)
         cache, _ = prefill(backbone, backbone.encode("warm up the backbone"))  # pay torch's lazy init now
         decode_one_token(backbone, cache, 0)
 
@@ -73,7 +89,7 @@ class BaselineServer:
         try:
             hello = frames.unpack(await conn.recv())
             if hello.get("type") != "hello" or hello.get("mode") not in MODES:
-                raise ValueError("expected hello with mode stream or per_layer")
+                raise ValueError(f"expected hello with mode {', '.join(MODES)}")
             if self.auth_token is not None and not hmac.compare_digest(
                     str(hello.get("token", "")).encode(), self.auth_token.encode()):
                 raise ValueError("wrong auth token")
@@ -81,6 +97,8 @@ class BaselineServer:
             ids = self.backbone.encode(hello["prompt"])
             if hello["mode"] == "stream":
                 await self._stream(conn, frames, ids, max_new)
+            elif hello["mode"] == "cloud_plugin":
+                await self._cloud_plugin(conn, frames, ids, max_new, hello)
             else:
                 await self._per_layer(conn, frames, ids, max_new, hello.get("codec", "int8"),
                                       int(hello.get("outliers", 8)))
@@ -103,6 +121,44 @@ class BaselineServer:
             token = await self.run(lambda st=states, p=pos: choose_token(bb.logits(st[-1]), 0.0, 0, p))
             n += 1
             await conn.send(frames.pack({"type": "token", "pos": pos, "token": token, "piece": self.pieces[token]}))
+            if token in self.eos or n >= max_new:
+                await conn.send(frames.pack({"type": "end", "tokens": n, "reason": "eos" if token in self.eos
+                                             else "max_tokens"}))
+                await conn.close()
+                return
+            states = await self.run(decode_one_token, bb, cache, token)
+            pos += 1
+
+    def _plugin(self, path: str) -> PtePlugin:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        if key not in self.plugins:
+            set_threads(1)  # one compute thread, like the device's ExecuTorch in the link benchmark
+            self.plugins[key] = PtePlugin(path)
+        return self.plugins[key]
+
+    async def _cloud_plugin(self, conn, frames, ids, max_new, hello) -> None:
+        bb = self.backbone
+        if not isinstance(hello.get("pte"), str):
+            raise ValueError("cloud_plugin: the hello needs pte, the plugin's .pte path on this machine")
+        plugin = await self.run(self._plugin, hello["pte"])
+        if plugin.config.combination != "add":
+            raise ValueError(f"{plugin.path}: only additive plugins run as SPA")
+        tau = plugin.tau if hello.get("tau") is None else float(hello["tau"])
+        wire = quantizing_wire(hello.get("codec", "int8"), int(hello.get("outliers", 8)))
+        cache, states = await self.run(prefill, bb, ids)
+        await conn.send(frames.pack(self._ready(ids)))
+        pos, n = len(ids) - 1, 0
+
+        def choose(st, p) -> tuple[int, bool]:  # the SPA step of one position, then greedy
+            decision, x = split_state(plugin, st, tau, wire)
+            return choose_token(bb.logits(x), 0.0, 0, p), decision.sigma
+
+        while True:
+            token, sigma = await self.run(choose, states, pos)
+            n += 1
+            await conn.send(frames.pack({"type": "token", "pos": pos, "token": token, "piece": self.pieces[token],
+                                         "sigma": int(sigma)}))
             if token in self.eos or n >= max_new:
                 await conn.send(frames.pack({"type": "end", "tokens": n, "reason": "eos" if token in self.eos
                                              else "max_tokens"}))
@@ -163,7 +219,7 @@ async def _main(host: str, port: int, token: str | None) -> None:
     async with serve(server.handle, host, port, compression=None, max_size=LIMITS.max_frame_bytes,
                      max_queue=16, ping_interval=None) as ws:
         bound = ws.sockets[0].getsockname()
-        print(f"spa baseline server: cloud-only stream and per-layer split on ws://{bound[0]}:{bound[1]} "
+        print(f"spa baseline server: cloud-only stream, per-layer split and plugin in the cloud on ws://{bound[0]}:{bound[1]} "
               f"(pid {os.getpid()})", flush=True)
         await stop
     server.thread.shutdown(wait=False, cancel_futures=True)

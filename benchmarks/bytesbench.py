@@ -36,7 +36,7 @@ from spa import codec
 from spa.generate import choose_token, decode_one_token, prefill
 from spa.protocol import messages as m
 from spa.protocol.frames import FrameCodec
-from spa.step import cloud_state, device_step
+from spa.step import split_state
 
 # (codec, outlier channels, cloud-side projection); the first is the reference.
 WAYS = (("f32", 0, False), ("int8", 8, False), ("int4", 8, False), ("int8", 0, False), ("int4", 0, False),
@@ -50,7 +50,6 @@ def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, s
     ids = backbone.encode(prompt)
     cache, states = prefill(backbone, ids)
     pos = len(ids) - 1
-    taps_index = pte.config.taps
     tokens, sigmas, down, up = [], [], [], []
     run_open = False
     while True:
@@ -62,7 +61,7 @@ def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, s
             sent[what] = codec.encode(x, scheme, outliers)
             return codec.decode(sent[what])
 
-        decision = device_step(pte, f.numpy(), lambda: states[taps_index].numpy(), tau, wire, projection)
+        decision, x = split_state(pte, states, tau, wire, projection)
         down.append(m.Step(epoch=0, pos=pos, f=sent["f"], draft=draft, piece=pieces[draft]).to_dict())
         if decision.sigma:
             if run_open:
@@ -71,7 +70,7 @@ def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, s
             up.append(m.NeedTaps(epoch=0, pos=pos).to_dict())
             down.append(m.Taps(epoch=0, pos=pos, taps=sent["taps"]).to_dict())
             up.append(m.Side(epoch=0, pos=pos, s=sent["s"]).to_dict())
-            token = choose_token(backbone.logits(cloud_state(f, decision.s)), 0.0, 0, pos)
+            token = choose_token(backbone.logits(x), 0.0, 0, pos)
             down.append(m.Verdict(epoch=0, pos=pos, token=token, piece=pieces[token], changed=token != draft).to_dict())
             sigmas.append(1)
         else:

@@ -2,9 +2,9 @@
 
     python -m benchmarks.device_worker JOB.json OUT.json
 
-JOB: {"mode": "spa" | "stream" | "per_layer" | "device_only", "prompts": [...],
+JOB: {"mode": "spa" | "stream" | "per_layer" | "cloud_plugin" | "device_only", "prompts": [...],
       "max_new_tokens": n, "url": ws://..., "token": auth, "pte": plugin .pte,
-      "options": {window, codec, outliers}, "tau": float | null, "rank": r,
+      "options": {window, codec, outliers}, "tau": float | null (spa, cloud_plugin), "rank": r,
       "max_in_flight": side outputs in flight (spa), "push_taps", "cloud_projection",
       "backbone_pte": path (device_only), "threads": ExecuTorch threads}
 OUT: {"mode", "load_s", "docs": [{tokens, commit_s (seconds since the
@@ -23,17 +23,6 @@ import sys
 import time
 
 import numpy as np
-
-
-def _set_threads(n: int | None) -> None:
-    if not n:
-        return
-    try:
-        from executorch.extension.pybindings import portable_lib
-
-        portable_lib._unsafe_reset_threadpool(n)
-    except (ImportError, AttributeError):
-        pass
 
 
 async def _spa(job, pte, prompt) -> dict:
@@ -83,8 +72,11 @@ async def _baseline(job, prompt, mode: str) -> dict:
            "prefill_down": 0, "prefill_up": 0, "round_trips": 0, "side_tokens": 0, "rollbacks": 0}
     t0 = time.perf_counter()
     async with connect(job["url"], compression=None, max_size=frames.max_frame_bytes, open_timeout=60) as conn:
-        hello = frames.pack({"type": "hello", "mode": mode, "prompt": prompt, "max_new_tokens": job["max_new_tokens"],
-                             "codec": scheme, "outliers": outliers, "token": job.get("token", "")})
+        hello = {"type": "hello", "mode": mode, "prompt": prompt, "max_new_tokens": job["max_new_tokens"],
+                 "codec": scheme, "outliers": outliers, "token": job.get("token", "")}
+        if mode == "cloud_plugin":  # the plugin hosted in the cloud: the server reads the .pte from this path
+            hello |= {"pte": job["pte"], "tau": job.get("tau")}
+        hello = frames.pack(hello)
         out["handshake_up"] += len(hello)
         await conn.send(hello)
         data = await conn.recv()
@@ -102,6 +94,7 @@ async def _baseline(job, prompt, mode: str) -> dict:
             if kind == "token":
                 out["commit_s"].append(time.perf_counter() - t0)
                 out["tokens"].append(msg["token"])
+                out["side_tokens"] += int(msg.get("sigma", 0))
             elif kind == "act":
                 h = codec.decode(msg["h"])
                 reply = frames.pack({"type": "delta", "layer": msg["layer"], "pos": msg["pos"],
@@ -141,7 +134,9 @@ def _device_only(job, prompts) -> tuple[float, list[dict]]:
 
 
 def run_job(job: dict) -> dict:
-    _set_threads(job.get("threads"))
+    from spa.pte import set_threads
+
+    set_threads(job.get("threads"))
     mode, prompts = job["mode"], job["prompts"]
     t = time.perf_counter()
     if mode == "device_only":

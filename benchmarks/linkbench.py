@@ -5,6 +5,7 @@ Rows (the same ACLSum test documents, the same prompt text, greedy):
 | row              | what runs                                                                         |
 |------------------|-----------------------------------------------------------------------------------|
 | cloud_only       | backbone alone in the cloud, tokens streamed as chosen (no plugin, no activations) |
+| cloud_plugin     | the plugin hosted in the cloud beside the backbone: SPA's tokens, no RT (ceiling)  |
 | side_every_token | SPA gateway, side network on every token (tau < 0), lock-step (W = 0)             |
 | per_layer        | adapter/LoRA-style split: one round trip per backbone layer per token              |
 | spa_lockstep     | SPA gateway, the plugin's trained tau, W = 0                                       |
@@ -19,7 +20,11 @@ Repeats: every row runs `repeats` times (default 3), the rows interleaved
 (each repeat starts one row later), so that a slow minute of a shared machine
 does not land on one row. Each row reports the median tokens/s, and its ratio
 to cloud-only is the median of the per-repeat ratios (each against the
-cloud-only run of the same repeat), with the min and max beside it.
+cloud-only run of the same repeat), with the min and max beside it; its
+ratio to the ceiling (cloud_plugin: what a user gets by uploading the whole
+plugin, no privacy) likewise. The rows that run the SPA rule at the same tau
+(the SPA rows, cloud_plugin) must commit the same tokens: the output says
+whether they do (`lossless`).
 
 Process layout: the servers (`spa gateway`, `benchmarks.baseline_server`)
 run on the gateway side of the link pinned to CPU 0; each row's device side
@@ -46,11 +51,12 @@ from cloud_gateway.process import GatewayProcess
 from spa.children import ServerProcess, pinned, python_command, python_env, run
 from spa.errors import SpaError
 
-ROWS = ("cloud_only", "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push",
-        "spa_inflight", "spa_inflight_push", "device_only")
+ROWS = ("cloud_only", "cloud_plugin", "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj",
+        "spa_draft_push", "spa_inflight", "spa_inflight_push", "device_only")
 SPA_ROWS = ("spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "spa_inflight", "spa_inflight_push")
 ROW_TITLES = {
     "cloud_only": "cloud-only (backbone alone, streamed)",
+    "cloud_plugin": "plugin hosted in the cloud (ceiling: no privacy, no RT)",
     "side_every_token": "side on every token, lock-step",
     "per_layer": "per-layer split (adapter/LoRA, 1 RT/layer)",
     "spa_lockstep": "SPA lock-step (W=0, trained tau)",
@@ -61,6 +67,7 @@ ROW_TITLES = {
     "spa_inflight_push": "SPA in flight + pushed taps (no projection)",
     "device_only": "device-only (whole backbone, ExecuTorch)",
 }
+CEILING = "cloud_plugin"  # every SPA row also reads as a share of it
 FAIL_ENV = "SPA_BENCH_FAIL_AT"  # test hook: "link" or "servers" raises right after that stage
 
 
@@ -152,21 +159,49 @@ def summarize_row(docs: list[dict], reference: list[list[int]] | None = None) ->
 
 
 def add_ratios(rows: dict) -> None:
-    """Ratios to cloud-only: per repeat where the rows carry their runs (median, min, max), else of the figures."""
-    base = rows.get("cloud_only")
-    for name, r in rows.items():
-        if base is None or "error" in r:
+    """Ratios to cloud-only (`..._vs_cloud_only`, `vs_cloud_only_...`) and to the ceiling, the plugin
+    hosted in the cloud (`..._vs_ceiling`, `vs_ceiling_...`): per repeat where the rows carry their
+    runs (median, min, max), else of the figures."""
+    for base_name, key in (("cloud_only", "cloud_only"), (CEILING, "ceiling")):
+        base = rows.get(base_name)
+        if base is None or "error" in base:
             continue
-        runs, base_runs = r.get("tokens_per_s_runs"), base.get("tokens_per_s_runs")
-        if runs and base_runs and len(runs) == len(base_runs) and all(runs + base_runs):
-            ratios = [a / b for a, b in zip(runs, base_runs)]
-            r["vs_cloud_only_runs"] = ratios
-            r["tokens_per_s_vs_cloud_only"] = statistics.median(ratios)
-            r["vs_cloud_only_min"], r["vs_cloud_only_max"] = min(ratios), max(ratios)
-        else:
-            tps, btps = r.get("tokens_per_s"), base.get("tokens_per_s")
-            r["tokens_per_s_vs_cloud_only"] = tps / btps if tps and btps else None
-        r["ttft_vs_cloud_only"] = r["ttft_s"] / base["ttft_s"] if r.get("ttft_s") and base.get("ttft_s") else None
+        for name, r in rows.items():
+            if "error" in r:
+                continue
+            runs, base_runs = r.get("tokens_per_s_runs"), base.get("tokens_per_s_runs")
+            if runs and base_runs and len(runs) == len(base_runs) and all(runs + base_runs):
+                ratios = [a / b for a, b in zip(runs, base_runs)]
+                r[f"vs_{key}_runs"] = ratios
+                r[f"tokens_per_s_vs_{key}"] = statistics.median(ratios)
+                r[f"vs_{key}_min"], r[f"vs_{key}_max"] = min(ratios), max(ratios)
+            else:
+                tps, btps = r.get("tokens_per_s"), base.get("tokens_per_s")
+                r[f"tokens_per_s_vs_{key}"] = tps / btps if tps and btps else None
+            if key == "cloud_only":
+                r["ttft_vs_cloud_only"] = (r["ttft_s"] / base["ttft_s"] if r.get("ttft_s") and base.get("ttft_s")
+                                           else None)
+
+
+def lossless(rows: dict) -> dict | None:
+    """Whether the rows that run the SPA rule (the SPA rows and the plugin in the cloud, at the same tau)
+    committed the same tokens, in every repeat: each against the plugin in the cloud (the in-process
+    reference's step, `spa.step.split_state`), or the first SPA row where that row did not run."""
+    names = [n for n in (CEILING, *SPA_ROWS) if n in rows and "error" not in rows[n] and "per_doc_tokens" in rows[n]]
+    if len(names) < 2:
+        return None
+    ref = rows[names[0]]
+    out = {"against": names[0], "tokens": ref["tokens"], "rows": {}}
+    for name in names[1:]:
+        r = rows[name]
+        first = next(((d, i) for d, (a, b) in enumerate(zip(r["per_doc_tokens"], ref["per_doc_tokens"]))
+                      for i in range(max(len(a), len(b))) if a[i:i + 1] != b[i:i + 1]), None)
+        out["rows"][name] = {"identical": first is None and len(r["per_doc_tokens"]) == len(ref["per_doc_tokens"])
+                             and bool(r.get("same_tokens_every_repeat", True)),
+                             "first_difference": None if first is None else {"doc": first[0], "position": first[1]}}
+    out["against_same_every_repeat"] = bool(ref.get("same_tokens_every_repeat", True))
+    out["identical"] = all(v["identical"] for v in out["rows"].values()) and out["against_same_every_repeat"]
+    return out
 
 
 def merge_repeats(summaries: list[dict]) -> dict:
@@ -194,24 +229,32 @@ def goals(result: dict) -> list[dict]:
 
     profile = result["profile"]["name"]
     target = {"4g": 0.95, "3g": 0.85}.get(profile)
-    spa = {n: rows[n]["tokens_per_s_vs_cloud_only"] for n in SPA_ROWS
-           if rows.get(n, {}).get("tokens_per_s_vs_cloud_only") is not None}
-    if target is not None and spa:
-        best = max(spa, key=spa.get)
+    best = _best_spa(rows)
+    if target is not None and best:
+        value = rows[best]["tokens_per_s_vs_cloud_only"]
         out.append({"goal": f"best SPA row ({best}) tokens/s >= {target:g}x cloud_only ({profile}, median over "
-                            f"repeats)", "value": spa[best], "target": target, "met": spa[best] >= target})
+                            f"repeats)", "value": value, "target": target, "met": value >= target,
+                    "missed_by": max(target - value, 0.0), "vs_ceiling": rows[best].get("tokens_per_s_vs_ceiling")})
+    same = result.get("lossless")
+    if same:
+        value = sum(v["identical"] for v in same["rows"].values()) / len(same["rows"])
+        out.append({"goal": f"lossless: the SPA rows' tokens == {same['against']}'s (share of rows identical in every "
+                            f"repeat)", "value": value, "target": 1.0, "met": same["identical"],
+                    "missed_by": 1.0 - value})
     for a in ("spa_draft", "spa_draft_push"):
         for b, target in (("cloud_only", 0.8), ("side_every_token", 3.0)):
             value = ratio(a, b)
             if value is None and a != "spa_draft":
                 continue
             out.append({"goal": f"{a} tokens/s >= {target:g}x {b} ({profile}; the goal is stated for 4g)",
-                        "value": value, "target": target, "met": None if value is None else value >= target})
+                        "value": value, "target": target, "met": None if value is None else value >= target,
+                        "missed_by": None if value is None else max(target - value, 0.0)})
     for name in ("spa_draft", "spa_draft_proj", "spa_draft_push"):
         if "bytes_per_token" in rows.get(name, {}):
             value = rows[name]["bytes_per_token"]
             out.append({"goal": f"{name} bytes on the wire per token <= 2048 (websocket payload, both directions, "
-                                f"handshake apart)", "value": value, "target": 2048, "met": value <= 2048})
+                                f"handshake apart)", "value": value, "target": 2048, "met": value <= 2048,
+                        "missed_by": max(value - 2048, 0.0)})
     return out
 
 
@@ -288,7 +331,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
             one_thread = {"OMP_NUM_THREADS": "1"}
             host = link.gateway_host
             need_gateway = any(r in rows for r in ("side_every_token", *SPA_ROWS))
-            need_baseline = any(r in rows for r in ("cloud_only", "per_layer"))
+            need_baseline = any(r in rows for r in ("cloud_only", "per_layer", CEILING))
             if need_gateway:
                 log("starting spa gateway on the gateway side...")
                 servers.append(GatewayProcess("--host", host, "--token", token, prefix=on_gateway_side,
@@ -296,7 +339,8 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                 gateway = servers[-1]
                 log(f"  spa gateway pid {gateway.pid} at {gateway.url}")
             if need_baseline:
-                log("starting the baseline server (cloud-only stream, per-layer split) on the gateway side...")
+                log("starting the baseline server (cloud-only stream, per-layer split, plugin in the cloud) on the "
+                    "gateway side...")
                 servers.append(ServerProcess([*on_gateway_side, *python_command(
                     "benchmarks.baseline_server", "--host", host, "--port", "0", "--token", token)],
                     "baseline server", env=python_env(**one_thread)))
@@ -313,6 +357,9 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
             jobs = {
                 "cloud_only": lambda: {"mode": "stream", "max_new_tokens": max_new_tokens,
                                        "url": link.device_url(host, baseline.port)},
+                # the same .pte path as the device's: server and device share this machine's files
+                CEILING: lambda: {"mode": "cloud_plugin", "max_new_tokens": max_new_tokens, "tau": tau,
+                                  "url": link.device_url(host, baseline.port)},
                 "side_every_token": lambda: spa_job(-1.0),
                 "per_layer": lambda: {"mode": "per_layer", "max_new_tokens": min(per_layer_tokens, max_new_tokens),
                                       "rank": 16, "url": link.device_url(host, baseline.port)},
@@ -371,6 +418,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
             signal.signal(signal.SIGTERM, previous)
     result["load_average_after"] = os.getloadavg()
     add_ratios(result["rows"])
+    result["lossless"] = lossless(result["rows"])
     result["goals"] = goals(result)
     return result
 
@@ -415,29 +463,45 @@ def format_result(result: dict) -> str:
                  f"{pin['cpus']}; load average before {result['load_average_before'][0]:.2f}, after "
                  f"{result['load_average_after'][0]:.2f}" + (" — a shared, noisy machine: read ratios, not absolutes"
                                                               if result['load_average_before'][0] > 0.5 else ""))
-    header = (f"{'row':44} {'tok/s':>6} {'x cloud':>7} {'min-max':>9} {'TTFT s':>7} {'ITL p50':>8} {'ITL p95':>8} {'B down/t':>9} "
-              f"{'B up/t':>7} {'hs KB':>6} {'RT/t':>6} {'side':>5} {'chg':>5} {'=cloud':>6}")
+    w = max((len(ROW_TITLES[n]) for n in ROWS if n in result["rows"]), default=44)
+    header = (f"{'row':{w}} {'tok/s':>6} {'x cloud':>7} {'min-max':>9} {'x ceiling':>9} {'TTFT s':>7} {'ITL p50':>8} "
+              f"{'ITL p95':>8} {'B down/t':>9} {'B up/t':>7} {'hs KB':>6} {'RT/t':>6} {'side':>5} {'chg':>5} {'=cloud':>6}")
     lines += ["", header, "-" * len(header)]
     for name in ROWS:
         r = result["rows"].get(name)
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"{ROW_TITLES[name]:44} failed: {r['error'][:200]}")
+            lines.append(f"{ROW_TITLES[name]:{w}} failed: {r['error'][:200]}")
             continue
         lines.append(
-            f"{ROW_TITLES[name]:44} {fmt(r['tokens_per_s'], '6.1f'):>6} {fmt(r.get('tokens_per_s_vs_cloud_only'), '6.2f'):>7} "
-            f"{_spread(r):>9} "
+            f"{ROW_TITLES[name]:{w}} {fmt(r['tokens_per_s'], '6.1f'):>6} "
+            f"{fmt(r.get('tokens_per_s_vs_cloud_only'), '6.2f'):>7} {_spread(r):>9} "
+            f"{fmt(r.get('tokens_per_s_vs_ceiling'), '9.2f'):>9} "
             f"{fmt(r['ttft_s'], '7.2f'):>7} {fmt(r['itl_p50_ms'], '8.1f'):>8} {fmt(r['itl_p95_ms'], '8.1f'):>8} "
             f"{r['bytes_down_per_token']:>9.0f} {r['bytes_up_per_token']:>7.0f} {r['handshake_bytes'] / 1e3:>6.1f} "
             f"{r['round_trips_per_token']:>6.2f} "
             f"{r['side_usage']:>5.0%} {r['change_rate']:>5.0%} {fmt(r.get('same_tokens_as_cloud_only'), '6.0%'):>6}")
     lines.append("tok/s: median over repeats of committed tokens per second after the first (decode); x cloud: median "
-                 "of the per-repeat ratios to cloud-only, min-max beside it; TTFT from opening the connection; "
+                 "of the per-repeat ratios to cloud-only, min-max beside it; x ceiling: the same against the plugin "
+                 "hosted in the cloud (cloud_plugin: SPA's tokens without privacy or round trips); "
+                 "TTFT from opening the connection; "
                  "ITL: inter-token latency as committed; B/t: websocket payload bytes per token after the handshake; "
                  "hs KB: handshake per document, both ways (prompt; the projection weights for +proj); "
                  "RT/t: round trips the device waits on per token; chg: rollbacks / side tokens; "
                  "=cloud: tokens identical to cloud-only at the same position.")
+    best = _best_spa(result["rows"])
+    if best:
+        r = result["rows"][best]
+        lines.append(f"best SPA row: {best}, {fmt(r.get('tokens_per_s_vs_cloud_only'), '.2f')}x cloud-only "
+                     f"({_spread(r)}), {fmt(r.get('tokens_per_s_vs_ceiling'), '.2f')}x ceiling "
+                     f"({_spread(r, 'ceiling')}; the plugin hosted in the cloud)")
+    same = result.get("lossless")
+    if same:
+        each = ", ".join(f"{n} {_same_text(v)}" for n, v in same["rows"].items())
+        varied = "" if same["against_same_every_repeat"] else f" ({same['against']} itself varied between repeats)"
+        lines.append(f"lossless: tokens identical to {same['against']} ({same['tokens']} tokens) in every repeat: "
+                     f"{each} -> {'yes' if same['identical'] else 'NO'}{varied}")
     dev = result.get("device_only_model")
     if dev:
         par = dev["parity"]
@@ -454,14 +518,32 @@ def format_result(result: dict) -> str:
         lines.append("goals:")
         for g in result["goals"]:
             state = "not measured" if g["met"] is None else ("met" if g["met"] else "MISSED")
+            if g["met"] is False and g.get("missed_by") is not None:
+                state += f" by {g['missed_by']:.2f}"
             value = "-" if g["value"] is None else f"{g['value']:.2f}"
-            lines.append(f"  {g['goal']}: {value} -> {state}")
+            ceiling = "" if g.get("vs_ceiling") is None else f"; {g['vs_ceiling']:.2f}x ceiling ({CEILING})"
+            lines.append(f"  {g['goal']}: {value} -> {state}{ceiling}")
     return "\n".join(lines)
 
 
-def _spread(r: dict) -> str:
-    lo, hi = r.get("vs_cloud_only_min"), r.get("vs_cloud_only_max")
+def _spread(r: dict, key: str = "cloud_only") -> str:
+    lo, hi = r.get(f"vs_{key}_min"), r.get(f"vs_{key}_max")
     return "-" if lo is None else f"{lo:.2f}-{hi:.2f}"
+
+
+def _same_text(v: dict) -> str:
+    d = v["first_difference"]
+    if v["identical"]:
+        return "yes"
+    if d is None:
+        return "NO (not the same in every repeat)"
+    return f"NO (first difference: doc {d['doc']}, token {d['position']})"
+
+
+def _best_spa(rows: dict) -> str | None:
+    """The SPA row with the highest median ratio to cloud-only, if any ran."""
+    spa = [n for n in SPA_ROWS if rows.get(n, {}).get("tokens_per_s_vs_cloud_only") is not None]
+    return max(spa, key=lambda n: rows[n]["tokens_per_s_vs_cloud_only"]) if spa else None
 
 
 def plot_result(result: dict, path: Path) -> Path:
@@ -477,8 +559,10 @@ def plot_result(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
     for ax, (key, title) in zip(axes, panels):
         values = [result["rows"][n].get(key) or 0 for n in names]
-        ax.barh(labels, values, color=["#888" if n == "cloud_only" else "#3a7" if n.startswith("spa") else "#c84"
-                                       for n in names])
+        ax.barh(labels, values, color=["#888" if n == "cloud_only" else "#48c" if n == CEILING
+                                       else "#3a7" if n.startswith("spa") else "#c84" for n in names])
+        if key == "tokens_per_s" and CEILING in names:  # the ceiling every SPA row reads against
+            ax.axvline(values[names.index(CEILING)], color="#48c", linestyle="--", linewidth=1)
         ax.set_title(title)
         ax.invert_yaxis()
         if key == "bytes_per_token" and any(values):

@@ -26,6 +26,18 @@ def executorch_runtime():
         return Runtime.get()
 
 
+def set_threads(n: int | None) -> None:
+    """Size the ExecuTorch threadpool of this process (None or 0: leave it as it is)."""
+    if not n:
+        return
+    try:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(n)
+    except (ImportError, AttributeError):
+        pass
+
+
 class PtePlugin:
     """A loaded `.pte` plugin: `gate(f) -> p`, `side(taps) -> s`, plus its config."""
 

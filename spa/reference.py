@@ -20,7 +20,7 @@ import torch
 
 from spa.errors import PluginError
 from spa.generate import choose_token, decode_one_token, prefill
-from spa.step import cloud_state, device_step, quantizing_wire
+from spa.step import quantizing_wire, split_state
 
 
 @dataclass
@@ -40,14 +40,12 @@ def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens
         raise PluginError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) "
                           f"does not run in the split; only additive plugins do")
     ids = backbone.encode(prompt)
-    taps_index = pte.config.taps
     wire = quantizing_wire(scheme, outliers)
     cache, states = prefill(backbone, ids)
     pos, out = len(ids) - 1, Generation()
     while True:
-        f = states[-1]
-        decision = device_step(pte, f.numpy(), lambda: states[taps_index].numpy(), tau, wire, projection)
-        logits = backbone.logits(cloud_state(f, decision.s))
+        decision, x = split_state(pte, states, tau, wire, projection)
+        logits = backbone.logits(x)
         sigma, p = decision.sigma, decision.p
         token = choose_token(logits, temperature, seed, pos)
         top2 = torch.topk(logits, 2).values

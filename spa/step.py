@@ -9,8 +9,10 @@
 
 The device half (`device_step`) and the cloud half (`cloud_state`) are the
 only places this rule is written. The in-process reference, the batched
-evaluation and the bytes benchmark run both halves in one process; the
-gateway runs the cloud half on the side output the device sent.
+evaluation, the bytes benchmark and the link benchmark's plugin-in-the-cloud
+row run both halves in one process (`split_state`: both, for one position of
+one sequence); the gateway runs the cloud half on the side output the device
+sent.
 
 `wire(x, what)` is what crossing the wire does to an activation matrix: by
 default `codec.quantize` with the session's scheme; the bytes benchmark passes
@@ -69,3 +71,13 @@ def cloud_state(f: torch.Tensor, s: np.ndarray | None, combination: str = "add")
     if s is None:
         return f
     return combine(f, torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)).to(f.dtype), combination)
+
+
+def split_state(plugin, states: torch.Tensor, tau: float, wire: Wire,
+                projection: tuple | None = None) -> tuple[DeviceDecision, torch.Tensor]:
+    """Both halves for one position, in one process: (the device's decision, the state
+    lm_head(norm(.)) reads). `states`: the backbone's states [L + 1, H] at that position
+    (f_t is the last; the taps are `plugin.config.taps` of them)."""
+    f = states[-1]
+    decision = device_step(plugin, f.numpy(), lambda: states[plugin.config.taps].numpy(), tau, wire, projection)
+    return decision, cloud_state(f, decision.s)
