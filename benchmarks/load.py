@@ -1,6 +1,6 @@
 """`spa bench load`: many concurrent device sessions against one gateway.
 
-One real gateway subprocess (SmolLM2, `spa gateway`) and N device sessions
+One real gateway subprocess (`spa gateway`) and N device sessions
 (`device_runtime.client.run_session`, the plugin run by the ExecuTorch
 runtime) in this process, all on loopback; N = 1 first, then each requested
 count, against the same gateway. Per N it prints: sessions held (completed
@@ -10,6 +10,15 @@ token, the gateway's peak memory (RSS sampled every 20 ms) and what remains
 after the sessions end, and the batching the gateway reports in each `end`
 (decode steps that shared a forward with other sessions, mean batch size) —
 with ratios against N = 1, measured side by side in one run.
+
+`--backbones` and `--dtypes` run each (backbone, dtype) configuration against
+its own gateway side by side (a quick plugin trained per backbone; a bfloat16
+gateway takes the same plugin as a float32 one: the identity is the float32
+checkpoint's), `--repeats` times, interleaved; the table shows medians with
+min-max, each row's tokens/s against the first configuration at the same
+count, the gateway's RSS per extra session (peak at N minus peak at 1, over
+N - 1), and two goals at the largest count: tokens/s >= 6x one session's, and
+p95 time to first token <= 5 s when all sessions start together.
 
 With 2+ CPUs the gateway is pinned to the last CPU and the devices to the
 others (taskset / sched_setaffinity); the output says so.
@@ -49,9 +58,21 @@ QUESTIONS = [
 ]
 
 
-def chat_prompt(question: str) -> str:
-    """A short chat prompt in SmolLM2's template (no system turn: ~15 tokens)."""
+def chat_prompt(question: str, tokenizer=None) -> str:
+    """A short chat prompt (no system turn: ~15 tokens) in `tokenizer`'s chat template, or SmolLM2's."""
+    if tokenizer is not None and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def backbone_tokenizer(backbone: str | None):
+    """The tokenizer of a backbone given as the gateway takes it (None: the default; a name; a directory)."""
+    from transformers import AutoTokenizer
+
+    from spa.backbone import backbone_dir
+
+    return AutoTokenizer.from_pretrained(backbone_dir(backbone))
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -86,12 +107,12 @@ async def _one(url, pte, prompt, options, tau, t0):
     return result, times
 
 
-def _run_sessions(url, pte, n: int, options, tau, gateway_pid) -> dict:
+def _run_sessions(url, pte, n: int, options, tau, gateway_pid, tokenizer=None) -> dict:
     """n concurrent sessions; `gateway_pid`: the gateway's pid, or a list (replicas: RSS of the largest)."""
     from spa.errors import SpaError
 
     pids = gateway_pid if isinstance(gateway_pid, list) else [gateway_pid]
-    prompts = [chat_prompt(QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
+    prompts = [chat_prompt(QUESTIONS[i % len(QUESTIONS)], tokenizer) for i in range(n)]
     rss_before = max(rss(p) for p in pids)
     samplers = [_Sampler(p) for p in pids]
 
@@ -111,6 +132,7 @@ def _run_sessions(url, pte, n: int, options, tau, gateway_pid) -> dict:
             raise o
     tokens = sum(len(r.tokens) for r, _ in done)
     gaps = [b - a for _, times in done for a, b in zip(times, times[1:])]
+    ttfts = [times[0] for _, times in done if times]
     gw = [r.stats["gateway"] for r, _ in done]
     steps = sum(g.get("decode_steps", 0) for g in gw)
     return {
@@ -122,7 +144,8 @@ def _run_sessions(url, pte, n: int, options, tau, gateway_pid) -> dict:
         "tokens_per_s": tokens / wall if wall > 0 else None,
         "p95_itl_ms": None if not gaps else 1000 * percentile(gaps, 0.95),
         "p50_itl_ms": None if not gaps else 1000 * percentile(gaps, 0.5),
-        "ttft_p50_s": statistics.median([t[0] for _, t in done if t]) if done else None,
+        "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
+        "ttft_p95_s": percentile(ttfts, 0.95) if ttfts else None,
         "gateway_rss_before_mib": rss_before / 2**20,
         "gateway_rss_peak_mib": peak / 2**20,
         "gateway_rss_after_mib": rss_after / 2**20,
@@ -142,54 +165,114 @@ def _cpus():
         return list(range(os.cpu_count() or 1))
 
 
-def run_load_bench(*, sessions: list[int], plugin: str | None, max_new_tokens: int, window: int, codec: str,
-                   tau: float | None, unbatched: bool, pin: bool, workdir: Path, log=print) -> dict:
+GOAL_SPEEDUP, GOAL_TTFT_P95_S = 6.0, 5.0  # at the largest count: tokens/s vs 1 session; p95 first token
+
+
+def run_load_bench(*, sessions: list[int], backbones: list[str | None], dtypes: list[str], plugin: str | None,
+                   max_new_tokens: int, window: int, codec: str, tau: float | None, repeats: int, unbatched: bool,
+                   pin: bool, workdir: Path, log=print) -> dict:
+    """Each (backbone, dtype) configuration against its own gateway, the counts side by side, `repeats` times.
+
+    The repeats are interleaved (every count of every configuration, then again)
+    so that a slow minute on a shared machine does not land on one row.
+    """
+    from spa.errors import SpaError
     from spa.protocol.messages import Options
     from spa.pte import PtePlugin
 
-    pte_path = ensure_plugin(plugin, workdir, log=log)
-    pte = PtePlugin(pte_path)
-    tau = pte.tau if tau is None else tau
-    options = Options(window=window, codec=codec, max_new_tokens=max_new_tokens)
+    if plugin and len(backbones) > 1:
+        raise SpaError("--plugin names one plugin, which belongs to one backbone; give one --backbones entry "
+                       "with it, or leave --plugin out to train a quick plugin per backbone")
     counts = [1] + [n for n in sessions if n != 1]
     cpus = _cpus()
     gw_cpu = dev_cpus = None
     if pin and len(cpus) >= 2:
         gw_cpu, dev_cpus = cpus[-1], cpus[:-1]
         os.sched_setaffinity(0, dev_cpus)
-    result = {"plugin": str(pte_path), "tau": tau, "max_new_tokens": max_new_tokens, "window": window, "codec": codec,
-              "cpus": len(cpus), "gateway_cpu": gw_cpu, "device_cpus": dev_cpus, "rows": []}
+    options = Options(window=window, codec=codec, max_new_tokens=max_new_tokens)
+    result = {"max_new_tokens": max_new_tokens, "window": window, "codec": codec, "repeats": repeats,
+              "cpus": len(cpus), "gateway_cpu": gw_cpu, "device_cpus": dev_cpus,
+              "load_before": os.getloadavg(), "configs": []}
+    configs = []
+    for backbone in backbones:
+        pte_path = ensure_plugin(plugin, workdir, backbone=backbone, log=log)
+        pte = PtePlugin(pte_path)
+        tokenizer = backbone_tokenizer(backbone)
+        for dtype in dtypes:
+            configs.append({"backbone": backbone or pte.config.backbone["name"], "dtype": dtype,
+                            "plugin": str(pte_path), "tau": pte.tau if tau is None else tau, "runs": {},
+                            "_pte": pte, "_tokenizer": tokenizer,
+                            "_gateway": ("--max-sessions", str(max(counts)), "--resume-grace", "0",
+                                         "--dtype", dtype, *(() if backbone is None else ("--backbone", backbone)))})
+    for repeat in range(repeats):
+        for config in configs:
+            name = f"{config['backbone']} {config['dtype']}"
+            log(f"[{repeat + 1}/{repeats}] {name}: starting spa gateway (max {max(counts)} sessions"
+                f"{'' if gw_cpu is None else f', pinned to CPU {gw_cpu}'})...")
+            variants = [("batched", ())] + ([("unbatched", ("--max-batch", "1"))] if unbatched else [])
+            for label, extra in variants:
+                with GatewayProcess(*config["_gateway"], *extra, prefix=pinned(gw_cpu)) as gw:
+                    run = lambda n: _run_sessions(gw.url, config["_pte"], n, options, config["tau"],  # noqa: E731
+                                                  gw.proc.pid, config["_tokenizer"])
+                    run(1)  # warm-up
+                    for n in (counts if label == "batched" else [max(counts)]):
+                        row = run(n)
+                        log(f"  {n} {label} session{'s' * (n > 1)}: " + _line(row))
+                        config["runs"].setdefault(f"{label}:{n}", []).append(row)
+    result["load_after"] = os.getloadavg()
+    for config in configs:
+        result["configs"].append(summarize_config(config, counts))
+    compare_configs(result["configs"])
+    return result
 
-    def gateway(*extra):
-        return GatewayProcess("--max-sessions", str(max(counts)), "--resume-grace", "0", *extra,
-                              prefix=pinned(gw_cpu))
 
-    log(f"starting spa gateway (max {max(counts)} sessions"
-        f"{'' if gw_cpu is None else f', pinned to CPU {gw_cpu}'})...")
-    with gateway() as gw:
-        log("warm-up session...")
-        _run_sessions(gw.url, pte, 1, options, tau, gw.proc.pid)
-        for n in counts:
-            log(f"{n} concurrent session{'s' * (n > 1)}...")
-            row = _run_sessions(gw.url, pte, n, options, tau, gw.proc.pid)
-            row["batching"] = True
-            result["rows"].append(row)
-            log("  " + _line(row))
-    if unbatched:
-        n = max(counts)
-        with gateway("--max-batch", "1") as gw:
-            log(f"{n} concurrent sessions against a gateway with --max-batch 1 (no batching)...")
-            _run_sessions(gw.url, pte, 1, options, tau, gw.proc.pid)
-            row = _run_sessions(gw.url, pte, n, options, tau, gw.proc.pid)
-            row["batching"] = False
-            result["rows"].append(row)
-            log("  " + _line(row))
-    base = result["rows"][0]
-    for row in result["rows"]:
+def summarize_config(config: dict, counts: list[int]) -> dict:
+    """Median over repeats (with min-max) per count, ratios against 1 session, memory per session, goals."""
+    rows = []
+    for key, runs in config["runs"].items():
+        label, n = key.split(":")
+        row = {"sessions": int(n), "batching": label == "batched", "runs": runs,
+               "held": min(r["held"] for r in runs), "errors": [e for r in runs for e in r["errors"]][:3]}
+        for k in ("tokens_per_s", "p95_itl_ms", "p50_itl_ms", "ttft_p50_s", "ttft_p95_s", "gateway_rss_peak_mib",
+                  "gateway_rss_before_mib", "gateway_rss_after_mib", "mean_batch", "side_usage"):
+            values = [r[k] for r in runs if r[k] is not None]
+            row[k] = statistics.median(values) if values else None
+            row[k + "_range"] = (min(values), max(values)) if values else None
+        for k in ("decode_steps", "batched_steps", "rollbacks"):
+            row[k] = sum(r[k] for r in runs)
+        row["max_batch"] = max((r["max_batch"] or 1) for r in runs)
+        rows.append(row)
+    base = next(r for r in rows if r["sessions"] == 1 and r["batching"])
+    for row in rows:
         for key in ("tokens_per_s", "p95_itl_ms", "gateway_rss_peak_mib"):
             row[key + "_ratio"] = (row[key] / base[key]) if row[key] and base[key] else None
         row["gateway_rss_held_mib"] = row["gateway_rss_peak_mib"] - row["gateway_rss_before_mib"]
-    return result
+        extra = row["sessions"] - 1
+        row["rss_per_extra_session_mib"] = ((row["gateway_rss_peak_mib"] - base["gateway_rss_peak_mib"]) / extra
+                                            if extra else None)
+    top = next(r for r in rows if r["batching"] and r["sessions"] == max(counts))
+    goals = []
+    if top["sessions"] > 1:
+        goals.append({"what": f"{top['sessions']} sessions >= {GOAL_SPEEDUP:g}x the tokens/s of 1 session",
+                      "value": top["tokens_per_s_ratio"], "target": GOAL_SPEEDUP, "higher_is_better": True})
+        goals.append({"what": f"p95 time to first token <= {GOAL_TTFT_P95_S:g} s when {top['sessions']} sessions "
+                              f"start together", "value": top["ttft_p95_s"], "target": GOAL_TTFT_P95_S,
+                      "higher_is_better": False})
+    for goal in goals:
+        v = goal["value"]
+        goal["met"] = v is not None and (v >= goal["target"] if goal["higher_is_better"] else v <= goal["target"])
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "runs"} | {"rows": rows,
+                                                                                          "goals": goals}
+
+
+def compare_configs(configs: list[dict]) -> None:
+    """Each configuration's tokens/s against the first configuration's at the same session count."""
+    first = {(r["sessions"], r["batching"]): r for r in configs[0]["rows"]}
+    for config in configs:
+        for row in config["rows"]:
+            other = first.get((row["sessions"], row["batching"]))
+            row["tokens_per_s_vs_first"] = (row["tokens_per_s"] / other["tokens_per_s"]
+                                            if other and other["tokens_per_s"] and row["tokens_per_s"] else None)
 
 
 # --- replicas (spa serve) and the cost of a resume ----------------------------------------------
@@ -364,24 +447,67 @@ def format_load(result: dict) -> str:
     pin = ("gateway pinned to CPU %s, devices to CPU %s (taskset/sched_setaffinity) of %d"
            % (result["gateway_cpu"], ",".join(map(str, result["device_cpus"])), result["cpus"])
            if result["gateway_cpu"] is not None else f"not pinned ({result['cpus']} CPUs)")
+    load = lambda v: " ".join(f"{x:.2f}" for x in v)  # noqa: E731
+    first = result["configs"][0]
     lines = [
         f"spa bench load: {result['max_new_tokens']} new tokens per session, W = {result['window']}, "
-        f"{result['codec']}, tau {result['tau']:.3g}, plugin {result['plugin']}",
-        f"cpu: {pin}; everything on loopback; ratios are against 1 session, same run",
-        "",
-        "| sessions | held | tokens/s (x) | p95 inter-token ms (x) | p50 ms | TTFT p50 s | gateway peak RSS MiB (x) "
-        "| held by sessions MiB | after MiB | batched steps | mean batch | max batch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{result['codec']}, median of {result['repeats']} interleaved repeat(s) [min-max]",
+        f"cpu: {pin}; everything on loopback; load average before {load(result['load_before'])}, "
+        f"after {load(result['load_after'])}",
+        f"(x): against 1 session of the same configuration; (vs first): against {first['backbone']} "
+        f"{first['dtype']} at the same count",
     ]
-    for r in result["rows"]:
-        label = f"{r['sessions']}" + ("" if r["batching"] else " (no batching)")
-        lines.append(
-            f"| {label} | {r['held']} | {fmt(r['tokens_per_s'], '.1f')} ({fmt(r['tokens_per_s_ratio'], '.2f')}) "
-            f"| {fmt(r['p95_itl_ms'], '.0f')} ({fmt(r['p95_itl_ms_ratio'], '.2f')}) | {fmt(r['p50_itl_ms'], '.0f')} "
-            f"| {fmt(r['ttft_p50_s'], '.2f')} "
-            f"| {r['gateway_rss_peak_mib']:.0f} ({fmt(r['gateway_rss_peak_mib_ratio'], '.2f')}) "
-            f"| {r['gateway_rss_held_mib']:.0f} | {r['gateway_rss_after_mib']:.0f} "
-            f"| {r['batched_steps']}/{r['decode_steps']} | {fmt(r['mean_batch'], '.1f')} | {fmt(r['max_batch'], 'd')} |")
-        if r["errors"]:
-            lines.append(f"  errors: {'; '.join(r['errors'])}")
+    for config in result["configs"]:
+        lines += [
+            "",
+            f"### {config['backbone']} {config['dtype']} (plugin {config['plugin']}, tau {config['tau']:.3g})",
+            "",
+            "| sessions | held | tokens/s (x) [min-max] | vs first | p95 inter-token ms (x) | TTFT p50 s | TTFT p95 s "
+            "| gateway peak RSS MiB | per extra session MiB | after MiB | batched steps | mean batch | max batch |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in config["rows"]:
+            label = f"{r['sessions']}" + ("" if r["batching"] else " (no batching)")
+            lo, hi = r["tokens_per_s_range"] or (None, None)
+            lines.append(
+                f"| {label} | {r['held']} | {fmt(r['tokens_per_s'], '.1f')} ({fmt(r['tokens_per_s_ratio'], '.2f')}) "
+                f"[{fmt(lo, '.1f')}-{fmt(hi, '.1f')}] | {fmt(r['tokens_per_s_vs_first'], '.2f')} "
+                f"| {fmt(r['p95_itl_ms'], '.0f')} ({fmt(r['p95_itl_ms_ratio'], '.2f')}) "
+                f"| {fmt(r['ttft_p50_s'], '.2f')} | {fmt(r['ttft_p95_s'], '.2f')} "
+                f"| {r['gateway_rss_peak_mib']:.0f} | {fmt(r['rss_per_extra_session_mib'], '.2f')} "
+                f"| {r['gateway_rss_after_mib']:.0f} | {r['batched_steps']}/{r['decode_steps']} "
+                f"| {fmt(r['mean_batch'], '.1f')} | {fmt(r['max_batch'], 'd')} |")
+            if r["errors"]:
+                lines.append(f"  errors: {'; '.join(r['errors'])}")
+        for goal in config["goals"]:
+            v, t = goal["value"], goal["target"]
+            verdict = "met" if goal["met"] else (
+                "MISSED" + ("" if v is None else f" by {abs(v - t) / t:.0%}"))
+            lines.append(f"goal: {goal['what']}: {fmt(v, '.2f')} -> {verdict}")
     return "\n".join(lines)
+
+
+def plot_load(result: dict, path: Path) -> None:
+    """tokens/s and p95 time to first token against concurrent sessions, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for config in result["configs"]:
+        rows = sorted((r for r in config["rows"] if r["batching"]), key=lambda r: r["sessions"])
+        xs = [r["sessions"] for r in rows]
+        label = f"{config['backbone']} {config['dtype']}"
+        left.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=label)
+        right.plot(xs, [r["ttft_p95_s"] for r in rows], marker="o", label=label)
+    right.axhline(GOAL_TTFT_P95_S, color="#c44", linestyle="--", linewidth=1, label="goal")
+    for ax, title in ((left, "tokens/s, all sessions (median)"), (right, "p95 time to first token, s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent sessions")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

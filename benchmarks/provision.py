@@ -24,8 +24,11 @@ def run_spa(*args) -> None:
 
 
 def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", tap_every: int = 1,
-                  skip_cost: float = DEFAULT_SKIP_COST, log=print) -> Path:
+                  skip_cost: float = DEFAULT_SKIP_COST, backbone: str | None = None, log=print) -> Path:
     """The plugin .pte to use: the one given, or a quick one trained and exported with `spa train/export`.
+
+    `backbone`: the backbone the quick plugin is trained on (a name such as
+    "gemma3-270m" or a directory; None: the default SmolLM2).
 
     The quick plugin is trained with skip cost (lambda) `skip_cost`: with the
     training default (0.05) the quick plugin's gate opens on ~95 % of tokens,
@@ -38,13 +41,18 @@ def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", t
         return path
     workdir = Path(workdir)
     suffix = ("" if tap_every == 1 else f"-tap{tap_every}") + f"-lambda{skip_cost:g}"
+    if backbone is not None:
+        suffix += "-" + Path(backbone).name
     plugin_dir, export_dir = workdir / f"plugin-{profile}-quick{suffix}", workdir / f"export-{profile}-quick{suffix}"
     pte = export_dir / "plugin-fp32.pte"
     if pte.exists() and (export_dir / "plugin-int8.pte").exists() and _current_export(pte):
         return pte
     if not (plugin_dir / "config.json").exists():
-        log(f"training a quick plugin ({profile}, tap every {tap_every}, lambda {skip_cost:g}) into {plugin_dir} (spa train --quick)...")
+        on = "" if backbone is None else f", on {backbone}"
+        log(f"training a quick plugin ({profile}, tap every {tap_every}, lambda {skip_cost:g}{on}) into {plugin_dir} "
+            f"(spa train --quick)...")
         extra = ["--skip-cost", str(skip_cost)] + ([] if tap_every == 1 else ["--tap-every", str(tap_every)])
+        extra += [] if backbone is None else ["--backbone", backbone]
         run_spa("train", "--quick", "--profile", profile, "--out", plugin_dir, *extra)
     log(f"exporting it to {export_dir} (spa export)...")
     try:

@@ -102,12 +102,19 @@ def cmd_bench_load(args) -> int:
         result["command"] = "spa " + " ".join(sys.argv[1:])
         write_result(result, args.out / "load-replicas.json", args.json, lambda r: "\n" + format_replicas(r))
         return 0 if all(row["held"] == row["sessions"] for row in result["replica_rows"]) else 1
-    result = run_load_bench(sessions=args.sessions, plugin=args.plugin, max_new_tokens=args.max_new_tokens,
-                            window=args.window, codec=args.codec, tau=args.tau, unbatched=args.unbatched,
-                            pin=not args.no_pin, workdir=args.workdir, log=log)
+    from benchmarks.load import plot_load
+
+    result = run_load_bench(sessions=args.sessions, backbones=args.backbones, dtypes=args.dtypes, plugin=args.plugin,
+                            max_new_tokens=args.max_new_tokens, window=args.window, codec=args.codec, tau=args.tau,
+                            repeats=args.repeats, unbatched=args.unbatched, pin=not args.no_pin,
+                            workdir=args.workdir, log=log)
     result["command"] = "spa " + " ".join(sys.argv[1:])
     write_result(result, args.out / "load.json", args.json, lambda r: "\n" + format_load(r))
-    return 0 if all(row["held"] == row["sessions"] for row in result["rows"]) else 1
+    (args.out / "load.txt").write_text(format_load(result) + "\n")
+    plot_load(result, args.out / "load.png")
+    if not args.json:
+        print(f"written: {args.out / 'load.txt'}, {args.out / 'load.png'}")
+    return 0 if all(row["held"] == row["sessions"] for c in result["configs"] for row in c["rows"]) else 1
 
 
 def cmd_bench_model(args) -> int:
@@ -215,7 +222,15 @@ def add_bench_parsers(bench_sub) -> None:
     p.set_defaults(run=cmd_bench_model)
     p = bench_sub.add_parser("load", help="N concurrent device sessions against one gateway: sessions held, tokens/s, "
                                           "p95 inter-token latency, peak memory, batching (ratios vs 1 session)")
-    p.add_argument("--sessions", nargs="+", type=int, default=[16, 32, 64], help="session counts (default 16 32 64)")
+    p.add_argument("--sessions", nargs="+", type=int, default=[16, 64], help="session counts (default 16 64; "
+                                                                               "1 always runs first, the baseline)")
+    p.add_argument("--backbones", nargs="+", default=[None], metavar="BACKBONE",
+                   help="gateway backbones side by side: names (smollm2-135m, gemma3-270m) or directories "
+                        "(default: the packaged SmolLM2); a quick plugin is trained per backbone")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="gateway dtypes side by side (default float32)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the table shows the median and "
+                                                          "min-max (default 2)")
     p.add_argument("--plugin", help="plugin .pte (default: train and export a quick one into --workdir)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per session (default 16)")
     p.add_argument("--window", type=int, default=4, help="draft-ahead window W (default 4)")

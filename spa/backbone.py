@@ -649,6 +649,15 @@ def default_backbone_dir() -> Path:
     return named_backbone_dir("smollm2-135m")
 
 
+def backbone_dir(path: str | Path | None = None) -> Path:
+    """The directory `load_backbone(path)` reads: the default, a named backbone (converted once) or `path`."""
+    if path is None:
+        return default_backbone_dir()
+    if str(path) in NAMED_BACKBONES and not Path(path).is_dir():
+        return named_backbone_dir(str(path))
+    return Path(path)
+
+
 def load_backbone(path: str | Path | None = None, dtype="float32", device="cpu") -> Backbone:
     """Load the default SmolLM2 backbone, a named one (NAMED_BACKBONES: "smollm2-135m",
     "gemma3-270m"), or a Hugging Face decoder-only causal-LM directory, in float32 or
@@ -656,12 +665,7 @@ def load_backbone(path: str | Path | None = None, dtype="float32", device="cpu")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype, device = resolve_dtype(dtype), resolve_device(device)
-    if path is None:
-        directory = default_backbone_dir()
-    elif str(path) in NAMED_BACKBONES and not Path(path).is_dir():
-        directory = named_backbone_dir(str(path))
-    else:
-        directory = Path(path)
+    directory = backbone_dir(path)
     if not (directory / "config.json").exists():
         raise BackboneError(f"{directory} is not a Hugging Face model directory (no config.json)")
     try:
