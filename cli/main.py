@@ -86,7 +86,7 @@ def cmd_gateway(args) -> int:
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     asyncio.run(run_gateway(backbone, args.host, args.port, _limits(args), token,
                             announce=lambda line: print(line, flush=True), ssl_context=tls, max_batch=args.max_batch,
-                            resume_secret=resume_secret))
+                            resume_secret=resume_secret, branches=args.branches))
     return 0
 
 
@@ -116,7 +116,7 @@ def cmd_serve(args) -> int:
     secret = load_secret(args.resume_secret_file) or secrets.token_bytes(32)
     config = {"backbone": args.backbone, "dtype": args.dtype, "device": args.device, "auth_token": token,
               "limits": limits.to_dict(), "max_batch": args.max_batch, "resume_secret": secret,
-              "torch_threads": args.torch_threads, "verbose": args.verbose}
+              "torch_threads": args.torch_threads, "verbose": args.verbose, "branches": args.branches}
     options = deployment_options(args.replicas, args.min_replicas, args.max_replicas, args.target_sessions,
                                  limits.max_sessions, args.replica_cpus, args.replica_gpus, args.torch_threads)
     run_serve(config, host=args.host, port=args.port, address=args.address, options=options,
@@ -196,6 +196,13 @@ def _add_backbone_numerics(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the backbone: cpu, cuda, cuda:1, ... (default cpu)")
 
 
+def _branches(text: str) -> int:
+    k = int(text)
+    if not 0 <= k <= 16:
+        raise argparse.ArgumentTypeError(f"--branches must be in 0..16 (got {k})")
+    return k
+
+
 def _add_serving_options(p) -> None:
     """The options `spa gateway` and `spa serve` share: backbone, auth, limits, resume, TLS, batching."""
     p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2-135M-Instruct)")
@@ -217,6 +224,10 @@ def _add_serving_options(p) -> None:
     p.add_argument("--keyfile", help="TLS private key (PEM), if not inside --certfile")
     p.add_argument("--max-batch", type=int, default=64, help="most sessions' decode steps run as one batched forward "
                    "(default 64; 1: no batching)")
+    p.add_argument("--branches", type=_branches, default=0, metavar="K",
+                   help="branch drafting: while a side output is pending, also draft the continuations of the "
+                        "backbone's K next-best tokens there, batched with the main draft, so a verdict that "
+                        "changes the token to one of them streams its continuation at once (default 0: off)")
     p.add_argument("-v", "--verbose", action="store_true", help="log sessions")
 
 

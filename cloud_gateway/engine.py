@@ -11,6 +11,10 @@ engine for
 * a **head**: the token of `lm_head(norm(f + s))` (a verdict) or of
   `lm_head(norm(f))` (the first draft, right after the prefill).
 
+A draft or a head may also ask for the `alternatives` runners-up of its
+choice (branch drafting: the gateway drafts their continuations on forked
+KV caches, as further rows of the same batched forward).
+
 Requests that arrive while the thread is busy wait, and the next round runs
 all of them together: the prefills of all waiting sessions as batched
 forwards (`spa.generate.prefill_batch`), the decode steps of all waiting
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spa.generate import choose_token, decode_batch, decode_one_token, prefill, prefill_batch
+from spa.generate import choose_token_and_alternatives, decode_batch, decode_one_token, prefill, prefill_batch
 from spa.protocol import messages as m
 from spa.tokens import token_pieces
 
@@ -54,7 +58,8 @@ class _Draft:
     temperature: float
     seed: int
     pos: int  # the position being decided (the new state's position)
-    result: object = None  # (states [L + 1, H], token, batch size)
+    alternatives: int = 0  # runners-up of the choice to return as well
+    result: object = None  # (states [L + 1, H], token, batch size, runners-up)
 
 
 @dataclass
@@ -63,7 +68,8 @@ class _Head:
     temperature: float
     seed: int
     pos: int
-    result: object = None  # token
+    alternatives: int = 0
+    result: object = None  # token, or (token, runners-up) when alternatives > 0
 
 
 def batching_supported(backbone) -> bool:
@@ -134,13 +140,16 @@ class Engine:
         prompts of sessions waiting together are prefilled in batched forwards."""
         return await self._submit(self._prefills, _Prefill(list(ids)))
 
-    async def draft(self, cache, feed: int, temperature: float, seed: int, pos: int):
-        """Feed `feed` to `cache`; (states [L + 1, H] of the new position, its draft token, batch size)."""
-        return await self._submit(self._drafts, _Draft(cache, int(feed), temperature, seed, pos))
+    async def draft(self, cache, feed: int, temperature: float, seed: int, pos: int, alternatives: int = 0):
+        """Feed `feed` to `cache`; (states [L + 1, H] of the new position, its draft token, batch size,
+        the `alternatives` runners-up of that choice, best first). Drafts asked for in the same event
+        loop iteration (a session's main line and its branch lines) run in the same forward."""
+        return await self._submit(self._drafts, _Draft(cache, int(feed), temperature, seed, pos, alternatives))
 
-    async def head(self, x: torch.Tensor, temperature: float, seed: int, pos: int) -> int:
-        """The token chosen at `pos` from lm_head(norm(x)); x is f or f + s."""
-        return await self._submit(self._heads, _Head(x, temperature, seed, pos))
+    async def head(self, x: torch.Tensor, temperature: float, seed: int, pos: int, alternatives: int = 0):
+        """The token chosen at `pos` from lm_head(norm(x)); x is f or f + s. With alternatives > 0:
+        (token, its `alternatives` runners-up)."""
+        return await self._submit(self._heads, _Head(x, temperature, seed, pos, alternatives))
 
     def _submit(self, queue: list, item) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -230,9 +239,11 @@ class Engine:
             else:
                 logits = bb.logits(torch.stack(rows))
             for d, lg in zip(drafts, logits[: len(drafts)]):
-                d.result = (d.result, choose_token(lg, d.temperature, d.seed, d.pos), len(drafts))
+                token, alternatives = choose_token_and_alternatives(lg, d.temperature, d.seed, d.pos, d.alternatives)
+                d.result = (d.result, token, len(drafts), alternatives)
             for h, lg in zip(heads, logits[len(drafts) :]):
-                h.result = choose_token(lg, h.temperature, h.seed, h.pos)
+                token, alternatives = choose_token_and_alternatives(lg, h.temperature, h.seed, h.pos, h.alternatives)
+                h.result = (token, alternatives) if h.alternatives > 0 else token
             if heads:
                 self.stats["head_rounds"] += 1
                 self.stats["head_rows"] += len(heads)

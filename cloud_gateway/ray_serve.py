@@ -139,7 +139,8 @@ class GatewayReplica:
         backbone = load_backbone(config.get("backbone"), dtype=config.get("dtype", "float32"),
                                  device=config.get("device", "cpu"))
         self.gateway = Gateway(backbone, Limits(**config["limits"]), config.get("auth_token"),
-                               max_batch=config.get("max_batch", 64), resume_secret=config["resume_secret"])
+                               max_batch=config.get("max_batch", 64), resume_secret=config["resume_secret"],
+                               branches=config.get("branches", 0))
 
     @app.websocket("/")
     async def connect(self, websocket: WebSocket) -> None:

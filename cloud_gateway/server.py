@@ -84,8 +84,11 @@ class GatewayCounters:
 class Gateway:
     def __init__(self, backbone, limits: Limits = Limits(), auth_token: str | None = None,
                  max_batch: int = 64, batching: bool = True, write_limit: int = 1 << 16,
-                 socket_sndbuf: int | None = None, resume_secret: bytes | None = None):
+                 socket_sndbuf: int | None = None, resume_secret: bytes | None = None, branches: int = 0):
         self.engine = Engine(backbone, max_batch=max_batch, batching=batching)
+        if branches < 0:
+            raise SpaError(f"branches must be >= 0 (got {branches})")
+        self.branches = branches  # branch drafting: alternatives drafted at a pending side position (0: off)
         # Resume tokens signed with the deployment's shared secret (None: this process's own).
         self.tokens = ResumeTokens(resume_secret)
         # Outgoing bytes one connection may buffer before a send waits for the
@@ -115,7 +118,8 @@ class Gateway:
             if self.connections > 2 * self.limits.max_sessions + 16:  # connections that never say hello
                 raise ProtocolError("busy", "too many connections; retry later")
             proto = GatewayProtocol(self.engine.identity, self.engine.eos_ids, self.limits, self.auth_token,
-                                    resumable=self.limits.resume_grace_s > 0, tokens=self.tokens)
+                                    resumable=self.limits.resume_grace_s > 0, tokens=self.tokens,
+                                    branches=self.branches)
             first = await link.recv(self.limits.idle_timeout_s)
             if first.get("type") == "hello" and link.frames.first_form == "none":
                 link.frames.answer_in("none")  # a device without zstd reads our answers, errors included
@@ -253,12 +257,14 @@ class Gateway:
 
 async def run_gateway(backbone, host: str, port: int, limits: Limits, auth_token: str | None,
                       announce=print, ssl_context: ssl.SSLContext | None = None, max_batch: int = 64,
-                      resume_secret: bytes | None = None) -> None:
+                      resume_secret: bytes | None = None, branches: int = 0) -> None:
     """Serve until SIGINT/SIGTERM. `resume_secret`: the deployment's shared
-    secret for resume tokens (None: this process's own)."""
+    secret for resume tokens (None: this process's own). `branches`: branch
+    drafting's K (0: off)."""
     if not is_loopback(host) and not auth_token:
         raise SpaError(f"refusing to listen on {host} without an auth token: pass --token or set SPA_GATEWAY_TOKEN")
-    gateway = Gateway(backbone, limits, auth_token, max_batch=max_batch, resume_secret=resume_secret)
+    gateway = Gateway(backbone, limits, auth_token, max_batch=max_batch, resume_secret=resume_secret,
+                      branches=branches)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
@@ -269,6 +275,7 @@ async def run_gateway(backbone, host: str, port: int, limits: Limits, auth_token
         announce(f"spa gateway: serving {ident.name} ({ident.fingerprint}) on {scheme}://{bound[0]}:{bound[1]} "
                  f"(auth {'on' if auth_token else 'off'}, max {limits.max_sessions} sessions, "
                  f"resume grace {limits.resume_grace_s:g} s, "
+                 f"{f'{branches} branches, ' if branches else ''}"
                  f"{'shared' if resume_secret else 'per-process'} resume secret, pid {os.getpid()})")
         await stop
     gateway.close()

@@ -9,6 +9,13 @@ computed, a `need_taps` is answered at once (the taps are cached), so the side
 network's round trip does not wait for the backbone; everything else waits
 for the draft.
 
+Branch drafting (`spa gateway --branches K`): the protocol hands out a round
+of drafts — the main line's and one per branch line, each branch line with
+its own KV cache forked from the main one — and this host asks the engine for
+all of them in one event-loop iteration, so they run as rows of one batched
+forward. On a branch hit the branch's cache and states become the main
+line's (`Adopt`).
+
 A session outlives its connection (`Link`): when the connection is lost
 mid-generation without a close frame from the device (TCP reset, a cut link,
 a device that stopped reading), the session keeps its state for
@@ -32,12 +39,13 @@ import torch
 from websockets.exceptions import ConnectionClosed
 
 from cloud_gateway.engine import kv_bytes
-from spa.generate import decode_one_token, truncate
+from spa.generate import decode_one_token, fork_cache, truncate
 from spa.projection import project
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec, negotiate
-from spa.protocol.gateway import Draft, Forget, GatewayProtocol, Head, Prefill, SendTaps, Truncate
+from spa.protocol.gateway import (Adopt, Discard, Draft, Forget, Fork, GatewayProtocol, Head, Prefill, SendTaps,
+                                  Truncate)
 from spa.step import cloud_state
 
 log = logging.getLogger("spa.gateway")
@@ -242,16 +250,23 @@ class GatewaySession:
         self.close_reason: str | None = None  # why the last connection ended (logs, tests)
         self.cache = None
         self.states: dict[int, torch.Tensor] = {}  # computed position -> its states [L + 1, H]
+        # Branch lines (branch drafting), by the protocol's branch id: KV cache, and states by position.
+        self.branch_caches: dict[int, object] = {}
+        self.branch_states: dict[int, dict[int, torch.Tensor]] = {}
 
     @property
     def kv_bytes(self) -> int:
-        return kv_bytes(self.cache) + sum(s.numel() * s.element_size() for s in self.states.values())
+        states = [*self.states.values(), *(st for line in self.branch_states.values() for st in line.values())]
+        return (kv_bytes(self.cache) + sum(kv_bytes(c) for c in self.branch_caches.values())
+                + sum(s.numel() * s.element_size() for s in states))
 
     def release(self) -> None:
         """Free the KV cache and the taps (the session is over)."""
         self.freed = True
         self.states.clear()
         self.cache = None
+        self.branch_caches.clear()
+        self.branch_states.clear()
         self.proto.projection = None  # the device's weights: memory only, gone with the session
 
     @property
@@ -281,6 +296,8 @@ class GatewaySession:
             if self.proto.phase == "ended":  # over: only `end` may be asked for again
                 self.cache = None
                 self.states.clear()
+                self.branch_caches.clear()
+                self.branch_states.clear()
             # A device that got `end` answers our close frame; without that
             # answer it may have missed `end` and may come back for it.
             return self.proto.phase != "ended" or link.device_closed or not self.resumable
@@ -373,7 +390,7 @@ class GatewaySession:
         handled before another draft starts, so a verdict that rolls back is
         applied before a draft is computed on a stale token."""
         proto, link = self.proto, self.link
-        draft: tuple[Draft, asyncio.Future] | None = None  # the draft being computed
+        draft: tuple[list[Draft], asyncio.Future] | None = None  # the round of drafts being computed
         try:
             while True:
                 for msg in proto.data_to_send():
@@ -391,9 +408,16 @@ class GatewaySession:
                         proto.receive(d)
                         continue
                     done, draft = draft, None
-                    self._report_draft(*done)
+                    self._report_round(*done)
                 elif isinstance(action, Draft):
-                    draft = (action, asyncio.ensure_future(self._compute_draft(action)))
+                    # A round: the drafts the protocol hands out together (main and branch lines),
+                    # asked for in this loop iteration so that the engine runs them as one forward.
+                    drafts = [action]
+                    while isinstance(more := proto.next_action(), Draft):
+                        drafts.append(more)
+                    draft = (drafts, asyncio.ensure_future(self._compute_round(drafts)))
+                    if more is not None:
+                        await self._run(more)
                 else:
                     await self._run(action)
         except BaseException:
@@ -402,24 +426,33 @@ class GatewaySession:
                 # resumed session continues from a consistent cache.
                 proto.connection_lost()
                 await asyncio.shield(draft[1])
-                self._report_draft(*draft)
+                self._report_round(*draft)
             raise
 
+    async def _compute_round(self, drafts: list[Draft]) -> list:
+        return await asyncio.gather(*(self._compute_draft(d) for d in drafts))
+
     async def _compute_draft(self, action: Draft):
-        """(states of action.pos, its draft token): a decode step, or only the
-        head where the states exist (right after the prefill)."""
-        opts, engine = self.proto.hello.options, self.engine
+        """(states of action.pos, its draft token, its runners-up): a decode
+        step, or only the head where the states exist (right after the prefill)."""
+        opts, engine, k = self.proto.hello.options, self.engine, self.proto.branches
         if action.feed is None:
             states = self.states[action.pos]
-            return states, await engine.head(states[-1], opts.temperature, opts.seed, action.pos)
-        states, token, batch = await engine.draft(self.cache, action.feed, opts.temperature, opts.seed, action.pos)
+            chosen = await engine.head(states[-1], opts.temperature, opts.seed, action.pos, alternatives=k)
+            return (states, *chosen) if k else (states, chosen, ())
+        cache = self.branch_caches[action.branch] if action.branch else self.cache
+        states, token, batch, alternatives = await engine.draft(cache, action.feed, opts.temperature, opts.seed,
+                                                                action.pos, alternatives=k)
         self.proto.stats.add_decode_step(batch)
-        return states, token
+        return states, token, alternatives
 
-    def _report_draft(self, action: Draft, job: asyncio.Future) -> None:
-        states, token = job.result()
-        if self.proto.draft_ready(action.pos, states[-1].numpy()[None], token, self.engine.pieces[token]):
-            self.states[action.pos] = states  # (a stale draft's states are void: its KV entry is truncated)
+    def _report_round(self, drafts: list[Draft], job: asyncio.Future) -> None:
+        for action, (states, token, alternatives) in zip(drafts, job.result()):
+            if self.proto.draft_ready(action.pos, states[-1].numpy()[None], token, self.engine.pieces[token],
+                                      alternatives, branch=action.branch):
+                # (a stale draft's states are void: its KV entry is truncated, or its branch dropped)
+                line = self.branch_states.setdefault(action.branch, {}) if action.branch else self.states
+                line[action.pos] = states
 
     async def _run(self, action) -> None:
         engine, proto = self.engine, self.proto
@@ -437,6 +470,18 @@ class GatewaySession:
         elif isinstance(action, Forget):  # verified positions need no taps any more
             for p in [p for p in self.states if p <= action.upto]:
                 del self.states[p]
+        elif isinstance(action, Fork):  # on the compute thread: no round may grow the cache meanwhile
+            self.branch_caches[action.branch] = await engine.run(fork_cache, self.cache, action.keep)
+            self.branch_states[action.branch] = {}
+        elif isinstance(action, Adopt):  # a branch hit: its line is the main line now
+            self.cache = self.branch_caches.pop(action.branch)
+            self.states = {p: st for p, st in self.states.items() if p < action.keep}
+            self.states.update(self.branch_states.pop(action.branch, {}))
+            self.branch_caches.clear()
+            self.branch_states.clear()
+        elif isinstance(action, Discard):
+            self.branch_caches.clear()
+            self.branch_states.clear()
         else:  # Prefill or ResumeWanted on a running session
             raise ProtocolError("out_of_order", "second hello")
 

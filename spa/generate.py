@@ -10,6 +10,8 @@ stateful generator, so a position recomputed after a rollback samples the
 same way.
 """
 
+import copy
+
 import torch
 
 # Positions index the sequence: the prompt holds positions 0..P-1, and the
@@ -61,15 +63,42 @@ def truncate(cache, positions: int) -> None:
     cache.crop(-extra)  # transformers 5: crop(-n) removes the last n positions
 
 
+def fork_cache(cache, positions: int):
+    """A copy of the KV cache of positions 0..positions-1 that grows independently: a branch line
+    (the gateway drafts the continuation of an alternative token on it, docs/PROTOCOL.md §6).
+    The copy holds the same values as `cache` after `truncate(cache, positions)`."""
+    fork = copy.deepcopy(cache)
+    truncate(fork, positions)
+    return fork
+
+
 def _noise_seed(seed: int, pos: int) -> int:
     return (seed * 1_000_003 + pos * 7_919 + 1) % (1 << 62)
 
 
-def choose_token(logits: torch.Tensor, temperature: float, seed: int, pos: int) -> int:
-    """Greedy for temperature 0; otherwise Gumbel-max sampling with noise from (seed, pos)."""
+def _scores(logits: torch.Tensor, temperature: float, seed: int, pos: int) -> torch.Tensor:
+    """What the token choice maximizes: the logits (greedy), or logits / T plus Gumbel noise from (seed, pos)."""
     if temperature == 0:
-        return int(torch.argmax(logits))
+        return logits
     gen = torch.Generator().manual_seed(_noise_seed(seed, pos))
     uniform = torch.rand(logits.shape[-1], generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
     gumbel = -torch.log(-torch.log(uniform))
-    return int(torch.argmax(logits.to(torch.float64) / temperature + gumbel))
+    return logits.to(torch.float64) / temperature + gumbel
+
+
+def choose_token(logits: torch.Tensor, temperature: float, seed: int, pos: int) -> int:
+    """Greedy for temperature 0; otherwise Gumbel-max sampling with noise from (seed, pos)."""
+    return int(torch.argmax(_scores(logits, temperature, seed, pos)))
+
+
+def choose_token_and_alternatives(logits: torch.Tensor, temperature: float, seed: int, pos: int,
+                                  k: int) -> tuple[int, tuple[int, ...]]:
+    """`choose_token`, and the k runners-up of the same choice, best first (the next-best logits,
+    or under sampling the next-best noised scores: the same noise decides a verdict at pos, so
+    these are the tokens a side output most likely turns the choice to)."""
+    scores = _scores(logits, temperature, seed, pos)
+    token = int(torch.argmax(scores))
+    if k <= 0:
+        return token, ()
+    top = torch.topk(scores, min(k + 1, scores.shape[-1])).indices.tolist()
+    return token, tuple(t for t in top if t != token)[:k]

@@ -18,7 +18,8 @@ from spa.protocol import messages as m
 from spa.protocol.device import DeviceProtocol, RunGate, RunSide
 from spa.protocol.errors import CODES, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
-from spa.protocol.gateway import Draft, Forget, GatewayProtocol, Head, Prefill, SendTaps, Truncate
+from spa.protocol.gateway import (Adopt, Discard, Draft, Forget, Fork, GatewayProtocol, Head, Prefill, SendTaps,
+                                  Truncate)
 from spa.protocol.limits import Limits
 from tests.strategies import msgpack_values, mutated
 
@@ -536,6 +537,15 @@ def fake_backbone(seq: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
     return f, taps, draft
 
 
+def fake_alternatives(seq: list[int], draft: int, k: int) -> tuple[int, ...]:
+    """The backbone's runners-up after `draft`: with the side's token (a branch hit when the side
+    changes it) at most positions, without it at others (a miss), EOS first at a few."""
+    h = zlib.crc32(np.array(seq, np.int32).tobytes())
+    changed, others = 1 + (draft + 6) % (VOCAB - 1), [1 + (draft + 20) % (VOCAB - 1), 1 + (draft + 33) % (VOCAB - 1)]
+    alternatives = others if h % 3 == 0 else [EOS, changed] if h % 7 == 0 else [changed, *others]
+    return tuple(a for a in alternatives if a != draft)[:k]
+
+
 def fake_gate(f: np.ndarray) -> bool:
     return bool(f[0, 0] > 8.0)
 
@@ -566,15 +576,18 @@ def lock_step_reference(opts: m.Options, prompt: list[int]) -> list[int]:
 
 
 class FakeGateway:
-    """The host of GatewayProtocol: owns the token sequence (its 'KV cache').
-    A draft stays in progress until `submit_draft`, so that messages can
-    arrive while it is computed."""
+    """The host of GatewayProtocol: owns the token sequence (its 'KV cache'),
+    and one per branch line. A round of drafts stays in progress until
+    `submit_draft` has reported each, so that messages can arrive while it is
+    computed."""
 
-    def __init__(self, prompt: list[int]):
-        self.gp = GatewayProtocol(BACKBONE, eos_ids=[EOS])
+    def __init__(self, prompt: list[int], branches: int = 0):
+        self.gp = GatewayProtocol(BACKBONE, eos_ids=[EOS], branches=branches)
         self.frames = FrameCodec()
         self.seq = list(prompt)
-        self.computing: Draft | None = None  # a draft not yet reported
+        self.lines: dict[int, list[int]] = {}  # branch line id -> its token sequence
+        self.computing: list[Draft] = []  # drafts not yet reported, in the order handed out
+        self.round_sizes: list[int] = []
 
     def receive(self, data: bytes) -> list[bytes]:
         self.gp.receive(self.frames.unpack(data))
@@ -584,7 +597,19 @@ class FakeGateway:
         """Run every action the protocol asks for (a draft only starts)."""
         while (action := self.gp.next_action()) is not None:
             if isinstance(action, Draft):
-                self.computing = action
+                if not self.computing:
+                    self.round_sizes.append(0)
+                self.round_sizes[-1] += 1
+                self.computing.append(action)
+            elif isinstance(action, Fork):
+                assert not self.computing  # a fork copies the main line while nothing grows it
+                self.lines[action.branch] = self.seq[: action.keep]
+            elif isinstance(action, Adopt):
+                self.seq = self.lines.pop(action.branch)
+                assert len(self.seq) > action.keep  # it brings drafts of its own
+                self.lines.clear()
+            elif isinstance(action, Discard):
+                self.lines.clear()
             elif isinstance(action, Prefill):
                 self.gp.started("sess", "secret", len(self.seq))
             elif isinstance(action, SendTaps):
@@ -598,12 +623,16 @@ class FakeGateway:
         return [self.frames.pack(d) for d in self.gp.data_to_send()]
 
     def submit_draft(self) -> list[bytes]:
-        action, self.computing = self.computing, None
+        """Report the oldest draft in progress."""
+        action = self.computing.pop(0)
+        seq = self.seq if action.branch == 0 else self.lines.get(action.branch, [])
         if action.feed is not None:
-            self.seq.append(action.feed)
-        assert len(self.seq) == action.pos + 1
-        f, _, draft = fake_backbone(self.seq)
-        self.gp.draft_ready(action.pos, f, draft, piece(draft))
+            seq.append(action.feed)
+        if action.branch == 0 or action.branch in self.lines:
+            assert len(seq) == action.pos + 1
+        f, _, draft = fake_backbone(seq)
+        alternatives = fake_alternatives(seq, draft, self.gp.branches)
+        self.gp.draft_ready(action.pos, f, draft, piece(draft), alternatives, branch=action.branch)
         return self.work()
 
 
@@ -626,10 +655,11 @@ class FakeDevice:
         return [self.frames.pack(d) for d in self.dp.flush()]
 
 
-def simulate(opts: m.Options, prompt: list[int], seed: int, max_in_flight: int = 1) -> tuple[FakeGateway, FakeDevice]:
+def simulate(opts: m.Options, prompt: list[int], seed: int, max_in_flight: int = 1,
+             branches: int = 0) -> tuple[FakeGateway, FakeDevice]:
     """Both sides over two in-order queues, interleaved at random."""
     hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", opts)
-    gw, dev = FakeGateway(prompt), FakeDevice(hello, max_in_flight)
+    gw, dev = FakeGateway(prompt, branches), FakeDevice(hello, max_in_flight)
     down, up = [], [dev.frames.pack(dev.dp.hello_message())]
     rng = random.Random(seed)
     for _ in range(100_000):
@@ -640,7 +670,7 @@ def simulate(opts: m.Options, prompt: list[int], seed: int, max_in_flight: int =
             moves.append(lambda: down.extend(gw.receive(up.pop(0))))
         if down:
             moves.append(lambda: dev.receive(down.pop(0)))
-        if gw.computing is not None:
+        if gw.computing:
             moves.append(lambda: down.extend(gw.submit_draft()))
         rng.choice(moves)()
     raise AssertionError("the simulation stalled")
@@ -707,3 +737,188 @@ def test_a_draft_computed_across_a_rollback_is_dropped():
     assert gp.data_to_send() == [] and gp.drafted == []
     assert _work(gp) == Truncate(5)
     assert _work(gp) == Draft(1, 5, 9)
+
+
+# --- branch drafting ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+@pytest.mark.parametrize("window", [0, 2, 8])
+def test_branch_drafting_commits_exactly_the_lock_step_tokens(window, in_flight):
+    """With K = 2 branch lines the device sees the same tokens; the branches
+    really ran (rounds of several drafts), were adopted (hits: the verdict's
+    token among the runners-up), missed, and were dropped."""
+    totals = dict.fromkeys(("branch_points", "branch_hits", "branch_misses", "branch_drafts", "branch_wasted",
+                            "rollbacks"), 0)
+    widest = 0
+    for seed in range(6):
+        opts = m.Options(window=window, codec="int8", outliers=2, max_new_tokens=40)
+        prompt = PROMPT + [seed]
+        gw, dev = simulate(opts, prompt, seed, in_flight, branches=2)
+        assert [c.token for c in dev.dp.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
+        stats = dev.dp.end.stats
+        assert stats["rollbacks"] == dev.dp.stats.rollbacks
+        assert stats["branch_hits"] + stats["branch_misses"] <= stats["rollbacks"]
+        assert stats["branch_wasted"] <= stats["branch_drafts"]
+        for key in totals:
+            totals[key] += stats[key]
+        widest = max(widest, *gw.round_sizes)
+    assert totals["branch_hits"] > 0 and totals["branch_misses"] > 0, totals
+    assert totals["branch_wasted"] > 0, totals
+    # The main draft and two branch drafts handed out as one round (lock-step: the main line waits).
+    assert widest == (3 if window > 0 else 2), widest
+
+
+def _branching_gateway(window=2, branches=2):
+    """A generating gateway with drafts at 4 and 5 (runners-up (8, 9) at 4) and need_taps(4) received."""
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok", branches=branches)
+    gp.receive(_hello(window).to_dict())
+    assert isinstance(gp.next_action(), Prefill)
+    gp.started("s", "r", 5)
+    gp.data_to_send()
+    assert _work(gp) == Draft(0, 4, None)
+    gp.draft_ready(4, _f(), 3, b"a", (8, 9))
+    assert _work(gp) == Draft(0, 5, 3)
+    gp.draft_ready(5, _f(), 4, b"b", (10, 11))
+    assert [s["pos"] for s in gp.data_to_send()] == [4, 5]
+    gp.receive(m.NeedTaps(0, 4).to_dict())
+    assert _work(gp) == SendTaps(4)
+    gp.taps_ready(4, RNG.normal(0, 15, (3, H)))
+    assert _sent(gp)["type"] == "taps"
+    return gp
+
+
+def _branch_round(gp, main=None):
+    """Fork the two branch lines of position 4 and hand out a round; returns its drafts."""
+    assert _work(gp) == Fork(1, 5) and _work(gp) == Fork(2, 5)
+    round_ = [gp.next_action() for _ in range(3 if main else 2)]
+    assert round_ == ([main] if main else []) + [Draft(0, 5, 8, branch=1), Draft(0, 5, 9, branch=2)]
+    assert gp.next_action() is None  # nothing more until the round is reported
+    return round_
+
+
+def test_a_branch_hit_streams_the_branch_drafts_at_once():
+    gp = _branching_gateway(window=2)
+    _branch_round(gp, main=Draft(0, 6, 4))
+    gp.draft_ready(6, _f(), 5, b"c", (1, 2))
+    gp.draft_ready(5, _f(), 20, b"p", (21, 22), branch=1)
+    gp.receive(m.Side(0, 4, F).to_dict())  # waits: the round is not reported yet
+    assert [s["pos"] for s in gp.data_to_send()] == [6]  # the main line's step only
+    gp.draft_ready(5, _f(), 30, b"q", (31, 32), branch=2)
+    assert gp.data_to_send() == []  # branch drafts are not sent
+    # Second round: both branch lines go on (the main line holds W + 1 = 3 unverified).
+    head = _work(gp)
+    assert isinstance(head, Head) and head.pos == 4
+    assert [gp.next_action() for _ in range(2)] == [Draft(0, 6, 20, branch=1), Draft(0, 6, 30, branch=2)]
+    gp.draft_ready(6, _f(), 23, b"r", (), branch=1)
+    gp.draft_ready(6, _f(), 33, b"s", (), branch=2)
+    gp.verdict_ready(4, 9, b"z")  # the second runner-up: branch 2 is adopted
+    verdict, *steps = gp.data_to_send()
+    assert verdict["type"] == "verdict" and verdict["changed"] and verdict["epoch"] == 1
+    assert [(s["epoch"], s["pos"], s["draft"], s["piece"]) for s in steps] == [(1, 5, 30, b"q"), (1, 6, 33, b"s")]
+    assert gp.drafted == [(5, 30), (6, 33)] and gp.next_draft_pos == 7
+    assert _work(gp) == Adopt(2, 5)  # no Truncate: the branch's cache is the main line's now
+    assert _work(gp) == Draft(1, 7, 33)  # drafting goes on from the branch's last token
+    st = gp.stats
+    assert (st.branch_points, st.branch_hits, st.branch_misses, st.rollbacks) == (1, 1, 0, 1)
+    assert st.branch_drafts == 4 and st.branch_wasted == 2  # branch 1's two drafts
+    assert st.discarded == 2  # the main line's 5 and 6
+
+
+def test_a_branch_miss_rolls_back_and_discards_the_branches():
+    gp = _branching_gateway(window=2)
+    _branch_round(gp, main=Draft(0, 6, 4))
+    gp.draft_ready(6, _f(), 5, b"c")
+    gp.draft_ready(5, _f(), 20, b"p", branch=1)
+    gp.draft_ready(5, _f(), 30, b"q", branch=2)
+    gp.data_to_send()
+    gp.receive(m.Side(0, 4, F).to_dict())
+    assert isinstance(_work(gp), Head)
+    gp.verdict_ready(4, 13, b"z")  # changed, to a token no branch drafted
+    assert [d["type"] for d in gp.data_to_send()] == ["verdict"]
+    assert _work(gp) == Discard() and _work(gp) == Truncate(5)
+    assert _work(gp) == Draft(1, 5, 13)
+    st = gp.stats
+    assert (st.branch_hits, st.branch_misses, st.branch_drafts, st.branch_wasted) == (0, 1, 2, 2)
+
+
+def test_an_unchanged_verdict_discards_the_branches():
+    gp = _branching_gateway(window=2)
+    _branch_round(gp, main=Draft(0, 6, 4))
+    for branch, token in ((0, 5), (1, 20), (2, 30)):
+        gp.draft_ready(6 if branch == 0 else 5, _f(), token, b"x", branch=branch)
+    gp.data_to_send()
+    gp.receive(m.Side(0, 4, F).to_dict())
+    assert isinstance(_work(gp), Head)
+    gp.verdict_ready(4, 3, b"a")  # the draft: nothing changes
+    assert _sent(gp)["changed"] is False and gp.epoch == 0
+    assert _work(gp) == Discard()
+    st = gp.stats
+    assert (st.branch_hits, st.branch_misses, st.branch_wasted) == (0, 0, 2)
+
+
+def test_a_rollback_before_the_branch_point_discards_the_branches():
+    """In flight: 4 and 6 are sigma = 1; the branches are drafted for 4 first,
+    then (4 unchanged) for 6; a changed verdict at 4 in another run drops them."""
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok", branches=1)
+    gp.receive(_hello(3).to_dict())
+    gp.next_action()
+    gp.started("s", "r", 5)
+    gp.data_to_send()
+    for pos in (4, 5, 6, 7):
+        assert _work(gp) == Draft(0, pos, None if pos == 4 else pos - 1)
+        gp.draft_ready(pos, _f(), pos, b"x", (40 + pos,))
+    gp.data_to_send()
+    for pos in (4, 6):  # two side outputs in flight
+        gp.receive(m.NeedTaps(0, pos).to_dict())
+        assert _work(gp) == SendTaps(pos)
+        gp.taps_ready(pos, RNG.normal(0, 15, (3, H)))
+    gp.data_to_send()
+    assert _work(gp) == Fork(1, 5)  # the earliest pending side position
+    assert gp.next_action() == Draft(0, 5, 44, branch=1)
+    gp.draft_ready(5, _f(), 50, b"y", branch=1)
+    gp.receive(m.Side(0, 6, F).to_dict())  # kept until 4 is verified
+    gp.receive(m.Side(0, 4, F).to_dict())
+    assert isinstance(_work(gp), Head)
+    gp.verdict_ready(4, 4, b"x")  # unchanged: branch 1 dropped, 5 decided sigma = 0, then 6 is verified
+    assert _work(gp) == Discard()
+    head = _work(gp)
+    assert isinstance(head, Head) and head.pos == 6  # 6's side output is here: its verdict is computed, no branch
+    gp.verdict_ready(6, 77, b"w")  # changed, no branch: an ordinary rollback
+    assert _work(gp) == Truncate(7)
+    assert (gp.stats.branch_points, gp.stats.branch_hits, gp.stats.branch_misses) == (1, 0, 0)
+    # A rollback at an earlier position than the branch point drops the branches too.
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok", branches=1)
+    gp.receive(_hello(3).to_dict())
+    gp.next_action()
+    gp.started("s", "r", 5)
+    gp.data_to_send()
+    for pos in (4, 5, 6, 7):
+        assert _work(gp) == Draft(0, pos, None if pos == 4 else pos - 1)
+        gp.draft_ready(pos, _f(), pos, b"x", (40 + pos,))
+    for pos in (4, 6):
+        gp.receive(m.NeedTaps(0, pos).to_dict())
+        assert _work(gp) == SendTaps(pos)
+        gp.taps_ready(pos, RNG.normal(0, 15, (3, H)))
+    gp.receive(m.Side(0, 4, F).to_dict())  # 4's verdict is being computed: the branches go to 6
+    assert isinstance(_work(gp), Head)
+    assert _work(gp) == Fork(1, 7)
+    assert gp.next_action() == Draft(0, 7, 46, branch=1)
+    gp.draft_ready(7, _f(), 60, b"y", branch=1)
+    gp.verdict_ready(4, 99, b"z")  # changed before the branch point: its branches are void
+    assert _work(gp) == Discard() and _work(gp) == Truncate(5)
+    assert gp.stats.branch_wasted == 1 and gp.stats.branch_misses == 0
+    assert _work(gp) == Draft(1, 5, 99)  # no branch until a side position is pending again
+    assert _work(gp) is None
+
+
+def test_branches_are_dropped_on_resume():
+    gp = _branching_gateway(window=2)
+    gp.resumable = True
+    _branch_round(gp, main=Draft(0, 6, 4))
+    for branch, token in ((0, 5), (1, 20), (2, 30)):
+        gp.draft_ready(6 if branch == 0 else 5, _f(), token, b"x", branch=branch)
+    gp.resume(4, "new")
+    assert [d["type"] for d in gp.data_to_send()] == ["resumed", "step", "step", "step"]
+    assert Discard() in [gp.next_action() for _ in range(3)]
+    assert gp.stats.branch_wasted == 2

@@ -10,14 +10,21 @@ to send out.
     gp.receive(map)              every unpacked device map
     gp.next_action()             what the host must compute now, or None:
         Prefill(hello)           tokenize and prefill the prompt; gp.started(...)
-        Draft(epoch, pos, feed)  the states at pos (feeding `feed` to the KV cache,
-                                 or the states the prefill left when feed is None)
-                                 and the backbone's token there; gp.draft_ready(...)
+        Draft(epoch, pos, feed, branch)
+                                 the states at pos (feeding `feed` to the KV cache of
+                                 the main line, branch 0, or of a branch line; or the
+                                 states the prefill left when feed is None) and the
+                                 backbone's token there; gp.draft_ready(...)
         SendTaps(pos)            the taps of pos as they go on the wire; gp.taps_ready(...)
         Head(pos, s)             the token of lm_head(norm(cloud_state(f_pos, s))); gp.verdict_ready(...)
         Truncate(keep)           a rollback: keep the KV cache of positions < keep,
                                  forget the states of later positions
         Forget(upto)             positions <= upto are verified: their states are not needed
+        Fork(branch, keep)       branch drafting: a new branch line whose KV cache is a
+                                 copy of the main line's positions < keep
+        Adopt(branch, keep)      a branch hit: that line's KV cache and states replace the
+                                 main line's from keep on; every other branch line is dropped
+        Discard()                drop every branch line (KV caches and states)
     gp.data_to_send()            maps to send, in order
     gp.closing                   True once the host should close the connection normally
                                  (after sending): `end` was sent, or the device said `bye`
@@ -27,6 +34,19 @@ unverified. While the host computes one, the device's `need_taps` and
 `accept` are handled at once (taps are cached: the side network's round trip
 need not wait for the backbone); any other message waits, unparsed, until the
 draft is reported, and so does everything received after it, to keep the order.
+
+Branch drafting (`branches=K > 0`): while the gateway waits for the side
+output of a sigma = 1 position t (asked with need_taps, or predicted from
+pushed taps), it also drafts, on forked KV caches, the continuations of the K
+runners-up of the backbone's own choice at t (`draft_ready(..., alternatives)`
+reports them for every draft). Each round of drafts (the main line's next
+one, and one per branch line) is handed out as consecutive `Draft` actions,
+which the host runs as rows of one batched forward. When the verdict of t
+changes the token to a branch's token, that branch becomes the main line at
+once (`Adopt`): its drafts go out as steps of the new epoch, no decode step
+waited for. Branches are dropped (`Discard`) at t's verdict otherwise, on any
+rollback, when t turns out sigma = 0, and on a resume. One branch point at a
+time: the earliest such position, and only while no verdict is computed for it.
 
 Resumption (`resumable=True`): a fresh connection's `hello` with `resume`
 yields the action `ResumeWanted`; the host finds the session it names, calls
@@ -74,6 +94,24 @@ class Draft:
     epoch: int
     pos: int
     feed: int | None  # the token x_pos to feed; None: the states of pos exist (prefill, or kept)
+    branch: int = 0  # 0: the main line; else the id of the branch line (Fork) whose KV cache to feed
+
+
+@dataclass(frozen=True)
+class Fork:
+    branch: int  # the new branch line's id (unique within the session)
+    keep: int  # its KV cache: a copy of the main line's positions < keep (the branch point t + 1)
+
+
+@dataclass(frozen=True)
+class Adopt:
+    branch: int  # this branch line's KV cache and states become the main line's
+    keep: int  # the main line's states of positions < keep stay; later ones are void
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Drop every branch line: their KV caches and states."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +135,8 @@ class Forget:
     upto: int
 
 
-Action = Prefill | ResumeWanted | Draft | SendTaps | Head | Truncate | Forget
+Action = Prefill | ResumeWanted | Draft | SendTaps | Head | Truncate | Forget | Fork | Adopt | Discard
+_CACHE_WORK = (Truncate, Forget, Fork, Adopt, Discard)  # keeps the host's KV caches in step: never dropped
 
 
 class SessionMoved(Exception):
@@ -121,6 +160,12 @@ class GatewayStats:
     rebuilt_tokens: int = 0  # committed tokens fed again to rebuild the session on this gateway (a resume elsewhere)
     max_in_flight: int = 0  # most sigma = 1 positions awaiting their verdict at once
     stale: int = 0  # device messages of an epoch a rollback had ended (dropped)
+    # Branch drafting (`branches` > 0):
+    branch_points: int = 0  # sigma = 1 positions whose alternatives were drafted
+    branch_hits: int = 0  # changed verdicts whose token a branch had drafted: its drafts sent at once
+    branch_misses: int = 0  # changed verdicts at a branch point that no branch (with a draft) had
+    branch_drafts: int = 0  # draft rows computed on branch lines
+    branch_wasted: int = 0  # of which were dropped (unchanged verdict, miss, rollback, the other branches)
     # Filled in by the host (backbone work):
     prompt_tokens: int = 0
     decode_steps: int = 0  # one-token decode steps run for this session
@@ -156,6 +201,17 @@ class _Drafted:
     token: int
     piece: bytes
     f: dict  # encoded f_pos, kept to send the step again after a resume
+    alternatives: tuple = ()  # the runners-up of the backbone's choice at pos (branch drafting)
+
+
+@dataclass
+class _Branch:
+    """A branch line: the continuation of an alternative token at the branch point."""
+
+    id: int
+    token: int  # the alternative x_{t+1}
+    drafts: list  # _Drafted of positions t + 1, t + 2, ... on this line
+    feed: int  # the token to feed for its next draft
 
 
 class GatewayProtocol:
@@ -167,7 +223,11 @@ class GatewayProtocol:
         auth_token: str | None = None,  # None: no auth (loopback only)
         resumable: bool = False,  # the host keeps sessions for `hello.resume`
         tokens: ResumeTokens | None = None,  # signed resume tokens (None: the host's opaque secrets)
+        branches: int = 0,  # K: draft the continuations of K alternatives at a pending side position
     ):
+        if branches < 0:
+            raise ValueError(f"branches must be >= 0, not {branches}")
+        self.branches = branches
         self.backbone = backbone
         self.resumable = resumable
         self.tokens = tokens
@@ -206,7 +266,11 @@ class GatewayProtocol:
         self.stats = GatewayStats()
         self._actions: deque = deque()
         self._outbox: list[dict] = []
-        self._drafting: Draft | None = None  # the draft the host is computing
+        self._drafting: dict[int, Draft] = {}  # the drafts the host is computing, by line (0: main)
+        self._round: deque = deque()  # Drafts of the current round not handed out yet
+        self._branch_at: int | None = None  # the branch point t, while its branches are alive
+        self._branch_lines: dict[int, _Branch] = {}  # by id, best alternative first
+        self._branch_ids = 0  # the last id given to a branch line
         self._held: dict | None = None  # a step waiting for its pushed taps
         self._stash: list = []  # maps received while drafting, handled after the draft
 
@@ -227,7 +291,7 @@ class GatewayProtocol:
     # --- incoming --------------------------------------------------------
 
     def receive(self, d: dict) -> None:
-        if self._drafting is not None and (self._stash or not _handled_while_drafting(d)):
+        if self._drafting and (self._stash or not _handled_while_drafting(d)):
             self._stash.append(d)  # not even parsed: the state must not move under the draft
             return
         msg = m.parse(d, "gateway")
@@ -323,7 +387,7 @@ class GatewayProtocol:
         self._decide_through(msg.pos, "need_taps.pos")  # positions < pos are sigma = 0
         self._sides[msg.pos] = _SidePos()
         self.stats.side_positions += 1
-        self.stats.early_taps += self._drafting is not None
+        self.stats.early_taps += bool(self._drafting)
         self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._sides))
         self._actions.append(SendTaps(msg.pos))
 
@@ -360,6 +424,8 @@ class GatewayProtocol:
                 entry = self._drafts[0]
                 self._pop_through(pos)
                 self._committed(entry)
+                if pos == self._branch_at:  # predicted sigma = 1 (pushed taps), but the device accepted it
+                    self._drop_branches()
                 continue
             if side.s is not None and not side.head_asked:
                 side.head_asked = True
@@ -384,7 +450,8 @@ class GatewayProtocol:
             self.finish_reason = "max_tokens"
 
     def _maybe_end(self) -> None:
-        if self.finish_reason and self.phase == "generating" and self._drafting is None:
+        if self.finish_reason and self.phase == "generating" and not self._drafting:
+            self._drop_branches()
             self.phase = "ended"
             self.end_msg = m.End(self.finish_reason, {"tokens": self.verified - self.first_pos,
                                                       **self.stats.to_dict()}).to_dict()
@@ -395,13 +462,77 @@ class GatewayProtocol:
 
     def next_action(self) -> Action | None:
         """The next piece of work for the host, or None until more data arrives.
-        A draft is asked for only when nothing else is queued."""
+        Drafts are asked for only when nothing else is queued, a round at a
+        time: the main line's next draft and one per branch line, as
+        consecutive Draft actions (the host runs them as one forward); the
+        next round once every draft of this one is reported."""
+        while self._round:  # the rest of the round, unless a rollback voided it meanwhile
+            d = self._round.popleft()
+            if d.epoch == self.epoch and (d.branch == 0 or d.branch in self._branch_lines):
+                return d
+            del self._drafting[d.branch]
+            if not self._drafting:
+                self._replay_stash()
         if self._actions:
             return self._actions.popleft()
-        if self._drafting is None and self._held is None and self.can_draft():
-            self._drafting = Draft(self.epoch, self.next_draft_pos, self._next_feed)
-            return self._drafting
-        return None
+        if self._drafting or self._held is not None:
+            return None
+        if self._fork_branches():  # the Forks first: the branch drafts feed their caches
+            return self._actions.popleft()
+        drafts = [Draft(self.epoch, self.next_draft_pos, self._next_feed)] if self.can_draft() else []
+        drafts += [Draft(self.epoch, b.drafts[-1].pos + 1 if b.drafts else self._branch_at + 1, b.feed, b.id)
+                   for b in self._branch_lines.values() if self._branch_can_draft(b)]
+        if not drafts:
+            return None
+        self._drafting = {d.branch: d for d in drafts}
+        self._round.extend(drafts[1:])
+        return drafts[0]
+
+    # --- branch drafting -----------------------------------------------------
+
+    def _fork_branches(self) -> bool:
+        """Open a branch point at the earliest sigma = 1 position still waiting
+        for its side output (or predicted sigma = 1 from pushed taps): queue a
+        Fork per alternative worth drafting. True if any was queued."""
+        if not self.branches or self._branch_at is not None or self.phase != "generating" or self.finish_reason:
+            return False
+        waiting = [p for p, side in self._sides.items() if not side.head_asked]
+        waiting += [p for p in self.pushed if p >= self.decided]
+        if not waiting:
+            return False
+        t = min(waiting)
+        entry = next(d for d in self._drafts if d.pos == t)
+        self._branch_at = t  # even without lines: not looked at again until t is resolved
+        if t + 1 - self.first_pos >= self.hello.options.max_new_tokens:
+            return False  # t decides the last token: nothing to draft after it
+        for token in entry.alternatives[: self.branches]:
+            if token in self.eos_ids:  # the generation would end there: nothing to draft
+                continue
+            self._branch_ids += 1
+            self._branch_lines[self._branch_ids] = _Branch(self._branch_ids, token, [], token)
+            self._actions.append(Fork(self._branch_ids, t + 1))
+        self.stats.branch_points += bool(self._branch_lines)
+        return bool(self._branch_lines)
+
+    def _branch_can_draft(self, b: _Branch) -> bool:
+        """A branch line drafts what the main line could hold right after a
+        hit: W + 1 positions from t + 1, not past an EOS or max_new_tokens."""
+        if b.drafts and b.drafts[-1].token in self.eos_ids:
+            return False
+        pos = b.drafts[-1].pos + 1 if b.drafts else self._branch_at + 1
+        return (pos - self.first_pos < self.hello.options.max_new_tokens
+                and len(b.drafts) <= self.hello.options.window)
+
+    def _drop_branches(self, keep: int | None = None) -> None:
+        """The branch point is resolved: drop its lines (but `keep`, adopted);
+        the drafts they computed count as wasted."""
+        if self._branch_at is None:
+            return
+        self.stats.branch_wasted += sum(len(b.drafts) for b in self._branch_lines.values() if b.id != keep)
+        if self._branch_lines and keep is None:
+            self._actions.append(Discard())
+        self._branch_lines.clear()
+        self._branch_at = None
 
     def data_to_send(self) -> list[dict]:
         out, self._outbox = self._outbox, []
@@ -456,20 +587,37 @@ class GatewayProtocol:
             return False
         return len(self._drafts) <= self.hello.options.window
 
-    def draft_ready(self, pos: int, f: np.ndarray, token: int, piece: bytes) -> bool:
-        """The host computed the Draft for pos: f_pos [1, H] (float32) and the
-        backbone's token. Queues its step (after its taps, where the device's
-        gate will open and it uploaded that gate), then handles what arrived
-        meanwhile. Returns False for a draft a rollback made stale (dropped)."""
-        self._require(self._drafting is not None and pos == self._drafting.pos, f"draft_ready({pos}) not asked for")
-        stale = self._drafting.epoch != self.epoch  # a rollback came while it was computed (the host's
-        self._drafting = None                        # Truncate, queued after it, drops its KV entry)
-        if stale:
-            self._replay_stash()
-            return False
+    def draft_ready(self, pos: int, f: np.ndarray, token: int, piece: bytes, alternatives=(),
+                    branch: int = 0) -> bool:
+        """The host computed the Draft for pos on line `branch`: f_pos [1, H]
+        (float32), the backbone's token and (branch drafting) its runners-up,
+        best first. A main-line draft queues its step (after its taps, where
+        the device's gate will open and it uploaded that gate); a branch draft
+        is kept until its branch is adopted or dropped. Once the round's last
+        draft is reported, handles what arrived meanwhile. Returns False for a
+        draft a rollback or a resolved branch point made stale (dropped)."""
+        asked = self._drafting.get(branch)
+        self._require(asked is not None and pos == asked.pos and asked not in self._round,
+                      f"draft_ready({pos}, branch={branch}) not asked for")
+        del self._drafting[branch]
+        line = self._branch_lines.get(branch) if branch else None
+        # A rollback came while it was computed (the host's Truncate or Discard, queued
+        # after it, drops its KV entry), or its branch point was resolved.
+        stale = asked.epoch != self.epoch or (branch != 0 and line is None)
+        if branch:
+            self.stats.branch_drafts += 1
+            self.stats.branch_wasted += stale
+        if stale or branch:
+            if not stale:
+                token = int(token)
+                line.drafts.append(_Drafted(pos, token, bytes(piece), self._encode(f), tuple(map(int, alternatives))))
+                line.feed = token
+            if not self._drafting:
+                self._replay_stash()
+            return not stale
         token = int(token)
         opts = self.hello.options
-        entry = _Drafted(pos, token, bytes(piece), self._encode(f))
+        entry = _Drafted(pos, token, bytes(piece), self._encode(f), tuple(map(int, alternatives)))
         self._drafts.append(entry)
         self._next_feed = token
         self.stats.drafts += 1
@@ -479,7 +627,8 @@ class GatewayProtocol:
             self._actions.append(SendTaps(pos))
         else:
             self._outbox.append(step)
-        self._replay_stash()
+        if not self._drafting:
+            self._replay_stash()
         return True
 
     def _replay_stash(self) -> None:
@@ -521,6 +670,16 @@ class GatewayProtocol:
         changed = token != self._drafts[0].token
         del self._sides[pos]
         self._pop_through(pos)
+        adopted = None  # the branch line that drafted this token, if any: it becomes the main line
+        if pos == self._branch_at:
+            if changed:
+                adopted = next((b for b in self._branch_lines.values() if b.token == token and b.drafts
+                                and b.id not in self._drafting), None)
+                self.stats.branch_hits += adopted is not None
+                self.stats.branch_misses += adopted is None
+            self._drop_branches(keep=adopted.id if adopted else None)
+        elif changed:  # the branches continue drafts that are void now
+            self._drop_branches()
         if changed:
             self.stats.discarded += len(self._drafts)
             self.stats.rollbacks += 1
@@ -534,9 +693,18 @@ class GatewayProtocol:
             if self._held is not None and self._held["pos"] > pos:
                 self._held = None
             self._actions = deque(a for a in self._actions if not isinstance(a, (SendTaps, Head)) or a.pos <= pos)
-            self._actions.append(Truncate(pos + 1))
+            if adopted is None:
+                self._actions.append(Truncate(pos + 1))
+            else:  # its cache holds pos + 1 ... already: no decode step to wait for
+                self._actions.append(Adopt(adopted.id, pos + 1))
+                self._drafts = adopted.drafts
+                self._next_feed = adopted.feed
         self._committed(m.Commit(pos, token, piece))
         self._outbox.append(self._refreshed(m.Verdict(self.epoch, pos, token, piece, changed).to_dict()))
+        if adopted is not None:  # its steps, in the new epoch (no pushed taps: the device asks where it needs them)
+            for d in self._drafts:
+                self._outbox.append(m.Step(self.epoch, d.pos, d.f, d.token, d.piece).to_dict())
+            self.stats.drafts += len(self._drafts)
         self._verify()
         self._maybe_end()
 
@@ -584,7 +752,7 @@ class GatewayProtocol:
         ended, else a step for each unverified drafted position. Any pending
         need_taps/side exchange is forgotten: the device gates the resent
         steps again. Raises resume_failed (the session unchanged) if it cannot."""
-        self._require(self._drafting is None, "resume() while a draft is computed")
+        self._require(not self._drafting, "resume() while a draft is computed")
         if self.phase == "ended" and self.end_msg is None or self.phase not in ("generating", "ended"):
             raise ProtocolError("resume_failed", "the session is not generating")
         if not self.first_pos <= next_pos <= self.next_draft_pos:
@@ -606,7 +774,8 @@ class GatewayProtocol:
         # Unsent messages and the work for them are void: resent below. Cache
         # work (Truncate, Forget) stays queued: the KV cache must follow.
         self._outbox.clear()
-        self._actions = deque(a for a in self._actions if isinstance(a, (Truncate, Forget)))
+        self._actions = deque(a for a in self._actions if isinstance(a, _CACHE_WORK))
+        self._drop_branches()  # (after the filter: its Discard stays queued)
         self._held = None
         self._stash.clear()
         self.pushed.clear()  # resent steps carry no taps: the device asks with need_taps
