@@ -61,7 +61,7 @@ from spa import codec
 from spa.generate import choose_token, decode_one_token, prefill
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
-from spa.pte import PtePlugin, set_threads
+from spa.pte import PtePlugin, executorch_runtime, set_threads
 from spa.step import quantizing_wire, split_state
 from spa.tokens import token_pieces
 
@@ -80,6 +80,7 @@ class BaselineServer:
         self.plugins: dict[tuple, PtePlugin] = {}  # cloud_plugin: loaded once per file (the upload is kept)
         cache, _ = prefill(backbone, backbone.encode("warm up the backbone"))  # pay torch's lazy init now
         decode_one_token(backbone, cache, 0)
+        executorch_runtime()  # and the ExecuTorch runtime's import (seconds): not a cloud_plugin session's TTFT
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.thread, fn, *args)

@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks.link import (NS_PREFIX, PROFILES, LinkProfile, NetnsLink, ProxyLink, cleanup_stale, make_link,
                              measure_link, netns_available, our_namespaces, run_command)
-from benchmarks.linkbench import add_ratios, format_result, goals, plot_result, summarize_row
+from benchmarks.linkbench import add_ratios, format_result, goals, lossless, plot_result, summarize_row
 from benchmarks.provision import ensure_plugin, plugin_prompts
 from spa.children import ROOT, python_command, python_env
 
@@ -202,6 +202,9 @@ def test_row_summary_ratios_and_goals_are_computed_from_the_documents(tmp_path):
     rows = {"cloud_only": summarize_row(cloud)}
     rows["spa_draft"] = summarize_row(spa, rows["cloud_only"] and [d["tokens"] for d in cloud])
     rows["side_every_token"] = summarize_row([_doc([1, 2], [1.0, 1.5])])
+    rows["cloud_plugin"] = summarize_row([_doc([1, 9, 3], [1.0, 1.15, 1.3], side_tokens=2), _doc([4, 5], [2.0, 2.15])])
+    for name, docs in (("spa_draft", spa), ("cloud_plugin", spa)):
+        rows[name]["per_doc_tokens"] = [d["tokens"] for d in docs]
     c, s = rows["cloud_only"], rows["spa_draft"]
     assert c["tokens"] == 5 and c["tokens_per_s"] == pytest.approx(3 / 0.3)
     assert s["tokens_per_s"] == pytest.approx(3 / 0.6)
@@ -214,17 +217,33 @@ def test_row_summary_ratios_and_goals_are_computed_from_the_documents(tmp_path):
     add_ratios(rows)
     assert c["tokens_per_s_vs_cloud_only"] == 1.0
     assert s["tokens_per_s_vs_cloud_only"] == pytest.approx(0.5)
+    assert s["tokens_per_s_vs_ceiling"] == pytest.approx(0.75)  # against the plugin hosted in the cloud: 5 / 6.67
+    assert rows["cloud_plugin"]["tokens_per_s_vs_ceiling"] == 1.0
     result = {"profile": PROFILES["4g"].to_dict(), "rows": rows, "docs": ["a", "b"], "max_new_tokens": 3,
               "per_layer_tokens": 2, "codec": "int8", "window": 8, "link": {"mode": "proxy", "description": "x"},
               "pinning": {"gateway_cpu": "0", "device_cpu": "1", "cpus": 2},
               "load_average_before": (1.0, 1.0, 1.0), "load_average_after": (1.0, 1.0, 1.0)}
+    result["lossless"] = lossless(rows)
+    assert result["lossless"]["against"] == "cloud_plugin" and result["lossless"]["identical"]
     result["goals"] = goals(result)
     met = {g["goal"].split(" (")[0]: g["met"] for g in result["goals"]}
+    best = next(g for g in result["goals"] if g["goal"].startswith("best SPA row (spa_draft)"))
+    assert best["met"] is False and best["missed_by"] == pytest.approx(0.45)
+    assert best["vs_ceiling"] == pytest.approx(0.75)
+    assert met["lossless: the SPA rows' tokens == cloud_plugin's"] is True
     assert met["spa_draft tokens/s >= 0.8x cloud_only"] is False
     assert met["spa_draft tokens/s >= 3x side_every_token"] is False  # 5 vs 2 tokens/s: 2.5x
     assert met["spa_draft bytes on the wire per token <= 2048"] is True
     text = format_result(result)
     assert "SPA draft-ahead" in text and "MISSED" in text and "shared, noisy machine" in text
+    assert "x ceiling" in text and "plugin hosted in the cloud" in text
+    assert "0.50 -> MISSED by 0.45; 0.75x ceiling (cloud_plugin)" in text  # the 4g goal: 0.95x cloud-only
+    assert "best SPA row: spa_draft, 0.50x cloud-only" in text and "0.75x ceiling" in text
+    assert "lossless: tokens identical to cloud_plugin (5 tokens) in every repeat: spa_draft yes -> yes" in text
+    rows["spa_draft"]["per_doc_tokens"] = [[1, 9, 3], [4, 6]]
+    result["lossless"] = lossless(rows)
+    assert not result["lossless"]["identical"]
+    assert "spa_draft NO (first difference: doc 1, token 1) -> NO" in format_result(result)
     png = plot_result(result, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -233,14 +252,14 @@ def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
     """A short real run: real gateway, real baseline server, real websockets over the emulated 4g link."""
     profile = "4g"
     proc = spa_bench("--profile", profile, "--plugin", pte_path, "--docs", "aclsum:test:0", "--max-new-tokens", "4",
-                     "--per-layer-tokens", "2", "--window", "4", "--rows", "cloud_only", "side_every_token",
-                     "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "spa_inflight",
-                     "spa_inflight_push", "--repeats", "2", "--json", "--out", tmp_path, merge=False)
+                     "--per-layer-tokens", "2", "--window", "4", "--rows", "cloud_only", "cloud_plugin",
+                     "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push",
+                     "spa_inflight", "spa_inflight_push", "--repeats", "2", "--json", "--out", tmp_path, merge=False)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-4000:]
     result = json.loads(out)
     rows = result["rows"]
-    assert set(rows) == {"cloud_only", "side_every_token", "per_layer", "spa_lockstep", "spa_draft",
+    assert set(rows) == {"cloud_only", "cloud_plugin", "side_every_token", "per_layer", "spa_lockstep", "spa_draft",
                          "spa_draft_proj", "spa_draft_push", "spa_inflight", "spa_inflight_push"}, rows
     for name, r in rows.items():
         assert "error" not in r, (name, r)
@@ -255,8 +274,10 @@ def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
     assert rows["per_layer"]["round_trips_per_token"] == 30  # SmolLM2's 30 layers
     assert rows["spa_lockstep"]["per_doc_tokens"] == rows["spa_draft"]["per_doc_tokens"]  # lossless draft-ahead
     assert rows["spa_draft_push"]["per_doc_tokens"] == rows["spa_draft_proj"]["per_doc_tokens"]  # pushed taps too
-    for name in ("spa_inflight", "spa_inflight_push"):  # several side outputs in flight: lossless too
+    for name in ("spa_inflight", "spa_inflight_push", "cloud_plugin"):  # in flight, and the plugin in the cloud
         assert rows[name]["per_doc_tokens"] == rows["spa_draft"]["per_doc_tokens"], name
+    assert result["lossless"]["against"] == "cloud_plugin" and result["lossless"]["identical"], result["lossless"]
+    assert rows["cloud_plugin"]["round_trips_per_token"] == 0 and rows["cloud_plugin"]["bytes_up_per_token"] == 0
     for r in rows.values():  # every row ran twice, interleaved; a ratio per repeat, median and spread
         assert r["repeats"] == 2 and len(r["tokens_per_s_runs"]) == 2 and r["same_tokens_every_repeat"]
         assert r["vs_cloud_only_min"] <= r["tokens_per_s_vs_cloud_only"] <= r["vs_cloud_only_max"]
@@ -266,3 +287,23 @@ def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
     assert {g["goal"].split(" (")[0] for g in result["goals"]} >= {"spa_draft tokens/s >= 0.8x cloud_only"}
     assert (tmp_path / f"link-{profile}.json").exists() and (tmp_path / f"link-{profile}.png").exists()
     assert_nothing_left(proc.pid, err)
+
+
+def test_the_plugin_hosted_in_the_cloud_commits_the_spa_tokens_and_is_the_ceiling(pte_path, tmp_path):
+    """The ceiling row on loopback, a few tokens: the baseline server runs the .pte beside the backbone with the
+    split's step and codec, so its tokens are the SPA row's; every row reads as a share of it."""
+    proc = spa_bench("--profile", "loopback", "--plugin", pte_path, "--docs", "aclsum:test:0", "--max-new-tokens", "8",
+                     "--rows", "cloud_only", "cloud_plugin", "spa_draft", "--repeats", "1", "--out", tmp_path,
+                     merge=False)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    rows = json.loads((tmp_path / "link-loopback.json").read_text())["rows"]
+    ceiling, spa = rows["cloud_plugin"], rows["spa_draft"]
+    assert "error" not in ceiling, ceiling
+    assert ceiling["per_doc_tokens"] == spa["per_doc_tokens"] and ceiling["tokens"] == 8
+    assert ceiling["side_usage"] == spa["side_usage"]  # the same gate on the same quantized f_t
+    assert ceiling["round_trips_per_token"] == 0 and ceiling["bytes_up_per_token"] == 0
+    assert ceiling["tokens_per_s_vs_ceiling"] == 1.0 and spa["tokens_per_s_vs_ceiling"] > 0
+    assert re.search(r"^row .* x cloud +min-max +x ceiling", out, re.M), out  # the column beside x cloud
+    assert re.search(r"^best SPA row: spa_draft, [\d.]+x cloud-only .*, [\d.]+x ceiling", out, re.M), out
+    assert "lossless: tokens identical to cloud_plugin (8 tokens) in every repeat: spa_draft yes -> yes" in out, out
