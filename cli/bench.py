@@ -165,7 +165,8 @@ def add_bench_parsers(bench_sub) -> None:
                    help="tokens per document for the per-layer row (each costs one round trip per layer; default 8)")
     p.add_argument("--window", type=int, default=8, help="draft-ahead window W of the draft-ahead row (default 8)")
     p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"])
-    p.add_argument("--rows", nargs="+", help="only these rows (cloud_only side_every_token per_layer spa_lockstep "
+    p.add_argument("--rows", nargs="+", help="only these rows (cloud_only cloud_plugin side_every_token per_layer "
+                                             "spa_lockstep "
                                              "spa_draft spa_draft_proj spa_draft_push spa_inflight "
                                              "spa_inflight_push device_only)")
     p.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
