@@ -14,6 +14,7 @@ Rows (the same ACLSum test documents, the same prompt text, greedy):
 | spa_draft_push   | spa_draft_proj with pushed taps (gate uploaded: taps come with the step)           |
 | spa_inflight     | spa_draft with several side outputs in flight (the device gates ahead of verdicts) |
 | spa_inflight_push| spa_inflight with pushed taps and no projection (the choice for a slow uplink)     |
+| spa_branches     | spa_inflight on a second gateway drafting branches (`--branches 2`)               |
 | device_only      | the whole backbone as one ExecuTorch program on the device, no network            |
 
 Repeats: every row runs `repeats` times (default 3), the rows interleaved
@@ -52,8 +53,10 @@ from spa.children import ServerProcess, pinned, python_command, python_env, run
 from spa.errors import SpaError
 
 ROWS = ("cloud_only", "cloud_plugin", "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj",
-        "spa_draft_push", "spa_inflight", "spa_inflight_push", "device_only")
-SPA_ROWS = ("spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "spa_inflight", "spa_inflight_push")
+        "spa_draft_push", "spa_inflight", "spa_inflight_push", "spa_branches", "device_only")
+SPA_ROWS = ("spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "spa_inflight", "spa_inflight_push",
+            "spa_branches")
+BRANCHES = 2  # the spa_branches row's gateway: `spa gateway --branches 2`
 ROW_TITLES = {
     "cloud_only": "cloud-only (backbone alone, streamed)",
     "cloud_plugin": "plugin hosted in the cloud (ceiling: no privacy, no RT)",
@@ -65,6 +68,7 @@ ROW_TITLES = {
     "spa_draft_push": "SPA draft-ahead + projection + pushed taps",
     "spa_inflight": "SPA draft-ahead + side outputs in flight",
     "spa_inflight_push": "SPA in flight + pushed taps (no projection)",
+    "spa_branches": f"SPA in flight + branches K={BRANCHES}",
     "device_only": "device-only (whole backbone, ExecuTorch)",
 }
 CEILING = "cloud_plugin"  # every SPA row also reads as a share of it
@@ -338,6 +342,12 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                                               env=one_thread))
                 gateway = servers[-1]
                 log(f"  spa gateway pid {gateway.pid} at {gateway.url}")
+            if "spa_branches" in rows:  # branch drafting is the gateway's option: a gateway of its own
+                log(f"starting spa gateway --branches {BRANCHES} on the gateway side...")
+                servers.append(GatewayProcess("--host", host, "--token", token, "--branches", str(BRANCHES),
+                                              prefix=on_gateway_side, env=one_thread))
+                branch_gateway = servers[-1]
+                log(f"  spa gateway pid {branch_gateway.pid} at {branch_gateway.url}")
             if need_baseline:
                 log("starting the baseline server (cloud-only stream, per-layer split, plugin in the cloud) on the "
                     "gateway side...")
@@ -369,6 +379,8 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                 "spa_draft_push": lambda: spa_job(tau, window, cloud_projection=True, push_taps=True),
                 "spa_inflight": lambda: spa_job(tau, window, max_in_flight=in_flight),
                 "spa_inflight_push": lambda: spa_job(tau, window, max_in_flight=in_flight, push_taps=True),
+                "spa_branches": lambda: spa_job(tau, window, max_in_flight=in_flight,
+                                                url=link.device_url(host, branch_gateway.port)),
                 "device_only": lambda: {"mode": "device_only", "max_new_tokens": max_new_tokens,
                                         "backbone_pte": str(backbone_pte), "eos_ids": _eos_ids()},
             }
