@@ -59,20 +59,37 @@ QUESTIONS = [
 
 
 def chat_prompt(question: str, tokenizer=None) -> str:
-    """A short chat prompt (no system turn: ~15 tokens) in `tokenizer`'s chat template, or SmolLM2's."""
-    if tokenizer is not None and tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
-    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    """A short chat prompt, one user turn and no system turn (~15 tokens), in `tokenizer`'s chat
+    template (None: SmolLM2's, written out)."""
+    if tokenizer is None or not tokenizer.chat_template:
+        # SmolLM2's own template adds a default system turn (~20 tokens) when none is given;
+        # left out so that every backbone's prompts are about as long (prefill cost is per token).
+        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def backbone_tokenizer(backbone: str | None):
-    """The tokenizer of a backbone given as the gateway takes it (None: the default; a name; a directory)."""
+    """The tokenizer whose chat template the prompts use: None for the default SmolLM2 (see
+    `chat_prompt`), else the tokenizer of the backbone given as the gateway takes it (name or directory)."""
+    from transformers import AutoTokenizer
+
+    from spa.backbone import DEFAULT_NAME, backbone_dir
+
+    if backbone in (None, DEFAULT_NAME):
+        return None
+    return AutoTokenizer.from_pretrained(backbone_dir(backbone))
+
+
+def prompt_tokens(backbone: str | None, tokenizer, n: int = len(QUESTIONS)) -> float:
+    """The mean length in tokens of the first n prompts (what a prefill costs)."""
     from transformers import AutoTokenizer
 
     from spa.backbone import backbone_dir
 
-    return AutoTokenizer.from_pretrained(backbone_dir(backbone))
+    counter = tokenizer or AutoTokenizer.from_pretrained(backbone_dir(backbone))
+    prompts = [chat_prompt(q, tokenizer) for q in QUESTIONS[:n]]
+    return sum(len(counter(p, add_special_tokens=False)["input_ids"]) for p in prompts) / len(prompts)
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -201,6 +218,7 @@ def run_load_bench(*, sessions: list[int], backbones: list[str | None], dtypes: 
         for dtype in dtypes:
             configs.append({"backbone": backbone or pte.config.backbone["name"], "dtype": dtype,
                             "plugin": str(pte_path), "tau": pte.tau if tau is None else tau, "runs": {},
+                            "prompt_tokens": prompt_tokens(backbone, tokenizer),
                             "_pte": pte, "_tokenizer": tokenizer,
                             "_gateway": ("--max-sessions", str(max(counts)), "--resume-grace", "0",
                                          "--dtype", dtype, *(() if backbone is None else ("--backbone", backbone)))})
@@ -460,7 +478,8 @@ def format_load(result: dict) -> str:
     for config in result["configs"]:
         lines += [
             "",
-            f"### {config['backbone']} {config['dtype']} (plugin {config['plugin']}, tau {config['tau']:.3g})",
+            f"### {config['backbone']} {config['dtype']} (plugin {config['plugin']}, tau {config['tau']:.3g}, "
+            f"prompts {fmt(config.get('prompt_tokens'), '.1f')} tokens on average)",
             "",
             "| sessions | held | tokens/s (x) [min-max] | vs first | p95 inter-token ms (x) | TTFT p50 s | TTFT p95 s "
             "| gateway peak RSS MiB | per extra session MiB | after MiB | batched steps | mean batch | max batch |",
@@ -482,7 +501,7 @@ def format_load(result: dict) -> str:
         for goal in config["goals"]:
             v, t = goal["value"], goal["target"]
             verdict = "met" if goal["met"] else (
-                "MISSED" + ("" if v is None else f" by {abs(v - t) / t:.0%}"))
+                "MISSED" + ("" if v is None else f" by {abs(v - t) / t:.1%}"))
             lines.append(f"goal: {goal['what']}: {fmt(v, '.2f')} -> {verdict}")
     return "\n".join(lines)
 

@@ -48,5 +48,5 @@ def test_medians_ratios_memory_per_session_and_goals():
                         "gateway_cpu": 1, "device_cpus": [0], "load_before": (0.5, 0.5, 0.5),
                         "load_after": (1.0, 1.0, 1.0), "configs": [fast, slow]})
     assert "64 sessions >= 6x the tokens/s of 1 session: 6.55 -> met" in text
-    assert "3.00 -> MISSED by 50%" in text
+    assert "3.00 -> MISSED by 50.0%" in text
     assert "load average before 0.50 0.50 0.50" in text
