@@ -44,11 +44,13 @@ def cmd_bench_link(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         png = plot_result(result, args.out / f"link-{profile}.png")
+        txt = args.out / f"link-{profile}.txt"
+        txt.write_text(format_result(result) + "\n")
         results.append(result)
         if not args.json:
             print()
             print(format_result(result))
-            print(f"written: {out}, {png}", flush=True)
+            print(f"written: {out}, {txt}, {png}", flush=True)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
