@@ -4,7 +4,8 @@ Every frame a device could send, at the handshake and in the middle of a
 generation, gets either a valid answer or the documented error code with its
 close code: never `internal` (a gateway bug), never a hang or a crash, and the
 gateway's memory stays bounded. A good session runs concurrently the whole
-time and must produce exactly the tokens it produces alone.
+time and must produce exactly the tokens it produces alone. The gateway
+drafts branches (`branches=2`), so the fuzzed sessions hold branch lines too.
 """
 
 import os
@@ -45,7 +46,9 @@ def _rss() -> int:
 
 @pytest.fixture(scope="module")
 def fuzz_gateway(backbone):
-    with ThreadedGateway(backbone, LIMITS) as gw:
+    # Branch drafting on: a fuzzed session that asks for taps has branch lines (forked KV caches,
+    # branch drafts) when its connection breaks, errs or says bye; they must go with it.
+    with ThreadedGateway(backbone, LIMITS, branches=2) as gw:
         yield gw
 
 

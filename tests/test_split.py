@@ -29,9 +29,9 @@ def prompt_of(pte, doc):
 
 
 def split(gateway, pte, doc, window, tau=None, codec="int8", max_new=MAX_NEW, temperature=0.0,
-          cloud_projection=False, push_taps=False, in_flight=1):
+          cloud_projection=False, push_taps=False, in_flight=1, url=None):
     options = Options(window=window, codec=codec, max_new_tokens=max_new, temperature=temperature, seed=7)
-    return asyncio.run(run_session(gateway.url, pte, prompt_of(pte, doc), options, tau=tau, token=GATEWAY_TOKEN,
+    return asyncio.run(run_session(url or gateway.url, pte, prompt_of(pte, doc), options, tau=tau, token=GATEWAY_TOKEN,
                                    cloud_projection=cloud_projection, push_taps=push_taps,
                                    max_in_flight=in_flight))
 
@@ -168,3 +168,71 @@ def test_lock_step_costs_a_round_trip_per_token_and_draft_ahead_fewer(gateway, p
     assert lock_step.tokens == ahead.tokens
     assert lock_step.stats["round_trips_per_token"] >= 1.0
     assert ahead.stats["round_trips_per_token"] < 0.5
+
+
+@pytest.fixture(scope="module")
+def branch_gateway():
+    """A gateway drafting the continuations of 2 alternatives at every pending side position."""
+    from cloud_gateway.process import GatewayProcess
+
+    with GatewayProcess("--token", GATEWAY_TOKEN, "--max-sessions", "4", "--branches", "2") as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def slow_link():
+    """A 100 ms round trip (benchmarks.delay_proxy): a side output then takes longer to come back
+    than a decode step, as on a mobile link, so branch lines have drafted when its verdict comes."""
+    from benchmarks.link import LinkProfile, ProxyLink
+
+    with ProxyLink(LinkProfile("test-100ms", 100.0, None, None)) as link:
+        yield link
+
+
+def _has_margin(ref, tau) -> bool:
+    """docs/DESIGN.md §2: with branch lines the main line's decode steps run as rows of a batched
+    forward, whose rounding may differ from the solo step's; token equality needs margin."""
+    return min(ref.logit_gap) > 1e-3 and min(abs(p - tau) for p in ref.gate_p) > 1e-3
+
+
+@pytest.mark.parametrize("branches", [0, 2])
+def test_branch_drafting_is_lossless_and_hits(gateway, branch_gateway, slow_link, pte, references, backbone,
+                                              branches):
+    """W in {2, 8} x branches in {0, 2}, one and four side outputs in flight,
+    over a 100 ms round trip: the reference's tokens. With branches, a verdict
+    that changed the token to one of the backbone's two runners-up was served
+    by a branch line's drafts (a hit: its continuation went out at once);
+    without, none are counted. (With this plugin the side's token is among
+    the backbone's top 3 for about one change in four.)"""
+    gw = branch_gateway if branches else gateway
+    url = slow_link.device_url("127.0.0.1", gw.port)
+    for doc, ref in references.items():
+        assert _has_margin(ref, pte.tau), doc
+    totals = dict.fromkeys(("branch_points", "branch_hits", "branch_misses", "branch_drafts", "branch_wasted"), 0)
+    rollbacks = 0
+    for window in (2, 8):
+        for in_flight in (1, 4):
+            for doc in DOCS:
+                result = split(gw, pte, doc, window, in_flight=in_flight, url=url)
+                assert result.tokens == references[doc].tokens, (doc, window, in_flight)
+                assert result.sigmas == references[doc].sigmas, (doc, window, in_flight)
+                gateway_stats = result.stats["gateway"]
+                for key in totals:
+                    totals[key] += gateway_stats[key]
+                rollbacks += result.stats["rollbacks"]
+    assert rollbacks > 0
+    if branches:
+        assert totals["branch_points"] > 0 and totals["branch_drafts"] > 0, totals
+        assert totals["branch_hits"] > 0, totals  # a changed verdict adopted a branch line's drafts
+        assert totals["branch_hits"] + totals["branch_misses"] <= rollbacks, (totals, rollbacks)
+        print(f"branches {branches}: {totals}, rollbacks {rollbacks}")
+    else:
+        assert not any(totals.values()), totals
+    doc = DOCS[0]
+    sampled = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW,
+                                 temperature=0.8, seed=7)
+    assert _has_margin(sampled, pte.tau)
+    for window in (2, 8):
+        result = split(gw, pte, doc, window, temperature=0.8, in_flight=4, url=url)
+        assert result.tokens == sampled.tokens, window
+        print(f"sampled W={window}: " + str({k: v for k, v in result.stats["gateway"].items() if "branch" in k}))
