@@ -233,7 +233,8 @@ def predict(trace: Trace, costs: Costs, rows=ROWS) -> dict:
 # The measured rows the model replays, with the row that stands for each (the measured
 # spa_draft_push also had the cloud-side projection: its taps are r values per tap).
 MEASURED = {"side_every_token": "side_every_token", "spa_lockstep": "spa_lockstep", "spa_draft": "spa_draft",
-            "spa_draft_push": "spa_draft_push"}
+            "spa_draft_push": "spa_draft_push", "spa_inflight": "spa_inflight",
+            "spa_inflight_push": "spa_inflight_push"}
 GPU_STEPS_MS = (5.0, 10.0)
 
 
@@ -262,7 +263,8 @@ def compare(result: dict) -> dict:
     for name, measured_name in MEASURED.items():
         measured = result["rows"].get(measured_name, {}).get("tokens_per_s")
         row = next(r for r in ROWS if r.name == name)
-        row = Row(row.name, window if row.window else 0, row.in_flight, row.push, row.always_side)
+        in_flight = result.get("in_flight", row.in_flight) if row.in_flight > 1 else 1
+        row = Row(row.name, window if row.window else 0, in_flight, row.push, row.always_side)
         costs = costs_from_result(result, projected=name == "spa_draft_push")
         predicted = simulate(trace, row, costs)["tokens_per_s"]
         out["rows"][name] = {"measured_vs_cloud": measured / cloud if measured else None,
