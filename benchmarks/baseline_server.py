@@ -114,14 +114,23 @@ class BaselineServer:
                 pass
 
     async def _stream(self, conn, frames, ids, max_new) -> None:
+        def choose(st, p) -> tuple[int, dict]:  # the backbone alone, greedy
+            return choose_token(self.backbone.logits(st[-1]), 0.0, 0, p), {}
+
+        await self._generate(conn, frames, ids, max_new, choose)
+
+    async def _generate(self, conn, frames, ids, max_new, choose) -> None:
+        """Prefill, then per position `choose(states, pos)` -> (token, further fields of its `token`
+        message) on the compute thread, each token sent at once; `end` after EOS or max_new tokens."""
         bb = self.backbone
         cache, states = await self.run(prefill, bb, ids)
         await conn.send(frames.pack(self._ready(ids)))
         pos, n = len(ids) - 1, 0
         while True:
-            token = await self.run(lambda st=states, p=pos: choose_token(bb.logits(st[-1]), 0.0, 0, p))
+            token, extra = await self.run(choose, states, pos)
             n += 1
-            await conn.send(frames.pack({"type": "token", "pos": pos, "token": token, "piece": self.pieces[token]}))
+            await conn.send(frames.pack({"type": "token", "pos": pos, "token": token, "piece": self.pieces[token],
+                                         **extra}))
             if token in self.eos or n >= max_new:
                 await conn.send(frames.pack({"type": "end", "tokens": n, "reason": "eos" if token in self.eos
                                              else "max_tokens"}))
@@ -147,26 +156,12 @@ class BaselineServer:
             raise ValueError(f"{plugin.path}: only additive plugins run as SPA")
         tau = plugin.tau if hello.get("tau") is None else float(hello["tau"])
         wire = quantizing_wire(hello.get("codec", "int8"), int(hello.get("outliers", 8)))
-        cache, states = await self.run(prefill, bb, ids)
-        await conn.send(frames.pack(self._ready(ids)))
-        pos, n = len(ids) - 1, 0
 
-        def choose(st, p) -> tuple[int, bool]:  # the SPA step of one position, then greedy
+        def choose(st, p) -> tuple[int, dict]:  # the SPA step of one position, then greedy
             decision, x = split_state(plugin, st, tau, wire)
-            return choose_token(bb.logits(x), 0.0, 0, p), decision.sigma
+            return choose_token(bb.logits(x), 0.0, 0, p), {"sigma": int(decision.sigma)}
 
-        while True:
-            token, sigma = await self.run(choose, states, pos)
-            n += 1
-            await conn.send(frames.pack({"type": "token", "pos": pos, "token": token, "piece": self.pieces[token],
-                                         "sigma": int(sigma)}))
-            if token in self.eos or n >= max_new:
-                await conn.send(frames.pack({"type": "end", "tokens": n, "reason": "eos" if token in self.eos
-                                             else "max_tokens"}))
-                await conn.close()
-                return
-            states = await self.run(decode_one_token, bb, cache, token)
-            pos += 1
+        await self._generate(conn, frames, ids, max_new, choose)
 
     async def _per_layer(self, conn, frames, ids, max_new, scheme, outliers) -> None:
         bb, loop = self.backbone, asyncio.get_running_loop()
