@@ -5,7 +5,11 @@ generation, gets either a valid answer or the documented error code with its
 close code: never `internal` (a gateway bug), never a hang or a crash, and the
 gateway's memory stays bounded. A good session runs concurrently the whole
 time and must produce exactly the tokens it produces alone. The gateway
-drafts branches (`branches=2`), so the fuzzed sessions hold branch lines too.
+drafts branches (`branches=2`), so the fuzzed sessions hold branch lines too:
+the generation fuzzer also asks for taps and sends a side output whose verdict
+keeps the draft, turns it to a runner-up the gateway drafted a branch for (a
+hit), or to another token (a miss), and asserts that its sessions really
+reached branch points, forked, adopted and discarded branch lines.
 """
 
 import os
@@ -28,6 +32,7 @@ from spa import codec
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES
 from spa.protocol.frames import FrameCodec
+from spa.protocol.gateway import Adopt, Discard, Fork, GatewayProtocol
 from spa.protocol.limits import Limits
 from tests.strategies import msgpack_values, mutated
 
@@ -44,12 +49,43 @@ def _rss() -> int:
     return rss(os.getpid())
 
 
+WATCHED: list[dict] = []  # one per connection the fuzz gateway served: its prompt, the actions run, its stats
+
+
+class _WatchedProtocol(GatewayProtocol):
+    """The gateway's protocol, noting for its session every kind of action its host ran."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watch = {"prompt": None, "actions": set(), "stats": self.stats}
+        WATCHED.append(self.watch)
+
+    def next_action(self):
+        action = super().next_action()
+        if action is not None:
+            self.watch["actions"].add(type(action))
+            self.watch["prompt"] = self.hello.prompt if self.hello is not None else None
+        return action
+
+
+def _branching(watched: list[dict]) -> dict:
+    """How many fuzzed generation sessions (PROMPT) reached a branch point, forked, adopted, discarded."""
+    sessions = [w for w in watched if w["prompt"] == PROMPT]
+    return {"sessions": len(sessions),
+            "branch_points": sum(w["stats"].branch_points > 0 for w in sessions),
+            "forked": sum(Fork in w["actions"] for w in sessions),
+            "adopted": sum(Adopt in w["actions"] for w in sessions),
+            "discarded": sum(Discard in w["actions"] for w in sessions)}
+
+
 @pytest.fixture(scope="module")
 def fuzz_gateway(backbone):
     # Branch drafting on: a fuzzed session that asks for taps has branch lines (forked KV caches,
     # branch drafts) when its connection breaks, errs or says bye; they must go with it.
-    with ThreadedGateway(backbone, LIMITS, branches=2) as gw:
-        yield gw
+    with pytest.MonkeyPatch.context() as mp:  # every session's protocol is watched
+        mp.setattr("cloud_gateway.server.GatewayProtocol", _WatchedProtocol)
+        with ThreadedGateway(backbone, LIMITS, branches=2) as gw:
+            yield gw
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +101,23 @@ def _hello(ident, **options) -> dict:
 
 def _talk(url, frames: list, read_first: int = 0, quiet_s: float = 1.5):
     """Send frames (after reading `read_first` messages following the first one),
-    then read. When the gateway goes quiet for quiet_s without closing (it
-    waits for the device: the frames were valid), say bye. Read until the
-    gateway closes. Returns (received maps, close code)."""
+    then read. A callable frame gets the maps received so far and returns a
+    frame, or a list of frames and waits (a message type, or a predicate on a
+    map: read until a message that matches has arrived). When the gateway goes quiet for quiet_s without
+    closing (it waits for the device: the frames were valid), say bye. Read
+    until the gateway closes. Returns (received maps, close code)."""
     fc, got = FrameCodec(max_frame_bytes=8 << 20, max_message_bytes=64 << 20), []
     with connect(url, compression=None, max_size=None, open_timeout=30, close_timeout=5) as ws:
         try:
             for i, frame in enumerate(frames):
-                ws.send(frame(got) if callable(frame) else frame)
+                script = frame(got) if callable(frame) else frame
+                for item in script if isinstance(script, list) else [script]:
+                    if isinstance(item, bytes):
+                        ws.send(item)
+                        continue
+                    match = item if callable(item) else lambda d, t=item: d.get("type") == t
+                    while not any(map(match, got)):
+                        got.append(fc.unpack(ws.recv(timeout=60)))
                 if i == 0:
                     for _ in range(read_first):
                         got.append(fc.unpack(ws.recv(timeout=60)))
@@ -236,14 +281,58 @@ def _talk_scripted(url, frames, reads):
     return got, ws.close_code
 
 
+@pytest.fixture(scope="module")
+def verdict_sides(fuzz_gateway, backbone, ident) -> dict:
+    """Side outputs for the first position of a PROMPT session, by the verdict
+    they lead to: "unchanged" (the draft), "runner_up_1"/"runner_up_2" (a
+    runner-up of the draft: the token of a branch line), "miss" (a token no
+    branch line drafted). Computed from the exact f of that position (a
+    session with codec f32), with margin."""
+    import torch
+
+    got, _ = _talk(fuzz_gateway.url, [FrameCodec().pack(_hello(ident, codec="f32"))], read_first=2)
+    step = got[1]
+    assert step["type"] == "step", got
+    f = torch.from_numpy(codec.decode(step["f"]))
+    logits = backbone.logits(f)[0]
+    order = torch.argsort(logits, descending=True).tolist()
+    assert order[0] == step["draft"]
+    # The draft and the K = 2 runners-up the gateway branches on stand clear of the rest.
+    assert logits[order[0]] - logits[order[1]] > 0.05 and logits[order[2]] - logits[order[3]] > 0.05, logits[order[:4]]
+    eos = backbone.eos_token_ids
+    targets = {"runner_up_1": order[1], "runner_up_2": order[2],
+               "miss": next(t for t in order[3:] if t not in eos)}
+    sides = {"unchanged": np.zeros((1, f.shape[1]), np.float32)}
+    for name, token in targets.items():
+        if token in eos:  # no branch line for an EOS runner-up
+            continue
+        direction = backbone.lm_head.weight[token].detach().float().cpu()[None]
+        for scale in (2.0 ** k for k in range(-4, 12)):
+            s = direction * scale * f.norm() / direction.norm()
+            top2 = torch.topk(backbone.logits(f, s)[0], 2)
+            if top2.indices[0] == token and top2.values[0] - top2.values[1] > 1.0:
+                sides[name] = s.numpy().astype(np.float32)
+                break
+        else:
+            pytest.fail(f"no side output turns the draft to {name} {token}")
+    assert "runner_up_1" in sides or "runner_up_2" in sides, targets
+    return sides
+
+
 @st.composite
-def generation_messages(draw, step: dict, hello: dict) -> dict:
+def generation_messages(draw, step: dict, hello: dict, sides: dict) -> dict | tuple:
     """A device message for a session whose first step is `step` (epoch 0): valid,
-    out of order, or mutated."""
+    out of order, or mutated; or a side exchange: (need_taps, the side output
+    to send once its taps are here), a side from `sides` (verdict_sides)."""
     pos = step["pos"]
     s = _act(draw(st.sampled_from(["f32", "int8", "int4"])))
     near = st.integers(0, pos + 80) | st.integers(0, 2**31 - 1)
-    kind = draw(st.sampled_from(["accept", "need_taps", "side", "bye", "hello", "error", "ready", "step", "resumed"]))
+    kind = draw(st.sampled_from(["accept", "need_taps", "side", "bye", "hello", "error", "ready", "step", "resumed",
+                                 "exchange", "exchange"]))
+    if kind == "exchange":  # a branch point: hit, miss or unchanged
+        verdict = draw(st.sampled_from(sorted(sides)))
+        return ({"type": "need_taps", "epoch": 0, "pos": pos},
+                {"type": "side", "epoch": 0, "pos": pos, "s": codec.encode(sides[verdict], "f32")})
     base = {
         "accept": {"type": "accept", "epoch": draw(st.sampled_from([0, 0, 1, 7])), "upto": draw(near)},
         "need_taps": {"type": "need_taps", "epoch": draw(st.sampled_from([0, 0, 3])), "pos": draw(near)},
@@ -260,21 +349,42 @@ def generation_messages(draw, step: dict, hello: dict) -> dict:
 
 @FUZZ
 @given(data=st.data())
-def test_fuzzed_messages_during_generation(fuzz_gateway, good_session, rss_before, ident, data):
+def _fuzz_generation(fuzz_gateway, ident, verdict_sides, data):
     fc = FrameCodec()
     hello = fc.pack(_hello(ident))
     box = {}
 
     def fuzzed(got):
-        box["msg"] = data.draw(generation_messages(got[-1], _hello(ident)))
+        box["msg"] = data.draw(generation_messages(got[-1], _hello(ident), verdict_sides))
+        box["exchange"] = isinstance(box["msg"], tuple)
+        if box["exchange"]:  # need_taps, then the side once the taps are here
+            need_taps, box["msg"] = box["msg"]
+            # and once the main line holds its W + 1 steps: the gateway has forked its branch
+            # lines by then and drafts them (a side output sooner is answered before any fork)
+            last = need_taps["pos"] + _hello(ident)["options"]["window"]
+            return [fc.pack(need_taps), "taps", lambda d: d.get("type") == "step" and d.get("pos") == last,
+                    fc.pack(box["msg"])]
         return fc.pack(box["msg"])
 
     got, close_code = _talk(fuzz_gateway.url, [hello, fuzzed], read_first=2)
     assert got[0]["type"] == "ready" and got[1]["type"] == "step"
     code = _check(got, close_code)
     msg = box["msg"]
-    if code is None:  # a valid message at a valid time, bye, or the device's own error (the gateway just closes)
+    if box["exchange"]:  # a valid side output, answered with its verdict
+        assert code is None and "verdict" in [g.get("type") for g in got], got
+    elif code is None:  # a valid message at a valid time, bye, or the device's own error (the gateway just closes)
         assert msg["type"] in ("accept", "need_taps", "bye", "error"), msg
+
+
+def test_fuzzed_messages_during_generation(fuzz_gateway, good_session, rss_before, ident, verdict_sides):
+    """The fuzzer; its sessions drafted branches: reached branch points, forked
+    branch lines, adopted one (a hit) and discarded them (unchanged or a miss)."""
+    first = len(WATCHED)
+    _fuzz_generation(fuzz_gateway, ident, verdict_sides)
+    counts = _branching(WATCHED[first:])
+    print("fuzzed sessions' branching:", counts)
+    zero = [k for k in ("branch_points", "forked", "adopted", "discarded") if counts[k] == 0]
+    assert not zero, f"no fuzzed session {', '.join(zero)}: {counts}"
 
 
 def test_gateway_memory_is_bounded_and_returned(fuzz_gateway, good_session, rss_before):

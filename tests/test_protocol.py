@@ -18,8 +18,8 @@ from spa.protocol import messages as m
 from spa.protocol.device import DeviceProtocol, RunGate, RunSide
 from spa.protocol.errors import CODES, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
-from spa.protocol.gateway import (Adopt, Discard, Draft, Forget, Fork, GatewayProtocol, Head, Prefill, SendTaps,
-                                  Truncate)
+from spa.protocol.gateway import (Adopt, Discard, Draft, Forget, Fork, GatewayProtocol, Head, Prefill, ResumeWanted,
+                                  SendTaps, Truncate)
 from spa.protocol.limits import Limits
 from tests.strategies import msgpack_values, mutated
 
@@ -588,6 +588,7 @@ class FakeGateway:
         self.lines: dict[int, list[int]] = {}  # branch line id -> its token sequence
         self.computing: list[Draft] = []  # drafts not yet reported, in the order handed out
         self.round_sizes: list[int] = []
+        self.log: list = []  # every action run, in order
 
     def receive(self, data: bytes) -> list[bytes]:
         self.gp.receive(self.frames.unpack(data))
@@ -596,6 +597,7 @@ class FakeGateway:
     def work(self) -> list[bytes]:
         """Run every action the protocol asks for (a draft only starts)."""
         while (action := self.gp.next_action()) is not None:
+            self.log.append(action)
             if isinstance(action, Draft):
                 if not self.computing:
                     self.round_sizes.append(0)
@@ -622,8 +624,9 @@ class FakeGateway:
                 self.seq = self.seq[: action.keep]
         return [self.frames.pack(d) for d in self.gp.data_to_send()]
 
-    def submit_draft(self) -> list[bytes]:
-        """Report the oldest draft in progress."""
+    def submit_draft(self, then_work: bool = True) -> list[bytes]:
+        """Report the oldest draft in progress (then run what follows, unless
+        `then_work` is False: a host whose connection is gone only reports)."""
         action = self.computing.pop(0)
         seq = self.seq if action.branch == 0 else self.lines.get(action.branch, [])
         if action.feed is not None:
@@ -633,7 +636,7 @@ class FakeGateway:
         f, _, draft = fake_backbone(seq)
         alternatives = fake_alternatives(seq, draft, self.gp.branches)
         self.gp.draft_ready(action.pos, f, draft, piece(draft), alternatives, branch=action.branch)
-        return self.work()
+        return self.work() if then_work else []
 
 
 class FakeDevice:
@@ -922,3 +925,99 @@ def test_branches_are_dropped_on_resume():
     assert [d["type"] for d in gp.data_to_send()] == ["resumed", "step", "step", "step"]
     assert Discard() in [gp.next_action() for _ in range(3)]
     assert gp.stats.branch_wasted == 2
+
+
+def _branch_point_open(gw: FakeGateway) -> bool:
+    """The host holds branch lines (forked) and every one of them has drafts of its own."""
+    return bool(gw.lines) and all(n > 0 for n in _branch_drafts_held(gw).values())
+
+
+def _branch_drafts_held(gw: FakeGateway) -> dict[int, int]:
+    """Branch line id -> the drafts its 'KV cache' holds beyond the fork."""
+    keep = {a.branch: a.keep for a in gw.log if isinstance(a, Fork)}
+    return {b: len(seq) - keep[b] for b, seq in gw.lines.items()}
+
+
+def _resume(gw: FakeGateway, dev: FakeDevice) -> list[bytes]:
+    """The device resumes on a new connection; what the gateway sends on it."""
+    fresh = GatewayProtocol(BACKBONE, eos_ids=[EOS], resumable=True)
+    fresh.receive(dev.dp.resume_hello())
+    wanted = fresh.next_action()
+    assert isinstance(wanted, ResumeWanted)
+    gw.gp.check_resume(wanted.hello)
+    gw.gp.resume(wanted.hello.resume.next, "secret-2")
+    return gw.work()
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+@pytest.mark.parametrize("window", [0, 2, 8])
+def test_a_resume_with_branches_alive_discards_them_and_commits_the_lock_step_tokens(window, in_flight):
+    """The link dies while a branch point is open (branch lines forked, their
+    drafts computed); the device resumes. The branch lines are dropped (a
+    Discard, their drafts counted wasted), no committed token is lost or
+    repeated, and the session ends with exactly the lock-step tokens. With
+    several side outputs in flight, some sessions are cut while a verdict (of
+    a position before the branch point) is on its way: `resumed` brings it."""
+    cuts, lost_verdicts = 0, 0
+    for seed in range(8):
+        opts = m.Options(window=window, codec="int8", outliers=2, max_new_tokens=40)
+        prompt = PROMPT + [seed]
+        hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", opts)
+        gw, dev = FakeGateway(prompt, branches=2), FakeDevice(hello, in_flight)
+        gw.gp.resumable = True
+        down, up = [], [dev.frames.pack(dev.dp.hello_message())]
+        rng, before = random.Random(seed), None
+        lose_a_verdict = in_flight > 1 and window > 0 and seed % 2 == 0  # cut as a verdict goes down, if ever
+        for _ in range(100_000):
+            if dev.dp.ended:
+                break
+            if before is None and _branch_point_open(gw):
+                coin = rng.random() < 0.5
+                verdict_on_its_way = any(gw.frames.unpack(d)["type"] == "verdict" for d in down)
+                cut = verdict_on_its_way if lose_a_verdict else coin
+            else:
+                cut = False
+            if cut:
+                # The link dies: what is in flight either way is lost. The host reports the
+                # drafts it was computing (as cloud_gateway does) and runs nothing else.
+                before = [(c.pos, c.token) for c in dev.dp.committed]
+                down, up = [], []
+                gw.gp.connection_lost()
+                while gw.computing:
+                    gw.submit_draft(then_work=False)
+                held = sum(_branch_drafts_held(gw).values())
+                wasted, discards = gw.gp.stats.branch_wasted, gw.log.count(Discard())
+                assert held > 0 and gw.gp.stats.resumes == 0
+                down = _resume(gw, dev)
+                resumed = gw.frames.unpack(down[0])
+                assert resumed["type"] == "resumed" and bool(resumed.get("commits")) == verdict_on_its_way
+                lost_verdicts += verdict_on_its_way
+                # The branch lines are gone: one Discard ran, every draft they held is wasted.
+                assert gw.log.count(Discard()) == discards + 1 and gw.lines == {}
+                assert gw.gp.stats.branch_wasted == wasted + held
+                assert gw.gp.stats.resumes == 1
+                continue
+            # (a resuming device sends nothing before `resumed`: what it held back is void)
+            moves = [lambda: up.extend(dev.flush())] if dev.dp.phase != "resuming" else []
+            if up:
+                moves.append(lambda: down.extend(gw.receive(up.pop(0))))
+            if down:
+                moves.append(lambda: dev.receive(down.pop(0)))
+            if gw.computing:
+                moves.append(lambda: down.extend(gw.submit_draft()))
+            rng.choice(moves)()
+        else:
+            raise AssertionError("the simulation stalled")
+        committed = [(c.pos, c.token) for c in dev.dp.committed]
+        assert [t for _, t in committed] == lock_step_reference(opts, prompt), f"seed {seed}"
+        # Nothing lost, nothing repeated: one commit per position, in order, and the
+        # commits made before the cut are where they were.
+        assert [p for p, _ in committed] == list(range(len(prompt) - 1, gw.gp.verified)), f"seed {seed}"
+        assert dev.dp.end.stats["tokens"] == len(committed)
+        if before is not None:
+            cuts += 1
+            assert committed[: len(before)] == before
+            assert dev.dp.stats.resumes == 1 and dev.dp.end.stats["resumes"] == 1
+    assert cuts >= 3, cuts
+    if in_flight > 1 and window == 8:
+        assert lost_verdicts > 0
