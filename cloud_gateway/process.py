@@ -56,28 +56,37 @@ def ray_temp_dir(pid: int) -> str:
     return f"/tmp/spa-ray-{pid}"
 
 
-def kill_ray_cluster(temp_dir: str) -> list[int]:
+def kill_ray_cluster(temp_dir: str, rounds: int = 20) -> list[int]:
     """SIGKILL every process whose command line names `temp_dir`, or that holds a file under it (a
-    local Ray cluster's raylet, GCS, agents, workers, replicas); their pids."""
+    local Ray cluster's raylet, GCS, agents, workers, replicas); their pids. Scans again until a scan
+    finds none (at most `rounds` times): a dying raylet may still have started a worker after the
+    first scan, which happens on a loaded machine."""
     import os
     import shutil
     import signal
+    import time
     from pathlib import Path
 
     killed = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if temp_dir.encode() in cmdline or _has_open_file_under(proc, temp_dir):  # Ray's agents rename themselves
+    for _ in range(rounds):
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
             try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
+                cmdline = (proc / "cmdline").read_bytes()
             except OSError:
-                pass
+                continue
+            if temp_dir.encode() in cmdline or _has_open_file_under(proc, temp_dir):  # agents rename themselves
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    found.append(int(proc.name))
+                except OSError:
+                    pass
+        if not found:
+            break
+        killed += [pid for pid in found if pid not in killed]
+        time.sleep(0.2)  # let the killed ones go (a killed process keeps its /proc entry until reaped)
     shutil.rmtree(temp_dir, ignore_errors=True)
     return killed
 
