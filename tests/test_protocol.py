@@ -860,9 +860,9 @@ def test_an_unchanged_verdict_discards_the_branches():
     assert (st.branch_hits, st.branch_misses, st.branch_wasted) == (0, 0, 2)
 
 
-def test_a_rollback_before_the_branch_point_discards_the_branches():
-    """In flight: 4 and 6 are sigma = 1; the branches are drafted for 4 first,
-    then (4 unchanged) for 6; a changed verdict at 4 in another run drops them."""
+def _two_sides_in_flight() -> GatewayProtocol:
+    """A gateway with branches=1 that drafted 4..7 (runner-up 40 + pos each) and sent the taps
+    of 4 and 6: two side outputs in flight, none received yet."""
     gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok", branches=1)
     gp.receive(_hello(3).to_dict())
     gp.next_action()
@@ -871,12 +871,18 @@ def test_a_rollback_before_the_branch_point_discards_the_branches():
     for pos in (4, 5, 6, 7):
         assert _work(gp) == Draft(0, pos, None if pos == 4 else pos - 1)
         gp.draft_ready(pos, _f(), pos, b"x", (40 + pos,))
-    gp.data_to_send()
-    for pos in (4, 6):  # two side outputs in flight
+    for pos in (4, 6):
         gp.receive(m.NeedTaps(0, pos).to_dict())
         assert _work(gp) == SendTaps(pos)
         gp.taps_ready(pos, RNG.normal(0, 15, (3, H)))
     gp.data_to_send()
+    return gp
+
+
+def test_a_rollback_before_the_branch_point_discards_the_branches():
+    """In flight: 4 and 6 are sigma = 1; the branches are drafted for 4 first,
+    then (4 unchanged) for 6; a changed verdict at 4 in another run drops them."""
+    gp = _two_sides_in_flight()
     assert _work(gp) == Fork(1, 5)  # the earliest pending side position
     assert gp.next_action() == Draft(0, 5, 44, branch=1)
     gp.draft_ready(5, _f(), 50, b"y", branch=1)
@@ -891,18 +897,7 @@ def test_a_rollback_before_the_branch_point_discards_the_branches():
     assert _work(gp) == Truncate(7)
     assert (gp.stats.branch_points, gp.stats.branch_hits, gp.stats.branch_misses) == (1, 0, 0)
     # A rollback at an earlier position than the branch point drops the branches too.
-    gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok", branches=1)
-    gp.receive(_hello(3).to_dict())
-    gp.next_action()
-    gp.started("s", "r", 5)
-    gp.data_to_send()
-    for pos in (4, 5, 6, 7):
-        assert _work(gp) == Draft(0, pos, None if pos == 4 else pos - 1)
-        gp.draft_ready(pos, _f(), pos, b"x", (40 + pos,))
-    for pos in (4, 6):
-        gp.receive(m.NeedTaps(0, pos).to_dict())
-        assert _work(gp) == SendTaps(pos)
-        gp.taps_ready(pos, RNG.normal(0, 15, (3, H)))
+    gp = _two_sides_in_flight()
     gp.receive(m.Side(0, 4, F).to_dict())  # 4's verdict is being computed: the branches go to 6
     assert isinstance(_work(gp), Head)
     assert _work(gp) == Fork(1, 7)
