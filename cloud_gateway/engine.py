@@ -69,7 +69,7 @@ class _Head:
     seed: int
     pos: int
     alternatives: int = 0
-    result: object = None  # token, or (token, runners-up) when alternatives > 0
+    result: object = None  # (token, runners-up)
 
 
 def batching_supported(backbone) -> bool:
@@ -147,8 +147,8 @@ class Engine:
         return await self._submit(self._drafts, _Draft(cache, int(feed), temperature, seed, pos, alternatives))
 
     async def head(self, x: torch.Tensor, temperature: float, seed: int, pos: int, alternatives: int = 0):
-        """The token chosen at `pos` from lm_head(norm(x)); x is f or f + s. With alternatives > 0:
-        (token, its `alternatives` runners-up)."""
+        """(the token chosen at `pos` from lm_head(norm(x)), its `alternatives` runners-up, best
+        first); x is f or f + s."""
         return await self._submit(self._heads, _Head(x, temperature, seed, pos, alternatives))
 
     def _submit(self, queue: list, item) -> asyncio.Future:
@@ -242,8 +242,7 @@ class Engine:
                 token, alternatives = choose_token_and_alternatives(lg, d.temperature, d.seed, d.pos, d.alternatives)
                 d.result = (d.result, token, len(drafts), alternatives)
             for h, lg in zip(heads, logits[len(drafts) :]):
-                token, alternatives = choose_token_and_alternatives(lg, h.temperature, h.seed, h.pos, h.alternatives)
-                h.result = (token, alternatives) if h.alternatives > 0 else token
+                h.result = choose_token_and_alternatives(lg, h.temperature, h.seed, h.pos, h.alternatives)
             if heads:
                 self.stats["head_rounds"] += 1
                 self.stats["head_rows"] += len(heads)

@@ -438,8 +438,9 @@ class GatewaySession:
         opts, engine, k = self.proto.hello.options, self.engine, self.proto.branches
         if action.feed is None:
             states = self.states[action.pos]
-            chosen = await engine.head(states[-1], opts.temperature, opts.seed, action.pos, alternatives=k)
-            return (states, *chosen) if k else (states, chosen, ())
+            token, alternatives = await engine.head(states[-1], opts.temperature, opts.seed, action.pos,
+                                                    alternatives=k)
+            return states, token, alternatives
         cache = self.branch_caches[action.branch] if action.branch else self.cache
         states, token, batch, alternatives = await engine.draft(cache, action.feed, opts.temperature, opts.seed,
                                                                 action.pos, alternatives=k)
@@ -461,7 +462,7 @@ class GatewaySession:
         elif isinstance(action, Head):
             opts = proto.hello.options
             x = cloud_state(self.states[action.pos][-1], action.s)
-            token = await engine.head(x, opts.temperature, opts.seed, action.pos)
+            token, _ = await engine.head(x, opts.temperature, opts.seed, action.pos)
             proto.verdict_ready(action.pos, token, engine.pieces[token])
         elif isinstance(action, Truncate):
             # Drafts from action.keep on were built on the old token.
