@@ -58,7 +58,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from spa import codec
-from spa.generate import choose_token, decode_one_token, prefill
+from spa.generate import choose_token, decode_one_token, logit_margin, prefill
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
 from spa.pte import PtePlugin, executorch_runtime, set_threads
@@ -158,7 +158,8 @@ class BaselineServer:
         wire = quantizing_wire(hello.get("codec", "int8"), int(hello.get("outliers", 8)))
 
         def choose(st, p) -> tuple[int, dict]:  # the SPA step of one position, then greedy
-            decision, x = split_state(plugin, st, tau, wire)
+            margin = logit_margin(bb.logits(st[-1])) if plugin.config.gate_margin else None
+            decision, x = split_state(plugin, st, tau, wire, margin=margin)
             return choose_token(bb.logits(x), 0.0, 0, p), {"sigma": int(decision.sigma)}
 
         await self._generate(conn, frames, ids, max_new, choose)

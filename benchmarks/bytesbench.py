@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from spa import codec
-from spa.generate import choose_token, decode_one_token, prefill
+from spa.generate import choose_token, decode_one_token, logit_margin, prefill
 from spa.protocol import messages as m
 from spa.protocol.frames import FrameCodec
 from spa.step import split_state
@@ -54,15 +54,17 @@ def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, s
     run_open = False
     while True:
         f = states[-1]
-        draft = int(torch.argmax(backbone.logits(f)))
+        base = backbone.logits(f)
+        draft = int(torch.argmax(base))
+        margin = logit_margin(base) if pte.config.gate_margin else None
         sent = {}  # what crossed the wire at this position, encoded: "f", "taps", "s"
 
         def wire(x, what):
             sent[what] = codec.encode(x, scheme, outliers)
             return codec.decode(sent[what])
 
-        decision, x = split_state(pte, states, tau, wire, projection)
-        down.append(m.Step(epoch=0, pos=pos, f=sent["f"], draft=draft, piece=pieces[draft]).to_dict())
+        decision, x = split_state(pte, states, tau, wire, projection, margin)
+        down.append(m.Step(epoch=0, pos=pos, f=sent["f"], draft=draft, piece=pieces[draft], margin=margin).to_dict())
         if decision.sigma:
             if run_open:
                 up.append(m.Accept(epoch=0, upto=pos - 1).to_dict())

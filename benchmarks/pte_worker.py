@@ -61,6 +61,7 @@ def states(rng: np.random.Generator, rows: int, hidden: int) -> np.ndarray:
 def measure(path: str, iterations: int, warmup: int) -> dict:
     import torch
 
+    from spa.plugin import MARGIN_GATE
     from spa.pte import executorch_runtime
     from spa.quiet import quiet_native_stderr
 
@@ -81,6 +82,8 @@ def measure(path: str, iterations: int, warmup: int) -> dict:
     out["hidden_size"], out["n_taps"] = hidden, n_taps
     rng = np.random.default_rng(0)
     f = torch.from_numpy(states(rng, 1, hidden))
+    if config.get("gate_input") == MARGIN_GATE:  # the gate reads [f, margin]
+        f = torch.cat([f, torch.ones(1, 1)], dim=1)
     taps = torch.from_numpy(states(rng, n_taps, hidden)).unsqueeze(0)
     for name, method, inputs in (("gate", gate, [f]), ("side", side, [taps])):
         with quiet_native_stderr():

@@ -18,7 +18,7 @@ from spa.quiet import quiet_libraries
 
 def cmd_train(args) -> int:
     from spa.backbone import load_backbone
-    from spa.plugin import save_plugin
+    from spa.plugin import MARGIN_GATE, save_plugin
     from training.train import TrainSettings, train_plugin
 
     settings = TrainSettings.quick(args.profile, args.seed) if args.quick else TrainSettings(args.profile, args.seed)
@@ -26,6 +26,8 @@ def cmd_train(args) -> int:
                  "combination", "gate_labels", "label_folds"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    if args.gate_margin:
+        settings.gate_input = MARGIN_GATE
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     plugin, metrics = train_plugin(backbone, settings)
     digest = save_plugin(plugin, args.out)
@@ -257,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the gate learns: gain (default: the side lowers the loss by more than lambda) or flip "
                         "(the side changes the greedy token)")
     p.add_argument("--label-folds", type=int, help="cross-fitting folds for the gate labels (default 2)")
+    p.add_argument("--gate-margin", action="store_true",
+                   help="the gate also reads the backbone's top-2 logit margin at each position (sent with each "
+                        "step, a few bytes): it finds more of the tokens the side changes; pairs well with "
+                        "--gate-labels flip")
     p.add_argument("--lr", type=float)
     p.add_argument("--max-doc-tokens", type=int, help="truncate each paper to about this many tokens (default 384)")
     p.add_argument("--train-docs", type=int, help="use only the first N train papers")
@@ -333,10 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"], help="test (the report) or val (for tuning)")
     p.add_argument("--no-sizes", action="store_true", help="skip the training-size rows (small/medium plugins)")
     p.add_argument("--no-replacement", action="store_true", help="skip the paper's S2/S3 rows (replacement plugins)")
-    p.add_argument("--recipes", nargs="*", default=[], choices=["flip"],
+    p.add_argument("--recipes", nargs="*", default=[], choices=["flip", "margin"],
                    help="further gate recipes, each a row 'SPA with <recipe>' with its own plugin and tau tuned on "
                         "validation Rouge-L at <= 37%% side usage in generation (flip: the gate learns where the side "
-                        "changes the greedy token)")
+                        "changes the greedy token; margin: flip, and the gate also reads the backbone's top-2 logit "
+                        "margin)")
     p.add_argument("--tune-papers", type=int, help="validation papers for tuning tau on Rouge-L (default: all 50; "
                    "cached in the workdir)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation cap (default 48: summaries are one sentence)")

@@ -11,6 +11,10 @@ engine for
 * a **head**: the token of `lm_head(norm(f + s))` (a verdict) or of
   `lm_head(norm(f))` (the first draft, right after the prefill).
 
+Each choice comes back as a `Choice`: the token, and the top-1 minus top-2
+logit margin of the logits it was chosen from (a draft's: the backbone's own,
+which a margin gate on the device reads).
+
 A draft or a head may also ask for the `alternatives` runners-up of its
 choice (branch drafting: the gateway drafts their continuations on forked
 KV caches, as further rows of the same batched forward).
@@ -40,9 +44,24 @@ from dataclasses import dataclass
 
 import torch
 
-from spa.generate import choose_token_and_alternatives, decode_batch, decode_one_token, prefill, prefill_batch
+from spa.generate import (choose_token_and_alternatives, decode_batch, decode_one_token, logit_margin, prefill,
+                          prefill_batch)
 from spa.protocol import messages as m
 from spa.tokens import token_pieces
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A token chosen from one row's logits."""
+
+    token: int
+    alternatives: tuple[int, ...]  # the runners-up asked for, best first (branch drafting)
+    margin: float  # top-1 minus top-2 logit of those logits (spa.generate.logit_margin)
+
+
+def choose(logits, temperature: float, seed: int, pos: int, alternatives: int) -> Choice:
+    token, runners_up = choose_token_and_alternatives(logits, temperature, seed, pos, alternatives)
+    return Choice(token, runners_up, logit_margin(logits))
 
 
 @dataclass
@@ -59,7 +78,7 @@ class _Draft:
     seed: int
     pos: int  # the position being decided (the new state's position)
     alternatives: int = 0  # runners-up of the choice to return as well
-    result: object = None  # (states [L + 1, H], token, batch size, runners-up)
+    result: object = None  # (states [L + 1, H], Choice, batch size)
 
 
 @dataclass
@@ -69,7 +88,7 @@ class _Head:
     seed: int
     pos: int
     alternatives: int = 0
-    result: object = None  # (token, runners-up)
+    result: object = None  # Choice
 
 
 def batching_supported(backbone) -> bool:
@@ -141,14 +160,13 @@ class Engine:
         return await self._submit(self._prefills, _Prefill(list(ids)))
 
     async def draft(self, cache, feed: int, temperature: float, seed: int, pos: int, alternatives: int = 0):
-        """Feed `feed` to `cache`; (states [L + 1, H] of the new position, its draft token, batch size,
-        the `alternatives` runners-up of that choice, best first). Drafts asked for in the same event
+        """Feed `feed` to `cache`; (states [L + 1, H] of the new position, the `Choice` of its draft
+        token with `alternatives` runners-up, batch size). Drafts asked for in the same event
         loop iteration (a session's main line and its branch lines) run in the same forward."""
         return await self._submit(self._drafts, _Draft(cache, int(feed), temperature, seed, pos, alternatives))
 
     async def head(self, x: torch.Tensor, temperature: float, seed: int, pos: int, alternatives: int = 0):
-        """(the token chosen at `pos` from lm_head(norm(x)), its `alternatives` runners-up, best
-        first); x is f or f + s."""
+        """The `Choice` at `pos` from lm_head(norm(x)), with `alternatives` runners-up; x is f or f + s."""
         return await self._submit(self._heads, _Head(x, temperature, seed, pos, alternatives))
 
     def _submit(self, queue: list, item) -> asyncio.Future:
@@ -239,10 +257,9 @@ class Engine:
             else:
                 logits = bb.logits(torch.stack(rows))
             for d, lg in zip(drafts, logits[: len(drafts)]):
-                token, alternatives = choose_token_and_alternatives(lg, d.temperature, d.seed, d.pos, d.alternatives)
-                d.result = (d.result, token, len(drafts), alternatives)
+                d.result = (d.result, choose(lg, d.temperature, d.seed, d.pos, d.alternatives), len(drafts))
             for h, lg in zip(heads, logits[len(drafts) :]):
-                h.result = choose_token_and_alternatives(lg, h.temperature, h.seed, h.pos, h.alternatives)
+                h.result = choose(lg, h.temperature, h.seed, h.pos, h.alternatives)
             if heads:
                 self.stats["head_rounds"] += 1
                 self.stats["head_rows"] += len(heads)

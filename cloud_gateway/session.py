@@ -433,24 +433,23 @@ class GatewaySession:
         return await asyncio.gather(*(self._compute_draft(d) for d in drafts))
 
     async def _compute_draft(self, action: Draft):
-        """(states of action.pos, its draft token, its runners-up): a decode
-        step, or only the head where the states exist (right after the prefill)."""
+        """(states of action.pos, the Choice of its draft token with its runners-up): a
+        decode step, or only the head where the states exist (right after the prefill)."""
         opts, engine, k = self.proto.hello.options, self.engine, self.proto.branches
         if action.feed is None:
             states = self.states[action.pos]
-            token, alternatives = await engine.head(states[-1], opts.temperature, opts.seed, action.pos,
-                                                    alternatives=k)
-            return states, token, alternatives
+            return states, await engine.head(states[-1], opts.temperature, opts.seed, action.pos, alternatives=k)
         cache = self.branch_caches[action.branch] if action.branch else self.cache
-        states, token, batch, alternatives = await engine.draft(cache, action.feed, opts.temperature, opts.seed,
-                                                                action.pos, alternatives=k)
+        states, choice, batch = await engine.draft(cache, action.feed, opts.temperature, opts.seed, action.pos,
+                                                   alternatives=k)
         self.proto.stats.add_decode_step(batch)
-        return states, token, alternatives
+        return states, choice
 
     def _report_round(self, drafts: list[Draft], job: asyncio.Future) -> None:
-        for action, (states, token, alternatives) in zip(drafts, job.result()):
-            if self.proto.draft_ready(action.pos, states[-1].numpy()[None], token, self.engine.pieces[token],
-                                      alternatives, branch=action.branch):
+        for action, (states, choice) in zip(drafts, job.result()):
+            if self.proto.draft_ready(action.pos, states[-1].numpy()[None], choice.token,
+                                      self.engine.pieces[choice.token], choice.alternatives, branch=action.branch,
+                                      margin=choice.margin):
                 # (a stale draft's states are void: its KV entry is truncated, or its branch dropped)
                 line = self.branch_states.setdefault(action.branch, {}) if action.branch else self.states
                 line[action.pos] = states
@@ -462,7 +461,7 @@ class GatewaySession:
         elif isinstance(action, Head):
             opts = proto.hello.options
             x = cloud_state(self.states[action.pos][-1], action.s)
-            token, _ = await engine.head(x, opts.temperature, opts.seed, action.pos)
+            token = (await engine.head(x, opts.temperature, opts.seed, action.pos)).token
             proto.verdict_ready(action.pos, token, engine.pieces[token])
         elif isinstance(action, Truncate):
             # Drafts from action.keep on were built on the old token.

@@ -23,6 +23,7 @@ error.
 """
 
 import asyncio
+import dataclasses
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from spa.protocol.device import Commit, DeviceProtocol, RunGate, RunSide
 from spa.protocol.errors import PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
+from spa.step import gate_input
 
 
 @dataclass
@@ -123,6 +125,8 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         raise SpaError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) does "
                        f"not run in the split; the gateway adds the side output (retrain without --combination)")
     tau = pte.tau if tau is None else tau
+    # The plugin's gate decides whether steps carry the backbone's logit margin.
+    options = dataclasses.replace(options, gate_margin=pte.config.gate_margin)
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
     proto = DeviceProtocol(m.Hello(token, plugin, prompt, options,
                                    projection=upload_projection(pte) if cloud_projection else None,
@@ -271,7 +275,7 @@ def _compute(proto: DeviceProtocol, pte, tau: float, sigma_of: dict) -> None:
     """Answer every action the protocol has for us: gates, then a side output."""
     while (action := proto.next_action()) is not None:
         if isinstance(action, RunGate):
-            sigma = pte.gate(action.f[0]) > tau
+            sigma = pte.gate(gate_input(pte, action.f, action.margin)) > tau
             sigma_of[action.pos] = int(sigma)
             proto.gated(action.pos, sigma)
         elif isinstance(action, RunSide):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spa.generate import prefill
+from spa.generate import logit_margin, prefill
 from spa.reference import Generation
 from spa.step import DeviceDecision, cloud_state, device_step, quantizing_wire
 
@@ -43,14 +43,18 @@ def generate_rows(backbone, prompt_ids: list[int], rows: list[Row], max_new_toke
     out = [Generation() for _ in rows]
     eos = backbone.eos_token_ids
     wire = quantizing_wire(scheme, outliers)
+    margin_gates = any(row.plugin is not None and row.plugin.config.gate_margin for row in rows)
     for _ in range(max_new_tokens):
         combined = []
+        # The backbone's own top-2 logit margins, where a row's gate reads them (batched: last bits may differ).
+        margins = [logit_margin(lg) for lg in backbone.logits(states[:, -1])] if margin_gates else None
         for slot, r in enumerate(active):
             f, row = states[slot, -1], rows[r]
             decision = DeviceDecision(0.0, False, None)  # the backbone alone
             if row.plugin is not None:
+                margin = margins[slot] if row.plugin.config.gate_margin else None
                 decision = device_step(row.plugin, f.numpy(), lambda: states[slot, row.plugin.config.taps].numpy(),
-                                       row.tau, wire)
+                                       row.tau, wire, margin=margin)
             combination = row.plugin.config.combination if row.plugin is not None else "add"
             combined.append(cloud_state(f, decision.s, combination))
             out[r].sigmas.append(int(decision.sigma))

@@ -28,6 +28,7 @@ from evaluation.batched import Row, generate_rows
 from evaluation.rouge import rouge_l, side_usage
 from spa.data import GENERIC_INSTRUCTION, chat_template, load_split, paper_prompt
 from training.tapcache import split_token_set
+from training.train import gate_rows
 
 USAGE_CANDIDATES = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55)  # teacher-forced validation usage
 MAX_GENERATION_USAGE = 0.45
@@ -37,7 +38,7 @@ def usage_taus(backbone, pte, settings, usages) -> dict[float, float]:
     """usage target -> tau giving that side usage on the validation tokens (teacher-forced)."""
     val = split_token_set(backbone, "val", settings.val_docs, settings.profile, pte.config.prompt_template,
                           pte.config.instruction, pte.config.max_doc_tokens)
-    p = torch.tensor([pte.gate(f.numpy()) for f in val.states[:, -1]])
+    p = torch.tensor([pte.gate(row.numpy()) for row in gate_rows(backbone, pte.config, val.states[:, -1])])
     return {u: float(torch.quantile(p, 1 - u)) for u in usages}
 
 

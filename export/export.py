@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from export.pte import VARIANTS, lower
-from spa.plugin import CONFIG_FILE, WEIGHTS_FILE, Plugin, load_plugin
+from spa.plugin import CONFIG_FILE, WEIGHTS_FILE, Plugin, gate_row, load_plugin
 from spa.pte import PtePlugin
 
 TOLERANCE = {"fp32": {"gate": 1e-4, "side": 1e-4}, "int8": {"gate": 1e-4, "side": 0.05}}
@@ -41,15 +41,21 @@ def pte_name(variant: str) -> str:
     return f"plugin-{variant}.pte"
 
 
+MARGINS = (0.0, 0.02, 0.5, 2.0, 7.5, 30.0)  # the margin gate's second input: ties to confident choices
+
+
 def parity_inputs(plugin: Plugin, samples: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(gate row, taps) pairs: random states with a few outlier channels, like real ones; the
+    gate row is f_t (the last tap), and for a margin gate f_t then a margin from MARGINS."""
     gen = torch.Generator().manual_seed(1234)
     hidden, n_taps = plugin.config.hidden_size, len(plugin.config.taps)
     outliers = torch.randperm(hidden, generator=gen)[:4]
     rows = []
-    for _ in range(samples):
+    for i in range(samples):
         taps = torch.randn(n_taps, hidden, generator=gen) * 15
         taps[:, outliers] = 2000 * torch.sign(torch.randn(n_taps, len(outliers), generator=gen))
-        rows.append((taps[-1], taps))
+        margin = torch.tensor(MARGINS[i % len(MARGINS)]) if plugin.config.gate_margin else None
+        rows.append((gate_row(taps[-1], margin), taps))
     return rows
 
 
@@ -57,8 +63,8 @@ def measure_parity(plugin: Plugin, pte: PtePlugin, variant: str) -> dict:
     """Max absolute error of the `.pte` against eager, per method, and whether it is within tolerance."""
     gate_err = side_err = side_max = 0.0
     with torch.no_grad():
-        for f, taps in parity_inputs(plugin):
-            gate_err = max(gate_err, abs(pte.gate(f.numpy()) - plugin.gate(f)[0].item()))
+        for row, taps in parity_inputs(plugin):
+            gate_err = max(gate_err, abs(pte.gate(row.numpy()) - plugin.gate(row)[0].item()))
             ref = plugin.side(taps).numpy()
             projected = plugin.side.project(taps).numpy()
             side_err = max(side_err, float(np.abs(pte.side(taps.numpy()) - ref).max()),

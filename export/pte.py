@@ -1,6 +1,8 @@
 """Lower a plugin to one ExecuTorch program with `gate` and `side` methods.
 
     gate(f: float32[1, H])              -> p: float32[1, 1]     (p_t; the runtime compares it with tau)
+                                        (a margin gate reads [1, H + 1]: f_t, then the backbone's top-2
+                                         logit margin m_t; config.gate_width)
     side(taps: float32[1, len(taps), H]) -> s: float32[1, H]
     side_projected(proj: float32[1, len(taps), r]) -> s: float32[1, H]
                                         (the side network after its per-tap projections, for the
@@ -9,7 +11,7 @@
     plugin_config() -> uint8[n]    the plugin's config.json, UTF-8
     projection_weight() -> float16[len(taps), r, H]   W_in, then each Down_l
     projection_bias()   -> float32[len(taps), r]
-    gate_weight() -> float32[2, H], gate_bias() -> float32[2]   M_c, for pushed taps
+    gate_weight() -> float32[2, gate_width], gate_bias() -> float32[2]   M_c, for pushed taps
 
 The constant methods make a `.pte` self-describing: the device runtime reads
 the taps, tau and backbone fingerprint from the program itself and checks
@@ -60,8 +62,11 @@ def example_inputs(plugin: Plugin) -> dict:
     """Deterministic inputs with the right shapes, scaled like real backbone states."""
     gen = torch.Generator().manual_seed(0)
     hidden, n_taps, rank = plugin.config.hidden_size, len(plugin.config.taps), plugin.config.rank
+    gate = torch.randn(1, plugin.config.gate_width, generator=gen) * 15
+    if plugin.config.gate_margin:
+        gate[0, -1] = 2.0  # a margin is >= 0
     return {
-        "gate": (torch.randn(1, hidden, generator=gen) * 15,),
+        "gate": (gate,),
         "side": (torch.randn(1, n_taps, hidden, generator=gen) * 15,),
         "side_projected": (torch.randn(1, n_taps, rank, generator=gen),),
     }

@@ -21,15 +21,19 @@ from spa import codec
 from spa.plugin import rms
 
 
-def gate_probability(f: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
-    """p = softmax(M_c rms(f))[1] for one position's f [H] (the Gate module's arithmetic)."""
+def gate_probability(f: np.ndarray, weight: np.ndarray, bias: np.ndarray, margin: float | None = None) -> float:
+    """p = softmax(M_c rms(f))[1] for one position's f [H], or softmax(M_c [rms(f); log(1 + m)])[1]
+    with the backbone's logit margin m for a margin gate (the Gate module's arithmetic)."""
     x = rms(torch.from_numpy(np.asarray(f, dtype=np.float32).reshape(-1)))
+    if margin is not None:
+        x = torch.cat([x, torch.log1p(torch.tensor([margin], dtype=torch.float32))])
     logits = torch.from_numpy(weight) @ x + torch.from_numpy(bias)
     return float(torch.softmax(logits, dim=-1)[1])
 
 
-def predicts_open(f: np.ndarray, gate: tuple, scheme: str, outliers: int) -> bool:
-    """Will the device's gate open at this position? `gate` = (weight [2, H], bias [2], tau)."""
+def predicts_open(f: np.ndarray, gate: tuple, scheme: str, outliers: int, margin: float | None = None) -> bool:
+    """Will the device's gate open at this position? `gate` = (weight [2, H] or [2, H + 1] for a
+    margin gate, bias [2], tau); `margin`: the step's logit margin, for a margin gate."""
     weight, bias, tau = gate
     return gate_probability(codec.quantize(np.asarray(f, np.float32).reshape(1, -1), scheme, outliers), weight,
-                            bias) > tau
+                            bias, margin) > tau

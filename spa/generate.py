@@ -91,6 +91,15 @@ def choose_token(logits: torch.Tensor, temperature: float, seed: int, pos: int) 
     return int(torch.argmax(_scores(logits, temperature, seed, pos)))
 
 
+def logit_margin(logits: torch.Tensor) -> float:
+    """The backbone's top-1 minus top-2 logit, in float32 (>= 0): the margin gate's second input
+    (spa/plugin.py, MARGIN_GATE). Computed from the logits of f_t alone, whatever the temperature;
+    the gateway sends exactly this value with the step, so the device's gate reads what the
+    reference's does."""
+    top = torch.topk(logits.reshape(-1).to(torch.float32), 2).values
+    return float(top[0] - top[1])
+
+
 def choose_token_and_alternatives(logits: torch.Tensor, temperature: float, seed: int, pos: int,
                                   k: int) -> tuple[int, tuple[int, ...]]:
     """`choose_token`, and the k runners-up of the same choice, best first (the next-best logits,

@@ -6,7 +6,18 @@
         z   = Down_l(x_l) + Adapter_l(act(z)) for each further tap l
         s_t = scale * W_out act(z)            in R^H
     gate:        p_t = softmax(M_c rms(f_t))[1],  sigma_t = [p_t > tau]
+                 or, with gate_input "rms_normalized_f+log_margin" (MARGIN_GATE),
+                 p_t = softmax(M_c [rms(f_t); log(1 + m_t)])[1]
     combination: logits_t = lm_head(norm(f_t + sigma_t * s_t))
+
+m_t is the backbone's own top-1 minus top-2 logit at that position (the
+gateway computes it from the logits its draft comes from and sends it with
+the step: docs/PROTOCOL.md, `options.gate_margin`). The side changes the
+greedy token only where it overcomes that margin, which a linear gate on
+rms(f_t) alone cannot compute: with the margin the flip-label gate finds 70 %
+of the side's token changes at 35 % usage instead of 63 % (approach profile,
+validation). The gate's input row is then [f_t, m_t] (`gate_row`), H + 1
+values; the `.pte`'s `gate` method takes that row.
 
 The paper's replacement settings (S2: the gate picks f_t or s_t; S3 = LST:
 s_t on every token) are plugins with `combination = "replace"`: the state is
@@ -49,7 +60,7 @@ class PluginConfig:
     rank: int = 32  # side network width r
     side_scale: float = 1.0  # fixed output scale (typical RMS of f_t)
     tau: float = 0.5  # default gate threshold, chosen on the validation split
-    gate_input: str = "rms_normalized_f"
+    gate_input: str = "rms_normalized_f"  # PLAIN_GATE or MARGIN_GATE (see GATE_INPUTS)
     tap_norm: str = "rms"
     activation: str = "gelu"
     profile: str | None = None  # reader profile it was trained for
@@ -64,6 +75,16 @@ class PluginConfig:
     def hidden_size(self) -> int:
         return self.backbone["hidden_size"]
 
+    @property
+    def gate_margin(self) -> bool:
+        """Whether the gate reads the backbone's top-2 logit margin beside f_t."""
+        return self.gate_input == MARGIN_GATE
+
+    @property
+    def gate_width(self) -> int:
+        """Values in the gate's input row: f_t [H], then m_t where the gate reads it."""
+        return self.hidden_size + self.gate_margin
+
     def validate(self) -> None:
         layers = self.backbone.get("num_layers", 0)
         if not self.taps or self.taps[0] != 0:
@@ -72,7 +93,7 @@ class PluginConfig:
             raise PluginError(f"taps must be increasing layer indices in 0..{layers}, got {self.taps}")
         if self.rank < 1:
             raise PluginError(f"rank must be positive, got {self.rank}")
-        if self.activation != "gelu" or self.gate_input != "rms_normalized_f" or self.tap_norm != "rms":
+        if self.activation != "gelu" or self.gate_input not in GATE_INPUTS or self.tap_norm != "rms":
             raise PluginError("unsupported plugin variant (activation/gate_input/tap_norm)")
         if self.combination not in COMBINATIONS:
             raise PluginError(f"combination must be one of {', '.join(COMBINATIONS)}, got {self.combination!r}")
@@ -97,6 +118,9 @@ class PluginConfig:
 
 
 COMBINATIONS = ("add", "replace")
+PLAIN_GATE = "rms_normalized_f"  # p_t from f_t alone (the paper's gate)
+MARGIN_GATE = "rms_normalized_f+log_margin"  # p_t from f_t and the backbone's top-2 logit margin m_t
+GATE_INPUTS = (PLAIN_GATE, MARGIN_GATE)
 
 
 def combine(f: torch.Tensor, s: torch.Tensor, combination: str = "add") -> torch.Tensor:
@@ -153,18 +177,31 @@ class SideNetwork(nn.Module):
         return self.mix(self.project(taps))
 
 
+def gate_row(f: torch.Tensor, margin: torch.Tensor | None) -> torch.Tensor:
+    """The gate's input row: f [..., H], then the margin [...] where the gate reads one."""
+    return f if margin is None else torch.cat([f, margin.unsqueeze(-1).to(f.dtype)], dim=-1)
+
+
 class Gate(nn.Module):
-    """p_t = softmax(M_c rms(f_t))[1] (paper eq. 2), returned as [..., 1]."""
+    """p_t = softmax(M_c rms(f_t))[1] (paper eq. 2), returned as [..., 1]; a margin gate
+    (MARGIN_GATE) reads rows [f_t, m_t] and uses [rms(f_t); log(1 + m_t)]."""
 
     def __init__(self, config: PluginConfig):
         super().__init__()
-        self.classifier = nn.Linear(config.hidden_size, 2)
+        self.margin = config.gate_margin
+        self.classifier = nn.Linear(config.gate_width, 2)
 
-    def logits(self, f: torch.Tensor) -> torch.Tensor:
-        return self.classifier(rms(f))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.margin:
+            return rms(x)
+        # A margin is >= 0 (the wire refuses others), so log1p is finite.
+        return torch.cat([rms(x[..., :-1]), torch.log1p(x[..., -1:])], dim=-1)
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(f), dim=-1)[..., 1:]
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=-1)[..., 1:]
 
 
 class Plugin(nn.Module):
@@ -175,10 +212,10 @@ class Plugin(nn.Module):
         self.side = SideNetwork(config)
         self.gate = Gate(config)
 
-    def sigma(self, f: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        """Hard gate decision as 0./1. floats, [...]."""
+    def sigma(self, x: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+        """Hard gate decision as 0./1. floats, [...], for gate rows x (`gate_row`)."""
         threshold = self.config.tau if tau is None else tau
-        return (self.gate(f)[..., 0] > threshold).to(f.dtype)
+        return (self.gate(x)[..., 0] > threshold).to(x.dtype)
 
     def combined_state(self, f: torch.Tensor, taps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """f_t + sigma_t * s_t: what the backbone's final norm and lm_head see (eq. 1);

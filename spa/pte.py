@@ -63,7 +63,7 @@ class PtePlugin:
             # exports before the cloud-side projection option lack this method
             self._side_projected = (self._program.load_method("side_projected")
                                     if "side_projected" in self._program.method_names else None)
-            self.gate(np.zeros(self.config.hidden_size, np.float32))
+            self.gate(np.zeros(self.config.gate_width, np.float32))
 
     def _call(self, method: str, inputs: list):
         return self._program.load_method(method).execute(inputs)
@@ -72,9 +72,13 @@ class PtePlugin:
     def tau(self) -> float:
         return self.config.tau
 
-    def gate(self, f) -> float:
-        """p_t for one position's final state f [H]."""
-        x = torch.as_tensor(np.asarray(f, dtype=np.float32)).reshape(1, -1)
+    def gate(self, row) -> float:
+        """p_t for one position's gate row: its final state f [H], then the backbone's
+        logit margin for a margin gate (`config.gate_width` values; spa.step.gate_input)."""
+        x = torch.as_tensor(np.asarray(row, dtype=np.float32)).reshape(1, -1)
+        if x.shape[1] != self.config.gate_width:
+            raise PluginError(f"{self.path}: the gate reads {self.config.gate_width} values "
+                              f"({self.config.gate_input}), got {x.shape[1]}")
         return float(self._gate.execute([x])[0][0, 0])
 
     def side(self, taps) -> np.ndarray:
@@ -100,7 +104,7 @@ class PtePlugin:
         return "gate_weight" in self._program.method_names
 
     def gate_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(M_c weight float32 [2, H], bias float32 [2]): what the device uploads so that
+        """(M_c weight float32 [2, gate_width], bias float32 [2]): what the device uploads so that
         the gateway can push taps (spa/cloud_gate.py)."""
         if not self.supports_push:
             raise PluginError(f"{self.path} predates pushed taps; export it again")

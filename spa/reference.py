@@ -4,7 +4,8 @@ One loop, no sockets: the gateway's step functions, the device's `.pte` run
 by the ExecuTorch runtime, and every activation that would cross the wire
 quantized and dequantized by the same codec:
 
-    gate on dequant(Q(f_t)); side on dequant(Q(T_t)); the cloud adds dequant(Q(s_t)) to its exact f_t.
+    gate on dequant(Q(f_t)) (and the backbone's exact top-2 logit margin, for a margin gate);
+    side on dequant(Q(T_t)); the cloud adds dequant(Q(s_t)) to its exact f_t.
 
 With the cloud-side projection (spa/projection.py) the cloud projects its exact
 taps with the uploaded weights and the side's remainder runs on
@@ -16,10 +17,8 @@ produce exactly these tokens.
 
 from dataclasses import dataclass, field
 
-import torch
-
 from spa.errors import PluginError
-from spa.generate import choose_token, decode_one_token, prefill
+from spa.generate import choose_token, decode_one_token, logit_margin, prefill
 from spa.step import quantizing_wire, split_state
 
 
@@ -44,12 +43,13 @@ def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens
     cache, states = prefill(backbone, ids)
     pos, out = len(ids) - 1, Generation()
     while True:
-        decision, x = split_state(pte, states, tau, wire, projection)
+        # A margin gate reads the backbone's own margin, from the logits the gateway drafts with.
+        margin = logit_margin(backbone.logits(states[-1])) if pte.config.gate_margin else None
+        decision, x = split_state(pte, states, tau, wire, projection, margin)
         logits = backbone.logits(x)
         sigma, p = decision.sigma, decision.p
         token = choose_token(logits, temperature, seed, pos)
-        top2 = torch.topk(logits, 2).values
-        out.logit_gap.append(float(top2[0] - top2[1]))
+        out.logit_gap.append(logit_margin(logits))
         out.tokens.append(token)
         out.sigmas.append(int(sigma))
         out.gate_p.append(p)

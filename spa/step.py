@@ -1,6 +1,8 @@
 """The SPA rule for one position, as the split computes it (docs/DESIGN.md §1, §2).
 
     p_t     = gate(dequant(Q(f_t)))                       on the device
+              (gate(dequant(Q(f_t)), m_t) for a margin gate: m_t, the backbone's
+              top-2 logit margin, travels exactly, as a float32)
     sigma_t = [p_t > tau]
     s_t     = side(dequant(Q(T_t)))                       on the device, only where sigma_t = 1
               (or side_projected(dequant(Q(P T_t))) with the cloud-side projection P)
@@ -45,16 +47,28 @@ class DeviceDecision:
     s: np.ndarray | None  # dequant(Q(s_t)) [H] as the cloud receives it, where sigma = 1
 
 
+def gate_input(plugin, f_received: np.ndarray, margin: float | None) -> np.ndarray:
+    """The row the plugin's gate reads: the received f_t [1, H], then m_t for a margin gate."""
+    if not plugin.config.gate_margin:
+        return f_received
+    if margin is None:
+        raise ValueError("this plugin's gate reads the backbone's logit margin (gate_input "
+                         f"{plugin.config.gate_input!r}), and none was given")
+    return np.concatenate([f_received, np.full((1, 1), margin, np.float32)], axis=1)
+
+
 def device_step(plugin, f: np.ndarray, taps: Callable[[], np.ndarray], tau: float, wire: Wire,
-                projection: tuple | None = None) -> DeviceDecision:
+                projection: tuple | None = None, margin: float | None = None) -> DeviceDecision:
     """The device's half for one position.
 
     `plugin`: anything with `gate`, `side` (and `side_projected`), e.g. a PtePlugin.
     `f`: the cloud's exact f_t [H]. `taps`: returns the exact taps [n_taps, H]
     (called only where sigma = 1: taps cost work and bytes). `projection`:
-    (weight, bias) of the cloud-side projection as uploaded, or None.
+    (weight, bias) of the cloud-side projection as uploaded, or None. `margin`:
+    the backbone's top-2 logit margin at this position (`spa.generate.logit_margin`),
+    needed where the plugin's gate reads it.
     """
-    p = plugin.gate(wire(np.asarray(f, np.float32).reshape(1, -1), "f"))
+    p = plugin.gate(gate_input(plugin, wire(np.asarray(f, np.float32).reshape(1, -1), "f"), margin))
     if not p > tau:
         return DeviceDecision(p, False, None)
     exact = taps()
@@ -74,10 +88,11 @@ def cloud_state(f: torch.Tensor, s: np.ndarray | None, combination: str = "add")
 
 
 def split_state(plugin, states: torch.Tensor, tau: float, wire: Wire,
-                projection: tuple | None = None) -> tuple[DeviceDecision, torch.Tensor]:
+                projection: tuple | None = None, margin: float | None = None) -> tuple[DeviceDecision, torch.Tensor]:
     """Both halves for one position, in one process: (the device's decision, the state
     lm_head(norm(.)) reads). `states`: the backbone's states [L + 1, H] at that position
-    (f_t is the last; the taps are `plugin.config.taps` of them)."""
+    (f_t is the last; the taps are `plugin.config.taps` of them); `margin` as in device_step."""
     f = states[-1]
-    decision = device_step(plugin, f.numpy(), lambda: states[plugin.config.taps].numpy(), tau, wire, projection)
+    decision = device_step(plugin, f.numpy(), lambda: states[plugin.config.taps].numpy(), tau, wire, projection,
+                           margin)
     return decision, cloud_state(f, decision.s)

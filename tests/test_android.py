@@ -91,6 +91,24 @@ def test_plugin_vectors_match_eager_torch():
     assert min(ps) < 0.2 and max(ps) > 0.8  # gate values spread over (0, 1), both sides of tau
 
 
+def test_margin_gate_vectors_match_eager_torch():
+    """The margin gate's vectors (rows [f_t, m_t]) say what spa/plugin.py computes, and the margin moves p."""
+    doc = json.loads((VECTORS / "plugin_vectors.json").read_text())
+    plugin = load_plugin(VECTORS / doc["margin_plugin_dir"])
+    assert plugin.config.gate_margin and plugin.content_hash() == doc["margin_content_hash"]
+    f32 = lambda s: np.frombuffer(bytes.fromhex(s), "<f4")  # noqa: E731
+    rows = [f32(case["row"]) for case in doc["margin_gate"]]
+    assert all(len(r) == doc["hidden_size"] + 1 for r in rows)
+    with torch.no_grad():
+        for row, case in zip(rows, doc["margin_gate"]):
+            p = plugin.gate(torch.from_numpy(row.copy())[None])[0, 0].item()
+            assert abs(p - f32(case["p"])[0]) <= doc["tolerance"]["gate_abs"]
+        # The same f with another margin gives another p: the margin is an input, not ignored.
+        f = torch.from_numpy(rows[0][:-1].copy())
+        p_tie, p_sure = (plugin.gate(torch.cat([f, torch.tensor([m])])[None])[0, 0].item() for m in (0.0, 40.0))
+    assert p_tie - p_sure > 0.2, (p_tie, p_sure)
+
+
 # --- Java <-> Python through real frames ---------------------------------------------
 
 

@@ -14,6 +14,9 @@ The recipe trains exactly what the runtime runs, the *hard* gate:
    profile, 50 % usage: loss 2.515 with in-sample labels, 2.500 cross-fitted).
    `gate_labels="flip"` labels instead the tokens where the side changes the
    greedy token (`label_folds` sets the cross-fitting folds; default 2).
+   `gate_input=MARGIN_GATE` gives the gate the backbone's top-2 logit margin
+   beside f_t (spa/plugin.py): the side can only change a token whose margin
+   it overcomes, which a linear gate on f_t alone cannot see.
 3. tau on the validation split: the threshold minimizing
    hard-gate loss + lam * side usage, among those keeping the side usage at
    most `max_usage` (default 0.5: the side network on at most half the tokens).
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spa.data import GENERIC_INSTRUCTION, chat_template, check_profile
-from spa.plugin import Plugin, PluginConfig, combine, every_kth_layer, rms
+from spa.plugin import PLAIN_GATE, Plugin, PluginConfig, combine, every_kth_layer, gate_row
 from training.tapcache import TokenSet, split_token_set
 
 
@@ -55,6 +58,7 @@ class TrainSettings:
     # default recipe's plugins keep their content hash.
     gate_labels: str = "gain"  # "gain": gain > lambda; "flip": the side changes the greedy token
     label_folds: int = 2  # cross-fitting folds for the gate labels
+    gate_input: str = PLAIN_GATE  # MARGIN_GATE: the gate also reads the backbone's top-2 logit margin
 
     def record(self) -> dict:
         """The settings as recorded in config.json: later fields only where they differ from their default."""
@@ -66,7 +70,7 @@ class TrainSettings:
         return cls(profile, seed, train_docs=16, val_docs=8, max_doc_tokens=128, epochs=4, lr=2e-3)
 
 
-LATER_SETTINGS = {"gate_labels": "gain", "label_folds": 2}
+LATER_SETTINGS = {"gate_labels": "gain", "label_folds": 2, "gate_input": PLAIN_GATE}
 GATE_LABELS = ("gain", "flip")
 
 
@@ -139,10 +143,26 @@ def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: Trai
     return history
 
 
-def train_gate(plugin: Plugin, f: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
-    """Fit M_c to the "side helps" labels (full batch: a few thousand tokens)."""
+def backbone_margins(backbone, f: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """[N] the backbone's top-1 minus top-2 logit for each final state f [N, H]: what the gateway
+    sends with each step for a margin gate (spa.generate.logit_margin, row by row)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(f), batch):
+            top = backbone.logits(f[i:i + batch]).topk(2, dim=-1).values
+            out.append(top[:, 0] - top[:, 1])
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def gate_rows(backbone, config: PluginConfig, f: torch.Tensor) -> torch.Tensor:
+    """The gate's input rows for final states f [N, H]: f, or [f, margin] for a margin gate."""
+    return gate_row(f, backbone_margins(backbone, f) if config.gate_margin else None)
+
+
+def train_gate(plugin: Plugin, rows: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+    """Fit M_c to the labels on the gate's input rows (`gate_rows`; full batch: a few thousand tokens)."""
     opt = torch.optim.AdamW(plugin.gate.parameters(), lr=1e-2, weight_decay=0.01)
-    x = rms(f)
+    x = plugin.gate.features(rows)
     for _ in range(steps):
         loss = F.cross_entropy(plugin.gate.classifier(x), labels.long())
         opt.zero_grad()
@@ -182,6 +202,7 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
         instruction=GENERIC_INSTRUCTION,
         max_doc_tokens=s.max_doc_tokens,
         combination=s.combination,
+        gate_input=s.gate_input,
     )
     plugin = Plugin(config)
     history = train_side(backbone, plugin, train, val, s, gen)
@@ -191,10 +212,11 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
         base, side = token_losses(backbone, plugin, tokens, 0.0), token_losses(backbone, plugin, tokens, 1.0)
         splits[name] = Split(base, side, torch.zeros_like(base))
     labels = gate_labels(backbone, config, train, val, s)
-    train_gate(plugin, train.states[:, -1], labels, s.gate_steps)
+    rows = {name: gate_rows(backbone, config, tokens.states[:, -1]) for name, tokens in (("train", train), ("val", val))}
+    train_gate(plugin, rows["train"], labels, s.gate_steps)
     with torch.no_grad():
-        for name, tokens in (("train", train), ("val", val)):
-            splits[name].p = plugin.gate(tokens.states[:, -1])[:, 0]
+        for name in ("train", "val"):
+            splits[name].p = plugin.gate(rows[name])[:, 0]
     config.tau = choose_tau(splits["val"], s.skip_cost, s.max_usage)
 
     metrics = {}

@@ -5,7 +5,8 @@ The caller owns the websocket, the gate and the side network:
     dp = DeviceProtocol(hello, max_in_flight=N);  send dp.hello_message()
     on each received map:   dp.receive(frames.unpack(data))
     then until it is None:  action = dp.next_action()
-        RunGate(pos, f)     -> dp.gated(pos, gate(f) > tau)
+        RunGate(pos, f, m)  -> dp.gated(pos, gate(f) > tau), or gate([f, m]) for a
+                               margin gate (m: the step's margin, options.gate_margin)
         RunSide(pos, taps)  -> dp.side_output(pos, side(taps)), or
                                side_projected(taps) when action.projected
     when no received message is waiting (or after each one: lock-step):
@@ -39,6 +40,7 @@ from spa.protocol.errors import PeerError, ProtocolError
 class RunGate:
     pos: int
     f: np.ndarray  # decoded f_pos, [1, hidden_size]
+    margin: float | None = None  # the backbone's top-2 logit margin at pos (hello.options.gate_margin)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,9 @@ class DeviceProtocol:
         )
         if step.secret is not None:  # a refreshed resume token
             self.secret = step.secret
+        if self.hello.options.gate_margin and step.margin is None:
+            raise ProtocolError("bad_field", f"step {step.pos} has no margin, which the hello asked for "
+                                             f"(options.gate_margin); this gateway may predate gate margins")
         self.steps[step.pos] = (step, self._shaped(step.f_array, "step.f", 1))
         if step.taps is not None:
             self._expect(self.hello.gate is not None, f"step {step.pos} pushes taps; the hello did not ask for that")
@@ -270,7 +275,8 @@ class DeviceProtocol:
         for pos in sorted(self.taps):
             return RunSide(pos, self.taps[pos], self.hello.projection is not None)
         if self.next_gate in self.steps and self.in_flight < self.max_in_flight:
-            return RunGate(self.next_gate, self.steps[self.next_gate][1])
+            step, f = self.steps[self.next_gate]
+            return RunGate(self.next_gate, f, step.margin if self.hello.options.gate_margin else None)
         return None
 
     def gated(self, pos: int, sigma: bool) -> None:

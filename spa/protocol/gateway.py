@@ -202,6 +202,7 @@ class _Drafted:
     piece: bytes
     f: dict  # encoded f_pos, kept to send the step again after a resume
     alternatives: tuple = ()  # the runners-up of the backbone's choice at pos (branch drafting)
+    margin: float | None = None  # the backbone's top-2 logit margin at pos, where options.gate_margin
 
 
 @dataclass
@@ -355,8 +356,8 @@ class GatewayProtocol:
         if hello.projection is not None:
             self.projection = self._projection(hello.projection, len(hello.plugin.taps))
         if hello.gate is not None:
-            hidden = self.backbone.hidden_size
-            weight = self._floats(hello.gate.weight, "<f4", (2, hidden), "hello.gate.weight")
+            width = self.backbone.hidden_size + opts.gate_margin  # a margin gate reads [f, m]
+            weight = self._floats(hello.gate.weight, "<f4", (2, width), "hello.gate.weight")
             bias = self._floats(hello.gate.bias, "<f4", (2,), "hello.gate.bias")
             self.gate = (weight, bias, hello.gate.tau)
         self.hello = hello
@@ -588,10 +589,12 @@ class GatewayProtocol:
         return len(self._drafts) <= self.hello.options.window
 
     def draft_ready(self, pos: int, f: np.ndarray, token: int, piece: bytes, alternatives=(),
-                    branch: int = 0) -> bool:
+                    branch: int = 0, margin: float | None = None) -> bool:
         """The host computed the Draft for pos on line `branch`: f_pos [1, H]
         (float32), the backbone's token and (branch drafting) its runners-up,
-        best first. A main-line draft queues its step (after its taps, where
+        best first; `margin`: the backbone's top-2 logit margin at pos
+        (`spa.generate.logit_margin`), required when the hello asked for
+        `gate_margin`. A main-line draft queues its step (after its taps, where
         the device's gate will open and it uploaded that gate); a branch draft
         is kept until its branch is adopted or dropped. Once the round's last
         draft is reported, handles what arrived meanwhile. Returns False for a
@@ -600,6 +603,9 @@ class GatewayProtocol:
         self._require(asked is not None and pos == asked.pos and asked not in self._round,
                       f"draft_ready({pos}, branch={branch}) not asked for")
         del self._drafting[branch]
+        opts = self.hello.options
+        self._require(margin is not None or not opts.gate_margin, f"draft_ready({pos}) without its margin")
+        margin = float(np.float32(margin)) if opts.gate_margin else None
         line = self._branch_lines.get(branch) if branch else None
         # A rollback came while it was computed (the host's Truncate or Discard, queued
         # after it, drops its KV entry), or its branch point was resolved.
@@ -610,19 +616,19 @@ class GatewayProtocol:
         if stale or branch:
             if not stale:
                 token = int(token)
-                line.drafts.append(_Drafted(pos, token, bytes(piece), self._encode(f), tuple(map(int, alternatives))))
+                line.drafts.append(_Drafted(pos, token, bytes(piece), self._encode(f), tuple(map(int, alternatives)),
+                                            margin))
                 line.feed = token
             if not self._drafting:
                 self._replay_stash()
             return not stale
         token = int(token)
-        opts = self.hello.options
-        entry = _Drafted(pos, token, bytes(piece), self._encode(f), tuple(map(int, alternatives)))
+        entry = _Drafted(pos, token, bytes(piece), self._encode(f), tuple(map(int, alternatives)), margin)
         self._drafts.append(entry)
         self._next_feed = token
         self.stats.drafts += 1
-        step = self._refreshed(m.Step(self.epoch, pos, entry.f, token, entry.piece).to_dict())
-        if self.gate is not None and predicts_open(f, self.gate, opts.codec, opts.outliers):
+        step = self._refreshed(self._step(entry))
+        if self.gate is not None and predicts_open(f, self.gate, opts.codec, opts.outliers, margin):
             self._held = step
             self._actions.append(SendTaps(pos))
         else:
@@ -703,7 +709,7 @@ class GatewayProtocol:
         self._outbox.append(self._refreshed(m.Verdict(self.epoch, pos, token, piece, changed).to_dict()))
         if adopted is not None:  # its steps, in the new epoch (no pushed taps: the device asks where it needs them)
             for d in self._drafts:
-                self._outbox.append(m.Step(self.epoch, d.pos, d.f, d.token, d.piece).to_dict())
+                self._outbox.append(self._step(d))
             self.stats.drafts += len(self._drafts)
         self._verify()
         self._maybe_end()
@@ -792,7 +798,7 @@ class GatewayProtocol:
             self.closing = True
             return
         for d in self._drafts:  # the steps it may have missed, identical to the first time
-            self._outbox.append(m.Step(self.epoch, d.pos, d.f, d.token, d.piece).to_dict())
+            self._outbox.append(self._step(d))
         self._maybe_end()
 
     # --- rebuilding a session this gateway does not hold -----------------
@@ -858,6 +864,11 @@ class GatewayProtocol:
         self.stats.resumes += 1
         self._outbox.append(m.Resumed(session, self.secret, self.epoch, self.verified, ()).to_dict())
         self._maybe_end()
+
+    def _step(self, d: _Drafted) -> dict:
+        """The step of a drafted position in the current epoch (without pushed taps: the
+        device asks where it needs them); the same bytes every time it is sent again."""
+        return m.Step(self.epoch, d.pos, d.f, d.token, d.piece, margin=d.margin).to_dict()
 
     def _encode(self, x: np.ndarray) -> dict:
         return codec.encode(x, self.hello.options.codec, self.hello.options.outliers)

@@ -28,6 +28,7 @@ from spa.protocol.errors import ProtocolError
 VERSION = 2  # 2: several side outputs in flight; resumed.commits
 INT32_MAX = (1 << 31) - 1  # positions, epochs, token ids, counts: a Java int
 INT64_MAX = (1 << 63) - 1  # seeds: a Java long
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_LAYER = 1024
 MAX_RESUMED_COMMITS = 1 << 16  # at most max_new_tokens in practice
 MAX_NAME = 256  # ids, fingerprints, hashes, codes
@@ -62,6 +63,13 @@ class _Fields:
         if type(v) not in (int, float) or not math.isfinite(v) or v < lo:
             self._bad(name, "expected a finite number" + ("" if lo == -math.inf else f" >= {lo:g}"))
         return float(v)
+
+    def float32(self, name: str, lo: float) -> float:
+        """A number read as a float32, whatever width it was packed with; finite as a float32 too."""
+        v = self.number(name, lo)
+        if abs(v) > FLOAT32_MAX:
+            self._bad(name, "expected a finite float32")
+        return float(np.float32(v))
 
     def flag(self, name: str) -> bool:
         v = self._get(name)
@@ -137,9 +145,12 @@ class Options:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0  # sampling noise for position t comes from (seed, t)
+    # Each step carries the backbone's top-2 logit margin (a margin gate reads it). Optional on
+    # the wire, absent = False; sent only when True, so older peers see the same options map.
+    gate_margin: bool = False
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "window": self.window,
             "codec": self.codec,
             "outliers": self.outliers,
@@ -147,6 +158,9 @@ class Options:
             "temperature": float(self.temperature),
             "seed": self.seed,
         }
+        if self.gate_margin:
+            d["gate_margin"] = True
+        return d
 
     @classmethod
     def read(cls, f: _Fields) -> "Options":
@@ -157,6 +171,7 @@ class Options:
             max_new_tokens=f.integer("max_new_tokens", lo=1),
             temperature=f.number("temperature", lo=0.0),
             seed=f.integer("seed", hi=INT64_MAX),
+            gate_margin=f.d.get("gate_margin") is not None and f.flag("gate_margin"),
         )
 
 
@@ -187,7 +202,7 @@ class GateUpload:
     """The device's gate, uploaded so that the gateway pushes taps with the steps
     where it predicts sigma = 1 (docs/PROTOCOL.md §4, hello; spa/cloud_gate.py)."""
 
-    weight: bytes  # float32 [2, H], little-endian: M_c
+    weight: bytes  # float32 [2, H] (a margin gate: [2, H + 1]), little-endian: M_c
     bias: bytes  # float32 [2]
     tau: float
 
@@ -424,6 +439,8 @@ class Step:
     f_array: np.ndarray | None = field(default=None, repr=False, compare=False)
     taps_array: np.ndarray | None = field(default=None, repr=False, compare=False)
     secret: str | None = None  # a refreshed resume token (replaces the device's), or None
+    # The backbone's top-1 minus top-2 logit at pos (options.gate_margin), a float32 >= 0; else None.
+    margin: float | None = None
 
     def to_dict(self) -> dict:
         d = {
@@ -438,6 +455,8 @@ class Step:
             d["taps"] = self.taps
         if self.secret is not None:
             d["secret"] = self.secret
+        if self.margin is not None:
+            d["margin"] = float(self.margin)
         return d
 
     @classmethod
@@ -447,7 +466,8 @@ class Step:
         draft, piece = f.integer("draft"), f.blob("piece")
         taps, taps_array = (None, None) if f.d.get("taps") is None else f.activation("taps")
         secret = None if f.d.get("secret") is None else f.text("secret")
-        return cls(epoch, pos, fmap, draft, piece, taps, f_array, taps_array, secret)
+        margin = None if f.d.get("margin") is None else f.float32("margin", lo=0.0)
+        return cls(epoch, pos, fmap, draft, piece, taps, f_array, taps_array, secret, margin)
 
 
 @dataclass(frozen=True)

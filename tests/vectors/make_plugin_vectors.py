@@ -3,8 +3,9 @@
     PYTHONPATH=. python tests/vectors/make_plugin_vectors.py
 
 Writes `plugin_vectors/` (config.json + plugin.safetensors, as `spa train`
-saves a plugin) and `plugin_vectors.json`: inputs and the eager-torch outputs
-of spa/plugin.py for them. The Java host executor (android_demo, JUnit) and
+saves a plugin), `plugin_vectors_margin/` (the same shape with a margin gate:
+its gate reads [f_t, m_t], spa/plugin.py MARGIN_GATE) and `plugin_vectors.json`:
+inputs and the eager-torch outputs of spa/plugin.py for them. The Java host executor (android_demo, JUnit) and
 tests/test_android.py both check these files, so a drift on either side shows.
 
 The plugin has the real SmolLM2 shape (H = 576) with 4 taps and rank 8, so the
@@ -24,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spa.plugin import Plugin, PluginConfig, save_plugin
+from spa.plugin import MARGIN_GATE, Plugin, PluginConfig, save_plugin
 
 HERE = Path(__file__).parent
 PLUGIN_DIR = HERE / "plugin_vectors"
+MARGIN_PLUGIN_DIR = HERE / "plugin_vectors_margin"
+MARGINS = [0.0, 0.3, 2.5, 11.0, 40.0]  # the margin gate's inputs: a tie, close calls, confident choices
 OUT = HERE / "plugin_vectors.json"
 H, TAPS, RANK = 576, [0, 10, 20, 30], 8
 OUTLIER_CHANNELS = [3, 77, 300, 511]
@@ -37,16 +40,19 @@ TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_st
             "{document}\n\n{instruction}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def make_plugin() -> Plugin:
+def make_plugin(gate_input: str = "rms_normalized_f") -> Plugin:
     torch.manual_seed(20240601)
     config = PluginConfig(backbone=BACKBONE, taps=TAPS, rank=RANK, side_scale=12.5, tau=0.5, profile="vectors",
-                          prompt_template=TEMPLATE, instruction="Summarize this paper in one sentence.")
+                          prompt_template=TEMPLATE, instruction="Summarize this paper in one sentence.",
+                          gate_input=gate_input)
     plugin = Plugin(config)
     with torch.no_grad():  # W_out starts at zero in a fresh plugin; give it weights
         torch.nn.init.normal_(plugin.side.w_out.weight, std=0.3)
         torch.nn.init.normal_(plugin.side.w_out.bias, std=0.05)
         # Larger gate weights than the default init, so p spreads over (0, 1) instead of sitting near 0.5.
         torch.nn.init.normal_(plugin.gate.classifier.weight, std=0.1)
+        if config.gate_margin:  # a margin weight like a trained one: confident choices close the gate
+            plugin.gate.classifier.weight[:, -1] = torch.tensor([0.9, -0.9])
     return plugin.eval()
 
 
@@ -77,6 +83,12 @@ def main() -> None:
     with torch.no_grad():
         p = [plugin.gate(torch.from_numpy(f)[None])[0, 0].item() for f in gate_inputs]
         s = [plugin.side(torch.from_numpy(t)[None])[0].numpy() for t in side_inputs]
+    margin_plugin = make_plugin(MARGIN_GATE)
+    margin_digest = save_plugin(margin_plugin, MARGIN_PLUGIN_DIR)
+    margin_rows = np.concatenate([states(np.random.default_rng(11), len(MARGINS)),
+                                  np.array(MARGINS, np.float32)[:, None]], axis=1)
+    with torch.no_grad():
+        margin_p = [margin_plugin.gate(torch.from_numpy(r)[None])[0, 0].item() for r in margin_rows]
     doc = {
         "about": "SPA plugin vectors: eager spa/plugin.py outputs for a small plugin; see make_plugin_vectors.py",
         "plugin_dir": PLUGIN_DIR.name,
@@ -87,9 +99,14 @@ def main() -> None:
         "gate": [{"f": f32hex(f), "p": f32hex([pi])} for f, pi in zip(gate_inputs, p)],
         "side": [{"taps": f32hex(t), "s": f32hex(si)} for t, si in zip(side_inputs, s)],
         "erf": erf_table(),
+        "margin_plugin_dir": MARGIN_PLUGIN_DIR.name,
+        "margin_content_hash": margin_digest,
+        # The margin gate's input rows: f_t [H], then the step's margin m_t.
+        "margin_gate": [{"row": f32hex(r), "p": f32hex([pi])} for r, pi in zip(margin_rows, margin_p)],
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {PLUGIN_DIR} (hash {digest}) and {OUT}: p = {[round(x, 4) for x in p]}, "
+    print(f"wrote {PLUGIN_DIR} (hash {digest}), {MARGIN_PLUGIN_DIR} (hash {margin_digest}) and {OUT}: "
+          f"p = {[round(x, 4) for x in p]}, margin gate p = {[round(x, 4) for x in margin_p]}, "
           f"max|s| = {[float(np.abs(x).max()) for x in s]}")
 
 

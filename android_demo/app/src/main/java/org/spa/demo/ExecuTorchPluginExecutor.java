@@ -13,7 +13,7 @@ import org.spa.protocol.PluginConfig;
  * The reader's plugin run by ExecuTorch on the phone CPU (XNNPACK-delegated .pte
  * from `spa export`). Methods, as export/pte.py lowers them:
  * <pre>
- *   gate(f: float32[1, H])             -> p: float32[1, 1]
+ *   gate(f: float32[1, H])             -> p: float32[1, 1]   ([1, H + 1] for a margin gate: f, then m)
  *   side(taps: float32[1, n_taps, H])  -> s: float32[1, H]
  *   plugin_config()                    -> uint8[n]  (the plugin's config.json, UTF-8)
  * </pre>
@@ -60,9 +60,16 @@ public final class ExecuTorchPluginExecutor implements SessionRunner.Plugin {
     }
 
     @Override
-    public float gate(float[] f) {
-        Tensor in = Tensor.fromBlob(f, new long[] {1, hidden});
+    public float gate(float[] row) {
+        int width = hidden + (config.gateMargin ? 1 : 0);
+        if (row.length != width) throw new IllegalArgumentException("gate row has " + row.length + " values, expected " + width);
+        Tensor in = Tensor.fromBlob(row, new long[] {1, width});
         return module.execute("gate", EValue.from(in))[0].toTensor().getDataAsFloatArray()[0];
+    }
+
+    @Override
+    public boolean gateReadsMargin() {
+        return config.gateMargin;
     }
 
     @Override

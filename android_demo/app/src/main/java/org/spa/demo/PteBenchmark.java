@@ -50,7 +50,12 @@ final class PteBenchmark {
             r.put("n_taps", n);
 
             Random rng = new Random(0);
-            EValue f = EValue.from(Tensor.fromBlob(states(rng, 1, h), new long[] {1, h}));
+            float[] row = states(rng, 1, h);
+            if (config.gateMargin) { // a margin gate reads [f, m]
+                row = java.util.Arrays.copyOf(row, h + 1);
+                row[h] = 1f;
+            }
+            EValue f = EValue.from(Tensor.fromBlob(row, new long[] {1, row.length}));
             EValue taps = EValue.from(Tensor.fromBlob(states(rng, n, h), new long[] {1, n, h}));
             long[] gate = time(module, "gate", f, iterations, warmup);
             long[] side = time(module, "side", taps, iterations, warmup);

@@ -8,13 +8,23 @@ public abstract class DeviceAction {
         this.pos = pos;
     }
 
-    /** Gate position `pos` on its decoded f_pos, then call {@link DeviceSession#gated}. */
+    /** Gate position `pos` on its gate row, then call {@link DeviceSession#gated}. */
     public static final class RunGate extends DeviceAction {
         public final float[] f; // [hidden_size]
+        public final Float margin; // the step's logit margin where the hello asked for it, else null
 
-        RunGate(long pos, float[] f) {
+        RunGate(long pos, float[] f, Float margin) {
             super(pos);
             this.f = f;
+            this.margin = margin;
+        }
+
+        /** What the plugin's gate reads: f, then the margin for a margin gate (the hello asked for margins). */
+        public float[] row() {
+            if (margin == null) return f;
+            float[] row = java.util.Arrays.copyOf(f, f.length + 1);
+            row[f.length] = margin;
+            return row;
         }
     }
 

@@ -15,7 +15,7 @@ import java.util.TreeMap;
  *   session = new DeviceSession(hello);  send session.helloMessage()
  *   on each received map:  session.receive(map)
  *   then until it is null: action = session.nextAction()
- *       RunGate -> session.gated(pos, p > tau)
+ *       RunGate -> session.gated(pos, gate(action.row()) > tau)
  *       RunSide -> session.sideOutput(pos, side(taps))
  *   when no received message is waiting: send each of session.flush()
  *   session.ended() -> done; session.committed holds the tokens
@@ -135,6 +135,10 @@ public final class DeviceSession {
         expect(step.pos <= gatewayVerified + window,
                 "step " + step.pos + " beyond window " + window + " after position " + gatewayVerified);
         checkShape(step.f, "step.f", 1);
+        if (hello.options.gateMargin && step.margin == null) {
+            throw new ProtocolException("bad_field", "step " + step.pos + " has no margin, which the hello asked for "
+                    + "(options.gate_margin); this gateway may predate gate margins");
+        }
         steps.put(step.pos, step);
         lastStepPos = step.pos;
     }
@@ -181,7 +185,7 @@ public final class DeviceSession {
         if (wait != null) return wait == Wait.SIDE ? new DeviceAction.RunSide(waitPos, taps) : null;
         Messages.Step step = steps.get(nextPos);
         if (step == null) return null;
-        return new DeviceAction.RunGate(nextPos, step.f.values[0]);
+        return new DeviceAction.RunGate(nextPos, step.f.values[0], hello.options.gateMargin ? step.margin : null);
     }
 
     /** Report sigma for the position of the last RunGate. */

@@ -55,6 +55,13 @@ final class Fields {
         return x;
     }
 
+    /** A number >= lo read as a float32, whatever width it was packed with; finite as a float32 too. */
+    float float32(String name, double lo) throws ProtocolException {
+        double x = number(name, lo);
+        if (Math.abs(x) > Float.MAX_VALUE) throw bad(name, "expected a finite float32");
+        return (float) x;
+    }
+
     /** A bound as Python's {@code :g} writes the usual ones: 0, not 0.0. */
     static String shown(double x) {
         if (x == Math.rint(x) && Math.abs(x) < 1e15) return String.valueOf((long) x);

@@ -86,6 +86,7 @@ public final class GatewayClient {
 
     /** Generate one summary; blocks until `end` (or a failure). */
     public SessionResult run(String prompt, Messages.Options options, Listener listener) throws ClientException {
+        options.gateMargin = executor.gateReadsMargin(); // the plugin's gate decides whether steps carry margins
         DeviceSession session = new DeviceSession(new Messages.Hello(token, plugin, prompt, options, null, null, offer));
         gateP.clear();
         // both forms are read until ready names the choice; the hello goes in the preferred one
@@ -194,7 +195,7 @@ public final class GatewayClient {
         DeviceAction action;
         while ((action = session.nextAction()) != null) {
             if (action instanceof DeviceAction.RunGate) {
-                float p = executor.gate(((DeviceAction.RunGate) action).f);
+                float p = executor.gate(((DeviceAction.RunGate) action).row());
                 gateP.put(action.pos, p);
                 session.gated(action.pos, (double) p > tau); // float32 p against the double tau, as Python does
             } else {

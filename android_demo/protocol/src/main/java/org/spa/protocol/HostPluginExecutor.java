@@ -11,7 +11,7 @@ import java.util.Map;
  * <pre>
  *   side: x_l = rms(T_l); z = W_in x_0; z = Down_l(x_l) + Adapter_l(gelu(z)) for l = 1..;
  *         s = scale * W_out gelu(z)
- *   gate: p = softmax(M_c rms(f))[1]
+ *   gate: p = softmax(M_c rms(f))[1], or softmax(M_c [rms(f); log(1 + m)])[1] for a margin gate
  * </pre>
  *
  * It stands in for ExecuTorch on hosts, where no phone exists; it agrees with
@@ -33,7 +33,7 @@ public final class HostPluginExecutor implements PluginExecutor {
         bIn = take(weights, "side.w_in.bias", rank);
         wOut = take(weights, "side.w_out.weight", hidden, rank);
         bOut = take(weights, "side.w_out.bias", hidden);
-        wGate = take(weights, "gate.classifier.weight", 2, hidden);
+        wGate = take(weights, "gate.classifier.weight", 2, hidden + (config.gateMargin ? 1 : 0));
         bGate = take(weights, "gate.classifier.bias", 2);
         wDown = new float[nTaps - 1][];
         bDown = new float[nTaps - 1][];
@@ -58,10 +58,25 @@ public final class HostPluginExecutor implements PluginExecutor {
     }
 
     @Override
-    public float gate(float[] f) {
-        checkLen(f.length, "f");
-        float[] logits = PluginMath.linear(wGate, bGate, PluginMath.rms(f), 2);
+    public float gate(float[] row) {
+        float[] x;
+        if (!config.gateMargin) {
+            checkLen(row.length, "f");
+            x = PluginMath.rms(row);
+        } else { // [rms(f); log(1 + m)]
+            if (row.length != hidden + 1) {
+                throw new IllegalArgumentException("gate row has " + row.length + " values, expected " + (hidden + 1));
+            }
+            x = java.util.Arrays.copyOf(PluginMath.rms(java.util.Arrays.copyOf(row, hidden)), hidden + 1);
+            x[hidden] = (float) Math.log1p(row[hidden]);
+        }
+        float[] logits = PluginMath.linear(wGate, bGate, x, 2);
         return PluginMath.softmax2Second(logits[0], logits[1]);
+    }
+
+    @Override
+    public boolean gateReadsMargin() {
+        return config.gateMargin;
     }
 
     @Override

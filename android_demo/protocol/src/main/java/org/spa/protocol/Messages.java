@@ -74,7 +74,8 @@ public final class Messages {
         if ("bye".equals(kind)) return new Bye();
         if ("ready".equals(kind)) return Ready.read(g);
         if ("step".equals(kind)) {
-            return new Step(g.integer("epoch"), g.integer("pos"), g.activation("f"), g.integer("draft"), g.blob("piece"));
+            return new Step(g.integer("epoch"), g.integer("pos"), g.activation("f"), g.integer("draft"), g.blob("piece"),
+                    g.d.get("margin") == null ? null : (Float) g.float32("margin", 0.0));
         }
         if ("taps".equals(kind)) return new Taps(g.integer("epoch"), g.integer("pos"), g.activation("taps"));
         if ("verdict".equals(kind)) {
@@ -176,6 +177,8 @@ public final class Messages {
         public int maxNewTokens = 256;
         public double temperature = 0.0; // 0 = greedy
         public long seed = 0; // sampling noise for position t comes from (seed, t)
+        // Each step carries the backbone's top-2 logit margin (a margin gate reads it); sent only when true.
+        public boolean gateMargin = false;
 
         Map<String, Object> toMap() {
             Map<String, Object> d = new LinkedHashMap<String, Object>();
@@ -185,6 +188,7 @@ public final class Messages {
             d.put("max_new_tokens", (long) maxNewTokens);
             d.put("temperature", temperature);
             d.put("seed", seed);
+            if (gateMargin) d.put("gate_margin", true);
             return d;
         }
 
@@ -196,6 +200,7 @@ public final class Messages {
             o.maxNewTokens = (int) f.integer("max_new_tokens", 1, Fields.INT32_MAX);
             o.temperature = f.number("temperature", 0.0);
             o.seed = f.integer("seed", 0, Fields.INT64_MAX);
+            o.gateMargin = f.d.get("gate_margin") != null && f.flag("gate_margin");
             return o;
         }
     }
@@ -449,13 +454,19 @@ public final class Messages {
         public final Activation f; // f_t, 1 row
         public final long draft; // the backbone's x_{t+1}, kept if sigma_t = 0
         public final byte[] piece; // UTF-8 bytes of the draft, possibly a partial character
+        public final Float margin; // the backbone's top-2 logit margin at pos (options.gate_margin), else null
 
         public Step(long epoch, long pos, Activation f, long draft, byte[] piece) {
+            this(epoch, pos, f, draft, piece, null);
+        }
+
+        public Step(long epoch, long pos, Activation f, long draft, byte[] piece, Float margin) {
             this.epoch = epoch;
             this.pos = pos;
             this.f = f;
             this.draft = draft;
             this.piece = piece;
+            this.margin = margin;
         }
 
         @Override
@@ -471,6 +482,7 @@ public final class Messages {
             d.put("f", f.encoded);
             d.put("draft", draft);
             d.put("piece", piece);
+            if (margin != null) d.put("margin", (double) margin);
             return d;
         }
     }

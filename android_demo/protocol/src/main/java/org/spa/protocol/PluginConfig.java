@@ -25,6 +25,9 @@ public final class PluginConfig {
     public final String contentHash;
     public final String profile; // may be null
     public final Map<String, Object> raw;
+    /** The gate reads [f_t, m_t], m_t the backbone's top-2 logit margin that each step carries (spa/plugin.py). */
+    public final boolean gateMargin;
+    static final String PLAIN_GATE = "rms_normalized_f", MARGIN_GATE = "rms_normalized_f+log_margin";
 
     private PluginConfig(Map<String, Object> d) {
         raw = d;
@@ -51,10 +54,12 @@ public final class PluginConfig {
         contentHash = str(d, "content_hash");
         profile = d.get("profile") instanceof String ? (String) d.get("profile") : null;
         // The host executor implements exactly one plugin variant, as spa/plugin.py validates.
+        Object gateInput = orDefault(d, "gate_input", PLAIN_GATE);
         if (!"gelu".equals(orDefault(d, "activation", "gelu")) || !"rms".equals(orDefault(d, "tap_norm", "rms"))
-                || !"rms_normalized_f".equals(orDefault(d, "gate_input", "rms_normalized_f"))) {
+                || !(PLAIN_GATE.equals(gateInput) || MARGIN_GATE.equals(gateInput))) {
             throw new IllegalArgumentException("config.json: unsupported plugin variant (activation/gate_input/tap_norm)");
         }
+        gateMargin = MARGIN_GATE.equals(gateInput);
     }
 
     public static PluginConfig parse(String json) {

@@ -33,6 +33,32 @@ public class DeviceSessionTest {
         return dp;
     }
 
+    @Test
+    public void aMarginGateReadsEachStepsMarginAndRefusesStepsWithout() throws Exception {
+        Messages.Options o = new Messages.Options();
+        o.window = 2;
+        o.gateMargin = true;
+        DeviceSession dp = new DeviceSession(new Messages.Hello("tok",
+                new Messages.Plugin(MessagesTest.BACKBONE.fingerprint, MessagesTest.TAPS, "h"), "prompt", o));
+        assertEquals(Boolean.TRUE, ((Map<?, ?>) dp.helloMessage().get("options")).get("gate_margin"));
+        dp.receive(new Messages.Ready("s", "r", MessagesTest.BACKBONE, 5, new LinkedHashMap<String, Object>()).toMap());
+        dp.receive(new Messages.Step(0, 4, F, 9, new byte[] {'a'}, 2.5f).toMap());
+        DeviceAction.RunGate gate = (DeviceAction.RunGate) dp.nextAction();
+        float[] row = gate.row();
+        assertEquals(H + 1, row.length);
+        assertEquals(2.5f, row[H], 0f);
+        assertArrayEquals(F.values[0], java.util.Arrays.copyOf(row, H), 0f);
+        dp.gated(4, false);
+        assertEquals("bad_field", codeOf(dp, step(0, 5, 10, "b"))); // no margin: the gateway predates them
+    }
+
+    @Test
+    public void aPlainGateReadsFAloneEvenWhenAStepCarriesAMargin() throws Exception {
+        DeviceSession dp = generating(0, 5);
+        dp.receive(new Messages.Step(0, 4, F, 9, new byte[] {'a'}, 2.5f).toMap());
+        assertEquals(H, ((DeviceAction.RunGate) dp.nextAction()).row().length);
+    }
+
     static Map<String, Object> step(long epoch, long pos, long draft, String piece) {
         return new Messages.Step(epoch, pos, F, draft, piece.getBytes(StandardCharsets.UTF_8)).toMap();
     }

@@ -56,6 +56,24 @@ public class HostPluginExecutorTest {
 
     @Test
     @SuppressWarnings("unchecked")
+    public void marginGateMatchesEagerTorch() throws Exception {
+        HostPluginExecutor ex = HostPluginExecutor.load(TestData.vectors((String) vectors().get("margin_plugin_dir")));
+        assertTrue(ex.config.gateMargin && ex.gateReadsMargin());
+        assertTrue(!executor().gateReadsMargin());
+        double tol = tolerance("gate_abs"), worst = 0;
+        for (Map<String, Object> c : (List<Map<String, Object>>) vectors().get("margin_gate")) {
+            float want = TestData.f32((String) c.get("p"))[0];
+            float[] row = TestData.f32((String) c.get("row"));
+            assertEquals(ex.config.hiddenSize + 1, row.length);
+            float got = ex.gate(row);
+            worst = Math.max(worst, Math.abs(got - want));
+            assertEquals(want, got, tol);
+        }
+        System.out.println("margin gate: max |p_java - p_torch| = " + worst);
+    }
+
+    @Test
+    @SuppressWarnings("unchecked")
     public void sideMatchesEagerTorch() throws Exception {
         HostPluginExecutor ex = executor();
         double rel = tolerance("side_rel_to_max_abs"), worst = 0;

@@ -51,6 +51,10 @@ public class MessagesTest {
         m.add(new Messages.End("eos", stats));
         m.add(new Messages.Error("limit", "too many"));
         m.add(new Messages.Bye());
+        Messages.Options margins = new Messages.Options();
+        margins.gateMargin = true;
+        m.add(new Messages.Hello("", new Messages.Plugin("fp", new int[] {1}, "h"), "p", margins));
+        m.add(new Messages.Step(0, 12, F, 43, new byte[] {'a'}, 0.375f));
         return m;
     }
 
@@ -97,6 +101,11 @@ public class MessagesTest {
         assertBad(map("type", "accept", "epoch", 0L, "upto", 1.0), "bad_field", "accept.upto");
         assertBad(TestData.with(step, "piece", "text"), "bad_field", "step.piece");
         assertBad(TestData.with(step, "f", fBadQ), "bad_field", "step.f");
+        assertBad(TestData.with(step, "margin", -0.5), "bad_field", "step.margin");
+        assertBad(TestData.with(step, "margin", Double.NaN), "bad_field", "step.margin");
+        assertBad(TestData.with(step, "margin", 1e39), "bad_field", "step.margin");
+        assertBad(TestData.with(step, "margin", "1"), "bad_field", "step.margin");
+        assertBad(TestData.with(hello, "options", TestData.with(options, "gate_margin", 1L)), "bad_field", "hello.options.gate_margin");
         assertBad(TestData.with(verdict, "changed", 1L), "bad_field", "verdict.changed");
         assertBad(map("type", "end", "reason", "tired", "stats", tokens1), "bad_field", "end.reason");
         assertBad(map("type", "end", "reason", "eos", "stats", rollbacks), "bad_field", "end.stats.tokens");
