@@ -12,7 +12,11 @@ modelled costs:
   each direction a FIFO (a message waits for the one before it);
 * the gateway: one compute thread; a decode step costs `step_ms`, a head
   (lm_head of one row: the first draft, a verdict) `head_ms`; taps come from
-  its cache at no cost;
+  its cache at no cost; with branch drafting (`Row.branches`) the main line's
+  step and its branch lines' run as one batched forward, each extra row
+  costing `branch_row_cost` of a step (memory-bound GPU steps: a few percent;
+  this CPU: more), and a changed verdict is a branch hit where the trace says
+  so (`Trace.hit`: the side's token was among the backbone's runners-up);
 * the device: one thread; a gate costs `gate_ms`, a side network `side_ms`.
 
 The model is trusted only where it matches measurements: `compare` prints
@@ -35,7 +39,7 @@ from spa.protocol.gateway import Draft, GatewayProtocol, Head, Prefill, SendTaps
 
 _H, _TAPS = 4, (0, 2)  # the toy activations the machines carry; their wire sizes are modelled below
 _BACKBONE = m.Backbone("model", "fp", num_layers=2, hidden_size=_H)
-_DRAFT, _CHANGED = 1, 2  # the draft token, and the token a changing verdict picks instead
+_DRAFT, _CHANGED, _MISSED = 1, 2, 3  # the draft token, the token a changing verdict picks, a runner-up it does not
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Costs:
     head_ms: float | None = None  # lm_head of one row; default: a fifth of a step (the head is ~20 % of SmolLM2)
     gate_ms: float = 0.05
     side_ms: float = 0.05
+    branch_row_cost: float = 0.05  # a branch line's row in a batched decode step, as a share of a step
     down_mbit: float | None = None  # None: no serialization delay
     up_mbit: float | None = None
     # Wire sizes (bytes): a step (f_t int8 + draft), the taps of a position, a side output, anything else.
@@ -67,6 +72,7 @@ class Row:
     in_flight: int = 1
     push: bool = False
     always_side: bool = False  # sigma = 1 on every token (the side_every_token row)
+    branches: int = 0  # K alternatives drafted at a pending side position (spa gateway --branches K)
 
 
 ROWS = (
@@ -76,6 +82,7 @@ ROWS = (
     Row("spa_draft_push", 8, push=True),
     Row("spa_inflight", 8, in_flight=4),
     Row("spa_inflight_push", 8, in_flight=4, push=True),
+    Row("spa_branches", 8, in_flight=4, branches=2),
 )
 
 
@@ -85,16 +92,18 @@ class Trace:
 
     sigma: list[bool]
     changed: list[bool] = field(default_factory=list)
+    hit: list[bool] = field(default_factory=list)  # where changed: the new token was a branch line's
 
     @classmethod
-    def synthetic(cls, tokens: int, side_usage: float, change_rate: float) -> "Trace":
-        """Evenly spread sigma = 1 positions and changes with the given rates (deterministic)."""
+    def synthetic(cls, tokens: int, side_usage: float, change_rate: float, hit_rate: float = 0.0) -> "Trace":
+        """Evenly spread sigma = 1 positions, changes and branch hits with the given rates (deterministic)."""
+        def spread(indices, rate):
+            return [i for k, i in enumerate(indices) if int((k + 1) * rate) > int(k * rate)]
+
         sigma = [int((i + 1) * side_usage) > int(i * side_usage) for i in range(tokens)]
-        sides = [i for i, s in enumerate(sigma) if s]
-        changed = [False] * tokens
-        for k, i in enumerate(sides):
-            changed[i] = int((k + 1) * change_rate) > int(k * change_rate)
-        return cls(sigma, changed)
+        changes = spread([i for i, s in enumerate(sigma) if s], change_rate)
+        hits = set(spread(changes, hit_rate))
+        return cls(sigma, [i in changes for i in range(tokens)], [i in hits for i in range(tokens)])
 
 
 class _Link:
@@ -123,12 +132,13 @@ def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
     n = len(trace.sigma)
     sigma = [True] * n if row.always_side else trace.sigma
     changed = trace.changed or [False] * n
+    hit = trace.hit or [False] * n
     gate = None
     if row.push:  # a gate the gateway can evaluate: this toy f decides sigma exactly (see _f)
         gate = m.GateUpload(np.array([[0, 0, 0, 0], [1, 0, 0, 0]], "<f4").tobytes(), np.zeros(2, "<f4").tobytes(), 0.5)
     hello = m.Hello("", m.Plugin(_BACKBONE.fingerprint, _TAPS, "h"), "p",
                     m.Options(window=row.window, codec="f32", max_new_tokens=n), gate=gate)
-    gp = GatewayProtocol(_BACKBONE, eos_ids=[0])
+    gp = GatewayProtocol(_BACKBONE, eos_ids=[0], branches=row.branches)
     dp = DeviceProtocol(hello, row.in_flight)
     down, up = _Link(costs.rtt_ms / 2, costs.down_mbit), _Link(costs.rtt_ms / 2, costs.up_mbit)
     events: list = []
@@ -154,22 +164,41 @@ def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
     device_free = 0.0
     commits: list[float] = []
 
+    def alternatives(draft: Draft) -> tuple:
+        """The backbone's runners-up at a main-line position: the changed token where the trace has a hit."""
+        if not row.branches or draft.branch:
+            return ()
+        i = first_pos_of(draft.pos)
+        return ((_CHANGED,) if 0 <= i < n and hit[i] else (_MISSED,)) + (_MISSED,) * (row.branches - 1)
+
     def gateway_work(now):
         nonlocal compute_free
+        drafts = []  # asked for together: one batched forward (a main line and its branch lines)
+
+        def run_round():
+            nonlocal compute_free
+            if drafts:
+                steps = sum(d.feed is not None for d in drafts)
+                cost = costs.head if not steps else costs.step_ms * (1 + costs.branch_row_cost * (steps - 1))
+                compute_free = max(now, compute_free) + cost
+                for d in drafts:
+                    at(compute_free, "drafted", d)
+                drafts.clear()
+
         while (action := gp.next_action()) is not None:
             if isinstance(action, Draft):
-                done = max(now, compute_free) + (costs.head if action.feed is None else costs.step_ms)
-                compute_free = done
-                at(done, "drafted", action.pos)
+                drafts.append(action)
                 continue  # the protocol asks for nothing else that needs the draft meanwhile
             if isinstance(action, SendTaps):
                 gp.taps_ready(action.pos, np.zeros((len(_TAPS), _H), np.float32))
             elif isinstance(action, Head):
+                run_round()
                 done = max(now, compute_free) + costs.head
                 compute_free = done
                 at(done, "verdict", action.pos)
                 break  # the host awaits the head before its next action
-            # Truncate and Forget cost nothing here
+            # Truncate, Forget, Fork, Adopt and Discard cost nothing here
+        run_round()
         for msg in gp.data_to_send():
             at(down.arrival(now, _size(msg, costs)), "to_device", msg)
 
@@ -192,9 +221,10 @@ def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
     while events and not dp.ended:
         now, _, kind, payload = heapq.heappop(events)
         if kind == "drafted":
-            pos = payload
-            gp.draft_ready(pos, f_of(pos), _DRAFT, b"x")
-            gateway_work(now)
+            draft = payload
+            gp.draft_ready(draft.pos, f_of(draft.pos), _DRAFT, b"x", alternatives(draft), branch=draft.branch)
+            if not any(k == "drafted" for _, _, k, _ in events):  # the round's last draft: the host moves on
+                gateway_work(now)
         elif kind == "verdict":
             pos = payload
             token = _CHANGED if changed[first_pos_of(pos)] else _DRAFT
@@ -214,7 +244,8 @@ def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
     span = commits[-1] - commits[0] if len(commits) > 1 else 0.0
     return {"row": row.name, "tokens": len(commits), "commit_ms": commits,
             "tokens_per_s": (len(commits) - 1) / span * 1000 if span > 0 else None,
-            "rollbacks": dp.stats.rollbacks, "max_in_flight": dp.stats.max_in_flight}
+            "rollbacks": dp.stats.rollbacks, "max_in_flight": dp.stats.max_in_flight,
+            "branch_hits": gp.stats.branch_hits, "branch_misses": gp.stats.branch_misses}
 
 
 def predict(trace: Trace, costs: Costs, rows=ROWS) -> dict:
@@ -234,25 +265,37 @@ def predict(trace: Trace, costs: Costs, rows=ROWS) -> dict:
 # spa_draft_push also had the cloud-side projection: its taps are r values per tap).
 MEASURED = {"side_every_token": "side_every_token", "spa_lockstep": "spa_lockstep", "spa_draft": "spa_draft",
             "spa_draft_push": "spa_draft_push", "spa_inflight": "spa_inflight",
-            "spa_inflight_push": "spa_inflight_push"}
+            "spa_inflight_push": "spa_inflight_push", "spa_branches": "spa_branches"}
 GPU_STEPS_MS = (5.0, 10.0)
+# Branch drafting's inputs, from the issue-13 runs: the side's token was among the backbone's two
+# runners-up for about one change in four (BRANCH_HIT_RATE), and a branch row in a batched decode
+# step costs about a quarter of a step on this CPU (branches at 0.66x against in-flight's 0.77x on
+# 4g); on a memory-bound GPU step a few percent.
+BRANCH_HIT_RATE = 0.25
+CPU_BRANCH_ROW_COST, GPU_BRANCH_ROW_COST = 0.25, 0.05
+# What-if: a branch hit settled on the device with no round trip (the device scores the candidates
+# itself and continues on the branch's drafts, already streamed to it). Not built: an upper bound,
+# modelled as the hits' changes costing nothing (their extra bytes and compute left out).
+SETTLED_HIT_RATES = (0.25, 0.5, 1.0)
 
 
-def costs_from_result(result: dict, step_ms: float | None = None, projected: bool = False) -> Costs:
+def costs_from_result(result: dict, step_ms: float | None = None, projected: bool = False,
+                      branch_row_cost: float = CPU_BRANCH_ROW_COST) -> Costs:
     """The link and gateway of a `spa bench link` result (step time: 1 / cloud-only tokens/s)."""
     measured = result["link"].get("measured") or {}
     rows = result["rows"]
     step = step_ms or 1000.0 / rows["cloud_only"]["tokens_per_s"]
     taps_bytes = int(result["plugin_info"]["taps"] * (result["plugin_info"]["rank"] if projected else 576) * 1.05)
     return Costs(rtt_ms=measured.get("rtt_ms", 0.1), step_ms=step, down_mbit=measured.get("down_mbit"),
-                 up_mbit=measured.get("up_mbit"), taps_bytes=taps_bytes)
+                 up_mbit=measured.get("up_mbit"), taps_bytes=taps_bytes, branch_row_cost=branch_row_cost)
 
 
-def trace_from_result(result: dict) -> Trace:
-    """The measured side usage and change rate, spread over one document's tokens."""
+def trace_from_result(result: dict, hit_rate: float = BRANCH_HIT_RATE, settled: float = 0.0) -> Trace:
+    """The measured side usage and change rate, spread over one document's tokens; `settled`: the
+    share of changes that cost nothing (the what-if of SETTLED_HIT_RATES)."""
     draft = result["rows"]["spa_draft"]
     tokens = max(result["max_new_tokens"], 8)
-    return Trace.synthetic(tokens, draft["side_usage"], draft["change_rate"])
+    return Trace.synthetic(tokens, draft["side_usage"], draft["change_rate"] * (1 - settled), hit_rate)
 
 
 def compare(result: dict) -> dict:
@@ -264,7 +307,8 @@ def compare(result: dict) -> dict:
         measured = result["rows"].get(measured_name, {}).get("tokens_per_s")
         row = next(r for r in ROWS if r.name == name)
         in_flight = result.get("in_flight", row.in_flight) if row.in_flight > 1 else 1
-        row = Row(row.name, window if row.window else 0, in_flight, row.push, row.always_side)
+        row = Row(row.name, window if row.window else 0, in_flight, row.push, row.always_side,
+                  result.get("branches", row.branches) if row.branches else 0)
         costs = costs_from_result(result, projected=name == "spa_draft_push")
         predicted = simulate(trace, row, costs)["tokens_per_s"]
         out["rows"][name] = {"measured_vs_cloud": measured / cloud if measured else None,
@@ -273,11 +317,18 @@ def compare(result: dict) -> dict:
 
 
 def gpu_predictions(result: dict, steps_ms=GPU_STEPS_MS) -> dict:
-    """Every modelled row at GPU-class step times over this result's link."""
-    trace = trace_from_result(result)
-    return {f"{step:g} ms/step": {name: round(r["vs_cloud_only"], 3) for name, r in
-                                   predict(trace, costs_from_result(result, step_ms=step)).items()}
-            for step in steps_ms}
+    """Every modelled row at GPU-class step times over this result's link, and the what-if of
+    device-settled branch hits (`settled <rate>`: spa_inflight_push with that share of changes free)."""
+    trace, out = trace_from_result(result), {}
+    best = next(r for r in ROWS if r.name == "spa_inflight_push")
+    for step in steps_ms:
+        costs = costs_from_result(result, step_ms=step, branch_row_cost=GPU_BRANCH_ROW_COST)
+        row = {name: round(r["vs_cloud_only"], 3) for name, r in predict(trace, costs).items()}
+        for h in SETTLED_HIT_RATES:
+            settled = simulate(trace_from_result(result, settled=h), best, costs)["tokens_per_s"]
+            row[f"settled {h:g}"] = round(settled * step / 1000, 3)
+        out[f"{step:g} ms/step"] = row
+    return out
 
 
 def format_model(results: list[dict]) -> str:
@@ -293,11 +344,19 @@ def format_model(results: list[dict]) -> str:
         lines.append(f"{c['profile']:8} {c['rtt_ms']:7.1f}  " + "  ".join(cells))
     lines.append("")
     lines.append("Predicted for a GPU-class gateway (share of cloud-only at that step time):")
-    names = ["spa_draft", "spa_draft_push", "spa_inflight", "spa_inflight_push"]
-    lines.append(f"{'profile':8} {'step':>9}  " + "  ".join(f"{n:>18}" for n in names))
+    names = ["spa_draft", "spa_draft_push", "spa_inflight", "spa_inflight_push", "spa_branches"]
+    settled = [f"settled {h:g}" for h in SETTLED_HIT_RATES]
+    lines.append(f"{'profile':8} {'step':>10}  " + "  ".join(f"{n:>17}" for n in names + settled))
     for result in results:
         for step, row in gpu_predictions(result).items():
-            lines.append(f"{result['profile']['name']:8} {step:>9}  " + "  ".join(f"{_pct(row[n]):>18}" for n in names))
+            lines.append(f"{result['profile']['name']:8} {step:>10}  "
+                         + "  ".join(f"{_pct(row[n]):>17}" for n in names + settled))
+    lines.append(f"spa_branches: K = 2 with a branch hit for {BRANCH_HIT_RATE:.0%} of the changes, a branch row "
+                 f"costing {CPU_BRANCH_ROW_COST:.0%} of a step on this CPU, {GPU_BRANCH_ROW_COST:.0%} on a GPU. "
+                 f"A hit saves the redraft, not the round trip: the device still waits for the verdict.")
+    lines.append("settled h (not built, an upper bound): spa_inflight_push if the device settled a share h of the "
+                 "changed verdicts itself (scoring the backbone's candidates with its side output, continuing on "
+                 "branch drafts already streamed to it), those changes costing nothing.")
     return "\n".join(lines)
 
 

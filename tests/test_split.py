@@ -198,8 +198,8 @@ def _has_margin(ref, tau) -> bool:
 @pytest.mark.parametrize("branches", [0, 2])
 def test_branch_drafting_is_lossless_and_hits(gateway, branch_gateway, slow_link, pte, references, backbone,
                                               branches):
-    """W in {2, 8} x branches in {0, 2}, one and four side outputs in flight,
-    over a 100 ms round trip: the reference's tokens. With branches, a verdict
+    """W in {0, 2, 8} x branches in {0, 2}, one and four side outputs in flight,
+    greedy, seeded sampling and int4, over a 100 ms round trip: the reference's tokens. With branches, a verdict
     that changed the token to one of the backbone's two runners-up was served
     by a branch line's drafts (a hit: its continuation went out at once);
     without, none are counted. (With this plugin the side's token is among
@@ -210,8 +210,8 @@ def test_branch_drafting_is_lossless_and_hits(gateway, branch_gateway, slow_link
         assert _has_margin(ref, pte.tau), doc
     totals = dict.fromkeys(("branch_points", "branch_hits", "branch_misses", "branch_drafts", "branch_wasted"), 0)
     rollbacks = 0
-    for window in (2, 8):
-        for in_flight in (1, 4):
+    for window in (0, 2, 8):
+        for in_flight in (1, 4) if window else (1,):  # lock-step: one position at a time
             for doc in DOCS:
                 result = split(gw, pte, doc, window, in_flight=in_flight, url=url)
                 assert result.tokens == references[doc].tokens, (doc, window, in_flight)
@@ -236,3 +236,8 @@ def test_branch_drafting_is_lossless_and_hits(gateway, branch_gateway, slow_link
         result = split(gw, pte, doc, window, temperature=0.8, in_flight=4, url=url)
         assert result.tokens == sampled.tokens, window
         print(f"sampled W={window}: " + str({k: v for k, v in result.stats["gateway"].items() if "branch" in k}))
+    int4 = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW, scheme="int4")
+    assert _has_margin(int4, pte.tau)
+    result = split(gw, pte, doc, 8, codec="int4", in_flight=4, url=url)
+    assert result.tokens == int4.tokens and result.sigmas == int4.sigmas
+    assert result.stats["rollbacks"] > 0  # the int4 session rolled back (and, with branches, branched)

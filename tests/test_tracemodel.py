@@ -67,3 +67,24 @@ def test_the_model_replays_a_committed_link_result():
         assert row["predicted_vs_cloud"] == pytest.approx(row["measured_vs_cloud"], rel=0.2), name
     rows = predict(Trace.synthetic(32, 0.25, 0.2), Costs(rtt_ms=50, step_ms=10))
     assert set(rows) >= {"cloud_only", "spa_draft", "spa_inflight_push"}
+
+
+def test_branch_lines_hit_where_the_trace_says_and_a_hit_still_waits_for_the_verdict():
+    costs = Costs(rtt_ms=50, step_ms=10, branch_row_cost=0.0)  # branch rows for free: only the protocol counts
+    row = Row("branches", 8, 4, push=True, branches=2)
+    misses = simulate(Trace.synthetic(64, 0.25, 0.5, hit_rate=0.0), row, costs)
+    hits = simulate(Trace.synthetic(64, 0.25, 0.5, hit_rate=1.0), row, costs)
+    assert misses["branch_hits"] == 0 and misses["branch_misses"] > 0
+    # Nearly all hit: a change is missed only where no branch line was ready (one branch point at a time).
+    assert hits["branch_hits"] >= 4 * hits["branch_misses"] > 0 or hits["branch_misses"] == 0 < hits["branch_hits"]
+    assert hits["rollbacks"] == misses["rollbacks"] > 0  # a hit is still a changed verdict
+    # A hit saves the redraft (about a step), not the verdict's round trip.
+    assert misses["tokens_per_s"] < hits["tokens_per_s"] < 1.2 * misses["tokens_per_s"]
+    free = simulate(Trace.synthetic(64, 0.25, 0.0), row, costs)  # changes settled at no cost: the what-if's bound
+    assert free["tokens_per_s"] > 1.2 * hits["tokens_per_s"]
+
+
+def test_synthetic_hits_are_a_share_of_the_changes():
+    t = Trace.synthetic(100, 0.4, 0.5, hit_rate=0.25)
+    assert sum(t.changed) == 20 and sum(t.hit) == 5
+    assert all(c for c, h in zip(t.changed, t.hit) if h)
