@@ -223,6 +223,7 @@ def score_results(backbone, papers, planned, split, max_new_tokens, max_doc_toke
                 "per_paper": per_paper}
 
     results = {"split": split, "papers": len(papers), "planned_papers": planned, "max_new_tokens": max_new_tokens,
+               "backbone": backbone.identity.name, "dtype": str(backbone.dtype).removeprefix("torch."),
                "max_doc_tokens": max_doc_tokens, "seconds": seconds, "profiles": {}}
     for profile, plugin in plugins.items():
         table = {"prompted backbone (aspect instruction)": score(prompted[profile], profile),
@@ -243,7 +244,8 @@ def markdown(results: dict, command: str) -> str:
              f"{results['papers']} {results['split']} papers"
              + (f" (a checkpoint: {results['papers']} of the {results['planned_papers']} planned papers)"
                 if results["papers"] < results["planned_papers"] else "")
-             + ", SmolLM2-135M-Instruct backbone, greedy decoding, at most "
+             + f", {results.get('backbone', 'SmolLM2-135M-Instruct')} backbone ({results.get('dtype', 'float32')}), "
+               f"greedy decoding, at most "
              f"{results['max_new_tokens']} new tokens, documents truncated to ~{results['max_doc_tokens']} tokens; "
              f"gate and side run from the exported `.pte` with int8 wire quantization. "
              f"Took {results['seconds'] / 60:.0f} min on a 2-core CPU.", "",
