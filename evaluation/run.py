@@ -207,6 +207,7 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
         if done % checkpoint_every == 0 or done == len(test):
             results = score_results(backbone, test[:done], len(test), split, max_new_tokens, max_doc_tokens,
                                     plugins, generations, prompted, time.time() - t0)
+            results |= {"backbone": backbone.identity.name, "dtype": str(backbone.dtype).removeprefix("torch.")}
             if on_checkpoint is not None:
                 on_checkpoint(results)  # an interrupted run still leaves a report on what it covered
     return results
@@ -223,7 +224,6 @@ def score_results(backbone, papers, planned, split, max_new_tokens, max_doc_toke
                 "per_paper": per_paper}
 
     results = {"split": split, "papers": len(papers), "planned_papers": planned, "max_new_tokens": max_new_tokens,
-               "backbone": backbone.identity.name, "dtype": str(backbone.dtype).removeprefix("torch."),
                "max_doc_tokens": max_doc_tokens, "seconds": seconds, "profiles": {}}
     for profile, plugin in plugins.items():
         table = {"prompted backbone (aspect instruction)": score(prompted[profile], profile),
