@@ -40,10 +40,17 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT as at a terminal. A suite started in the background of a non-interactive
+    shell (`cmd &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spa_bench(*args, env_extra=None, merge=True) -> subprocess.Popen:
     return subprocess.Popen(python_command("cli.main", "bench", "link", *args), cwd=ROOT,
                             env=python_env(**(env_extra or {})), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True)
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
 
 
 def helper_pids(output: str) -> set[int]:
