@@ -668,15 +668,21 @@ def simulate(opts: m.Options, prompt: list[int], seed: int, max_in_flight: int =
     for _ in range(100_000):
         if dev.dp.ended:
             return gw, dev
-        moves = [lambda: up.extend(dev.flush())]
-        if up:
-            moves.append(lambda: down.extend(gw.receive(up.pop(0))))
-        if down:
-            moves.append(lambda: dev.receive(down.pop(0)))
-        if gw.computing:
-            moves.append(lambda: down.extend(gw.submit_draft()))
-        rng.choice(moves)()
+        _random_move(rng, gw, dev, up, down)
     raise AssertionError("the simulation stalled")
+
+
+def _random_move(rng, gw, dev, up: list, down: list, device_may_send: bool = True) -> None:
+    """One step of the simulated world, chosen at random: the device flushes, a message
+    crosses either way, or the gateway finishes a draft."""
+    moves = [lambda: up.extend(dev.flush())] if device_may_send else []
+    if up:
+        moves.append(lambda: down.extend(gw.receive(up.pop(0))))
+    if down:
+        moves.append(lambda: dev.receive(down.pop(0)))
+    if gw.computing:
+        moves.append(lambda: down.extend(gw.submit_draft()))
+    rng.choice(moves)()
 
 
 def test_fake_world_is_interesting():
@@ -993,14 +999,7 @@ def test_a_resume_with_branches_alive_discards_them_and_commits_the_lock_step_to
                 assert gw.gp.stats.resumes == 1
                 continue
             # (a resuming device sends nothing before `resumed`: what it held back is void)
-            moves = [lambda: up.extend(dev.flush())] if dev.dp.phase != "resuming" else []
-            if up:
-                moves.append(lambda: down.extend(gw.receive(up.pop(0))))
-            if down:
-                moves.append(lambda: dev.receive(down.pop(0)))
-            if gw.computing:
-                moves.append(lambda: down.extend(gw.submit_draft()))
-            rng.choice(moves)()
+            _random_move(rng, gw, dev, up, down, device_may_send=dev.dp.phase != "resuming")
         else:
             raise AssertionError("the simulation stalled")
         committed = [(c.pos, c.token) for c in dev.dp.committed]
