@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spa.generate import logit_margin, prefill
+from spa.generate import logit_margins, prefill
 from spa.reference import Generation
 from spa.step import DeviceDecision, cloud_state, device_step, quantizing_wire
 
@@ -47,7 +47,7 @@ def generate_rows(backbone, prompt_ids: list[int], rows: list[Row], max_new_toke
     for _ in range(max_new_tokens):
         combined = []
         # The backbone's own top-2 logit margins, where a row's gate reads them (batched: last bits may differ).
-        margins = [logit_margin(lg) for lg in backbone.logits(states[:, -1])] if margin_gates else None
+        margins = logit_margins(backbone.logits(states[:, -1])).tolist() if margin_gates else None
         for slot, r in enumerate(active):
             f, row = states[slot, -1], rows[r]
             decision = DeviceDecision(0.0, False, None)  # the backbone alone

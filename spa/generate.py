@@ -96,8 +96,13 @@ def logit_margin(logits: torch.Tensor) -> float:
     (spa/plugin.py, MARGIN_GATE). Computed from the logits of f_t alone, whatever the temperature;
     the gateway sends exactly this value with the step, so the device's gate reads what the
     reference's does."""
-    top = torch.topk(logits.reshape(-1).to(torch.float32), 2).values
-    return float(top[0] - top[1])
+    return float(logit_margins(logits.reshape(1, -1))[0])
+
+
+def logit_margins(logits: torch.Tensor) -> torch.Tensor:
+    """`logit_margin` of each row of logits [N, V], as float32 [N]."""
+    top = torch.topk(logits.to(torch.float32), 2, dim=-1).values
+    return top[..., 0] - top[..., 1]
 
 
 def choose_token_and_alternatives(logits: torch.Tensor, temperature: float, seed: int, pos: int,

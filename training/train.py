@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spa.data import GENERIC_INSTRUCTION, chat_template, check_profile
+from spa.generate import logit_margins
 from spa.plugin import PLAIN_GATE, Plugin, PluginConfig, combine, every_kth_layer, gate_row
 from training.tapcache import TokenSet, split_token_set
 
@@ -146,11 +147,8 @@ def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: Trai
 def backbone_margins(backbone, f: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """[N] the backbone's top-1 minus top-2 logit for each final state f [N, H]: what the gateway
     sends with each step for a margin gate (spa.generate.logit_margin, row by row)."""
-    out = []
     with torch.no_grad():
-        for i in range(0, len(f), batch):
-            top = backbone.logits(f[i:i + batch]).topk(2, dim=-1).values
-            out.append(top[:, 0] - top[:, 1])
+        out = [logit_margins(backbone.logits(f[i:i + batch])) for i in range(0, len(f), batch)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
