@@ -40,7 +40,8 @@ async def _spa(job, pte, prompt) -> dict:
                                push_taps=job.get("push_taps", False),
                                max_in_flight=job.get("max_in_flight", 1))
     s = result.stats
-    return {"tokens": result.tokens, "sigmas": result.sigmas, "commit_s": times, "ttft_s": times[0] if times else None,
+    return {"tokens": result.tokens, "sigmas": result.sigmas, "changed": result.changed, "commit_s": times,
+            "ttft_s": times[0] if times else None,
             "bytes_down": s["bytes_down"], "bytes_up": s["bytes_up"], "handshake_down": s["handshake_bytes_down"],
             "handshake_up": s["handshake_bytes_up"], "round_trips": s["round_trips"], "side_tokens": s["side_tokens"],
             "rollbacks": s["rollbacks"], "messages_down": s["messages_down"], "messages_up": s["messages_up"]}

@@ -159,6 +159,10 @@ def summarize_row(docs: list[dict], reference: list[list[int]] | None = None) ->
                 same += a == b
                 total += 1
         out["same_tokens_as_cloud_only"] = same / total if total else None
+    if all("changed" in d for d in docs):
+        # The per-token trace `spa bench model` replays: per document, sigma and changed as "0"/"1" strings.
+        out["traces"] = [{"sigma": "".join(map(str, d["sigmas"])), "changed": "".join(map(str, d["changed"]))}
+                         for d in docs]
     return out
 
 
@@ -238,7 +242,8 @@ def goals(result: dict) -> list[dict]:
         value = rows[best]["tokens_per_s_vs_cloud_only"]
         out.append({"goal": f"best SPA row ({best}) tokens/s >= {target:g}x cloud_only ({profile}, median over "
                             f"repeats)", "value": value, "target": target, "met": value >= target,
-                    "missed_by": max(target - value, 0.0), "vs_ceiling": rows[best].get("tokens_per_s_vs_ceiling")})
+                    "missed_by": max(target - value, 0.0), "vs_ceiling": rows[best].get("tokens_per_s_vs_ceiling"),
+                    "why": _why(result, best)})
     same = result.get("lossless")
     if same:
         value = sum(v["identical"] for v in same["rows"].values()) / len(same["rows"])
@@ -260,6 +265,17 @@ def goals(result: dict) -> list[dict]:
                                 f"handshake apart)", "value": value, "target": 2048, "met": value <= 2048,
                         "missed_by": max(value - 2048, 0.0)})
     return out
+
+
+def _why(result: dict, row: str) -> dict | None:
+    """Where the row's speed went, from this run's trace (benchmarks/tracemodel.py's `explain`):
+    the losses to rollbacks, verdict heads, link bandwidth and round-trip stalls."""
+    from benchmarks.tracemodel import MEASURED, explain_result
+
+    if (row not in MEASURED or "spa_draft" not in result["rows"] or "cloud_only" not in result["rows"]
+            or not result.get("plugin_info")):
+        return None  # the model replays only its own rows, from spa_draft's side usage and change rate
+    return explain_result(result, row)
 
 
 # --- the run -------------------------------------------------------------------
@@ -535,6 +551,10 @@ def format_result(result: dict) -> str:
             value = "-" if g["value"] is None else f"{g['value']:.2f}"
             ceiling = "" if g.get("vs_ceiling") is None else f"; {g['vs_ceiling']:.2f}x ceiling ({CEILING})"
             lines.append(f"  {g['goal']}: {value} -> {state}{ceiling}")
+            if g["met"] is False and g.get("why"):
+                from benchmarks.tracemodel import format_why
+
+                lines.append(f"    why, from the trace (spa bench model): {format_why(g['why'])}")
     return "\n".join(lines)
 
 

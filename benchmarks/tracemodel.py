@@ -29,7 +29,7 @@ loop latency.
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -97,13 +97,25 @@ class Trace:
     @classmethod
     def synthetic(cls, tokens: int, side_usage: float, change_rate: float, hit_rate: float = 0.0) -> "Trace":
         """Evenly spread sigma = 1 positions, changes and branch hits with the given rates (deterministic)."""
-        def spread(indices, rate):
-            return [i for k, i in enumerate(indices) if int((k + 1) * rate) > int(k * rate)]
-
         sigma = [int((i + 1) * side_usage) > int(i * side_usage) for i in range(tokens)]
-        changes = spread([i for i, s in enumerate(sigma) if s], change_rate)
-        hits = set(spread(changes, hit_rate))
+        changes = _every([i for i, s in enumerate(sigma) if s], change_rate)
+        hits = set(_every(changes, hit_rate))
         return cls(sigma, [i in changes for i in range(tokens)], [i in hits for i in range(tokens)])
+
+
+def _every(items: list, rate: float) -> list:
+    """A share `rate` of items, evenly spread (deterministic)."""
+    return [x for k, x in enumerate(items) if int((k + 1) * rate) > int(k * rate)]
+
+
+def rate(traces, row: "Row", costs: "Costs") -> float | None:
+    """tokens/s over one trace or several (documents), as `spa bench link` counts it: the tokens
+    after each document's first over the time from its first commit to its last."""
+    tokens = span = 0.0
+    for trace in [traces] if isinstance(traces, Trace) else traces:
+        commits = simulate(trace, row, costs)["commit_ms"]
+        tokens, span = tokens + max(len(commits) - 1, 0), span + (commits[-1] - commits[0] if commits else 0.0)
+    return tokens / span * 1000 if span > 0 else None
 
 
 class _Link:
@@ -248,14 +260,14 @@ def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
             "branch_hits": gp.stats.branch_hits, "branch_misses": gp.stats.branch_misses}
 
 
-def predict(trace: Trace, costs: Costs, rows=ROWS) -> dict:
-    """tokens/s of every row and of cloud-only (one step per token), with ratios to cloud-only."""
+def predict(traces, costs: Costs, rows=ROWS) -> dict:
+    """tokens/s of every row and of cloud-only (one step per token), with ratios to cloud-only;
+    `traces`: one Trace or one per document."""
     cloud = 1000.0 / costs.step_ms
     out = {"cloud_only": {"tokens_per_s": cloud, "vs_cloud_only": 1.0}}
     for row in rows:
-        r = simulate(trace, row, costs)
-        out[row.name] = {"tokens_per_s": r["tokens_per_s"], "vs_cloud_only": (r["tokens_per_s"] or 0) / cloud,
-                         "max_in_flight": r["max_in_flight"], "rollbacks": r["rollbacks"]}
+        r = rate(traces, row, costs)
+        out[row.name] = {"tokens_per_s": r, "vs_cloud_only": (r or 0) / cloud}
     return out
 
 
@@ -290,27 +302,105 @@ def costs_from_result(result: dict, step_ms: float | None = None, projected: boo
                  up_mbit=measured.get("up_mbit"), taps_bytes=taps_bytes, branch_row_cost=branch_row_cost)
 
 
-def trace_from_result(result: dict, hit_rate: float = BRANCH_HIT_RATE, settled: float = 0.0) -> Trace:
-    """The measured side usage and change rate, spread over one document's tokens; `settled`: the
-    share of changes that cost nothing (the what-if of SETTLED_HIT_RATES)."""
+def traces_from_result(result: dict, hit_rate: float = BRANCH_HIT_RATE, settled: float = 0.0) -> list[Trace]:
+    """The run's per-token traces, one per document (sigma and changed of the spa_draft row: every
+    SPA row commits the same tokens); a result saved before traces were recorded gives its
+    measured side usage and change rate spread over one document of max_new_tokens. Branch hits
+    are a share `hit_rate` of the changes; `settled`: the share of changes that cost nothing
+    (the what-if of SETTLED_HIT_RATES). Both are spread evenly over the run's changes."""
     draft = result["rows"]["spa_draft"]
-    tokens = max(result["max_new_tokens"], 8)
-    return Trace.synthetic(tokens, draft["side_usage"], draft["change_rate"] * (1 - settled), hit_rate)
+    if not draft.get("traces"):
+        tokens = max(result["max_new_tokens"], 8)
+        return [Trace.synthetic(tokens, draft["side_usage"], draft["change_rate"] * (1 - settled), hit_rate)]
+    sigmas = [[c == "1" for c in t["sigma"]] for t in draft["traces"]]
+    changes = [(d, i) for d, t in enumerate(draft["traces"]) for i, c in enumerate(t["changed"]) if c == "1"]
+    kept = set(changes) - set(_every(changes, settled))
+    hits = set(_every([c for c in changes if c in kept], hit_rate))
+    return [Trace(sigma, [(d, i) in kept for i in range(len(sigma))], [(d, i) in hits for i in range(len(sigma))])
+            for d, sigma in enumerate(sigmas) if sigma]
+
+
+# Where a row's speed goes. `explain` removes these causes one after the other, in this order,
+# each on top of the ones before it, and charges each with the ratio it gave back.
+LOSSES = (
+    ("rollbacks", "changed verdicts: the drafts after them are void; the device waits for the verdict's "
+                  "round trip and the redraft"),
+    ("verdict heads", "the gateway's lm_head of f_t + s_t, one per side token, on its compute thread"),
+    ("link bandwidth", "steps, taps and side outputs serialized at the link's rate"),
+    ("round-trip stalls", "the window W and the side outputs in flight do not cover the round trip; the "
+                          "pipeline fills and drains once per document"),
+)
+
+
+def explain(traces: list[Trace], row: Row, costs: Costs) -> dict:
+    """The row's predicted share of cloud-only speed, and the share lost to each of LOSSES (they
+    add up to 1 - predicted): the row is simulated again without changed verdicts, then also with
+    free verdict heads, then also with an unlimited link; what is left below 1 is the round trip
+    itself (with RTT 0 as well the row runs at cloud-only speed)."""
+    cloud = 1000.0 / costs.step_ms
+
+    def ratio(t: list[Trace], c: Costs) -> float:
+        return (rate(t, row, c) or 0.0) / cloud
+
+    steady = [Trace(t.sigma) for t in traces]  # the same side tokens, none changing its draft
+    free_heads = replace(costs, head_ms=0.0)
+    free_link = replace(free_heads, down_mbit=None, up_mbit=None)
+    chain = [ratio(traces, costs), ratio(steady, costs), ratio(steady, free_heads), ratio(steady, free_link), 1.0]
+    return {"row": row.name, "predicted": chain[0], "step_ms": costs.step_ms, "rtt_ms": costs.rtt_ms,
+            "side_tokens": sum(sum(t.sigma) for t in traces), "changes": sum(sum(t.changed) for t in traces),
+            "tokens": sum(len(t.sigma) for t in traces), "documents": len(traces),
+            "head_ms": costs.head, "lost": {name: chain[i + 1] - chain[i] for i, (name, _) in enumerate(LOSSES)}}
+
+
+def model_row(result: dict, name: str) -> Row:
+    """The modelled row for a `spa bench link` row, with that run's window, in-flight limit and branches."""
+    row = next(r for r in ROWS if r.name == name)
+    in_flight = result.get("in_flight", row.in_flight) if row.in_flight > 1 else 1
+    return Row(row.name, result["window"] if row.window else 0, in_flight, row.push, row.always_side,
+               result.get("branches", row.branches) if row.branches else 0)
+
+
+def explain_result(result: dict, name: str, step_ms: float | None = None) -> dict:
+    """`explain` for one row of a `spa bench link` result: on its measured link and gateway speed, or
+    at `step_ms` per decode step (a GPU-class gateway, branch rows at GPU cost); with the measured
+    ratio beside the prediction where the row ran at the measured speed."""
+    cost = GPU_BRANCH_ROW_COST if step_ms else CPU_BRANCH_ROW_COST
+    costs = costs_from_result(result, step_ms=step_ms, projected=name == "spa_draft_push", branch_row_cost=cost)
+    out = explain(traces_from_result(result), model_row(result, name), costs)
+    out["traced"] = bool(result["rows"]["spa_draft"].get("traces"))  # else: its rates, spread evenly
+    if step_ms is None:
+        out["measured"] = result["rows"].get(name, {}).get("tokens_per_s_vs_cloud_only")
+    return out
+
+
+def format_why(why: dict) -> str:
+    """One line: the prediction (and measurement), then what each cause costs, largest first."""
+    head = f"{why['row']} predicted {why['predicted']:.2f}x"
+    if "traced" in why:
+        head += (f" (replaying the run's {why['documents']} documents)" if why["traced"]
+                 else " (the run's side usage and change rate spread over one document: it saved no traces)")
+    if why.get("measured") is not None:
+        head += f", measured {why['measured']:.2f}x"
+    detail = {"rollbacks": f"{why['changes']} changed verdicts in {why['tokens']} tokens, each about an RTT of "
+                           f"{why['rtt_ms']:.0f} ms and a redraft",
+              "verdict heads": f"{why['side_tokens']} side tokens, a {why['head_ms']:.1f} ms head each "
+                               f"against a {why['step_ms']:.1f} ms step",
+              "link bandwidth": "", "round-trip stalls": ""}
+    parts = [f"{name} {max(lost, 0.0):.2f}" + (f" ({detail[name]})" if detail[name] and lost >= 0.005 else "")
+             for name, lost in sorted(why["lost"].items(), key=lambda kv: -kv[1])]
+    return f"{head}; lost to " + ", ".join(parts)
 
 
 def compare(result: dict) -> dict:
     """Predicted vs measured tokens/s (as ratios to the measured cloud-only row) for one link profile."""
-    trace, window = trace_from_result(result), result["window"]
+    traces = traces_from_result(result)
     out = {"profile": result["profile"]["name"], "rtt_ms": costs_from_result(result).rtt_ms, "rows": {}}
     cloud = result["rows"]["cloud_only"]["tokens_per_s"]
     for name, measured_name in MEASURED.items():
         measured = result["rows"].get(measured_name, {}).get("tokens_per_s")
-        row = next(r for r in ROWS if r.name == name)
-        in_flight = result.get("in_flight", row.in_flight) if row.in_flight > 1 else 1
-        row = Row(row.name, window if row.window else 0, in_flight, row.push, row.always_side,
-                  result.get("branches", row.branches) if row.branches else 0)
+        row = model_row(result, name)
         costs = costs_from_result(result, projected=name == "spa_draft_push")
-        predicted = simulate(trace, row, costs)["tokens_per_s"]
+        predicted = rate(traces, row, costs)
         out["rows"][name] = {"measured_vs_cloud": measured / cloud if measured else None,
                              "predicted_vs_cloud": predicted / cloud if predicted else None}
     return out
@@ -319,16 +409,37 @@ def compare(result: dict) -> dict:
 def gpu_predictions(result: dict, steps_ms=GPU_STEPS_MS) -> dict:
     """Every modelled row at GPU-class step times over this result's link, and the what-if of
     device-settled branch hits (`settled <rate>`: spa_inflight_push with that share of changes free)."""
-    trace, out = trace_from_result(result), {}
+    traces, out = traces_from_result(result), {}
     best = next(r for r in ROWS if r.name == "spa_inflight_push")
     for step in steps_ms:
         costs = costs_from_result(result, step_ms=step, branch_row_cost=GPU_BRANCH_ROW_COST)
-        row = {name: round(r["vs_cloud_only"], 3) for name, r in predict(trace, costs).items()}
+        row = {name: round(r["vs_cloud_only"], 3) for name, r in predict(traces, costs).items()}
         for h in SETTLED_HIT_RATES:
-            settled = simulate(trace_from_result(result, settled=h), best, costs)["tokens_per_s"]
+            settled = rate(traces_from_result(result, settled=h), best, costs)
             row[f"settled {h:g}"] = round(settled * step / 1000, 3)
         out[f"{step:g} ms/step"] = row
     return out
+
+
+# The goals of issue 13 the model speaks to: measured on this machine (spa bench link prints them
+# too) and predicted for a GPU-class gateway.
+MEASURED_GOALS = {"4g": 0.95, "3g": 0.85}
+GPU_GOAL = ("4g", 10.0, 0.85)  # profile, ms per decode step, share of cloud-only
+
+
+def gpu_goal(results: list[dict]) -> dict | None:
+    """The predicted goal (GPU_GOAL): the best modelled SPA row at that step time on that link's
+    result, with why it falls short of cloud-only; None without that link's result."""
+    profile, step, target = GPU_GOAL
+    result = next((r for r in results if r["profile"]["name"] == profile), None)
+    if result is None:
+        return None
+    spa = [r.name for r in ROWS if r.name != "side_every_token"]
+    whys = [explain_result(result, name, step) for name in spa]
+    best = max(whys, key=lambda w: w["predicted"])
+    return {"goal": f"predicted for a {step:g} ms/step gateway on {profile}: best SPA row >= {target:g}x cloud-only",
+            "value": best["predicted"], "target": target, "met": best["predicted"] >= target,
+            "missed_by": max(target - best["predicted"], 0.0), "why": best}
 
 
 def format_model(results: list[dict]) -> str:
@@ -357,6 +468,25 @@ def format_model(results: list[dict]) -> str:
     lines.append("settled h (not built, an upper bound): spa_inflight_push if the device settled a share h of the "
                  "changed verdicts itself (scoring the backbone's candidates with its side output, continuing on "
                  "branch drafts already streamed to it), those changes costing nothing.")
+    lines += ["", "Goals, and why they are missed (each row's losses by sequential ablation in the model: "
+                  + ", then ".join(name for name, _ in LOSSES) + "; they add up to 1 - predicted):"]
+    for result in results:
+        target = MEASURED_GOALS.get(result["profile"]["name"])
+        best = max((n for n in MEASURED if n != "side_every_token"
+                    and result["rows"].get(n, {}).get("tokens_per_s_vs_cloud_only") is not None),
+                   key=lambda n: result["rows"][n]["tokens_per_s_vs_cloud_only"], default=None)
+        if target is None or best is None:
+            continue
+        why = explain_result(result, best)
+        state = "met" if why["measured"] >= target else f"MISSED by {target - why['measured']:.2f}"
+        lines.append(f"  measured on {result['profile']['name']} (this CPU): best SPA row >= {target:g}x cloud-only: "
+                     f"{why['measured']:.2f} -> {state}")
+        lines.append(f"    why: {format_why(why)}")
+    goal = gpu_goal(results)
+    if goal is not None:
+        state = "met" if goal["met"] else f"MISSED by {goal['missed_by']:.2f}"
+        lines.append(f"  {goal['goal']}: {goal['value']:.2f} -> {state}")
+        lines.append(f"    why: {format_why(goal['why'])}")
     return "\n".join(lines)
 
 

@@ -28,18 +28,35 @@ def write_result(result: dict, out: Path, as_json: bool, table) -> None:
         print(f"written: {out}")
 
 
+def _saved_link_result(path: Path) -> dict:
+    """A saved `spa bench link` result, with its goals worked out again by this version."""
+    from benchmarks.linkbench import goals
+    from spa.errors import SpaError
+
+    try:
+        result = json.loads(path.read_text())
+        result["goals"] = goals(result)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SpaError(f"{path} is not a readable spa bench link result: {exc!r}") from None
+    return result
+
+
 def cmd_bench_link(args) -> int:
     from benchmarks.linkbench import ROWS, format_result, plot_result, run_link_bench
 
     log = progress_log(args.json)
     results = []
-    for profile in args.profile:
-        result = run_link_bench(profile, plugin=args.plugin, docs=args.docs, max_new_tokens=args.max_new_tokens,
-                                per_layer_tokens=args.per_layer_tokens, window=args.window, codec=args.codec,
-                                rows=args.rows or ROWS, link_mode=args.link, device_variant=args.device_variant,
-                                workdir=args.workdir, pin=not args.no_pin, tau=args.tau, skip_cost=args.skip_cost,
-                                repeats=args.repeats, in_flight=args.in_flight, log=log)
-        result["command"] = "spa " + " ".join(sys.argv[1:])
+    for profile in args.report or args.profile:
+        if args.report:  # nothing runs: a saved result, reported again
+            result = _saved_link_result(profile)
+            profile = result["profile"]["name"]
+        else:
+            result = run_link_bench(profile, plugin=args.plugin, docs=args.docs, max_new_tokens=args.max_new_tokens,
+                                    per_layer_tokens=args.per_layer_tokens, window=args.window, codec=args.codec,
+                                    rows=args.rows or ROWS, link_mode=args.link, device_variant=args.device_variant,
+                                    workdir=args.workdir, pin=not args.no_pin, tau=args.tau,
+                                    skip_cost=args.skip_cost, repeats=args.repeats, in_flight=args.in_flight, log=log)
+            result["command"] = "spa " + " ".join(sys.argv[1:])
         out = args.out / f"link-{profile}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -120,7 +137,7 @@ def cmd_bench_load(args) -> int:
 
 
 def cmd_bench_model(args) -> int:
-    from benchmarks.tracemodel import compare, format_model, gpu_predictions
+    from benchmarks.tracemodel import compare, format_model, gpu_goal, gpu_predictions
     from spa.errors import SpaError
 
     results = []
@@ -132,7 +149,7 @@ def cmd_bench_model(args) -> int:
         if "cloud_only" not in results[-1].get("rows", {}) or "spa_draft" not in results[-1]["rows"]:
             raise SpaError(f"{path}: needs the cloud_only and spa_draft rows of a spa bench link run")
     result = {"inputs": [str(p) for p in args.results], "compare": [compare(r) for r in results],
-              "gpu": {r["profile"]["name"]: gpu_predictions(r) for r in results}}
+              "gpu": {r["profile"]["name"]: gpu_predictions(r) for r in results}, "gpu_goal": gpu_goal(results)}
     out = args.out / "model.json"
     write_result(result, out, args.json, lambda _: format_model(results))
     if not args.json:
@@ -180,6 +197,9 @@ def add_bench_parsers(bench_sub) -> None:
                    help="lambda of the quick plugin trained when --plugin is not given (default 0.3; spa train's "
                         "default 0.05 makes the quick plugin's gate open on ~95%% of tokens)")
     p.add_argument("--no-pin", action="store_true", help="do not pin gateway and device to different CPUs")
+    p.add_argument("--report", nargs="+", type=Path, metavar="RESULT",
+                   help="run nothing: report saved results (link-PROFILE.json) again with this version's goals, "
+                        "text and plot, written to --out")
     _add_outputs(p, cmd_bench_link, "quick plugin and exports (reused)", "where link-PROFILE.json/.png go", JSON_HELP)
 
     p = bench_sub.add_parser("device", help="per-.pte load time, gate/side latency, peak memory, size "

@@ -45,6 +45,7 @@ class SummaryResult:
     tokens: list[int] = field(default_factory=list)
     pieces: list[bytes] = field(default_factory=list)
     sigmas: list[int] = field(default_factory=list)  # 1 where the side network chose the token
+    changed: list[int] = field(default_factory=list)  # 1 where it chose another token than the backbone's draft
     finish_reason: str = ""
     stats: dict = field(default_factory=dict)
 
@@ -243,7 +244,7 @@ async def _connection(url, proto: DeviceProtocol, pte, tau, sigma_of, counters, 
                 for commit in proto.committed[len(result.tokens):]:
                     clock["last"] = time.perf_counter()
                     clock["first"] = clock["first"] or clock["last"]
-                    _record(result, commit, sigma_of, on_commit)
+                    _record(result, commit, sigma_of, commit.pos in proto.changed_positions, on_commit)
                 if inbox.empty():
                     await _flush(conn, proto, frames, counters)
         except ConnectionClosed:
@@ -296,10 +297,11 @@ async def _flush(conn, proto: DeviceProtocol, frames: FrameCodec, counters: _Cou
         await conn.send(data)
 
 
-def _record(result: SummaryResult, commit: Commit, sigma_of: dict, on_commit) -> None:
+def _record(result: SummaryResult, commit: Commit, sigma_of: dict, changed: bool, on_commit) -> None:
     sigma = sigma_of.get(commit.pos, 0)
     result.tokens.append(commit.token)
     result.pieces.append(commit.piece)
     result.sigmas.append(sigma)
+    result.changed.append(int(changed))
     if on_commit is not None:
         on_commit(commit.piece, sigma)

@@ -292,6 +292,14 @@ def test_bench_link_runs_every_network_row_and_prints_json(pte_path, tmp_path):
     assert result["link"]["mode"] == ("netns" if NETNS else "proxy")
     assert result["link"]["measured"]["rtt_ms"] > 0
     assert {g["goal"].split(" (")[0] for g in result["goals"]} >= {"spa_draft tokens/s >= 0.8x cloud_only"}
+    # The per-token trace the model replays: every committed token's sigma and whether its verdict changed it.
+    draft = rows["spa_draft"]
+    assert [len(t["sigma"]) for t in draft["traces"]] == [len(t) for t in draft["per_doc_tokens"]]
+    assert sum(t["sigma"].count("1") for t in draft["traces"]) == round(draft["side_usage"] * draft["tokens"])
+    assert sum(t["changed"].count("1") for t in draft["traces"]) == draft["rollbacks"]
+    assert all(c == "0" or s == "1" for t in draft["traces"] for s, c in zip(t["sigma"], t["changed"]))
+    best = next(g for g in result["goals"] if g["goal"].startswith("best SPA row"))
+    assert best["why"]["traced"] and best["why"]["documents"] == 1  # replayed from this run's trace
     assert (tmp_path / f"link-{profile}.json").exists() and (tmp_path / f"link-{profile}.png").exists()
     assert_nothing_left(proc.pid, err)
 

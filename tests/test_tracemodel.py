@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.tracemodel import Costs, Row, Trace, compare, predict, simulate
+from benchmarks.tracemodel import (Costs, Row, Trace, compare, explain, explain_result, format_why, predict,
+                                   rate, simulate, traces_from_result)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,3 +89,38 @@ def test_synthetic_hits_are_a_share_of_the_changes():
     t = Trace.synthetic(100, 0.4, 0.5, hit_rate=0.25)
     assert sum(t.changed) == 20 and sum(t.hit) == 5
     assert all(c for c, h in zip(t.changed, t.hit) if h)
+
+
+def test_the_losses_add_up_and_each_cause_is_charged_where_it_exists():
+    row, trace = Row("inflight_push", 8, 4, push=True), Trace.synthetic(64, 0.3, 0.3)
+    why = explain([trace], row, Costs(rtt_ms=50, step_ms=40, head_ms=8, down_mbit=3, up_mbit=3))
+    lost = why["lost"]
+    assert set(lost) == {"rollbacks", "verdict heads", "link bandwidth", "round-trip stalls"}
+    assert why["predicted"] + sum(lost.values()) == pytest.approx(1.0)
+    assert lost["rollbacks"] > 0.05 and lost["verdict heads"] > 0.01 and lost["link bandwidth"] > 0.01
+    assert why["changes"] == sum(trace.changed) > 0 and why["side_tokens"] == sum(trace.sigma)
+    # No changes, free heads, an unlimited link: only the round trip is left, and W = 8 covers it.
+    calm = explain([Trace(trace.sigma)], row, Costs(rtt_ms=50, step_ms=40, head_ms=0.0))
+    assert calm["lost"]["rollbacks"] == calm["lost"]["verdict heads"] == calm["lost"]["link bandwidth"] == 0
+    assert calm["predicted"] > 0.97
+    assert "rollbacks 0.00" in format_why(calm)
+
+
+def test_a_run_with_traces_is_replayed_document_by_document():
+    result = json.loads((ROOT / "benchmarks/results/link-4g.json").read_text())
+    draft = result["rows"]["spa_draft"]
+    draft["traces"] = [{"sigma": "0110000100", "changed": "0100000100"}, {"sigma": "00100", "changed": "00000"}]
+    traces = traces_from_result(result, hit_rate=0.0)
+    assert [len(t.sigma) for t in traces] == [10, 5] and sum(sum(t.changed) for t in traces) == 2
+    assert sum(sum(t.changed) for t in traces_from_result(result, settled=0.5)) == 1  # half the changes settled
+    costs = Costs(rtt_ms=50, step_ms=40)
+    row = Row("draft", 8)
+    whole = rate(traces, row, costs)
+    parts = [simulate(t, row, costs)["commit_ms"] for t in traces]
+    assert whole == pytest.approx(sum(len(c) - 1 for c in parts) / sum(c[-1] - c[0] for c in parts) * 1000)
+    why = explain_result(result, "spa_inflight_push")
+    assert why["traced"] and why["documents"] == 2 and why["tokens"] == 15 and why["changes"] == 2
+    assert why["measured"] == result["rows"]["spa_inflight_push"]["tokens_per_s_vs_cloud_only"]
+    assert "replaying the run's 2 documents" in format_why(why)
+    del draft["traces"]  # a result saved before traces: its rates over one document of max_new_tokens
+    assert "spread over one document" in format_why(explain_result(result, "spa_inflight_push"))

@@ -94,6 +94,7 @@ class DeviceProtocol:
         self.pending_accept: int | None = None  # end of a sigma = 0 run not yet sent
         self.outbox: list[dict] = []
         self.committed: list[Commit] = []
+        self.changed_positions: set[int] = set()  # positions whose verdict changed the draft (rollbacks)
         self.end: m.End | None = None
         self.stats = DeviceStats()
         self.session: str | None = None  # from ready
@@ -233,6 +234,7 @@ class DeviceProtocol:
         self._commit(v.pos, v.token, v.piece)
         if v.changed:  # drafts after pos were built on the old token, and so were our decisions on them
             self.stats.rollbacks += 1
+            self.changed_positions.add(v.pos)
             self.stats.dropped += len(self.steps)
             self._forget_after(v.pos)
             self.last_step_pos = v.pos
