@@ -48,6 +48,7 @@ from pathlib import Path
 from benchmarks.link import PROFILES, Link, make_link, measure_link
 from benchmarks.provision import DEFAULT_SKIP_COST, ensure_plugin, plugin_prompts
 from benchmarks.stats import fmt, percentile
+from benchmarks.tracemodel import MEASURED_GOALS
 from cloud_gateway.process import GatewayProcess
 from spa.children import ServerProcess, pinned, python_command, python_env, run
 from spa.errors import SpaError
@@ -236,7 +237,7 @@ def goals(result: dict) -> list[dict]:
         return x / y if x and y else None
 
     profile = result["profile"]["name"]
-    target = {"4g": 0.95, "3g": 0.85}.get(profile)
+    target = MEASURED_GOALS.get(profile)
     best = _best_spa(rows)
     if target is not None and best:
         value = rows[best]["tokens_per_s_vs_cloud_only"]

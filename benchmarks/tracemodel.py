@@ -421,8 +421,8 @@ def gpu_predictions(result: dict, steps_ms=GPU_STEPS_MS) -> dict:
     return out
 
 
-# The goals of issue 13 the model speaks to: measured on this machine (spa bench link prints them
-# too) and predicted for a GPU-class gateway.
+# The speed goals of issue 13: the best SPA row's share of cloud-only, measured by `spa bench link`
+# on a link profile, and predicted for a GPU-class gateway.
 MEASURED_GOALS = {"4g": 0.95, "3g": 0.85}
 GPU_GOAL = ("4g", 10.0, 0.85)  # profile, ms per decode step, share of cloud-only
 
