@@ -322,3 +322,20 @@ def test_the_plugin_hosted_in_the_cloud_commits_the_spa_tokens_and_is_the_ceilin
     assert re.search(r"^row .* x cloud +min-max +x ceiling", out, re.M), out  # the column beside x cloud
     assert re.search(r"^best SPA row: spa_draft, [\d.]+x cloud-only .*, [\d.]+x ceiling", out, re.M), out
     assert "lossless: tokens identical to cloud_plugin (8 tokens) in every repeat: spa_draft yes -> yes" in out, out
+
+
+def test_a_saved_result_is_reported_again_with_why_its_goals_are_missed(tmp_path):
+    """`spa bench link --report`: nothing runs; the committed 4g result gets this version's goals, text and plot."""
+    proc = spa_bench("--report", ROOT / "benchmarks/results/link-4g.json", "--out", tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    text = (tmp_path / "link-4g.txt").read_text()
+    assert "why, from the trace" in text and "lost to rollbacks" in text, text[-2000:]
+    saved = json.loads((tmp_path / "link-4g.json").read_text())
+    best = next(g for g in saved["goals"] if g["goal"].startswith("best SPA row"))
+    assert best["met"] is False and best["why"]["traced"]
+    assert best["why"]["predicted"] + sum(best["why"]["lost"].values()) == pytest.approx(1.0)
+    assert (tmp_path / "link-4g.png").exists()
+    bad = spa_bench("--report", tmp_path / "missing.json", "--out", tmp_path)
+    out, _ = bad.communicate(timeout=300)
+    assert bad.returncode != 0 and "not a readable spa bench link result" in out and "Traceback" not in out, out
