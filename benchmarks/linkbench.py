@@ -48,7 +48,7 @@ from pathlib import Path
 from benchmarks.link import PROFILES, Link, make_link, measure_link
 from benchmarks.provision import DEFAULT_SKIP_COST, ensure_plugin, plugin_prompts
 from benchmarks.stats import fmt, percentile
-from benchmarks.tracemodel import MEASURED_GOALS
+from benchmarks.tracemodel import MEASURED, MEASURED_GOALS, explain_result, format_why
 from cloud_gateway.process import GatewayProcess
 from spa.children import ServerProcess, pinned, python_command, python_env, run
 from spa.errors import SpaError
@@ -271,11 +271,9 @@ def goals(result: dict) -> list[dict]:
 def _why(result: dict, row: str) -> dict | None:
     """Where the row's speed went, from this run's trace (benchmarks/tracemodel.py's `explain`):
     the losses to rollbacks, verdict heads, link bandwidth and round-trip stalls."""
-    from benchmarks.tracemodel import MEASURED, explain_result
-
     if (row not in MEASURED or "spa_draft" not in result["rows"] or "cloud_only" not in result["rows"]
             or not result.get("plugin_info")):
-        return None  # the model replays only its own rows, from spa_draft's side usage and change rate
+        return None  # the model replays only its own rows, from spa_draft's traces (or rates) and the plugin's taps
     return explain_result(result, row)
 
 
@@ -553,8 +551,6 @@ def format_result(result: dict) -> str:
             ceiling = "" if g.get("vs_ceiling") is None else f"; {g['vs_ceiling']:.2f}x ceiling ({CEILING})"
             lines.append(f"  {g['goal']}: {value} -> {state}{ceiling}")
             if g["met"] is False and g.get("why"):
-                from benchmarks.tracemodel import format_why
-
                 lines.append(f"    why, from the trace (spa bench model): {format_why(g['why'])}")
     return "\n".join(lines)
 
