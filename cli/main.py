@@ -168,20 +168,49 @@ def cmd_summarize(args) -> int:
 
 def cmd_eval(args) -> int:
     from evaluation.run import RECIPES, evaluate, write_report
+
+    command = "spa eval " + " ".join(sys.argv[2:])
+    if args.first_paper < 0 or (args.papers is not None and args.papers < 1):
+        print("error: --first-paper must be >= 0 and --papers >= 1", file=sys.stderr)
+        return 2
+    if args.pool:
+        return _pool_reports(args.pool, args.out, command)
     from spa.backbone import load_backbone
 
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     sizes = () if args.no_sizes else (25, 50)
-    command = "spa eval " + " ".join(sys.argv[2:])
     results = evaluate(backbone, args.profiles, args.papers, args.max_new_tokens, args.workdir, sizes, args.split,
                        on_checkpoint=lambda partial: write_report(partial, args.out, command),
                        tune_papers=args.tune_papers, replacement=not args.no_replacement,
-                       recipes=tuple(RECIPES[name] for name in args.recipes))
+                       recipes=tuple(RECIPES[name] for name in args.recipes), first_paper=args.first_paper,
+                       goal_only=args.goal_only)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print((args.out / "results.md").read_text())
         print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {args.out / 'tau_sweep.png'}")
+    return 0
+
+
+def _pool_reports(paths: list[Path], out: Path, command: str) -> int:
+    from evaluation.pool import PoolError, pool
+    from evaluation.run import write_report
+
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read the report {path}: {exc}", file=sys.stderr)
+            return 2
+    try:
+        results = pool(reports)
+    except (PoolError, KeyError) as exc:  # KeyError: a JSON file that is not a `spa eval` report
+        print(f"error: cannot pool {' '.join(map(str, paths))}: {exc}", file=sys.stderr)
+        return 2
+    write_report(results, out, command)
+    print((out / "results.md").read_text())
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}, {out / 'tau_sweep.png'}")
     return 0
 
 
@@ -336,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "training size) on the ACLSum test split")
     p.add_argument("--profiles", nargs="+", default=["challenge", "approach", "outcome"])
     p.add_argument("--papers", type=int, help="only the first N papers of the split (default: all)")
+    p.add_argument("--first-paper", type=int, default=0, metavar="K",
+                   help="skip the split's first K papers (a run to pool with an earlier one; default 0)")
+    p.add_argument("--goal-only", action="store_true",
+                   help="only the rows the goal compares: backbone, side always on, SPA and the --recipes rows")
+    p.add_argument("--pool", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="run nothing: pool reports over disjoint papers (same plugins, same tau) into --out")
     p.add_argument("--split", default="test", choices=["val", "test"], help="test (the report) or val (for tuning)")
     p.add_argument("--no-sizes", action="store_true", help="skip the training-size rows (small/medium plugins)")
     p.add_argument("--no-replacement", action="store_true", help="skip the paper's S2/S3 rows (replacement plugins)")

@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from evaluation.batched import ALWAYS, NEVER, Row, generate_rows
@@ -159,11 +158,18 @@ def sweep_taus(backbone, pte: PtePlugin, settings: TrainSettings) -> dict[float,
 
 def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdir: Path, sizes=(25, 50),
              split: str = "test", on_checkpoint=None, checkpoint_every: int = 10, tune_papers: int | None = None,
-             replacement: bool = True, recipes: tuple = ()) -> dict:
+             replacement: bool = True, recipes: tuple = (), first_paper: int = 0, goal_only: bool = False) -> dict:
     """The results table; `on_checkpoint(results)` also gets it every `checkpoint_every` papers.
     `tune_papers`: validation papers for tuning tau on Rouge-L (None: all 50). `replacement`:
     the paper's S2/S3 rows (replacement plugins, trained too). `recipes`: further gate recipes
-    (`Recipe`), each a row "SPA with <name>" with its own plugin and its own tau tuning."""
+    (`Recipe`), each a row "SPA with <name>" with its own plugin and its own tau tuning.
+    `first_paper`: skip the split's first papers (a run that `pool` adds to an earlier one).
+    `goal_only`: only the rows the goal compares (backbone, side always on, SPA and the recipes):
+    no sweep, no prompted backbone, no training sizes, no replacement plugins."""
+    if first_paper < 0:
+        raise ValueError(f"first_paper must be >= 0, not {first_paper}")
+    if goal_only:
+        sizes, replacement = (), False
     t0 = time.time()
     for profile in profiles:
         check_profile(profile)
@@ -174,7 +180,8 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
     for profile in profiles:
         full = TrainSettings(profile)
         pte = with_tuned_tau(backbone, full, workdir, tuning[profile])
-        plugins[profile] = {"tau": pte.tau, "settings": asdict(full), "sweep": sweep_taus(backbone, pte, full),
+        plugins[profile] = {"tau": pte.tau, "settings": asdict(full),
+                            "sweep": {} if goal_only else sweep_taus(backbone, pte, full),
                             "tau_tuning": pte.config.training.get("tau_tuning")}
         rows += [Row(f"{profile}|side always on", pte, ALWAYS), Row(f"{profile}|SPA", pte, pte.tau)]
         rows += [Row(f"{profile}|{sweep_label(u)}", pte, tau) for u, tau in plugins[profile]["sweep"].items()]
@@ -191,23 +198,27 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
         for size in sizes:
             small = with_tuned_tau(backbone, TrainSettings(profile, train_docs=size), workdir, tuning[profile])
             rows.append(Row(f"{profile}|SPA, {size} train papers", small, small.tau))
-    test = load_split(split, papers)  # "val" only for tuning; the reported tables use "test"
+    # "val" only for tuning; the reported tables use "test"
+    test = load_split(split)[first_paper:None if papers is None else first_paper + papers]
+    if not test:
+        raise ValueError(f"no {split} papers from paper {first_paper} on")
     max_doc_tokens = TrainSettings(profiles[0]).max_doc_tokens
     generations = {row.name: [] for row in rows}
     prompted = {profile: [] for profile in profiles}
     results = None
-    for done, paper in enumerate(tqdm(test, desc=f"generating {len(rows)} + {len(profiles)} rows per paper",
+    for done, paper in enumerate(tqdm(test, desc=f"generating {len(rows)} + {0 if goal_only else len(profiles)} rows per paper",
                                       unit="paper"), 1):
         ids = backbone.encode(paper_prompt(paper, template, GENERIC_INSTRUCTION, max_doc_tokens))
         for row, gen in zip(rows, generate_rows(backbone, ids, rows, max_new_tokens)):
             generations[row.name].append(gen)
-        for profile in profiles:
+        for profile in profiles if not goal_only else ():
             ids = backbone.encode(paper_prompt(paper, template, ASPECT_INSTRUCTIONS[profile], max_doc_tokens))
             prompted[profile].append(generate_rows(backbone, ids, [Row("prompted", None, NEVER)], max_new_tokens)[0])
         if done % checkpoint_every == 0 or done == len(test):
             results = score_results(backbone, test[:done], len(test), split, max_new_tokens, max_doc_tokens,
                                     plugins, generations, prompted, time.time() - t0)
-            results |= {"backbone": backbone.identity.name, "dtype": str(backbone.dtype).removeprefix("torch.")}
+            results |= {"backbone": backbone.identity.name, "dtype": str(backbone.dtype).removeprefix("torch."),
+                        "first_paper": first_paper, "paper_ids": [p.id for p in test[:done]], "goal_only": goal_only}
             if on_checkpoint is not None:
                 on_checkpoint(results)  # an interrupted run still leaves a report on what it covered
     return results
@@ -226,8 +237,8 @@ def score_results(backbone, papers, planned, split, max_new_tokens, max_doc_toke
     results = {"split": split, "papers": len(papers), "planned_papers": planned, "max_new_tokens": max_new_tokens,
                "max_doc_tokens": max_doc_tokens, "seconds": seconds, "profiles": {}}
     for profile, plugin in plugins.items():
-        table = {"prompted backbone (aspect instruction)": score(prompted[profile], profile),
-                 "backbone, generic instruction": score(generations["backbone, generic instruction"], profile)}
+        table = {"prompted backbone (aspect instruction)": score(prompted[profile], profile)} if prompted[profile] else {}
+        table["backbone, generic instruction"] = score(generations["backbone, generic instruction"], profile)
         for name, gens in generations.items():
             if name.startswith(profile + "|"):
                 table[name.split("|", 1)[1]] = score(gens, profile)
@@ -241,7 +252,7 @@ def score_results(backbone, papers, planned, split, max_new_tokens, max_doc_toke
 
 def markdown(results: dict, command: str) -> str:
     lines = [f"# SPA quality on ACLSum ({results['split']} split)", "",
-             f"{results['papers']} {results['split']} papers"
+             f"{results['papers']} {results['split']} papers{coverage(results)}"
              + (f" (a checkpoint: {results['papers']} of the {results['planned_papers']} planned papers)"
                 if results["papers"] < results["planned_papers"] else "")
              + f", {results.get('backbone', 'SmolLM2-135M-Instruct')} backbone ({results.get('dtype', 'float32')}), "
@@ -311,6 +322,20 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def coverage(results: dict) -> str:
+    """Which papers and rows a report covers, where that is not simply "the first N, every row"."""
+    parts = []
+    if results.get("pooled_from"):
+        parts.append("`spa eval --pool` of papers " + " and ".join(
+            f"{r['first_paper'] + 1}-{r['first_paper'] + r['papers']}" for r in results["pooled_from"])
+                     + ", keeping the rows every part has")
+    elif results.get("first_paper"):
+        parts.append(f"papers {results['first_paper'] + 1}-{results['first_paper'] + results['papers']} of the split")
+    if results.get("goal_only"):
+        parts.append("only the rows the goal compares (`--goal-only`)")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def gated_rows(rows: dict) -> list[str]:
     """The rows held against the goal: SPA with each gate recipe at its tuned tau."""
     return [name for name in rows if name == "SPA" or name.startswith(RECIPE_ROW)]
@@ -331,7 +356,8 @@ def plot(results: dict, path: Path) -> None:
         line, = ax.plot([100 * r["side_usage"] for r in points], [r["rouge_l"] for r in points], "o-", label=profile)
         spa = rows["SPA"]
         ax.plot([100 * spa["side_usage"]], [spa["rouge_l"]], "*", ms=14, color=line.get_color())
-        ax.axhline(rows["prompted backbone (aspect instruction)"]["rouge_l"], ls=":", color=line.get_color(), lw=1)
+        if "prompted backbone (aspect instruction)" in rows:  # absent from --goal-only runs
+            ax.axhline(rows["prompted backbone (aspect instruction)"]["rouge_l"], ls=":", color=line.get_color(), lw=1)
     ax.set_xlabel("side usage on the test split (% of generated tokens)")
     ax.set_ylabel("Rouge-L")
     ax.set_title("Rouge-L against side usage (tau sweep; * = SPA's tuned tau, dotted = prompted backbone)", fontsize=9)

@@ -112,6 +112,17 @@ def token_effects(backbone, plugin: Plugin, data: TokenSet, batch: int = 512) ->
     return torch.cat(gains), torch.cat(flips)
 
 
+def greedy_tokens(backbone, plugin: Plugin, data: TokenSet, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the greedy (argmax) token of the backbone alone and with the side on: (base, side)."""
+    base, side = [], []
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            states = data.states[i:i + batch]
+            base.append(_logits(backbone, plugin, states, 0.0).argmax(-1))
+            side.append(_logits(backbone, plugin, states, 1.0).argmax(-1))
+    return torch.cat(base), torch.cat(side)
+
+
 def _logits(backbone, plugin: Plugin, states: torch.Tensor, sigma: float) -> torch.Tensor:
     f = states[:, -1]
     state = combine(f, plugin.side(states[:, plugin.config.taps]), plugin.config.combination) if sigma else f
@@ -240,11 +251,12 @@ def gate_labels(backbone, config: PluginConfig, train: TokenSet, val: TokenSet, 
 
 
 def cross_fitted(backbone, config: PluginConfig, train: TokenSet, val: TokenSet,
-                 s: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
+                 s: TrainSettings, measure=None) -> tuple[torch.Tensor, ...]:
     """Per train token, measured by a side network that never saw its paper (`label_folds` helpers,
-    each trained on the other folds' papers): (loss gain, whether the greedy token changes)."""
-    gains, flips = torch.zeros(len(train)), torch.zeros(len(train), dtype=torch.bool)
-    folds = s.label_folds
+    each trained on the other folds' papers). `measure(backbone, helper, tokens)` returns per-token
+    tensors; default `token_effects`: (loss gain, whether the greedy token changes)."""
+    measure = measure or token_effects
+    out, folds = None, s.label_folds
     for fold in range(folds):
         fit = (train.doc_index % folds) != fold
         part = lambda keep: TokenSet(train.states[keep], train.targets[keep], train.doc_index[keep])  # noqa: E731
@@ -252,9 +264,12 @@ def cross_fitted(backbone, config: PluginConfig, train: TokenSet, val: TokenSet,
         print(f"  gate labels: side network on the papers outside fold {fold + 1}/{folds}", file=sys.stderr,
               flush=True)
         train_side(backbone, helper, part(fit), val, s, torch.Generator().manual_seed(s.seed + 1 + fold))
-        held = part(~fit)
-        gains[~fit], flips[~fit] = token_effects(backbone, helper, held)
-    return gains, flips
+        measured = measure(backbone, helper.eval(), part(~fit))
+        if out is None:
+            out = tuple(torch.zeros(len(train), dtype=m.dtype) for m in measured)
+        for whole, m in zip(out, measured):
+            whole[~fit] = m
+    return out
 
 
 def rms_of(f: torch.Tensor) -> float:

@@ -1,0 +1,211 @@
+"""What a gate that never sees the side output can reach: the side's flips (issue 16).
+
+    python -m evaluation.flips --backbone gemma3-270m --plugins runs/eval-gemma/plugins/* --probe --out FILE.md
+
+In greedy decoding the side output changes the text only where it changes the
+backbone's greedy token: a *flip*. A gate that opens on every flip writes what
+side always on writes. Each flip on a teacher-forced validation token is
+  helpful  the side's token is the reference's and the backbone's is not;
+  harmful  the backbone's token is the reference's and the side's is not;
+  neutral  neither is (the two disagree on a token the reference does not have).
+On these tokens a gate's top-1 accuracy is the backbone's plus the helpful flips
+it opens on minus the harmful ones. It beats always on only by skipping more
+harmful flips than helpful ones; below the flip rate it must also guess which
+tokens flip, from f_t (and the margin) alone, without s_t.
+
+For each trained plugin (the torch plugin directory, with the tau `spa eval`
+tuned) this reports on the validation split: the flip rates, top-1 accuracy of
+the backbone, always on, the gate at its tau and at fixed usages, and the share
+of each kind of flip the gate opens on. `--probe` also fits gates the runtime
+does not have (helpful-flip labels; the top-8 logit margins, entropy and top-1
+probability through a small MLP) on cross-fitted train labels, to measure how
+far other labels and inputs could go. Test papers are never read.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from spa.data import check_profile
+from spa.plugin import PLAIN_GATE, Plugin, load_plugin, rms
+from training.tapcache import TokenSet, split_token_set
+from training.train import TrainSettings, cross_fitted, gate_rows, greedy_tokens
+
+USAGES = (0.25, 0.35)  # teacher-forced validation usages to hold every gate at
+
+
+def flip_kinds(base: torch.Tensor, side: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Boolean masks per token: flip, and its kind (helpful, harmful, neutral: they partition the flips)."""
+    flip = base != side
+    helpful = flip & (side == targets)
+    harmful = flip & (base == targets)
+    return {"flip": flip, "helpful": helpful, "harmful": harmful, "neutral": flip & ~helpful & ~harmful}
+
+
+def gated_view(kinds: dict, base_right: torch.Tensor, side_right: torch.Tensor, open_: torch.Tensor) -> dict:
+    """What a gate opening on `open_` does on these tokens: usage, top-1 accuracy, and the share of
+    each kind of flip it opens on (None where there is no such flip)."""
+    caught = {k: (float((m & open_).sum() / m.sum()) if m.any() else None) for k, m in kinds.items()}
+    accuracy = torch.where(open_, side_right, base_right).float().mean().item()
+    return {"usage": open_.float().mean().item(), "top1": accuracy, "caught": caught}
+
+
+def analyse(backbone, plugin: Plugin, val: TokenSet, usages=USAGES) -> dict:
+    """The report for one plugin on its profile's validation tokens."""
+    base, side = greedy_tokens(backbone, plugin, val)
+    kinds = flip_kinds(base, side, val.targets)
+    base_right, side_right = base == val.targets, side == val.targets
+    with torch.no_grad():
+        p = plugin.gate(gate_rows(backbone, plugin.config, val.states[:, -1]))[:, 0]
+    at = {"tau": gated_view(kinds, base_right, side_right, p > plugin.config.tau)}
+    for u in usages:
+        at[f"{u:g}"] = gated_view(kinds, base_right, side_right, p > torch.quantile(p, 1 - u))
+    return {"tokens": len(val), "rates": {k: m.float().mean().item() for k, m in kinds.items()},
+            "top1_backbone": base_right.float().mean().item(), "top1_always": side_right.float().mean().item(),
+            # The gate that opens on the helpful flips only: the most a gate can get, at usage = their rate.
+            "top1_oracle": (base_right | kinds["helpful"]).float().mean().item(), "tau": plugin.config.tau, "at": at}
+
+
+# --probe: gates the runtime does not have, fitted offline to see how far gate inputs and labels can go.
+PROBE_INPUTS = {
+    "f + margin, linear": (("f", "margin"), 0),  # what the margin gate reads, and its form
+    "f + top-8 margins + entropy + top-1 p, MLP 64": (("f", "margins", "entropy", "p1"), 64),
+}
+PROBE_LABELS = ("flip", "helpful")
+
+
+def probe_features(backbone, f: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Candidate gate inputs for final states f [N, H], all computable from the backbone's logits."""
+    with torch.no_grad():
+        logits = torch.cat([backbone.logits(f[i:i + 512]) for i in range(0, len(f), 512)])
+        top = logits.topk(8, dim=-1).values
+        logp = torch.log_softmax(logits, dim=-1)
+    return {"f": rms(f), "margin": torch.log1p(top[:, :1] - top[:, 1:2]), "margins": torch.log1p(top[:, :1] - top[:, 1:]),
+            "entropy": -(logp.exp() * logp).sum(-1, keepdim=True), "p1": logp.max(-1, keepdim=True).values.exp()}
+
+
+def fit_probe(x: torch.Tensor, labels: torch.Tensor, hidden: int, steps: int = 600, seed: int = 0):
+    """A standardized linear (hidden 0) or one-hidden-layer classifier; returns x -> p(label)."""
+    torch.manual_seed(seed)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    model = (torch.nn.Linear(x.shape[1], 2) if not hidden else
+             torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 2)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model((x - mean) / std), labels.long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lambda z: torch.softmax(model((z - mean) / std), -1)[:, 1].detach()
+
+
+def probe(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, settings, usages=(0.15,) + USAGES + (0.4,)) -> dict:
+    """Teacher-forced top-1 on validation of gates fitted to cross-fitted train labels (PROBE_LABELS),
+    on each input set (PROBE_INPUTS), at each usage; the plugin's own side network decides the flips."""
+    base_tr, side_tr = cross_fitted(backbone, plugin.config, train, val, settings, measure=greedy_tokens)
+    train_kinds = flip_kinds(base_tr, side_tr, train.targets)
+    base, side = greedy_tokens(backbone, plugin, val)
+    kinds = flip_kinds(base, side, val.targets)
+    features = {name: probe_features(backbone, data.states[:, -1]) for name, data in (("train", train), ("val", val))}
+    out = {}
+    for label in PROBE_LABELS:
+        for inputs, (keys, hidden) in PROBE_INPUTS.items():
+            x = {name: torch.cat([feats[k] for k in keys], -1) for name, feats in features.items()}
+            p = fit_probe(x["train"], train_kinds[label], hidden)(x["val"])
+            out[f"{label} labels, {inputs}"] = {
+                f"{u:g}": gated_view(kinds, base == val.targets, side == val.targets, p > torch.quantile(p, 1 - u))
+                for u in usages}
+    return out
+
+
+def probe_markdown(reports: list[dict]) -> str:
+    usages = list(next(iter(reports[0]["probe"].values())))
+    lines = ["| backbone | profile | always on | gate labels, inputs | "
+             + " | ".join(f"top-1 at {100 * float(u):.0f} % (helpful / harmful opened on)" for u in usages) + " |",
+             "|---|---|---|---|" + "---|" * len(usages)]
+    for r in reports:
+        for name, views in r["probe"].items():
+            lines.append(f"| {r['backbone']} | {r['profile']} | {100 * r['top1_always']:.1f} | {name} | " + " | ".join(
+                f"{100 * v['top1']:.1f} ({100 * v['caught']['helpful']:.0f} / {100 * v['caught']['harmful']:.0f})"
+                for v in views.values()) + " |")
+    return "\n".join(lines)
+
+
+def recipe_name(plugin: Plugin) -> str:
+    settings = plugin.config.training.get("settings", {})
+    if settings.get("gate_input", PLAIN_GATE) != PLAIN_GATE:
+        return "flip labels + logit margin"
+    return "flip labels" if settings.get("gate_labels") == "flip" else "default (gain labels)"
+
+
+def markdown(reports: list[dict]) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}"
+
+    lines = ["| backbone | profile | gate | flips (helpful / harmful / neutral), % of tokens | top-1 backbone / "
+             "always on / helpful-only oracle | gate at tau: usage, top-1, flips opened on (helpful / harmful / "
+             "neutral) % | "
+             + " | ".join(f"gate at {100 * float(u):.0f} % usage: top-1, helpful / harmful opened on %" for u in
+                          reports[0]["at"] if u != "tau") + " |",
+             "|---|---|---|---|---|---|" + "---|" * (len(reports[0]["at"]) - 1)]
+    for r in reports:
+        rates, tau = r["rates"], r["at"]["tau"]
+        cells = [r["backbone"], r["profile"], r["gate"],
+                 f"{pct(rates['flip'])} ({pct(rates['helpful'])} / {pct(rates['harmful'])} / {pct(rates['neutral'])})",
+                 f"{pct(r['top1_backbone'])} / {pct(r['top1_always'])} / {pct(r['top1_oracle'])}",
+                 f"{pct(tau['usage'])}, {pct(tau['top1'])}, {pct(tau['caught']['helpful'])} / "
+                 f"{pct(tau['caught']['harmful'])} / {pct(tau['caught']['neutral'])}"]
+        cells += [f"{pct(v['top1'])}, {pct(v['caught']['helpful'])} / {pct(v['caught']['harmful'])}"
+                  for u, v in r["at"].items() if u != "tau"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m evaluation.flips", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", help="backbone name or directory (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--plugins", nargs="+", type=Path, required=True, help="trained torch plugin directories")
+    ap.add_argument("--out", type=Path, help="write the table (markdown) and FILE.json here")
+    ap.add_argument("--probe", action="store_true", help="also fit gates the runtime does not have (other labels, "
+                    "other inputs) on cross-fitted train labels and report their validation top-1 (~1 min a plugin)")
+    args = ap.parse_args(argv)
+    from spa.backbone import load_backbone
+
+    plugins = []
+    for directory in args.plugins:
+        try:
+            plugin = load_plugin(directory).eval()
+        except Exception as exc:  # name the directory that is not a plugin
+            print(f"error: {directory} is not a trained plugin directory: {exc}", file=sys.stderr)
+            return 2
+        check_profile(plugin.config.profile)
+        plugins.append((directory, plugin))
+    backbone = load_backbone(args.backbone)
+    reports = []
+    for directory, plugin in plugins:
+        config = plugin.config
+        val = split_token_set(backbone, "val", None, config.profile, config.prompt_template, config.instruction,
+                              config.max_doc_tokens)
+        report = analyse(backbone, plugin, val)
+        if args.probe:
+            train = split_token_set(backbone, "train", None, config.profile, config.prompt_template, config.instruction,
+                                    config.max_doc_tokens)
+            report["probe"] = probe(backbone, plugin, train, val, TrainSettings(config.profile))
+        reports.append({"backbone": backbone.identity.name, "profile": config.profile, "gate": recipe_name(plugin),
+                        "plugin": str(directory), **report})
+        print(f"{directory}: flips {report['rates']['flip']:.1%}, top-1 always {report['top1_always']:.1%}, "
+              f"gated {report['at']['tau']['top1']:.1%} at {report['at']['tau']['usage']:.0%}", file=sys.stderr)
+    table = markdown(reports) + ("\n\n" + probe_markdown(reports) if args.probe else "")
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(reports, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
