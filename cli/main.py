@@ -284,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lambda: nats a token's loss must drop to open the gate (default 0.3); higher -> less side usage")
     p.add_argument("--max-usage", type=float,
                    help="tau keeps the side usage on validation at most this share (default 0.5)")
-    p.add_argument("--gate-labels", choices=["gain", "flip"],
-                   help="what the gate learns: gain (default: the side lowers the loss by more than lambda) or flip "
-                        "(the side changes the greedy token)")
+    p.add_argument("--gate-labels", choices=["gain", "flip", "helpful"],
+                   help="what the gate learns: gain (default: the side lowers the loss by more than lambda), flip "
+                        "(the side changes the greedy token) or helpful (it changes it to the reference's)")
     p.add_argument("--label-folds", type=int, help="cross-fitting folds for the gate labels (default 2)")
     p.add_argument("--gate-margin", action="store_true",
                    help="the gate also reads the backbone's top-2 logit margin at each position (sent with each "
@@ -374,11 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"], help="test (the report) or val (for tuning)")
     p.add_argument("--no-sizes", action="store_true", help="skip the training-size rows (small/medium plugins)")
     p.add_argument("--no-replacement", action="store_true", help="skip the paper's S2/S3 rows (replacement plugins)")
-    p.add_argument("--recipes", nargs="*", default=[], choices=["flip", "margin"],
+    p.add_argument("--recipes", nargs="*", default=[], choices=["flip", "margin", "helpful"],
                    help="further gate recipes, each a row 'SPA with <recipe>' with its own plugin and tau tuned on "
                         "validation Rouge-L at <= 37%% side usage in generation (flip: the gate learns where the side "
                         "changes the greedy token; margin: flip, and the gate also reads the backbone's top-2 logit "
-                        "margin)")
+                        "margin; helpful: margin, taught only the changes to the reference's token)")
     p.add_argument("--tune-papers", type=int, help="validation papers for tuning tau on Rouge-L (default: all 50; "
                    "cached in the workdir)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation cap (default 48: summaries are one sentence)")

@@ -32,7 +32,7 @@ import torch
 from spa.data import check_profile
 from spa.plugin import PLAIN_GATE, Plugin, load_plugin, rms
 from training.tapcache import TokenSet, split_token_set
-from training.train import TrainSettings, cross_fitted, gate_rows, greedy_tokens
+from training.train import TrainSettings, cross_fitted, gate_rows, greedy_tokens, helpful_flips
 
 USAGES = (0.25, 0.35)  # teacher-forced validation usages to hold every gate at
 
@@ -40,7 +40,7 @@ USAGES = (0.25, 0.35)  # teacher-forced validation usages to hold every gate at
 def flip_kinds(base: torch.Tensor, side: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Boolean masks per token: flip, and its kind (helpful, harmful, neutral: they partition the flips)."""
     flip = base != side
-    helpful = flip & (side == targets)
+    helpful = helpful_flips(base, side, targets)
     harmful = flip & (base == targets)
     return {"flip": flip, "helpful": helpful, "harmful": harmful, "neutral": flip & ~helpful & ~harmful}
 
@@ -136,9 +136,9 @@ def probe_markdown(reports: list[dict]) -> str:
 
 def recipe_name(plugin: Plugin) -> str:
     settings = plugin.config.training.get("settings", {})
-    if settings.get("gate_input", PLAIN_GATE) != PLAIN_GATE:
-        return "flip labels + logit margin"
-    return "flip labels" if settings.get("gate_labels") == "flip" else "default (gain labels)"
+    labels = {"flip": "flip labels", "helpful": "helpful-flip labels"}.get(settings.get("gate_labels"),
+                                                                            "default (gain labels)")
+    return labels + (" + logit margin" if settings.get("gate_input", PLAIN_GATE) != PLAIN_GATE else "")
 
 
 def markdown(reports: list[dict]) -> str:

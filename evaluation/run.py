@@ -149,6 +149,9 @@ RECIPES = {
     # The flip-label gate reading the backbone's top-2 logit margin too (spa/plugin.py, MARGIN_GATE).
     "margin": Recipe("flip-label gate + logit margin", {"gate_labels": "flip", "gate_input": MARGIN_GATE},
                      GOAL_CANDIDATES, GOAL_GENERATION_USAGE),
+    # The margin gate taught only the flips that reach the reference's token (results/quality/flips).
+    "helpful": Recipe("helpful-flip gate + logit margin", {"gate_labels": "helpful", "gate_input": MARGIN_GATE},
+                      GOAL_CANDIDATES, GOAL_GENERATION_USAGE),
 }
 
 

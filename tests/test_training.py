@@ -52,7 +52,7 @@ def test_token_effects_and_recorded_settings():
     from types import SimpleNamespace
 
     from training.tapcache import TokenSet
-    from training.train import LATER_SETTINGS, token_effects
+    from training.train import LATER_SETTINGS, greedy_tokens, helpful_flips, token_effects
 
     class Backbone:  # logits = the state itself
         train_logits = staticmethod(lambda x: x)
@@ -65,6 +65,10 @@ def test_token_effects_and_recorded_settings():
     data = TokenSet(states, torch.tensor([1, 0, 2]), torch.zeros(3, dtype=torch.long))
     gains, flips = token_effects(Backbone(), plugin, data)
     assert flips.tolist() == [True, False, False]  # only the first token's argmax moves (0 -> 1)
+    base, with_side = greedy_tokens(Backbone(), plugin, data)
+    assert base.tolist() == [0, 0, 2] and with_side.tolist() == [1, 0, 2]
+    assert helpful_flips(base, with_side, data.targets).tolist() == [True, False, False]  # 0 -> 1, the target
+    assert not helpful_flips(base, with_side, torch.tensor([0, 0, 2])).any()  # a flip away from the target
     ce = lambda x, t: -torch.log_softmax(x, -1)[t]  # noqa: E731
     side = f + torch.tensor([0.0, 2.0, 0.0])
     expected = [(ce(f[i], t) - ce(side[i], t)).item() for i, t in enumerate([1, 0, 2])]
