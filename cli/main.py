@@ -173,6 +173,14 @@ def cmd_eval(args) -> int:
     if args.first_paper < 0 or (args.papers is not None and args.papers < 1):
         print("error: --first-paper must be >= 0 and --papers >= 1", file=sys.stderr)
         return 2
+    if not args.pool:
+        from spa.data import load_split
+
+        available = len(load_split(args.split))
+        if args.first_paper >= available:
+            print(f"error: --first-paper {args.first_paper}: the {args.split} split has {available} papers",
+                  file=sys.stderr)
+            return 2
     if args.pool:
         return _pool_reports(args.pool, args.out, command)
     from spa.backbone import load_backbone

@@ -169,8 +169,10 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
     `first_paper`: skip the split's first papers (a run that `pool` adds to an earlier one).
     `goal_only`: only the rows the goal compares (backbone, side always on, SPA and the recipes):
     no sweep, no prompted backbone, no training sizes, no replacement plugins."""
-    if first_paper < 0:
-        raise ValueError(f"first_paper must be >= 0, not {first_paper}")
+    # "val" only for tuning; the reported tables use "test". Checked before the slow tuning.
+    test = load_split(split)[first_paper:None if papers is None else first_paper + papers]
+    if first_paper < 0 or not test:
+        raise ValueError(f"no {split} papers from paper {first_paper + 1} on")
     if goal_only:
         sizes, replacement = (), False
     t0 = time.time()
@@ -201,15 +203,12 @@ def evaluate(backbone, profiles, papers: int | None, max_new_tokens: int, workdi
         for size in sizes:
             small = with_tuned_tau(backbone, TrainSettings(profile, train_docs=size), workdir, tuning[profile])
             rows.append(Row(f"{profile}|SPA, {size} train papers", small, small.tau))
-    # "val" only for tuning; the reported tables use "test"
-    test = load_split(split)[first_paper:None if papers is None else first_paper + papers]
-    if not test:
-        raise ValueError(f"no {split} papers from paper {first_paper} on")
     max_doc_tokens = TrainSettings(profiles[0]).max_doc_tokens
     generations = {row.name: [] for row in rows}
     prompted = {profile: [] for profile in profiles}
     results = None
-    for done, paper in enumerate(tqdm(test, desc=f"generating {len(rows)} + {0 if goal_only else len(profiles)} rows per paper",
+    prompted_rows = 0 if goal_only else len(profiles)
+    for done, paper in enumerate(tqdm(test, desc=f"generating {len(rows)} + {prompted_rows} rows per paper",
                                       unit="paper"), 1):
         ids = backbone.encode(paper_prompt(paper, template, GENERIC_INSTRUCTION, max_doc_tokens))
         for row, gen in zip(rows, generate_rows(backbone, ids, rows, max_new_tokens)):
