@@ -128,8 +128,8 @@ def probe_markdown(reports: list[dict]) -> str:
              "|---|---|---|---|" + "---|" * len(usages)]
     for r in reports:
         for name, views in r["probe"].items():
-            lines.append(f"| {r['backbone']} | {r['profile']} | {100 * r['top1_always']:.1f} | {name} | " + " | ".join(
-                f"{100 * v['top1']:.1f} ({100 * v['caught']['helpful']:.0f} / {100 * v['caught']['harmful']:.0f})"
+            lines.append(f"| {r['backbone']} | {r['profile']} | {pct(r['top1_always'], 1)} | {name} | " + " | ".join(
+                f"{pct(v['top1'], 1)} ({pct(v['caught']['helpful'])} / {pct(v['caught']['harmful'])})"
                 for v in views.values()) + " |")
     return "\n".join(lines)
 
@@ -141,10 +141,12 @@ def recipe_name(plugin: Plugin) -> str:
     return labels + (" + logit margin" if settings.get("gate_input", PLAIN_GATE) != PLAIN_GATE else "")
 
 
-def markdown(reports: list[dict]) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.0f}"
+def pct(x: float | None, digits: int = 0) -> str:
+    """A share as a percentage; "-" where there is nothing to count (no flip of that kind)."""
+    return "-" if x is None else f"{100 * x:.{digits}f}"
 
+
+def markdown(reports: list[dict]) -> str:
     lines = ["| backbone | profile | gate | flips (helpful / harmful / neutral), % of tokens | top-1 backbone / "
              "always on / helpful-only oracle | gate at tau: usage, top-1, flips opened on (helpful / harmful / "
              "neutral) % | "

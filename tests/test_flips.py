@@ -48,3 +48,14 @@ def test_flips_command_names_a_directory_that_is_not_a_plugin(tmp_path):
     proc = run(python_command("evaluation.flips", "--plugins", str(tmp_path)), timeout=300)
     assert proc.returncode == 2 and "is not a trained plugin directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tables_print_a_dash_where_there_is_no_flip_of_a_kind():
+    from evaluation.flips import probe_markdown
+
+    view = {"usage": 0.25, "top1": 0.5, "caught": {"flip": 0.5, "helpful": None, "harmful": 0.25, "neutral": None}}
+    report = {"backbone": "b", "profile": "outcome", "gate": "flip labels", "rates": {k: 0.1 for k in view["caught"]},
+              "top1_backbone": 0.4, "top1_always": 0.5, "top1_oracle": 0.6, "at": {"tau": view, "0.25": view},
+              "probe": {"helpful labels, f + margin, linear": {"0.25": view}}}
+    assert "| 25, 50, - / 25 / - |" in markdown([report])
+    assert "| 50.0 (- / 25) |" in probe_markdown([report])
