@@ -170,19 +170,15 @@ def cmd_eval(args) -> int:
     from evaluation.run import RECIPES, evaluate, write_report
 
     command = "spa eval " + " ".join(sys.argv[2:])
-    if args.first_paper < 0 or (args.papers is not None and args.papers < 1):
-        print("error: --first-paper must be >= 0 and --papers >= 1", file=sys.stderr)
-        return 2
-    if not args.pool:
-        from spa.data import load_split
-
-        available = len(load_split(args.split))
-        if args.first_paper >= available:
-            print(f"error: --first-paper {args.first_paper}: the {args.split} split has {available} papers",
-                  file=sys.stderr)
-            return 2
     if args.pool:
         return _pool_reports(args.pool, args.out, command)
+    from spa.data import load_split
+
+    available = len(load_split(args.split))
+    if not 0 <= args.first_paper < available or (args.papers is not None and args.papers < 1):
+        print(f"error: need 0 <= --first-paper < {available} (the {args.split} split's papers) and --papers >= 1, "
+              f"not --first-paper {args.first_paper} --papers {args.papers}", file=sys.stderr)
+        return 2
     from spa.backbone import load_backbone
 
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)

@@ -106,4 +106,4 @@ def test_spa_eval_pool_writes_the_pooled_report_and_names_bad_input(parts, tmp_p
     proc = run_spa("eval", "--pool", paths[0], tmp_path / "bad.json", "--out", out, check=False)
     assert proc.returncode == 2 and "cannot pool" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_spa("eval", "--first-paper", "100", check=False)  # refused before any backbone or tuning
-    assert proc.returncode == 2 and "the test split has 100 papers" in proc.stderr
+    assert proc.returncode == 2 and "--first-paper < 100 (the test split's papers)" in proc.stderr
