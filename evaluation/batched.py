@@ -16,6 +16,7 @@ reference's.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spa.generate import logit_margins, prefill
@@ -24,6 +25,22 @@ from spa.step import DeviceDecision, cloud_state, device_step, quantizing_wire
 
 ALWAYS = -1.0  # tau below every p: sigma = 1 on every token (paper's S1, "side always on")
 NEVER = 2.0  # tau above every p: the backbone alone
+
+
+class EagerPlugin:
+    """A torch Plugin (spa/plugin.py) with a PtePlugin's device interface (`gate`, `side`, `config`),
+    for explorations that try gates without exporting them; `gate` replaces the plugin's own."""
+
+    def __init__(self, plugin, gate=None):
+        self.plugin, self.config, self._gate = plugin, plugin.config, gate or plugin.gate
+
+    def gate(self, row) -> float:
+        with torch.no_grad():
+            return float(self._gate(torch.as_tensor(np.asarray(row, np.float32)).reshape(1, -1))[0, 0])
+
+    def side(self, taps) -> np.ndarray:
+        with torch.no_grad():
+            return self.plugin.side(torch.as_tensor(np.asarray(taps, np.float32)).unsqueeze(0))[0].numpy()
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,13 @@ far other labels and inputs could go. Test papers are never read.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from spa.data import check_profile
-from spa.plugin import PLAIN_GATE, Plugin, load_plugin, rms
+from evaluation.analysis_files import NotAPlugin, publish, trained_plugins
+from spa.plugin import PLAIN_GATE, Plugin, rms
 from training.tapcache import TokenSet, split_token_set
 from training.train import TrainSettings, cross_fitted, gate_rows, greedy_tokens, helpful_flips
 
@@ -176,18 +175,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from spa.backbone import load_backbone
 
-    plugins = []
-    for directory in args.plugins:
-        try:
-            plugin = load_plugin(directory).eval()
-        except Exception as exc:  # name the directory that is not a plugin
-            print(f"error: {directory} is not a trained plugin directory: {exc}", file=sys.stderr)
-            return 2
-        check_profile(plugin.config.profile)
-        plugins.append((directory, plugin))
+    try:
+        plugins = trained_plugins(args.plugins)
+    except NotAPlugin as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     backbone = load_backbone(args.backbone)
     reports = []
-    for directory, plugin in plugins:
+    for directory, plugin in zip(args.plugins, plugins):
         config = plugin.config
         val = split_token_set(backbone, "val", None, config.profile, config.prompt_template, config.instruction,
                               config.max_doc_tokens)
@@ -200,12 +195,7 @@ def main(argv=None) -> int:
                         "plugin": str(directory), **report})
         print(f"{directory}: flips {report['rates']['flip']:.1%}, top-1 always {report['top1_always']:.1%}, "
               f"gated {report['at']['tau']['top1']:.1%} at {report['at']['tau']['usage']:.0%}", file=sys.stderr)
-    table = markdown(reports) + ("\n\n" + probe_markdown(reports) if args.probe else "")
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(reports, indent=2) + "\n")
+    publish(markdown(reports) + ("\n\n" + probe_markdown(reports) if args.probe else ""), reports, args.out)
     return 0
 
 

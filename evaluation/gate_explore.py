@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluation.batched import ALWAYS, NEVER, Row, generate_rows
+from evaluation.batched import ALWAYS, NEVER, EagerPlugin, Row, generate_rows
 from evaluation.rouge import rouge_l, side_usage
 from spa.backbone import load_backbone
 from spa.data import GENERIC_INSTRUCTION, chat_template, load_split, paper_prompt
@@ -37,19 +37,6 @@ from training.tapcache import TokenSet, split_token_set
 from training.train import TrainSettings, train_gate
 
 OUT = Path("runs/i16")
-
-
-class Eager:
-    def __init__(self, plugin):
-        self.p, self.config = plugin, plugin.config
-
-    def gate(self, f):
-        with torch.no_grad():
-            return float(self.p.gate(torch.as_tensor(np.asarray(f, np.float32)).reshape(1, -1))[0, 0])
-
-    def side(self, taps):
-        with torch.no_grad():
-            return self.p.side(torch.as_tensor(np.asarray(taps, np.float32)).unsqueeze(0))[0].numpy()
 
 
 def stats(backbone, plugin, data: TokenSet, batch=512):
@@ -191,7 +178,7 @@ if __name__ == "__main__":
             print(f"{v}: positive share {labels[v].float().mean():.3f}", file=sys.stderr, flush=True)
             gates[v] = gate_from(base_plugin, f, labels[v])
     # teacher-forced val loss of each gate at each usage
-    rows = [Row("always", Eager(base_plugin), ALWAYS), Row("backbone", None, NEVER)]
+    rows = [Row("always", EagerPlugin(base_plugin), ALWAYS), Row("backbone", None, NEVER)]
     info = {}
     for v, g in gates.items():
         with torch.no_grad():
@@ -201,7 +188,7 @@ if __name__ == "__main__":
             loss = torch.where(op, vs["side"], vs["base"]).mean().item()
             flipcov = (op & (flip_val > 0)).float().sum().item() / max(flip_val.sum().item(), 1)
             info[f"{v}@{u}"] = {"tf_loss": loss, "tf_usage": op.float().mean().item(), "flip_recall": flipcov}
-            rows.append(Row(f"{v}@{u}", Eager(g), tau))
+            rows.append(Row(f"{v}@{u}", EagerPlugin(g), tau))
     info["always"] = {"tf_loss": vs["side"].mean().item()}
     val_papers = load_split("val")[offset:offset + papers]
     scores = {r.name: [] for r in rows}

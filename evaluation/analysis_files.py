@@ -1,0 +1,35 @@
+"""What the validation analyses (`evaluation.flips`, `evaluation.generated_labels`) share at their edges:
+reading the trained plugins they are pointed at, and writing their table beside its numbers."""
+
+import json
+import sys
+from pathlib import Path
+
+from spa.data import check_profile
+from spa.plugin import load_plugin
+
+
+class NotAPlugin(Exception):
+    """A directory given as a trained plugin is not one; the message names it."""
+
+
+def trained_plugins(directories: list[Path]) -> list:
+    """The torch plugins in these directories (eval mode), each with a known reader profile."""
+    plugins = []
+    for directory in directories:
+        try:
+            plugin = load_plugin(directory).eval()
+            check_profile(plugin.config.profile)
+        except Exception as exc:  # name the directory that is not a plugin
+            raise NotAPlugin(f"{directory} is not a trained plugin directory: {exc}") from exc
+        plugins.append(plugin)
+    return plugins
+
+
+def publish(table: str, reports: list[dict], out: Path | None) -> None:
+    """Print the markdown table; with `out`, write it there and the unrounded numbers to OUT.json."""
+    print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+        out.with_suffix(".json").write_text(json.dumps(reports, indent=2) + "\n")

@@ -1,0 +1,187 @@
+"""Gate labels from generated prefixes (issue 16; an exploration, not part of `spa eval`).
+
+    spa train --profile challenge --gate-labels flip --gate-margin --out runs/margin/challenge
+    python -m evaluation.generated_labels --plugins runs/margin/challenge --out results/quality/FILE.md
+
+The flip-label gates learn where the side changes the greedy token on *teacher-forced* prefixes: the
+reference summary's tokens. What the goal scores is generated text, and along side always on's own
+generation a gate that opens exactly on the side's flips writes always on's text. So this labels the
+positions of side always on's generations instead. For each plugin (a trained flip-label plugin; the
+side network is kept, only the gate is refitted, same form and steps) it fits the gate to
+
+    teacher-forced  the recipe's cross-fitted teacher-forced flips (the plugin's gate, as trained);
+    generated       the flips along the side-always-on generations of the train papers (the plugin's
+                    own side network writes them and decides the flips: those are the tokens where a
+                    gate must open to keep always on's text);
+    both            the two label sets joined,
+
+and reports, at the teacher-forced validation usages the goal recipes try (`evaluation/run.py`,
+GOAL_CANDIDATES), the share of the flips along the validation papers' always-on generations that the
+gate opens on, and the Rouge-L of the validation summaries it writes (greedy, at most 48 tokens, int8
+wire, eager gate and side) against side always on; then the usage the recipes' tuning rule would pick
+(best Rouge-L with at most GOAL_GENERATION_USAGE side usage in these generations). Test papers are
+never read. About 15 min a plugin on the 2-core CPU (most of it writing summaries).
+"""
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evaluation.analysis_files import NotAPlugin, publish, trained_plugins
+from evaluation.batched import ALWAYS, EagerPlugin, Row, generate_rows
+from evaluation.rouge import rouge_l, side_usage
+from evaluation.run import GOAL_CANDIDATES, GOAL_GENERATION_USAGE
+from evaluation.tune import best_usage
+from spa.data import load_split, paper_prompt
+from spa.generate import decode_one_token, prefill
+from spa.plugin import combine
+from training.tapcache import TokenSet, split_token_set
+from training.train import TrainSettings, gate_labels, gate_rows, greedy_tokens, train_gate
+
+MAX_NEW_TOKENS = 48  # as `spa eval`
+
+
+def always_on_states(backbone, plugin, papers, max_new_tokens: int = MAX_NEW_TOKENS) -> TokenSet:
+    """The states of every position of each paper's side-always-on greedy summary (the wire's
+    quantization left out: these are labels), its token as target."""
+    config, eos = plugin.config, backbone.eos_token_ids
+    states, targets, doc_index = [], [], []
+    with torch.no_grad():
+        for i, paper in enumerate(papers):
+            prompt = backbone.encode(paper_prompt(paper, config.prompt_template, config.instruction,
+                                                  config.max_doc_tokens))
+            cache, last = prefill(backbone, prompt)
+            for _ in range(max_new_tokens):
+                state = combine(last[-1][None], plugin.side(last[config.taps][None]), config.combination)
+                token = int(backbone.logits(state).argmax(-1))
+                states.append(last.clone())
+                targets.append(token)
+                doc_index.append(i)
+                if token in eos:
+                    break
+                last = decode_one_token(backbone, cache, token)
+            print(f"\r  side-always-on summaries: {i + 1}/{len(papers)} papers", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return TokenSet(torch.stack(states), torch.tensor(targets), torch.tensor(doc_index))
+
+
+def flips_of(backbone, plugin, tokens: TokenSet) -> torch.Tensor:
+    base, side = greedy_tokens(backbone, plugin, tokens)
+    return base != side
+
+
+def refit_gate(plugin, rows: torch.Tensor, labels: torch.Tensor, steps: int, seed: int = 0):
+    """A copy of the plugin whose gate (same form) is fitted afresh to these labels."""
+    torch.manual_seed(seed)
+    fitted = copy.deepcopy(plugin)
+    fitted.gate.classifier.reset_parameters()
+    train_gate(fitted, rows, labels, steps)
+    return fitted.eval()
+
+
+def compare(backbone, plugin, papers: int | None = None) -> dict:
+    config = plugin.config
+    settings = TrainSettings(**config.training["settings"])
+    data = {name: split_token_set(backbone, name, None, config.profile, config.prompt_template, config.instruction,
+                                  config.max_doc_tokens) for name in ("train", "val")}
+    t0 = time.time()
+    generated = {name: always_on_states(backbone, plugin, load_split(name)) for name in ("train", "val")}
+    generated_flips = {name: flips_of(backbone, plugin, tokens) for name, tokens in generated.items()}
+    taught = gate_labels(backbone, config, data["train"], data["val"], settings)  # cross-fitted, teacher-forced
+    rows = {name: gate_rows(backbone, config, tokens.states[:, -1]) for name, tokens in data.items()}
+    generated_rows = {name: gate_rows(backbone, config, tokens.states[:, -1]) for name, tokens in generated.items()}
+    gates = {
+        "teacher-forced": plugin,
+        "generated": refit_gate(plugin, generated_rows["train"], generated_flips["train"], settings.gate_steps),
+        "both": refit_gate(plugin, torch.cat([rows["train"], generated_rows["train"]]),
+                           torch.cat([taught, generated_flips["train"]]), settings.gate_steps),
+    }
+    generation_rows, at = [Row("always on", EagerPlugin(plugin), ALWAYS)], {}
+    flips_val = generated_flips["val"]
+    for name, gated in gates.items():
+        with torch.no_grad():
+            p_tf, p_gen = gated.gate(rows["val"])[:, 0], gated.gate(generated_rows["val"])[:, 0]
+        for usage in GOAL_CANDIDATES:
+            tau = float(torch.quantile(p_tf, 1 - usage))
+            opens = p_gen > tau
+            at[(name, usage)] = {"tau": tau, "flip_recall": float((opens & flips_val).sum() / flips_val.sum()),
+                                 "usage_on_always_on_text": float(opens.float().mean())}
+            generation_rows.append(Row(f"{name}|{usage}", EagerPlugin(plugin, gated.gate), tau))
+    val = load_split("val", papers)
+    scores = {row.name: [] for row in generation_rows}
+    sigmas = {row.name: [] for row in generation_rows}
+    for i, paper in enumerate(val):
+        prompt = backbone.encode(paper_prompt(paper, config.prompt_template, config.instruction, config.max_doc_tokens))
+        for row, gen in zip(generation_rows, generate_rows(backbone, prompt, generation_rows, MAX_NEW_TOKENS)):
+            scores[row.name].append(rouge_l(backbone.decode(gen.tokens), paper.summaries[config.profile]))
+            sigmas[row.name].append(gen.sigmas)
+        print(f"\r  validation summaries: {i + 1}/{len(val)} papers ({len(generation_rows)} rows each)", end="",
+              file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    always = sum(scores["always on"]) / len(val)
+    report = {"profile": config.profile, "val_papers": len(val), "always_on_rouge_l": always,
+              "flip_rate_always_on_text": {name: float(f.float().mean()) for name, f in generated_flips.items()},
+              "gates": {}, "seconds": round(time.time() - t0)}
+    for name in gates:
+        rouge = {u: sum(scores[f"{name}|{u}"]) / len(val) for u in GOAL_CANDIDATES}
+        usage = {u: side_usage(sigmas[f"{name}|{u}"]) for u in GOAL_CANDIDATES}
+        report["gates"][name] = {
+            "chosen_usage": best_usage(rouge, usage, GOAL_GENERATION_USAGE),
+            "at": {f"{u:g}": {**at[(name, u)], "rouge_l": rouge[u], "generation_usage": usage[u],
+                              "per_paper": scores[f"{name}|{u}"]} for u in GOAL_CANDIDATES}}
+    report["always_on_per_paper"] = scores["always on"]
+    return report
+
+
+def markdown(reports: list[dict]) -> str:
+    lines = ["| profile | labels | chosen: Rouge-L − always on (usage in generation) | every teacher-forced usage: "
+             "Rouge-L − always on (usage in generation), flips opened on along always on's text |",
+             "|---|---|---|---|"]
+    for r in reports:
+        for name, g in r["gates"].items():
+            chosen = g["at"][f"{g['chosen_usage']:g}"]
+            cells = [f"{u:.0%}: {v['rouge_l'] - r['always_on_rouge_l']:+.2f} ({v['generation_usage']:.0%}), "
+                     f"{v['flip_recall']:.0%}" for u, v in ((float(k), v) for k, v in g["at"].items())]
+            lines.append(f"| {r['profile']} | {name} | {g['chosen_usage']:.0%}: "
+                         f"{chosen['rouge_l'] - r['always_on_rouge_l']:+.2f} ({chosen['generation_usage']:.0%}) | "
+                         + "; ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m evaluation.generated_labels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", help="backbone name or directory (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--plugins", nargs="+", type=Path, required=True, help="trained flip-label plugin directories")
+    ap.add_argument("--papers", type=int, help="validation papers to summarize (default: all 50)")
+    ap.add_argument("--out", type=Path, help="write the table (markdown) and FILE.json here")
+    args = ap.parse_args(argv)
+    if args.papers is not None and args.papers < 1:
+        print(f"error: --papers must be at least 1, not {args.papers}", file=sys.stderr)
+        return 2
+    try:
+        plugins = trained_plugins(args.plugins)
+    except NotAPlugin as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for directory, plugin in zip(args.plugins, plugins):
+        if "settings" not in (plugin.config.training or {}):
+            print(f"error: {directory} records no training settings: train it with `spa train`", file=sys.stderr)
+            return 2
+    from spa.backbone import load_backbone
+
+    backbone = load_backbone(args.backbone)
+    reports = []
+    for directory, plugin in zip(args.plugins, plugins):
+        print(f"{directory}: {plugin.config.profile}", file=sys.stderr, flush=True)
+        reports.append({"backbone": backbone.identity.name, "plugin": str(directory), **compare(backbone, plugin,
+                                                                                               args.papers)})
+    publish(markdown(reports), reports, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
