@@ -137,18 +137,26 @@ def compare(backbone, plugin, papers: int | None = None) -> dict:
     return report
 
 
-def markdown(reports: list[dict]) -> str:
-    lines = ["| profile | labels | chosen: Rouge-L − always on (usage in generation) | every teacher-forced usage: "
-             "Rouge-L − always on (usage in generation), flips opened on along always on's text |",
-             "|---|---|---|---|"]
+def markdown(reports: list[dict], command: str = "") -> str:
+    """The table (after a line naming the command that made it, where given)."""
+    lines = []
+    if command:
+        minutes = sum(r.get("seconds", 0) for r in reports) / 60
+        lines += [f"Made by `{command}` ({minutes:.0f} min on the 2-core CPU); validation papers only. Each cell: "
+                  "Rouge-L minus side always on (side usage in those generations); after the comma, the share of the "
+                  "side's flips along always on's own validation summaries that the gate opens on. *Chosen*: the "
+                  f"goal recipes' tuning rule (best Rouge-L with at most {GOAL_GENERATION_USAGE:.0%} side usage in "
+                  "the validation generations).", ""]
+    lines += ["| backbone | profile (always on) | labels | chosen | every teacher-forced validation usage |",
+              "|---|---|---|---|---|"]
     for r in reports:
         for name, g in r["gates"].items():
             chosen = g["at"][f"{g['chosen_usage']:g}"]
             cells = [f"{u:.0%}: {v['rouge_l'] - r['always_on_rouge_l']:+.2f} ({v['generation_usage']:.0%}), "
                      f"{v['flip_recall']:.0%}" for u, v in ((float(k), v) for k, v in g["at"].items())]
-            lines.append(f"| {r['profile']} | {name} | {g['chosen_usage']:.0%}: "
-                         f"{chosen['rouge_l'] - r['always_on_rouge_l']:+.2f} ({chosen['generation_usage']:.0%}) | "
-                         + "; ".join(cells) + " |")
+            lines.append(f"| {r.get('backbone', '')} | {r['profile']} ({r['always_on_rouge_l']:.2f}) | {name} | "
+                         f"{g['chosen_usage']:.0%}: {chosen['rouge_l'] - r['always_on_rouge_l']:+.2f} "
+                         f"({chosen['generation_usage']:.0%}) | " + "; ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -179,7 +187,8 @@ def main(argv=None) -> int:
         print(f"{directory}: {plugin.config.profile}", file=sys.stderr, flush=True)
         reports.append({"backbone": backbone.identity.name, "plugin": str(directory), **compare(backbone, plugin,
                                                                                                args.papers)})
-    publish(markdown(reports), reports, args.out)
+    command = "python -m evaluation.generated_labels " + " ".join(sys.argv[1:] if argv is None else argv)
+    publish(markdown(reports, command), reports, args.out)
     return 0
 
 

@@ -44,9 +44,12 @@ def test_refit_gate_learns_the_labels_on_a_copy(backbone, quick_plugin_dir):
 def test_markdown_reports_the_chosen_usage_against_always_on():
     at = {"0.2": {"rouge_l": 20.5, "generation_usage": 0.21, "flip_recall": 0.5},
           "0.4": {"rouge_l": 19.0, "generation_usage": 0.41, "flip_recall": 0.7}}
-    report = {"profile": "outcome", "always_on_rouge_l": 20.0, "gates": {"generated": {"chosen_usage": 0.2, "at": at}}}
-    table = markdown([report])
-    assert "| outcome | generated | 20%: +0.50 (21%) | 20%: +0.50 (21%), 50%; 40%: -1.00 (41%), 70% |" in table
+    report = {"backbone": "b", "profile": "outcome", "always_on_rouge_l": 20.0, "seconds": 600,
+              "gates": {"generated": {"chosen_usage": 0.2, "at": at}}}
+    table = markdown([report], "python -m evaluation.generated_labels --plugins p")
+    assert "| b | outcome (20.00) | generated | 20%: +0.50 (21%) | 20%: +0.50 (21%), 50%; 40%: -1.00 (41%), 70% |" \
+        in table
+    assert table.startswith("Made by `python -m evaluation.generated_labels --plugins p` (10 min")
 
 
 def test_command_refuses_what_it_cannot_use(tmp_path):
