@@ -2,10 +2,10 @@
 reading the trained plugins they are pointed at, and writing their table beside its numbers."""
 
 import json
-import sys
 from pathlib import Path
 
 from spa.data import check_profile
+from spa.errors import PluginError
 from spa.plugin import load_plugin
 
 
@@ -24,6 +24,21 @@ def trained_plugins(directories: list[Path]) -> list:
             raise NotAPlugin(f"{directory} is not a trained plugin directory: {exc}") from exc
         plugins.append(plugin)
     return plugins
+
+
+def plugins_and_backbone(directories: list[Path], backbone_name: str | None) -> tuple[list, object]:
+    """The trained plugins, then the backbone they were trained on (a bad directory fails before the
+    backbone loads). Raises NotAPlugin naming the directory that is not one, or not for this backbone."""
+    from spa.backbone import load_backbone
+
+    plugins = trained_plugins(directories)
+    backbone = load_backbone(backbone_name)
+    for directory, plugin in zip(directories, plugins):
+        try:
+            plugin.check_backbone(backbone.identity)
+        except PluginError as exc:
+            raise NotAPlugin(f"{directory}: {exc}; pass its backbone with --backbone") from exc
+    return plugins, backbone
 
 
 def publish(table: str, reports: list[dict], out: Path | None) -> None:

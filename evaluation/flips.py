@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation.analysis_files import NotAPlugin, publish, trained_plugins
+from evaluation.analysis_files import NotAPlugin, plugins_and_backbone, publish
 from spa.plugin import PLAIN_GATE, Plugin, rms
 from training.tapcache import TokenSet, split_token_set
 from training.train import TrainSettings, cross_fitted, gate_rows, greedy_tokens, helpful_flips
@@ -173,14 +173,11 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true", help="also fit gates the runtime does not have (other labels, "
                     "other inputs) on cross-fitted train labels and report their validation top-1 (~1 min a plugin)")
     args = ap.parse_args(argv)
-    from spa.backbone import load_backbone
-
     try:
-        plugins = trained_plugins(args.plugins)
+        plugins, backbone = plugins_and_backbone(args.plugins, args.backbone)
     except NotAPlugin as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    backbone = load_backbone(args.backbone)
     reports = []
     for directory, plugin in zip(args.plugins, plugins):
         config = plugin.config

@@ -6,10 +6,12 @@
 The flip-label gates learn where the side changes the greedy token on *teacher-forced* prefixes: the
 reference summary's tokens. What the goal scores is generated text, and along side always on's own
 generation a gate that opens exactly on the side's flips writes always on's text. So this labels the
-positions of side always on's generations instead. For each plugin (a trained flip-label plugin; the
-side network is kept, only the gate is refitted, same form and steps) it fits the gate to
+positions of side always on's generations instead. For each plugin (trained by `spa train`, meant for
+flip-label plugins; the side network is kept, only the gate is refitted, same form and steps) it fits
+the gate to
 
-    teacher-forced  the recipe's cross-fitted teacher-forced flips (the plugin's gate, as trained);
+    teacher-forced  the plugin's own recipe's cross-fitted teacher-forced labels (the plugin's gate, as
+                    trained; flips for a flip-label plugin);
     generated       the flips along the side-always-on generations of the train papers (the plugin's
                     own side network writes them and decides the flips: those are the tokens where a
                     gate must open to keep always on's text);
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation.analysis_files import NotAPlugin, publish, trained_plugins
+from evaluation.analysis_files import NotAPlugin, plugins_and_backbone, publish
 from evaluation.batched import ALWAYS, EagerPlugin, Row, generate_rows
 from evaluation.rouge import rouge_l, side_usage
 from evaluation.run import GOAL_CANDIDATES, GOAL_GENERATION_USAGE
@@ -164,14 +166,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evaluation.generated_labels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", help="backbone name or directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--plugins", nargs="+", type=Path, required=True, help="trained flip-label plugin directories")
-    ap.add_argument("--papers", type=int, help="validation papers to summarize (default: all 50)")
+    ap.add_argument("--papers", type=int, help="validation papers to summarize for Rouge-L (default: all 50; "
+                    "the labels and the flips always use every train and validation paper)")
     ap.add_argument("--out", type=Path, help="write the table (markdown) and FILE.json here")
     args = ap.parse_args(argv)
     if args.papers is not None and args.papers < 1:
         print(f"error: --papers must be at least 1, not {args.papers}", file=sys.stderr)
         return 2
     try:
-        plugins = trained_plugins(args.plugins)
+        plugins, backbone = plugins_and_backbone(args.plugins, args.backbone)
     except NotAPlugin as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -179,9 +182,6 @@ def main(argv=None) -> int:
         if "settings" not in (plugin.config.training or {}):
             print(f"error: {directory} records no training settings: train it with `spa train`", file=sys.stderr)
             return 2
-    from spa.backbone import load_backbone
-
-    backbone = load_backbone(args.backbone)
     reports = []
     for directory, plugin in zip(args.plugins, plugins):
         print(f"{directory}: {plugin.config.profile}", file=sys.stderr, flush=True)

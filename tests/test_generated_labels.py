@@ -1,5 +1,8 @@
 """Gate labels from generated prefixes (evaluation/generated_labels.py): a real quick plugin, known input, the CLI."""
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from evaluation.generated_labels import always_on_states, flips_of, markdown, refit_gate
@@ -58,3 +61,15 @@ def test_command_refuses_what_it_cannot_use(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run(python_command("evaluation.generated_labels", "--plugins", str(tmp_path), "--papers", "0"), timeout=300)
     assert proc.returncode == 2 and "--papers must be at least 1" in proc.stderr
+
+
+def test_a_plugin_for_another_backbone_is_refused(quick_plugin_dir, monkeypatch):
+    import spa.backbone
+    from evaluation.analysis_files import NotAPlugin, plugins_and_backbone
+
+    class OtherBackboneStandIn:  # only its identity is read; loading a second real backbone would take a minute
+        identity = SimpleNamespace(name="other-model", fingerprint="0" * 16)
+
+    monkeypatch.setattr(spa.backbone, "load_backbone", lambda name: OtherBackboneStandIn())
+    with pytest.raises(NotAPlugin, match=r"trained for backbone .*pass its backbone with --backbone"):
+        plugins_and_backbone([quick_plugin_dir], "other-model")
