@@ -13,8 +13,12 @@ class NotAPlugin(Exception):
     """A directory given as a trained plugin is not one; the message names it."""
 
 
-def trained_plugins(directories: list[Path]) -> list:
-    """The torch plugins in these directories (eval mode), each with a known reader profile."""
+def plugins_and_backbone(directories: list[Path], backbone_name: str | None) -> tuple[list, object]:
+    """The trained torch plugins (eval mode, each with a known reader profile), then the backbone they were
+    trained on; a bad directory fails before the backbone loads. Raises NotAPlugin naming the directory that
+    is not a plugin, or not one for this backbone."""
+    from spa.backbone import load_backbone
+
     plugins = []
     for directory in directories:
         try:
@@ -23,15 +27,6 @@ def trained_plugins(directories: list[Path]) -> list:
         except Exception as exc:  # name the directory that is not a plugin
             raise NotAPlugin(f"{directory} is not a trained plugin directory: {exc}") from exc
         plugins.append(plugin)
-    return plugins
-
-
-def plugins_and_backbone(directories: list[Path], backbone_name: str | None) -> tuple[list, object]:
-    """The trained plugins, then the backbone they were trained on (a bad directory fails before the
-    backbone loads). Raises NotAPlugin naming the directory that is not one, or not for this backbone."""
-    from spa.backbone import load_backbone
-
-    plugins = trained_plugins(directories)
     backbone = load_backbone(backbone_name)
     for directory, plugin in zip(directories, plugins):
         try:
