@@ -24,8 +24,10 @@ With 2+ CPUs the gateway is pinned to the last CPU and the devices to the
 others (taskset / sched_setaffinity); the output says so.
 
 `--replicas 1 2` runs the same counts against `spa serve` (Ray Serve) with
-each number of replicas instead, side by side (Ray places the replicas: no
-pinning; RSS is per replica, the largest), and measures what a resume costs:
+each number of replicas instead, side by side and `--repeats` times
+interleaved (Ray places the replicas: no pinning; RSS is per replica, the
+largest; each run's sessions per replica from the replicas' own counters;
+ratios against the fewest replicas), and measures what a resume costs:
 two `spa gateway` processes sharing a resume secret, a session cut after k
 committed tokens on the first and resumed on the second, which rebuilds it
 (prefill + k - 1 one-token steps); the time to `resumed`, against a new
@@ -244,22 +246,30 @@ def run_load_bench(*, sessions: list[int], backbones: list[str | None], dtypes: 
     return result
 
 
+MEDIAN_KEYS = ("tokens_per_s", "p95_itl_ms", "p50_itl_ms", "ttft_p50_s", "ttft_p95_s", "gateway_rss_peak_mib",
+               "gateway_rss_before_mib", "gateway_rss_after_mib", "mean_batch", "side_usage")
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The repeats of one row: the median of each measure with its min-max, the fewest sessions held, step
+    counts summed, the largest batch."""
+    row = {"runs": runs, "held": min(r["held"] for r in runs), "errors": [e for r in runs for e in r["errors"]][:3]}
+    for k in MEDIAN_KEYS:
+        values = [r[k] for r in runs if r[k] is not None]
+        row[k] = statistics.median(values) if values else None
+        row[k + "_range"] = (min(values), max(values)) if values else None
+    for k in ("decode_steps", "batched_steps", "rollbacks"):
+        row[k] = sum(r[k] for r in runs)
+    row["max_batch"] = max((r["max_batch"] or 1) for r in runs)
+    return row
+
+
 def summarize_config(config: dict, counts: list[int]) -> dict:
     """Median over repeats (with min-max) per count, ratios against 1 session, memory per session, goals."""
     rows = []
     for key, runs in config["runs"].items():
         label, n = key.split(":")
-        row = {"sessions": int(n), "batching": label == "batched", "runs": runs,
-               "held": min(r["held"] for r in runs), "errors": [e for r in runs for e in r["errors"]][:3]}
-        for k in ("tokens_per_s", "p95_itl_ms", "p50_itl_ms", "ttft_p50_s", "ttft_p95_s", "gateway_rss_peak_mib",
-                  "gateway_rss_before_mib", "gateway_rss_after_mib", "mean_batch", "side_usage"):
-            values = [r[k] for r in runs if r[k] is not None]
-            row[k] = statistics.median(values) if values else None
-            row[k + "_range"] = (min(values), max(values)) if values else None
-        for k in ("decode_steps", "batched_steps", "rollbacks"):
-            row[k] = sum(r[k] for r in runs)
-        row["max_batch"] = max((r["max_batch"] or 1) for r in runs)
-        rows.append(row)
+        rows.append({"sessions": int(n), "batching": label == "batched", **median_row(runs)})
     base = next(r for r in rows if r["sessions"] == 1 and r["batching"])
     for row in rows:
         for key in ("tokens_per_s", "p95_itl_ms", "gateway_rss_peak_mib"):
@@ -296,24 +306,28 @@ def compare_configs(configs: list[dict]) -> None:
 # --- replicas (spa serve) and the cost of a resume ----------------------------------------------
 
 
-def _replica_pids(url: str, replicas: int, tries: int = 100) -> list[int]:
-    """The pids of the deployment's replicas, from GET /stats (routed like any request)."""
+def _replica_stats(url: str, replicas: int, tries: int = 100) -> dict[int, dict]:
+    """pid -> counters of each replica, from GET /stats. Routed like any request (to the less loaded of
+    two), so asked until every replica answered: call it while no session is open."""
     import json
     import urllib.request
 
-    seen = set()
+    seen = {}
     for _ in range(tries):
         with urllib.request.urlopen(url.replace("ws://", "http://") + "/stats", timeout=30) as r:
-            seen.add(json.load(r)["pid"])
+            stats = json.load(r)
+        seen[stats["pid"]] = stats
         if len(seen) >= replicas:
             break
-    return sorted(seen)
+    return seen
 
 
 def run_replica_bench(*, replicas: list[int], sessions: list[int], plugin: str | None, max_new_tokens: int,
-                      window: int, codec: str, tau: float | None, workdir: Path, resume_counts=(8, 32, 96),
-                      log=print) -> dict:
-    """The same session counts against `spa serve --replicas R` for each R, then the cost of a resume."""
+                      window: int, codec: str, tau: float | None, workdir: Path, repeats: int = 2,
+                      resume_counts=(8, 32, 96), log=print) -> dict:
+    """The same session counts against `spa serve --replicas R` for each R, `repeats` times interleaved
+    (every R, then again), each row's sessions per replica from the replicas' own counters; then the
+    cost of a resume."""
     from cloud_gateway.process import ServeProcess
     from spa.protocol.messages import Options
     from spa.pte import PtePlugin
@@ -324,22 +338,43 @@ def run_replica_bench(*, replicas: list[int], sessions: list[int], plugin: str |
     options = Options(window=window, codec=codec, max_new_tokens=max_new_tokens)
     cpus = len(_cpus())
     result = {"plugin": str(pte_path), "tau": tau, "max_new_tokens": max_new_tokens, "window": window,
-              "codec": codec, "cpus": cpus, "replica_rows": []}
-    for r in replicas:
-        per = min(1.0, max(0.1, (cpus - 0.5) / r))  # leave room for Ray's proxy and the devices
-        log(f"starting spa serve --replicas {r} ({per:.2g} CPU each)...")
-        with ServeProcess("--replicas", str(r), "--replica-cpus", f"{per:.2g}", "--max-sessions",
-                          str(max(sessions)), "--resume-grace", "0") as sp:
-            pids = _replica_pids(sp.url, r)
-            _run_sessions(sp.url, pte, 1, options, tau, pids)  # warm-up
-            for n in sessions:
-                log(f"  {n} concurrent sessions over {r} replica{'s' * (r > 1)}...")
-                row = _run_sessions(sp.url, pte, n, options, tau, pids)
-                row["replicas"] = r
-                result["replica_rows"].append(row)
-                log("    " + _line(row))
+              "codec": codec, "cpus": cpus, "repeats": repeats, "load_before": os.getloadavg()}
+    runs = {}
+    for repeat in range(repeats):
+        for r in replicas:
+            per = min(1.0, max(0.1, (cpus - 0.5) / r))  # leave room for Ray's proxy and the devices
+            log(f"[{repeat + 1}/{repeats}] starting spa serve --replicas {r} ({per:.2g} CPU each)...")
+            with ServeProcess("--replicas", str(r), "--replica-cpus", f"{per:.2g}", "--max-sessions",
+                              str(max(sessions)), "--resume-grace", "0") as sp:
+                before = _replica_stats(sp.url, r)
+                _run_sessions(sp.url, pte, 1, options, tau, sorted(before))  # warm-up
+                for n in sessions:
+                    log(f"  {n} concurrent sessions over {r} replica{'s' * (r > 1)}...")
+                    before = _replica_stats(sp.url, r)
+                    row = _run_sessions(sp.url, pte, n, options, tau, sorted(before))
+                    after = _replica_stats(sp.url, r)
+                    row["per_replica"] = sorted((after[p]["sessions"] - before[p]["sessions"]
+                                                 for p in after if p in before), reverse=True)
+                    runs.setdefault((r, n), []).append(row)
+                    log("    " + _line(row) + ", sessions per replica " + "/".join(map(str, row["per_replica"])))
+    result["load_after"] = os.getloadavg()
+    result["replica_rows"] = replica_rows(runs)
     result["resume"] = measure_resume_cost(pte, resume_counts, workdir, log=log)
     return result
+
+
+def replica_rows(runs: dict[tuple[int, int], list[dict]]) -> list[dict]:
+    """(replicas, sessions) -> repeats, as rows of medians with min-max; tokens/s and p95 inter-token
+    latency against the fewest replicas at the same session count (the baseline, run side by side)."""
+    rows = [{"replicas": r, "sessions": n, **median_row(repeats)} for (r, n), repeats in sorted(runs.items())]
+    fewest = min(r for r, _ in runs)
+    base = {row["sessions"]: row for row in rows if row["replicas"] == fewest}
+    for row in rows:
+        for key in ("tokens_per_s", "p95_itl_ms"):
+            b = base[row["sessions"]][key]
+            row[key + "_vs_fewest"] = row[key] / b if row[key] and b else None
+        row["per_replica"] = [run["per_replica"] for run in row["runs"]]
+    return rows
 
 
 def measure_resume_cost(pte, counts, workdir: Path, log=print) -> dict:
@@ -432,18 +467,29 @@ async def _time_to_resumed(url, hello: dict) -> float:
 
 
 def format_replicas(result: dict) -> str:
+    load = lambda v: " ".join(f"{x:.2f}" for x in v)  # noqa: E731
+    fewest = min(r["replicas"] for r in result["replica_rows"])
     lines = [
         f"spa bench load --replicas: {result['max_new_tokens']} new tokens per session, W = {result['window']}, "
-        f"{result['codec']}, tau {result['tau']:.3g}, {result['cpus']} CPUs, Ray places the replicas (no pinning)",
+        f"{result['codec']}, tau {result['tau']:.3g}, {result['cpus']} CPUs, Ray places the replicas (no pinning), "
+        f"median of {result['repeats']} interleaved repeat(s) [min-max]",
+        f"load average before {load(result['load_before'])}, after {load(result['load_after'])}; "
+        f"(x): against {fewest} replica{'s' * (fewest > 1)} at the same session count",
         "",
-        "| replicas | sessions | held | tokens/s | p95 inter-token ms | TTFT p50 s | RSS per replica MiB (peak) "
-        "| mean batch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| replicas | sessions | held | tokens/s (x) [min-max] | p95 inter-token ms (x) | TTFT p50 s "
+        "| RSS per replica MiB (peak) | mean batch | sessions per replica, each run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["replica_rows"]:
-        lines.append(f"| {r['replicas']} | {r['sessions']} | {r['held']} | {fmt(r['tokens_per_s'], '.1f')} "
-                     f"| {fmt(r['p95_itl_ms'], '.0f')} | {fmt(r['ttft_p50_s'], '.2f')} "
-                     f"| {r['gateway_rss_peak_mib']:.0f} | {fmt(r['mean_batch'], '.1f')} |")
+        lo, hi = r["tokens_per_s_range"] or (None, None)
+        lines.append(f"| {r['replicas']} | {r['sessions']} | {r['held']} "
+                     f"| {fmt(r['tokens_per_s'], '.1f')} ({fmt(r['tokens_per_s_vs_fewest'], '.2f')}) "
+                     f"[{fmt(lo, '.1f')}-{fmt(hi, '.1f')}] "
+                     f"| {fmt(r['p95_itl_ms'], '.0f')} ({fmt(r['p95_itl_ms_vs_fewest'], '.2f')}) "
+                     f"| {fmt(r['ttft_p50_s'], '.2f')} | {r['gateway_rss_peak_mib']:.0f} | {fmt(r['mean_batch'], '.1f')} "
+                     f"| {', '.join('/'.join(map(str, split)) for split in r['per_replica'])} |")
+        if r["errors"]:
+            lines.append(f"  errors: {'; '.join(r['errors'])}")
     res = result["resume"]
     lines += ["", f"resume on a gateway that does not hold the session (rebuild): a new session's ready "
                   f"{res['ready_s']:.2f} s; " + ", ".join(f"{r['committed']} tokens {r['resume_s']:.2f} s"

@@ -117,7 +117,7 @@ def cmd_bench_load(args) -> int:
 
         result = run_replica_bench(replicas=args.replicas, sessions=args.sessions, plugin=args.plugin,
                                    max_new_tokens=args.max_new_tokens, window=args.window, codec=args.codec,
-                                   tau=args.tau, workdir=args.workdir, log=log)
+                                   tau=args.tau, workdir=args.workdir, repeats=args.repeats, log=log)
         result["command"] = "spa " + " ".join(sys.argv[1:])
         write_result(result, args.out / "load-replicas.json", args.json, lambda r: "\n" + format_replicas(r))
         return 0 if all(row["held"] == row["sessions"] for row in result["replica_rows"]) else 1

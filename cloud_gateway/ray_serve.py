@@ -39,7 +39,6 @@ from spa.protocol.limits import Limits
 log = logging.getLogger("spa.gateway")
 APP_NAME = "spa"
 DEPLOYMENT = "GatewayReplica"
-QUEUE_LENGTH_CACHE_ENV = "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"
 _ABNORMAL = 1006  # a disconnect without a close frame (reset, cut link): the session waits for a resume
 
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # a WebSocket endpoint and /stats, nothing else
@@ -169,6 +168,8 @@ def deployment_options(replicas: int | None, min_replicas: int | None, max_repli
                                                            **_import_path()}}},
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": 5,
+        # Each connection to the replica with the fewest open ones (cloud_gateway/routing.py).
+        "request_router_config": {"request_router_class": "cloud_gateway.routing:FewestConnectionsRouter"},
     }
     if min_replicas is not None or max_replicas is not None:
         lo = 1 if min_replicas is None else min_replicas
@@ -199,14 +200,6 @@ def run_serve(config: dict, *, host: str, port: int, address: str | None, option
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     local = {} if address else {"_temp_dir": ray_temp_dir(os.getpid())}  # a cluster of our own: findable
-    if not address:
-        # Ray's router picks the replica with the shorter queue from a cache of queue lengths that
-        # it refreshes in the background: a burst of connections then lands mostly on one replica
-        # (3/13 of 16 measured, and once all 16). A device connection lasts the whole session, so
-        # asking both replicas on every connect (0: no cache) costs nothing that matters and spreads
-        # a burst evenly (8/8, 7/9). The proxy inherits it from this process's environment; on a
-        # cluster of your own, set it where you `ray start` the head node (README, "Scaling out").
-        os.environ.setdefault(QUEUE_LENGTH_CACHE_ENV, "0")
     ray.init(address=address, runtime_env={"env_vars": _import_path()}, logging_level=logging.WARNING,
              include_dashboard=False, log_to_driver=bool(config.get("verbose")), **local)
     try:

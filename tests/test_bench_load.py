@@ -5,7 +5,7 @@ machine (README, benchmarks/results/load.txt); this checks what it prints
 from what it measured.
 """
 
-from benchmarks.load import compare_configs, format_load, summarize_config
+from benchmarks.load import compare_configs, format_load, format_replicas, replica_rows, summarize_config
 
 
 def _run(n, tokens_per_s, ttft_p95, rss_peak, held=None):
@@ -50,3 +50,25 @@ def test_medians_ratios_memory_per_session_and_goals():
     assert "64 sessions >= 6x the tokens/s of 1 session: 6.55 -> met" in text
     assert "3.00 -> MISSED by 50.0%" in text
     assert "load average before 0.50 0.50 0.50" in text
+
+
+def test_replica_rows_compare_each_count_with_the_fewest_replicas_and_keep_each_runs_spread():
+    runs = {
+        (1, 16): [{**_run(16, 36.0, 2.0, 1050.0), "per_replica": [16]},
+                  {**_run(16, 38.0, 2.0, 1060.0), "per_replica": [16]}],
+        (2, 16): [{**_run(16, 40.0, 1.0, 1040.0), "per_replica": [8, 8]},
+                  {**_run(16, 34.0, 1.0, 1030.0), "per_replica": [9, 7]}],
+    }
+    one, two = replica_rows(runs)
+    assert (one["replicas"], two["replicas"]) == (1, 2)
+    assert one["tokens_per_s"] == 37.0 and one["tokens_per_s_vs_fewest"] == 1.0
+    assert two["tokens_per_s"] == 37.0 and two["tokens_per_s_range"] == (34.0, 40.0)
+    assert two["per_replica"] == [[8, 8], [9, 7]]
+    text = format_replicas({"max_new_tokens": 16, "window": 4, "codec": "int8", "tau": 0.3, "cpus": 2, "repeats": 2,
+                            "load_before": (0.25, 0.5, 0.5), "load_after": (1.0, 1.0, 1.0),
+                            "replica_rows": [one, two],
+                            "resume": {"ready_s": 0.1, "rows": [{"committed": 8, "resume_s": 0.5}],
+                                       "rebuild_ms_per_token": 45.0}})
+    assert "| 2 | 16 | 16 | 37.0 (1.00) [34.0-40.0] |" in text
+    assert "| 8/8, 9/7 |" in text
+    assert "load average before 0.25 0.50 0.50" in text
