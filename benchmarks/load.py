@@ -307,8 +307,8 @@ def compare_configs(configs: list[dict]) -> None:
 
 
 def _replica_stats(url: str, replicas: int, tries: int = 100) -> dict[int, dict]:
-    """pid -> counters of each replica, from GET /stats. Routed like any request (to the less loaded of
-    two), so asked until every replica answered: call it while no session is open."""
+    """pid -> counters of each replica, from GET /stats. Routed like any request (to the replica with the
+    fewest open connections), so asked until every replica answered: call it while no session is open."""
     import json
     import urllib.request
 
