@@ -306,29 +306,13 @@ def compare_configs(configs: list[dict]) -> None:
 # --- replicas (spa serve) and the cost of a resume ----------------------------------------------
 
 
-def _replica_stats(url: str, replicas: int, tries: int = 100) -> dict[int, dict]:
-    """pid -> counters of each replica, from GET /stats. Routed like any request (to the replica with the
-    fewest open connections), so asked until every replica answered: call it while no session is open."""
-    import json
-    import urllib.request
-
-    seen = {}
-    for _ in range(tries):
-        with urllib.request.urlopen(url.replace("ws://", "http://") + "/stats", timeout=30) as r:
-            stats = json.load(r)
-        seen[stats["pid"]] = stats
-        if len(seen) >= replicas:
-            break
-    return seen
-
-
 def run_replica_bench(*, replicas: list[int], sessions: list[int], plugin: str | None, max_new_tokens: int,
                       window: int, codec: str, tau: float | None, workdir: Path, repeats: int = 2,
                       resume_counts=(8, 32, 96), log=print) -> dict:
     """The same session counts against `spa serve --replicas R` for each R, `repeats` times interleaved
     (every R, then again), each row's sessions per replica from the replicas' own counters; then the
     cost of a resume."""
-    from cloud_gateway.process import ServeProcess
+    from cloud_gateway.process import ServeProcess, replica_stats
     from spa.protocol.messages import Options
     from spa.pte import PtePlugin
 
@@ -346,13 +330,13 @@ def run_replica_bench(*, replicas: list[int], sessions: list[int], plugin: str |
             log(f"[{repeat + 1}/{repeats}] starting spa serve --replicas {r} ({per:.2g} CPU each)...")
             with ServeProcess("--replicas", str(r), "--replica-cpus", f"{per:.2g}", "--max-sessions",
                               str(max(sessions)), "--resume-grace", "0") as sp:
-                before = _replica_stats(sp.url, r)
+                before = replica_stats(sp.url, r)
                 _run_sessions(sp.url, pte, 1, options, tau, sorted(before))  # warm-up
                 for n in sessions:
                     log(f"  {n} concurrent sessions over {r} replica{'s' * (r > 1)}...")
-                    before = _replica_stats(sp.url, r)
+                    before = replica_stats(sp.url, r)
                     row = _run_sessions(sp.url, pte, n, options, tau, sorted(before))
-                    after = _replica_stats(sp.url, r)
+                    after = replica_stats(sp.url, r)
                     row["per_replica"] = sorted((after[p]["sessions"] - before[p]["sessions"]
                                                  for p in after if p in before), reverse=True)
                     runs.setdefault((r, n), []).append(row)

@@ -50,6 +50,23 @@ class ServeProcess(ServerProcess):
         kill_ray_cluster(ray_temp_dir(self.proc.pid))
 
 
+def replica_stats(url: str, want: int, pid: int | None = None, tries: int = 100) -> dict[int, dict]:
+    """pid -> counters of each `spa serve` replica, from GET /stats. Routed like any request (to the
+    replica with the fewest open connections), so asked until `want` replicas, and the one with `pid`
+    if given, answered: call it while no session is open to see them all."""
+    import json
+    import urllib.request
+
+    seen = {}
+    for _ in range(tries):
+        with urllib.request.urlopen(url.replace("ws://", "http://") + "/stats", timeout=30) as r:
+            stats = json.load(r)
+        seen[stats["pid"]] = stats
+        if len(seen) >= want and (pid is None or pid in seen):
+            break
+    return seen
+
+
 def ray_temp_dir(pid: int) -> str:
     """The temporary directory of the local Ray cluster that `spa serve` with this pid starts (short:
     Ray puts Unix sockets under it)."""

@@ -12,18 +12,16 @@ sessions already on the surviving replica never notice.
 """
 
 import asyncio
-import json
 import os
 import signal
 import time
-import urllib.request
 
 import pytest
 
 pytest.importorskip("ray.serve")
 
 from benchmarks.load import QUESTIONS, chat_prompt  # noqa: E402
-from cloud_gateway.process import ServeProcess, ray_temp_dir  # noqa: E402
+from cloud_gateway.process import ServeProcess, ray_temp_dir, replica_stats  # noqa: E402
 from device_runtime.client import run_session  # noqa: E402
 from spa.protocol import messages as m  # noqa: E402
 from spa.pte import PtePlugin  # noqa: E402
@@ -68,20 +66,6 @@ def _ray_processes(temp_dir: str) -> list[int]:
     return found
 
 
-def _replicas(url: str, want: int = 2, pid: int | None = None, tries: int = 80) -> dict[int, dict]:
-    """pid -> counters of each replica, from GET /stats (routed like any request: asked until `want`
-    replicas, and the one with `pid` if given, answered)."""
-    seen = {}
-    http = url.replace("ws://", "http://") + "/stats"
-    for _ in range(tries):
-        with urllib.request.urlopen(http, timeout=30) as r:
-            stats = json.load(r)
-        seen[stats["pid"]] = stats
-        if len(seen) >= want and (pid is None or pid in seen):
-            break
-    return seen
-
-
 def _replica_processes(temp_dir: str) -> list[int]:
     """The pids of the deployment's replica processes in this cluster (Ray names them ray::ServeReplica:...)."""
     return [pid for pid in _ray_processes(temp_dir)
@@ -114,7 +98,7 @@ def test_sixteen_sessions_spread_over_two_replicas_commit_their_solo_tokens(serv
             assert result.tokens == ref.tokens and result.sigmas == ref.sigmas
             checked += 1
     assert checked >= SESSIONS // 2, f"only {checked} prompts with margin"
-    replicas = _replicas(serving.url)
+    replicas = replica_stats(serving.url, 2)
     assert len(replicas) == 2, replicas
     # The proxy hands each connection to the replica with the fewest open ones (cloud_gateway/routing.py):
     # a burst splits evenly (Ray's default router sent it 12/4, and once 16/0).
@@ -126,7 +110,7 @@ def test_a_killed_replicas_devices_resume_on_the_other_with_no_token_lost(servin
     n, max_new = 6, 20
     prompts = [chat_prompt(QUESTIONS[SESSIONS + i]) for i in range(n)]
     refs = _with_margin(backbone, pte, prompts, max_new)
-    before = _replicas(serving.url)
+    before = replica_stats(serving.url, 2)
     pids = _replica_processes(ray_temp_dir(serving.pid))
     assert len(before) == 2 and sorted(before) == sorted(pids), (before, pids)
     assert not any(r["connections"] for r in before.values())
@@ -142,7 +126,7 @@ def test_a_killed_replicas_devices_resume_on_the_other_with_no_token_lost(servin
         # The proxy routes a request to the replica with fewer open connections (on a tie, either), so
         # /stats answers from one holding at most half the sessions: the other one is the victim.
         loop = asyncio.get_running_loop()
-        now = await loop.run_in_executor(None, _replicas, serving.url, 1)
+        now = await loop.run_in_executor(None, replica_stats, serving.url, 1)
         (asked, stats), = list(now.items())[:1]
         victim = next(pid for pid in pids if pid != asked)
         on_victim = n - stats["connections"]  # each device under way holds one connection
@@ -162,6 +146,6 @@ def test_a_killed_replicas_devices_resume_on_the_other_with_no_token_lost(servin
             assert len(result.tokens) == len(ref.tokens)
     # The resumed ones were rebuilt on the surviving replica (or on the one Ray started in the victim's place).
     survivor = next(pid for pid in before if pid != victim)
-    after = _replicas(serving.url, want=2, pid=survivor)
+    after = replica_stats(serving.url, 2, pid=survivor)
     assert sum(r["rebuilds"] for pid, r in after.items() if pid != victim) >= len(resumed)
     assert all(r.stats["gateway"]["rebuilt_tokens"] >= 1 for r in resumed)
