@@ -273,11 +273,13 @@ def predict(traces, costs: Costs, rows=ROWS) -> dict:
 
 # --- against `spa bench link` results -------------------------------------------------------
 
-# The measured rows the model replays, with the row that stands for each (the measured
-# spa_draft_push also had the cloud-side projection: its taps are r values per tap).
+# Every measured SPA row the model replays, with the modelled row that stands for it; `spa bench link`
+# may pick any of them as the best row, so each must be here. PROJECTED rows had the cloud-side
+# projection: their taps are r values per tap, not the hidden size.
 MEASURED = {"side_every_token": "side_every_token", "spa_lockstep": "spa_lockstep", "spa_draft": "spa_draft",
-            "spa_draft_push": "spa_draft_push", "spa_inflight": "spa_inflight",
+            "spa_draft_proj": "spa_draft", "spa_draft_push": "spa_draft_push", "spa_inflight": "spa_inflight",
             "spa_inflight_push": "spa_inflight_push", "spa_branches": "spa_branches"}
+PROJECTED = ("spa_draft_proj", "spa_draft_push")
 GPU_STEPS_MS = (5.0, 10.0)
 # Branch drafting's inputs, from the issue-13 runs: the side's token was among the backbone's two
 # runners-up for about one change in four (BRANCH_HIT_RATE), and a branch row in a batched decode
@@ -353,10 +355,11 @@ def explain(traces: list[Trace], row: Row, costs: Costs) -> dict:
 
 
 def model_row(result: dict, name: str) -> Row:
-    """The modelled row for a `spa bench link` row, with that run's window, in-flight limit and branches."""
-    row = next(r for r in ROWS if r.name == name)
+    """The modelled row for a `spa bench link` row (named as measured), with that run's window,
+    in-flight limit and branches."""
+    row = next(r for r in ROWS if r.name == MEASURED.get(name, name))
     in_flight = result.get("in_flight", row.in_flight) if row.in_flight > 1 else 1
-    return Row(row.name, result["window"] if row.window else 0, in_flight, row.push, row.always_side,
+    return Row(name, result["window"] if row.window else 0, in_flight, row.push, row.always_side,
                result.get("branches", row.branches) if row.branches else 0)
 
 
@@ -365,7 +368,7 @@ def explain_result(result: dict, name: str, step_ms: float | None = None) -> dic
     at `step_ms` per decode step (a GPU-class gateway, branch rows at GPU cost); with the measured
     ratio beside the prediction where the row ran at the measured speed."""
     cost = GPU_BRANCH_ROW_COST if step_ms else CPU_BRANCH_ROW_COST
-    costs = costs_from_result(result, step_ms=step_ms, projected=name == "spa_draft_push", branch_row_cost=cost)
+    costs = costs_from_result(result, step_ms=step_ms, projected=name in PROJECTED, branch_row_cost=cost)
     out = explain(traces_from_result(result), model_row(result, name), costs)
     out["traced"] = bool(result["rows"]["spa_draft"].get("traces"))  # else: its rates, spread evenly
     if step_ms is None:
@@ -396,10 +399,10 @@ def compare(result: dict) -> dict:
     traces = traces_from_result(result)
     out = {"profile": result["profile"]["name"], "rtt_ms": costs_from_result(result).rtt_ms, "rows": {}}
     cloud = result["rows"]["cloud_only"]["tokens_per_s"]
-    for name, measured_name in MEASURED.items():
-        measured = result["rows"].get(measured_name, {}).get("tokens_per_s")
+    for name in MEASURED:
+        measured = result["rows"].get(name, {}).get("tokens_per_s")
         row = model_row(result, name)
-        costs = costs_from_result(result, projected=name == "spa_draft_push")
+        costs = costs_from_result(result, projected=name in PROJECTED)
         predicted = rate(traces, row, costs)
         out["rows"][name] = {"measured_vs_cloud": measured / cloud if measured else None,
                              "predicted_vs_cloud": predicted / cloud if predicted else None}

@@ -124,3 +124,19 @@ def test_a_run_with_traces_is_replayed_document_by_document():
     assert "replaying the run's 2 documents" in format_why(why)
     del draft["traces"]  # a result saved before traces: its rates over one document of max_new_tokens
     assert "spread over one document" in format_why(explain_result(result, "spa_inflight_push"))
+
+
+def test_every_row_the_link_bench_may_call_best_is_modelled_with_its_own_taps():
+    """`spa bench link` explains its best SPA row with the model, and any SPA row can be the best
+    (a CI run once picked spa_draft_proj, which the model did not know, and explained nothing)."""
+    from benchmarks.linkbench import SPA_ROWS
+
+    result = json.loads((ROOT / "benchmarks/results/link-4g.json").read_text())
+    result["rows"]["spa_draft"]["traces"] = [{"sigma": "0110000100" * 4, "changed": "0100000000" * 4}]
+    for name in SPA_ROWS:
+        why = explain_result(result, name)
+        assert why["row"] == name and why["traced"] and why["documents"] == 1, name
+    # spa_draft_proj is spa_draft with r values per tap: never slower, and cheaper on a slow uplink.
+    slow = dict(result, link={**result["link"], "measured": {**result["link"]["measured"], "up_mbit": 0.05}})
+    proj, full = explain_result(slow, "spa_draft_proj"), explain_result(slow, "spa_draft")
+    assert proj["predicted"] > full["predicted"]
