@@ -18,8 +18,12 @@ tuned) this reports on the validation split: the flip rates, top-1 accuracy of
 the backbone, always on, the gate at its tau and at fixed usages, and the share
 of each kind of flip the gate opens on. `--probe` also fits gates the runtime
 does not have (helpful-flip labels; the top-8 logit margins, entropy and top-1
-probability through a small MLP) on cross-fitted train labels, to measure how
-far other labels and inputs could go. Test papers are never read.
+probability through a small MLP; flip labels at every document position of the
+train papers, and a bias per draft token) on cross-fitted train labels, to
+measure how far other labels and inputs could go, and a *second* gate that runs
+after the side network and sees what it did to the logits (can anything tell a
+helpful flip from a harmful one without the reference?). Test papers are never
+read.
 """
 
 import argparse
@@ -29,9 +33,11 @@ from pathlib import Path
 import torch
 
 from evaluation.analysis_files import NotAPlugin, plugins_and_backbone, publish
+from spa.data import load_split, paper_prompt
 from spa.plugin import PLAIN_GATE, Plugin, rms
 from training.tapcache import TokenSet, split_token_set
-from training.train import TrainSettings, cross_fitted, gate_rows, greedy_tokens, helpful_flips
+from training.train import (TrainSettings, cross_fitted, gate_rows, greedy_tokens, helpful_flips, per_token,
+                            plugin_logits)
 
 USAGES = (0.25, 0.35)  # teacher-forced validation usages to hold every gate at
 
@@ -83,53 +89,154 @@ def probe_features(backbone, f: torch.Tensor) -> dict[str, torch.Tensor]:
         top = logits.topk(8, dim=-1).values
         logp = torch.log_softmax(logits, dim=-1)
     return {"f": rms(f), "margin": torch.log1p(top[:, :1] - top[:, 1:2]), "margins": torch.log1p(top[:, :1] - top[:, 1:]),
-            "entropy": -(logp.exp() * logp).sum(-1, keepdim=True), "p1": logp.max(-1, keepdim=True).values.exp()}
+            "entropy": -(logp.exp() * logp).sum(-1, keepdim=True), "p1": logp.max(-1, keepdim=True).values.exp(),
+            "draft": logits.argmax(-1)}  # the backbone's greedy token: every step carries it already
 
 
-def fit_probe(x: torch.Tensor, labels: torch.Tensor, hidden: int, steps: int = 600, seed: int = 0):
-    """A standardized linear (hidden 0) or one-hidden-layer classifier; returns x -> p(label)."""
+TOKEN_BIAS_L2 = 1e-3  # keeps the biases of tokens seen a few times near 0
+
+
+def fit_probe(x: torch.Tensor, labels: torch.Tensor, hidden: int, steps: int = 600, seed: int = 0,
+              tokens: torch.Tensor | None = None):
+    """A standardized linear (hidden 0) or one-hidden-layer classifier; returns (x, tokens) -> p(label).
+    With `tokens` (one id per row), each token also has a learned bias on the logits, zero at first."""
     torch.manual_seed(seed)
     mean, std = x.mean(0), x.std(0) + 1e-6
     model = (torch.nn.Linear(x.shape[1], 2) if not hidden else
              torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 2)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    table = torch.nn.Parameter(torch.zeros(int(tokens.max()) + 1 if tokens is not None else 0, 2))
+    opt = torch.optim.AdamW([*model.parameters(), table], lr=1e-2, weight_decay=0.01)
+
+    def logits(z, ids):
+        out = model((z - mean) / std)
+        if ids is None:
+            return out, 0.0
+        bias = table[ids.clamp(max=len(table) - 1)] * (ids < len(table)).unsqueeze(-1)  # unseen tokens: no bias
+        return out + bias, TOKEN_BIAS_L2 * bias.pow(2).sum(-1).mean()
+
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model((x - mean) / std), labels.long())
+        out, penalty = logits(x, tokens)
+        loss = torch.nn.functional.cross_entropy(out, labels.long()) + penalty
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return lambda z: torch.softmax(model((z - mean) / std), -1)[:, 1].detach()
+    return lambda z, ids=None: torch.softmax(logits(z, ids)[0], -1)[:, 1].detach()
+
+
+def document_flips(backbone, plugin: Plugin, papers) -> tuple[dict, torch.Tensor]:
+    """Gate inputs (`probe_features`) and flips at every prompt position of these papers: the side
+    never trained there, so the flips need no cross-fitting, and there are ten times more of them."""
+    feats, flips = [], []
+    config = plugin.config
+    with torch.no_grad():
+        for paper in papers:
+            prompt = paper_prompt(paper, config.prompt_template, config.instruction, config.max_doc_tokens)
+            ids = backbone.encode(prompt)
+            states = backbone.forward(torch.tensor([ids]), backbone.new_cache())[0]
+            base, side = (plugin_logits(backbone, plugin, states, s).argmax(-1) for s in (0.0, 1.0))
+            feats.append(probe_features(backbone, states[:, -1]))
+            flips.append(base != side)
+    return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}, torch.cat(flips)
+
+
+# The second gate's inputs: what the side did to the logits at this position (the gateway has them).
+EFFECTS = ("log(1 + backbone margin)", "log(1 + margin with the side)", "side token's lead over the backbone's",
+           "backbone's lead for its token over the side's", "backbone entropy", "entropy with the side",
+           "backbone top-1 log p", "top-1 log p with the side")
+
+
+def side_effects(backbone, plugin: Plugin, data: TokenSet) -> tuple[torch.Tensor, ...]:
+    """Per token: the backbone's greedy token, the side's, then one column per EFFECTS entry."""
+    def measure(states, _targets):
+        lb, ls = plugin_logits(backbone, plugin, states, 0.0), plugin_logits(backbone, plugin, states, 1.0)
+        base, side = lb.argmax(-1, keepdim=True), ls.argmax(-1, keepdim=True)
+        top_b, top_s = lb.topk(2, -1).values, ls.topk(2, -1).values
+        logp_b, logp_s = torch.log_softmax(lb, -1), torch.log_softmax(ls, -1)
+        return (base[:, 0], side[:, 0], torch.log1p(top_b[:, 0] - top_b[:, 1]), torch.log1p(top_s[:, 0] - top_s[:, 1]),
+                (ls.gather(1, side) - ls.gather(1, base))[:, 0], (lb.gather(1, base) - lb.gather(1, side))[:, 0],
+                -(logp_b.exp() * logp_b).sum(-1), -(logp_s.exp() * logp_s).sum(-1),
+                logp_b.max(-1).values, logp_s.max(-1).values)
+    return per_token(data, 512, measure)
+
+
+FILTER_DROPS = (0.1, 0.2, 0.3)  # the share of flips the second gate turns down, its least trusted first
+
+
+def second_gate(train_effects: tuple, val_effects: tuple, train_targets, val_targets) -> dict:
+    """Side always on, with a second gate that turns down the flips it scores least likely helpful:
+    fitted on cross-fitted train flips (helpful against harmful), scored on the validation flips."""
+    base_tr, side_tr, *cols_tr = train_effects
+    base, side, *cols = val_effects
+    kinds_tr, kinds = flip_kinds(base_tr, side_tr, train_targets), flip_kinds(base, side, val_targets)
+    known = kinds_tr["helpful"] | kinds_tr["harmful"]
+    p = fit_probe(torch.stack(cols_tr, -1)[known], kinds_tr["helpful"][known], 0)(torch.stack(cols, -1))
+    flip_p = p[kinds["flip"]]
+    out = {"top1_always": (side == val_targets).float().mean().item(), "drops": {}}
+    for share in FILTER_DROPS:
+        dropped = kinds["flip"] & (p <= torch.quantile(flip_p, share))
+        out["drops"][f"{share:g}"] = {
+            "top1": torch.where(dropped, base, side).eq(val_targets).float().mean().item(),
+            "helpful_dropped": int((dropped & kinds["helpful"]).sum()),
+            "harmful_dropped": int((dropped & kinds["harmful"]).sum())}
+    return out
 
 
 def probe(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, settings, usages=(0.15,) + USAGES + (0.4,)) -> dict:
     """Teacher-forced top-1 on validation of gates fitted to cross-fitted train labels (PROBE_LABELS),
     on each input set (PROBE_INPUTS), at each usage; the plugin's own side network decides the flips."""
-    base_tr, side_tr = cross_fitted(backbone, plugin.config, train, val, settings, measure=greedy_tokens)
-    train_kinds = flip_kinds(base_tr, side_tr, train.targets)
-    base, side = greedy_tokens(backbone, plugin, val)
-    kinds = flip_kinds(base, side, val.targets)
+    train_effects = cross_fitted(backbone, plugin.config, train, val, settings, measure=side_effects)
+    val_effects = side_effects(backbone, plugin, val)
+    (base_tr, side_tr), (base, side) = train_effects[:2], val_effects[:2]
+    train_kinds, kinds = flip_kinds(base_tr, side_tr, train.targets), flip_kinds(base, side, val.targets)
     features = {name: probe_features(backbone, data.states[:, -1]) for name, data in (("train", train), ("val", val))}
+
+    def views(p):
+        return {f"{u:g}": gated_view(kinds, base == val.targets, side == val.targets, p > torch.quantile(p, 1 - u))
+                for u in usages}
+
     out = {}
     for label in PROBE_LABELS:
         for inputs, (keys, hidden) in PROBE_INPUTS.items():
             x = {name: torch.cat([feats[k] for k in keys], -1) for name, feats in features.items()}
-            p = fit_probe(x["train"], train_kinds[label], hidden)(x["val"])
-            out[f"{label} labels, {inputs}"] = {
-                f"{u:g}": gated_view(kinds, base == val.targets, side == val.targets, p > torch.quantile(p, 1 - u))
-                for u in usages}
-    return out
+            out[f"{label} labels, {inputs}"] = views(fit_probe(x["train"], train_kinds[label], hidden)(x["val"]))
+    # Flip labels at every document position as well, then a bias per draft token on top.
+    doc, doc_flips = document_flips(backbone, plugin, load_split("train"))
+    x_train = torch.cat([torch.cat([doc["f"], doc["margin"]], -1), torch.cat([features["train"]["f"],
+                                                                             features["train"]["margin"]], -1)])
+    x_val = torch.cat([features["val"]["f"], features["val"]["margin"]], -1)
+    labels, drafts = torch.cat([doc_flips, train_kinds["flip"]]), torch.cat([doc["draft"], features["train"]["draft"]])
+    out["flip labels + document positions, f + margin, linear"] = views(fit_probe(x_train, labels, 0)(x_val))
+    out["flip labels + document positions, f + margin + draft-token bias, linear"] = views(
+        fit_probe(x_train, labels, 0, tokens=drafts)(x_val, features["val"]["draft"]))
+    return out, second_gate(train_effects, val_effects, train.targets, val.targets)
 
 
 def probe_markdown(reports: list[dict]) -> str:
     usages = list(next(iter(reports[0]["probe"].values())))
     lines = ["| backbone | profile | always on | gate labels, inputs | "
-             + " | ".join(f"top-1 at {100 * float(u):.0f} % (helpful / harmful opened on)" for u in usages) + " |",
+             + " | ".join(f"top-1 at {100 * float(u):.0f} % (flips / helpful / harmful opened on)" for u in usages)
+             + " |",
              "|---|---|---|---|" + "---|" * len(usages)]
     for r in reports:
         for name, views in r["probe"].items():
             lines.append(f"| {r['backbone']} | {r['profile']} | {pct(r['top1_always'], 1)} | {name} | " + " | ".join(
-                f"{pct(v['top1'], 1)} ({pct(v['caught']['helpful'])} / {pct(v['caught']['harmful'])})"
+                f"{pct(v['top1'], 1)} ({pct(v['caught']['flip'])} / {pct(v['caught']['helpful'])} / "
+                f"{pct(v['caught']['harmful'])})"
                 for v in views.values()) + " |")
+    return "\n".join(lines)
+
+
+def second_gate_markdown(reports: list[dict]) -> str:
+    drops = list(reports[0]["second_gate"]["drops"])
+    lines = ["Side always on with a second gate after the side network, which turns down the flips it trusts least "
+             "(it sees what the side did to the logits: " + "; ".join(EFFECTS) + "):",
+             "", "| backbone | profile | always on top-1 | "
+             + " | ".join(f"turning down {100 * float(d):.0f} % of the flips: top-1 (helpful / harmful turned down)"
+                          for d in drops) + " |", "|---|---|---|" + "---|" * len(drops)]
+    for r in reports:
+        g = r["second_gate"]
+        cells = [f"{pct(v['top1'], 1)} ({v['helpful_dropped']} / {v['harmful_dropped']})" for v in g["drops"].values()]
+        lines.append(f"| {r['backbone']} | {r['profile']} | {pct(g['top1_always'], 1)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -187,12 +294,13 @@ def main(argv=None) -> int:
         if args.probe:
             train = split_token_set(backbone, "train", None, config.profile, config.prompt_template, config.instruction,
                                     config.max_doc_tokens)
-            report["probe"] = probe(backbone, plugin, train, val, TrainSettings(config.profile))
+            report["probe"], report["second_gate"] = probe(backbone, plugin, train, val, TrainSettings(config.profile))
         reports.append({"backbone": backbone.identity.name, "profile": config.profile, "gate": recipe_name(plugin),
                         "plugin": str(directory), **report})
         print(f"{directory}: flips {report['rates']['flip']:.1%}, top-1 always {report['top1_always']:.1%}, "
               f"gated {report['at']['tau']['top1']:.1%} at {report['at']['tau']['usage']:.0%}", file=sys.stderr)
-    publish(markdown(reports) + ("\n\n" + probe_markdown(reports) if args.probe else ""), reports, args.out)
+    extra = "\n\n" + probe_markdown(reports) + "\n\n" + second_gate_markdown(reports) if args.probe else ""
+    publish(markdown(reports) + extra, reports, args.out)
     return 0
 
 

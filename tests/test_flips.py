@@ -58,4 +58,43 @@ def test_tables_print_a_dash_where_there_is_no_flip_of_a_kind():
               "top1_backbone": 0.4, "top1_always": 0.5, "top1_oracle": 0.6, "at": {"tau": view, "0.25": view},
               "probe": {"helpful labels, f + margin, linear": {"0.25": view}}}
     assert "| 25, 50, - / 25 / - |" in markdown([report])
-    assert "| 50.0 (- / 25) |" in probe_markdown([report])
+    assert "| 50.0 (50 / - / 25) |" in probe_markdown([report])
+
+
+def test_a_draft_token_bias_learns_what_the_gate_inputs_cannot_say():
+    """Labels that depend only on the draft token: the probe with a bias per token finds them,
+    the one without cannot (its inputs are noise); tokens it never saw get no bias."""
+    from evaluation.flips import fit_probe
+
+    gen = torch.Generator().manual_seed(0)
+    x, tokens = torch.randn(600, 4, generator=gen), torch.randint(0, 6, (600,), generator=gen)
+    labels = tokens == 3
+    with_bias = fit_probe(x, labels, 0, tokens=tokens)(x, tokens)
+    without = fit_probe(x, labels, 0)(x)
+    assert with_bias[labels].min() > 0.9 and with_bias[~labels].max() < 0.1
+    assert (without[labels].mean() - without[~labels].mean()).abs() < 0.2
+    unseen = fit_probe(x, labels, 0, tokens=tokens)(x[:2], torch.tensor([50, 3]))
+    assert 0.1 < unseen[0] < 0.9 and unseen[1] > 0.9
+
+
+def test_the_second_gate_turns_down_the_flips_its_inputs_mark_as_harmful():
+    """Known input: the first effect column is 1 on helpful flips and 0 on harmful ones, so turning
+    down 10-30 % of the flips drops harmful ones first and raises top-1 above always on's."""
+    from evaluation.flips import EFFECTS, second_gate
+
+    def effects(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        targets = torch.randint(0, 50, (n,), generator=gen)
+        kind = torch.randint(0, 4, (n,), generator=gen)  # 0 no flip, 1 helpful, 2 harmful, 3 neutral
+        other = (targets + 1) % 50
+        base = torch.where(kind == 1, other, targets)
+        side = torch.where(kind == 2, other, torch.where(kind == 3, (targets + 2) % 50, targets))
+        base = torch.where(kind == 3, other, base)
+        cols = [(kind == 1).float() + 0.01 * torch.randn(n, generator=gen) for _ in EFFECTS]
+        return (base, side, *cols), targets
+
+    (train, train_targets), (val, val_targets) = effects(800, 0), effects(800, 1)
+    out = second_gate(train, val, train_targets, val_targets)
+    for share, d in out["drops"].items():
+        assert d["harmful_dropped"] > 0 and d["helpful_dropped"] == 0, share
+        assert d["top1"] > out["top1_always"], share

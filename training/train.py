@@ -93,34 +93,36 @@ def token_losses(backbone, plugin: Plugin, data: TokenSet, sigma: float, batch: 
     """Per-token CE of lm_head(norm(f + s)) (sigma = 1; s alone for a replacement
     plugin) or of the backbone alone (sigma = 0), no gradient."""
     def losses(states, targets):
-        return (F.cross_entropy(_logits(backbone, plugin, states, sigma), targets, reduction="none"),)
-    return _per_token(data, batch, losses)[0]
+        return (F.cross_entropy(plugin_logits(backbone, plugin, states, sigma), targets, reduction="none"),)
+    return per_token(data, batch, losses)[0]
 
 
 def token_effects(backbone, plugin: Plugin, data: TokenSet, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, what the side does (sigma = 1 against 0): (loss gain, whether the greedy token changes)."""
     def effects(states, targets):
-        base, side = _logits(backbone, plugin, states, 0.0), _logits(backbone, plugin, states, 1.0)
+        base, side = plugin_logits(backbone, plugin, states, 0.0), plugin_logits(backbone, plugin, states, 1.0)
         gain = F.cross_entropy(base, targets, reduction="none") - F.cross_entropy(side, targets, reduction="none")
         return gain, base.argmax(-1) != side.argmax(-1)
-    return _per_token(data, batch, effects)
+    return per_token(data, batch, effects)
 
 
 def greedy_tokens(backbone, plugin: Plugin, data: TokenSet, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the greedy (argmax) token of the backbone alone and with the side on: (base, side)."""
     def greedy(states, _targets):
-        return _logits(backbone, plugin, states, 0.0).argmax(-1), _logits(backbone, plugin, states, 1.0).argmax(-1)
-    return _per_token(data, batch, greedy)
+        return (plugin_logits(backbone, plugin, states, 0.0).argmax(-1),
+                plugin_logits(backbone, plugin, states, 1.0).argmax(-1))
+    return per_token(data, batch, greedy)
 
 
-def _per_token(data: TokenSet, batch: int, measure) -> tuple[torch.Tensor, ...]:
+def per_token(data: TokenSet, batch: int, measure) -> tuple[torch.Tensor, ...]:
     """measure(states, targets) -> per-token tensors, run batch by batch without gradient and joined."""
     with torch.no_grad():
         parts = [measure(data.states[i:i + batch], data.targets[i:i + batch]) for i in range(0, len(data), batch)]
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
-def _logits(backbone, plugin: Plugin, states: torch.Tensor, sigma: float) -> torch.Tensor:
+def plugin_logits(backbone, plugin: Plugin, states: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The logits for states [N, L + 1, H] with the side off (sigma 0) or on (sigma 1) on every row."""
     f = states[:, -1]
     state = combine(f, plugin.side(states[:, plugin.config.taps]), plugin.config.combination) if sigma else f
     return backbone.train_logits(state)
