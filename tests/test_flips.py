@@ -42,6 +42,21 @@ def test_analysis_of_a_real_plugin_is_consistent(backbone, quick_plugin_dir):
         assert report["at"][u]["usage"] == pytest.approx(float(u), abs=2 / len(val))
     row = {"backbone": "b", "profile": c.profile, "gate": "default (gain labels)", **report}
     assert markdown([row]).count("\n") == 2
+    # The probes' inputs: the side's effect on the logits, and the flips at document positions.
+    from evaluation.flips import EFFECTS, document_flips, side_effects
+    from spa.data import load_split, paper_prompt
+    from training.train import greedy_tokens
+
+    base, side, *effects = side_effects(backbone, plugin, val)
+    assert len(effects) == len(EFFECTS)
+    assert all(torch.equal(a, b) for a, b in zip((base, side), greedy_tokens(backbone, plugin, val)))
+    lead = effects[EFFECTS.index("side token's lead over the backbone's")]
+    assert (lead >= 0).all() and ((lead > 0) == (base != side)).all()
+    papers = load_split("train", 2)
+    feats, flips = document_flips(backbone, plugin, papers)
+    positions = sum(len(backbone.encode(paper_prompt(p, c.prompt_template, c.instruction, c.max_doc_tokens)))
+                    for p in papers)
+    assert len(flips) == len(feats["draft"]) == len(feats["f"]) == positions and flips.any()
 
 
 def test_flips_command_names_a_directory_that_is_not_a_plugin(tmp_path):
