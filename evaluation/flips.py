@@ -181,9 +181,11 @@ def second_gate(train_effects: tuple, val_effects: tuple, train_targets, val_tar
     return out
 
 
-def probe(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, settings, usages=(0.15,) + USAGES + (0.4,)) -> dict:
+def probe(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, settings,
+          usages=(0.15,) + USAGES + (0.4,)) -> tuple[dict, dict]:
     """Teacher-forced top-1 on validation of gates fitted to cross-fitted train labels (PROBE_LABELS),
-    on each input set (PROBE_INPUTS), at each usage; the plugin's own side network decides the flips."""
+    on each input set (PROBE_INPUTS), then with document-position labels and a draft-token bias, at
+    each usage; and the second gate (`second_gate`). The plugin's own side network decides the flips."""
     train_effects = cross_fitted(backbone, plugin.config, train, val, settings, measure=side_effects)
     val_effects = side_effects(backbone, plugin, val)
     (base_tr, side_tr), (base, side) = train_effects[:2], val_effects[:2]
