@@ -133,9 +133,9 @@ def document_flips(backbone, plugin: Plugin, papers) -> tuple[dict, torch.Tensor
             prompt = paper_prompt(paper, config.prompt_template, config.instruction, config.max_doc_tokens)
             ids = backbone.encode(prompt)
             states = backbone.forward(torch.tensor([ids]), backbone.new_cache())[0]
-            base, side = (plugin_logits(backbone, plugin, states, s).argmax(-1) for s in (0.0, 1.0))
             feats.append(probe_features(backbone, states[:, -1]))
-            flips.append(base != side)
+            # The draft is the backbone's greedy token: only the side's logits are left to compute.
+            flips.append(feats[-1]["draft"] != plugin_logits(backbone, plugin, states, 1.0).argmax(-1))
     return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}, torch.cat(flips)
 
 
@@ -203,9 +203,11 @@ def probe(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, settings,
             out[f"{label} labels, {inputs}"] = views(fit_probe(x["train"], train_kinds[label], hidden)(x["val"]))
     # Flip labels at every document position as well, then a bias per draft token on top.
     doc, doc_flips = document_flips(backbone, plugin, load_split("train"))
-    x_train = torch.cat([torch.cat([doc["f"], doc["margin"]], -1), torch.cat([features["train"]["f"],
-                                                                             features["train"]["margin"]], -1)])
-    x_val = torch.cat([features["val"]["f"], features["val"]["margin"]], -1)
+
+    def f_and_margin(feats):
+        return torch.cat([feats["f"], feats["margin"]], -1)
+
+    x_train, x_val = torch.cat([f_and_margin(doc), f_and_margin(features["train"])]), f_and_margin(features["val"])
     labels, drafts = torch.cat([doc_flips, train_kinds["flip"]]), torch.cat([doc["draft"], features["train"]["draft"]])
     out["flip labels + document positions, f + margin, linear"] = views(fit_probe(x_train, labels, 0)(x_val))
     out["flip labels + document positions, f + margin + draft-token bias, linear"] = views(
