@@ -1,6 +1,6 @@
 """A benchmark-only server for the three baselines the SPA gateway does not serve.
 
-Same backbone, same step functions (`spa.generate`), same framing (one zstd
+Same backbone, same step functions (`spa.model.generate`), same framing (one zstd
 frame of one msgpack map per binary websocket message, `FrameCodec`), same
 websockets settings and one compute thread, as `spa gateway` — so that rows
 differ only in what the split sends and waits for.
@@ -24,9 +24,9 @@ differ only in what the split sends and waits for.
   path** (`pte`; the benchmark runs server and device on one machine, so a
   path stands in for the upload) and its threshold (`tau`, null: the
   plugin's own); the server loads it once with the ExecuTorch runtime
-  (`spa.pte.PtePlugin`, one thread: the same program the device runs) and
+  (`spa.model.pte_plugin.PtePlugin`, one thread: the same program the device runs) and
   decides every position with the SPA step of the split
-  (`spa.step.split_state`: gate on dequant(Q(f_t)), side on dequant(Q(T_t))
+  (`spa.model.spa_rule.split_state`: gate on dequant(Q(f_t)), side on dequant(Q(T_t))
   where it opens, f_t + dequant(Q(s_t))) with the session's codec — the same
   tokens as the SPA rows and the in-process reference, greedy — then streams
   each token as `stream` does, with its sigma.
@@ -57,13 +57,13 @@ import torch
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from spa import codec
-from spa.generate import choose_token, decode_one_token, logit_margin, prefill
+from spa.protocol import codec
+from spa.model.generate import choose_token, decode_one_token, logit_margin, prefill
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
-from spa.pte import PtePlugin, executorch_runtime, set_threads
-from spa.step import quantizing_wire, split_state
-from spa.tokens import token_pieces
+from spa.model.pte_plugin import PtePlugin, executorch_runtime, set_threads
+from spa.model.spa_rule import quantizing_wire, split_state
+from spa.model.token_bytes import token_pieces
 
 log = logging.getLogger("spa.bench.server")
 LIMITS = Limits()
@@ -207,7 +207,7 @@ class BaselineServer:
 
 
 async def _main(host: str, port: int, token: str | None) -> None:
-    from spa.backbone import load_backbone
+    from spa.model.backbone import load_backbone
 
     server = BaselineServer(load_backbone(), token)
     stop = asyncio.get_running_loop().create_future()
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--token", default=os.environ.get("SPA_GATEWAY_TOKEN") or None)
     args = ap.parse_args(argv)
-    from spa.quiet import quiet_libraries
+    from spa.system.quiet import quiet_libraries
 
     quiet_libraries()
     asyncio.run(_main(args.host, args.port, args.token))

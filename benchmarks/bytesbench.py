@@ -1,7 +1,7 @@
 """`spa bench bytes`: the ways to fewer bytes per token, each beside its effect on the tokens.
 
 One in-process loop per configuration, with the gateway's step functions and
-the device's `.pte` (as `spa.reference`), building the very protocol messages
+the device's `.pte` (as `spa.model.reference`), building the very protocol messages
 the split would send for each position and packing them with the wire's
 `FrameCodec` (msgpack + zstd at the given level):
 
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from spa import codec
-from spa.generate import choose_token, decode_one_token, logit_margin, prefill
+from spa.protocol import codec
+from spa.model.generate import choose_token, decode_one_token, logit_margin, prefill
 from spa.protocol import messages as m
 from spa.protocol.frames import FrameCodec
-from spa.step import split_state
+from spa.model.spa_rule import split_state
 
 # (codec, outlier channels, cloud-side projection); the first is the reference.
 WAYS = (("f32", 0, False), ("int8", 8, False), ("int4", 8, False), ("int8", 0, False), ("int4", 0, False),
@@ -117,10 +117,10 @@ def run_bytes_bench(*, plugin: str | None, docs: list[str], max_new_tokens: int 
                     levels=(1, 3, 9, 19), workdir: Path = Path("runs/bench"), tau: float | None = None,
                     skip_cost: float = 0.3, backbone=None, log=print) -> dict:
     from benchmarks.provision import ensure_plugin, plugin_prompts
-    from spa.backbone import load_backbone
-    from spa.plugin import read_config
-    from spa.pte import PtePlugin
-    from spa.tokens import token_pieces
+    from spa.model.backbone import load_backbone
+    from spa.model.plugin import read_config
+    from spa.model.pte_plugin import PtePlugin
+    from spa.model.token_bytes import token_pieces
 
     plugins = [("all taps", ensure_plugin(plugin, workdir, skip_cost=skip_cost, log=log))]
     for k in tap_every or ():

@@ -14,7 +14,7 @@ For each dtype, on the default SmolLM2 backbone:
   tokens. bfloat16: a batched row legitimately differs from the solo row by
   the rounding of a differently shaped product, so the batched steps are fed
   the solo tokens and every choice whose gap exceeds 4 % of the logits' scale
-  must agree (tests/test_backbones.py uses the same rule).
+  must agree (tests/model/test_backbones.py uses the same rule).
 * **split == reference.** A plugin with random non-zero weights (tau at the
   median gate probability, so the side network takes part), exported to
   `.pte`; sessions through an in-process gateway serving the backbone on the
@@ -51,7 +51,7 @@ def _prompts(n: int) -> list[str]:
 
 
 def _solo(bb, ids):
-    from spa.generate import decode_one_token, prefill
+    from spa.model.generate import decode_one_token, prefill
 
     cache, states = prefill(bb, ids)
     tokens, gaps, scales = [], [], []
@@ -67,7 +67,7 @@ def _solo(bb, ids):
 
 def check_batched(bb) -> dict:
     """Batched prefill and decode against the solo functions (see the module docstring)."""
-    from spa.generate import decode_batch, prefill_batch
+    from spa.model.generate import decode_batch, prefill_batch
 
     prompts = [bb.encode(p) for p in _prompts(16)]
     solo = [_solo(bb, ids) for ids in prompts]
@@ -100,8 +100,8 @@ def check_batched(bb) -> dict:
 def _random_plugin(bb, directory: Path) -> Path:
     """A plugin with random non-zero weights, exported to .pte (fp32); tau = the median gate p."""
     from export.export import export_plugin
-    from spa.generate import prefill
-    from spa.plugin import Plugin, PluginConfig, every_kth_layer, save_plugin
+    from spa.model.generate import prefill
+    from spa.model.plugin import Plugin, PluginConfig, every_kth_layer, save_plugin
 
     torch.manual_seed(0)
     config = PluginConfig(backbone=bb.identity.to_dict(), taps=every_kth_layer(bb.num_layers, 3), rank=16,
@@ -121,8 +121,8 @@ def check_split(bb, pte_path: Path) -> dict:
     from device_runtime.client import run_session
     from spa.protocol import messages as m
     from spa.protocol.limits import Limits
-    from spa.pte import PtePlugin
-    from spa.reference import reference_generate
+    from spa.model.pte_plugin import PtePlugin
+    from spa.model.reference import reference_generate
 
     pte = PtePlugin(pte_path)
     prompts = _prompts(8)
@@ -168,14 +168,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--out", type=Path, help="write the report as JSON here too")
     args = ap.parse_args(argv)
-    from spa.quiet import quiet_libraries
+    from spa.system.quiet import quiet_libraries
 
     quiet_libraries()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"cuda_check: no CUDA device here (torch {torch.__version__}, CUDA "
               f"{torch.version.cuda or 'not built in'}): nothing was checked on a GPU", file=sys.stderr)
         return 2
-    from spa.backbone import load_backbone
+    from spa.model.backbone import load_backbone
 
     report = {"device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
               "torch": torch.__version__, "checks": {}}

@@ -63,7 +63,7 @@ class _Adapter:
 async def _baseline(job, prompt, mode: str) -> dict:
     from websockets.asyncio.client import connect
 
-    from spa import codec
+    from spa.protocol import codec
     from spa.protocol.frames import FrameCodec
 
     frames = FrameCodec()
@@ -114,8 +114,8 @@ async def _baseline(job, prompt, mode: str) -> dict:
 def _device_only(job, prompts) -> tuple[float, list[dict]]:
     from transformers import AutoTokenizer
 
-    from export.backbone import PteBackbone
-    from spa.backbone import default_backbone_dir
+    from export.device_only import PteBackbone
+    from spa.model.backbone import default_backbone_dir
 
     t = time.perf_counter()
     model = PteBackbone(job["backbone_pte"])
@@ -135,7 +135,7 @@ def _device_only(job, prompts) -> tuple[float, list[dict]]:
 
 
 def run_job(job: dict) -> dict:
-    from spa.pte import set_threads
+    from spa.model.pte_plugin import set_threads
 
     set_threads(job.get("threads"))
     mode, prompts = job["mode"], job["prompts"]
@@ -145,7 +145,7 @@ def run_job(job: dict) -> dict:
         return {"mode": mode, "load_s": load_s, "docs": docs}
     pte = None
     if mode == "spa":
-        from spa.pte import PtePlugin
+        from spa.model.pte_plugin import PtePlugin
 
         pte = PtePlugin(job["pte"])
     load_s = time.perf_counter() - t
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     if len(argv) != 2:
         print("usage: python -m benchmarks.device_worker JOB.json OUT.json", file=sys.stderr)
         return 2
-    from spa.quiet import quiet_libraries
+    from spa.system.quiet import quiet_libraries
 
     quiet_libraries()
     with open(argv[0]) as f:

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from benchmarks.provision import ensure_plugin
-from spa.children import pinned, python_command, python_env, run
+from spa.system.children import pinned, python_command, python_env, run
 from spa.errors import SpaError
 
 SCHEMA = "spa-android-bench/1"
@@ -325,7 +325,7 @@ def run_adb_e2e(pte: Path | None = None, *, doc: str = "aclsum:test:0", window: 
     from device_runtime.client import run_session
     from device_runtime.documents import device_prompt, load_document
     from spa.protocol.messages import Options
-    from spa.pte import PtePlugin
+    from spa.model.pte_plugin import PtePlugin
 
     pte = Path(pte) if pte else default_ptes(plugin_dir, log)[0]
     if not pte.is_file():
@@ -411,7 +411,7 @@ def format_e2e(r: dict) -> str:
                      f"{fmt(row['bytes_down_per_token'], '11.0f')} {fmt(row['bytes_up_per_token'], '9.0f')} "
                      f"{fmt(row['round_trips_per_token'], '7.2f')} {fmt(row['ttft_s'], '7.2f')}")
     lines.append("same tokens on both clients" if r["same_tokens"] else
-                 "the clients' tokens differ (different numerics: compare with the margin rules of tests/test_android_live.py)")
+                 "the clients' tokens differ (different numerics: compare with the margin rules of tests/android/test_java_client_live.py)")
     return "\n".join(lines)
 
 

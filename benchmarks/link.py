@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spa.children import python_command, run, spawn, stop
+from spa.system.children import python_command, run, spawn, stop
 from spa.errors import SpaError
 
 NS_PREFIX = "spabench-"

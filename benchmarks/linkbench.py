@@ -50,7 +50,7 @@ from benchmarks.provision import DEFAULT_SKIP_COST, ensure_plugin, plugin_prompt
 from benchmarks.stats import fmt, percentile
 from benchmarks.tracemodel import MEASURED, MEASURED_GOALS, explain_result, format_why
 from cloud_gateway.process import GatewayProcess
-from spa.children import ServerProcess, pinned, python_command, python_env, run
+from spa.system.children import ServerProcess, pinned, python_command, python_env, run
 from spa.errors import SpaError
 
 ROWS = ("cloud_only", "cloud_plugin", "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj",
@@ -95,13 +95,13 @@ def _maybe_fail(stage: str) -> None:
 
 
 def _backbone_fingerprint() -> str:
-    from spa.backbone import IDENTITY_FILE, default_backbone_dir
+    from spa.model.backbone import IDENTITY_FILE, default_backbone_dir
 
     return json.loads((default_backbone_dir() / IDENTITY_FILE).read_text())["fingerprint"]
 
 
 def device_only_dir() -> Path:
-    from spa.paths import cache_dir
+    from spa.system.paths import cache_dir
 
     return cache_dir() / "device_only"
 
@@ -112,13 +112,13 @@ def ensure_device_only(variant: str, log=print) -> tuple[Path, dict]:
     path, report_file = out / f"backbone-{variant}.pte", out / f"backbone-{variant}.json"
     if path.exists() and report_file.exists():
         report = json.loads(report_file.read_text())
-        from export.backbone import MODULE_VERSION
+        from export.device_only import MODULE_VERSION
 
         if (report.get("backbone", {}).get("fingerprint") == _backbone_fingerprint()
                 and report.get("module_version") == MODULE_VERSION):
             return path, report
     log(f"exporting the whole backbone to ExecuTorch ({variant}) for the device-only row (once, a few minutes)...")
-    proc = run(python_command("export.backbone", "--out", out, "--variant", variant))
+    proc = run(python_command("export.device_only", "--out", out, "--variant", variant))
     if proc.returncode != 0 or not report_file.exists():
         raise SpaError(f"backbone export failed: {proc.stderr[-3000:]}")
     return path, json.loads(report_file.read_text())
@@ -195,7 +195,7 @@ def add_ratios(rows: dict) -> None:
 def lossless(rows: dict) -> dict | None:
     """Whether the rows that run the SPA rule (the SPA rows and the plugin in the cloud, at the same tau)
     committed the same tokens, in every repeat: each against the plugin in the cloud (the in-process
-    reference's step, `spa.step.split_state`), or the first SPA row where that row did not run."""
+    reference's step, `spa.model.spa_rule.split_state`), or the first SPA row where that row did not run."""
     names = [n for n in (CEILING, *SPA_ROWS) if n in rows and "error" not in rows[n] and "per_doc_tokens" in rows[n]]
     if len(names) < 2:
         return None
@@ -293,7 +293,7 @@ def _run_worker(link: Link, job: dict, core: str | None, timeout: float) -> dict
 
 
 def _plugin_info(pte_path: Path) -> dict:
-    from spa.plugin import read_config
+    from spa.model.plugin import read_config
 
     config, digest = read_config(pte_path.parent)
     training = config.training if isinstance(config.training, dict) else {}
@@ -451,7 +451,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
 
 
 def _eos_ids() -> list[int]:
-    from spa.backbone import default_backbone_dir
+    from spa.model.backbone import default_backbone_dir
 
     cfg = json.loads((default_backbone_dir() / "generation_config.json").read_text())
     ids = cfg.get("eos_token_id")

@@ -44,7 +44,7 @@ from pathlib import Path
 from benchmarks.provision import ensure_plugin
 from benchmarks.stats import fmt, percentile, rss
 from cloud_gateway.process import GatewayProcess
-from spa.children import pinned
+from spa.system.children import pinned
 
 QUESTIONS = [
     "What is rain?", "Name a fruit.", "Why do cats purr?", "What is a star?", "Define gravity.",
@@ -76,7 +76,7 @@ def backbone_tokenizer(backbone: str | None):
     `chat_prompt`), else the tokenizer of the backbone given as the gateway takes it (name or directory)."""
     from transformers import AutoTokenizer
 
-    from spa.backbone import DEFAULT_NAME, backbone_dir
+    from spa.model.backbone import DEFAULT_NAME, backbone_dir
 
     if backbone in (None, DEFAULT_NAME):
         return None
@@ -87,7 +87,7 @@ def prompt_tokens(backbone: str | None, tokenizer, n: int = len(QUESTIONS)) -> f
     """The mean length in tokens of the first n prompts (what a prefill costs)."""
     from transformers import AutoTokenizer
 
-    from spa.backbone import backbone_dir
+    from spa.model.backbone import backbone_dir
 
     counter = tokenizer or AutoTokenizer.from_pretrained(backbone_dir(backbone))
     prompts = [chat_prompt(q, tokenizer) for q in QUESTIONS[:n]]
@@ -197,7 +197,7 @@ def run_load_bench(*, sessions: list[int], backbones: list[str | None], dtypes: 
     """
     from spa.errors import SpaError
     from spa.protocol.messages import Options
-    from spa.pte import PtePlugin
+    from spa.model.pte_plugin import PtePlugin
 
     if plugin and len(backbones) > 1:
         raise SpaError("--plugin names one plugin, which belongs to one backbone; give one --backbones entry "
@@ -314,7 +314,7 @@ def run_replica_bench(*, replicas: list[int], sessions: list[int], plugin: str |
     cost of a resume."""
     from cloud_gateway.process import ServeProcess, replica_stats
     from spa.protocol.messages import Options
-    from spa.pte import PtePlugin
+    from spa.model.pte_plugin import PtePlugin
 
     pte_path = ensure_plugin(plugin, workdir, log=log)
     pte = PtePlugin(pte_path)

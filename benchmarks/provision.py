@@ -2,15 +2,15 @@
 
 `spa bench link`, `device`, `bytes` and `load` all take their plugin from
 `ensure_plugin`. Training and export run as `spa train` / `spa export`
-children (`spa.children`), which make the paths given to them absolute, so a
+children (`spa.system.children`), which make the paths given to them absolute, so a
 workdir relative to the caller's directory means the same in the child.
 """
 
 import json
 from pathlib import Path
 
-from spa.backbone import DEFAULT_NAME
-from spa.children import python_command, run
+from spa.model.backbone import DEFAULT_NAME
+from spa.system.children import python_command, run
 from spa.errors import SpaError
 
 DEFAULT_SKIP_COST = 0.3
@@ -75,7 +75,7 @@ def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", t
 
 def _current_export(pte: Path) -> bool:
     """False for an export made before the `.pte` carried the projection weights: export it again."""
-    from spa.pte import PtePlugin
+    from spa.model.pte_plugin import PtePlugin
 
     pte = PtePlugin(pte)
     return pte.supports_projection and pte.supports_push
@@ -84,7 +84,7 @@ def _current_export(pte: Path) -> bool:
 def plugin_prompts(pte_path: Path, docs: list[str]) -> list[str]:
     """The device's prompt for each document, built with the plugin's template and document budget."""
     from device_runtime.documents import device_prompt, load_document
-    from spa.plugin import read_config
+    from spa.model.plugin import read_config
 
     config, _ = read_config(pte_path.parent)  # the export directory's config.json (same as the .pte's)
     return [device_prompt(config, load_document(doc, config.max_doc_tokens)) for doc in docs]

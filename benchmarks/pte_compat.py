@@ -99,7 +99,7 @@ def check(export_dir: Path, runtimes=DEFAULT_RUNTIMES, log=print, include_curren
     import torch
 
     from export.export import TOLERANCE, parity_inputs, side_tolerance
-    from spa.plugin import load_plugin
+    from spa.model.plugin import load_plugin
 
     plugin = load_plugin(export_dir).eval()
     manifest = json.loads((export_dir / "manifest.json").read_text())

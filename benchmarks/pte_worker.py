@@ -61,9 +61,9 @@ def states(rng: np.random.Generator, rows: int, hidden: int) -> np.ndarray:
 def measure(path: str, iterations: int, warmup: int) -> dict:
     import torch
 
-    from spa.plugin import MARGIN_GATE
-    from spa.pte import executorch_runtime
-    from spa.quiet import quiet_native_stderr
+    from spa.model.plugin import MARGIN_GATE
+    from spa.model.pte_plugin import executorch_runtime
+    from spa.system.quiet import quiet_native_stderr
 
     out = {"pte": path, "file_bytes": Path(path).stat().st_size if Path(path).exists() else 0, "error": None}
     if not Path(path).exists():
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="ExecuTorch threadpool size (default 1)")
     args = ap.parse_args(argv)
-    from spa.quiet import quiet_libraries
+    from spa.system.quiet import quiet_libraries
 
     quiet_libraries()
     try:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from cli.bench import add_bench_parsers  # argparse only: cheap
 from spa.errors import SpaError
-from spa.quiet import quiet_libraries
+from spa.system.quiet import quiet_libraries
 
 
 def cmd_train(args) -> int:
-    from spa.backbone import load_backbone
-    from spa.plugin import MARGIN_GATE, save_plugin
+    from spa.model.backbone import load_backbone
+    from spa.model.plugin import MARGIN_GATE, save_plugin
     from training.train import TrainSettings, train_plugin
 
     settings = TrainSettings.quick(args.profile, args.seed) if args.quick else TrainSettings(args.profile, args.seed)
@@ -68,7 +68,7 @@ def cmd_gateway(args) -> int:
     import asyncio
 
     from cloud_gateway.server import run_gateway
-    from spa.backbone import load_backbone
+    from spa.model.backbone import load_backbone
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -82,7 +82,7 @@ def cmd_gateway(args) -> int:
     if args.keyfile and not args.certfile:
         raise SpaError("--keyfile needs --certfile")
     tls = tls_context(args.certfile, args.keyfile) if args.certfile else None  # before the slow backbone load
-    from spa.protocol.resume import load_secret
+    from spa.protocol.resume_tokens import load_secret
 
     resume_secret = load_secret(args.resume_secret_file)  # the file, else $SPA_RESUME_SECRET, else per process
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
@@ -97,7 +97,7 @@ def cmd_serve(args) -> int:
     import secrets
 
     from cloud_gateway.server import is_loopback
-    from spa.protocol.resume import load_secret
+    from spa.protocol.resume_tokens import load_secret
 
     token = args.token or os.environ.get("SPA_GATEWAY_TOKEN") or None
     if not is_loopback(args.host) and not token:
@@ -133,7 +133,7 @@ def cmd_summarize(args) -> int:
     from device_runtime.documents import check_doc_tokens, device_prompt, read_document
     from device_runtime.render import StreamPrinter, format_stats
     from spa.protocol.messages import Options
-    from spa.pte import PtePlugin
+    from spa.model.pte_plugin import PtePlugin
 
     if args.max_doc_tokens is not None:
         check_doc_tokens(args.max_doc_tokens)  # before the slow plugin load
@@ -172,14 +172,14 @@ def cmd_eval(args) -> int:
     command = "spa eval " + " ".join(sys.argv[2:])
     if args.pool:
         return _pool_reports(args.pool, args.out, command)
-    from spa.data import load_split
+    from spa.data.aclsum import load_split
 
     available = len(load_split(args.split))
     if not 0 <= args.first_paper < available or (args.papers is not None and args.papers < 1):
         print(f"error: need 0 <= --first-paper < {available} (the {args.split} split's papers) and --papers >= 1, "
               f"not --first-paper {args.first_paper} --papers {args.papers}", file=sys.stderr)
         return 2
-    from spa.backbone import load_backbone
+    from spa.model.backbone import load_backbone
 
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     sizes = () if args.no_sizes else (25, 50)

@@ -21,20 +21,20 @@ KV caches, as further rows of the same batched forward).
 
 Requests that arrive while the thread is busy wait, and the next round runs
 all of them together: the prefills of all waiting sessions as batched
-forwards (`spa.generate.prefill_batch`), the decode steps of all waiting
-sessions as one batched forward (`spa.generate.decode_batch`), and every row
+forwards (`spa.model.generate.prefill_batch`), the decode steps of all waiting
+sessions as one batched forward (`spa.model.generate.decode_batch`), and every row
 that needs logits as one `lm_head` call. So throughput grows with the number
 of sessions instead of each session paying a full pass over the weights per
 token, and sessions that start together wait for one prefill, not for each
 other's. The batched forwards run through the model's own layers
-(spa/backbone.py), for every decoder family the backbone supports.
+(spa/model/backbone.py), for every decoder family the backbone supports.
 
 Numerics: a round with one row runs exactly the solo functions of
-`spa.generate` (the ones `spa/reference.py` uses), so a session that runs alone
+`spa.model.generate` (the ones `spa/model/reference.py` uses), so a session that runs alone
 is bit-identical to the reference. Batched rows go through the same modules
 and weights, but a matrix product over B rows need not round like B products
 over one row: batched tokens equal solo tokens wherever the choice has margin
-(tests/test_load.py and tests/test_backbones.py check that, docs/DESIGN.md's
+(tests/gateway/test_concurrent_sessions.py and tests/model/test_backbones.py check that, docs/DESIGN.md's
 numerics contract).
 """
 
@@ -44,10 +44,10 @@ from dataclasses import dataclass
 
 import torch
 
-from spa.generate import (choose_token_and_alternatives, decode_batch, decode_one_token, logit_margin, prefill,
+from spa.model.generate import (choose_token_and_alternatives, decode_batch, decode_one_token, logit_margin, prefill,
                           prefill_batch)
 from spa.protocol import messages as m
-from spa.tokens import token_pieces
+from spa.model.token_bytes import token_pieces
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Choice:
 
     token: int
     alternatives: tuple[int, ...]  # the runners-up asked for, best first (branch drafting)
-    margin: float  # top-1 minus top-2 logit of those logits (spa.generate.logit_margin)
+    margin: float  # top-1 minus top-2 logit of those logits (spa.model.generate.logit_margin)
 
 
 def choose(logits, temperature: float, seed: int, pos: int, alternatives: int) -> Choice:
@@ -97,7 +97,7 @@ def batching_supported(backbone) -> bool:
     return bool(getattr(backbone, "supports_batching", False))
 
 
-# `decode_batch(backbone, caches, tokens)` (spa.generate) is re-exported here: the batched decode step.
+# `decode_batch(backbone, caches, tokens)` (spa.model.generate) is re-exported here: the batched decode step.
 __all__ = ["Engine", "batching_supported", "decode_batch", "kv_bytes"]
 
 # Prompts prefilled in one forward: at most this many tokens, padding included (bounds the
@@ -155,7 +155,7 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def prefill(self, ids: list[int]):
-        """The prompt's (KV cache, states [L + 1, H] of its last position), as `spa.generate.prefill`;
+        """The prompt's (KV cache, states [L + 1, H] of its last position), as `spa.model.generate.prefill`;
         prompts of sessions waiting together are prefilled in batched forwards."""
         return await self._submit(self._prefills, _Prefill(list(ids)))
 
@@ -253,7 +253,7 @@ class Engine:
             if not rows:
                 return
             if len(rows) == 1:
-                logits = [bb.logits(rows[0])]  # exactly the solo path (spa/reference.py)
+                logits = [bb.logits(rows[0])]  # exactly the solo path (spa/model/reference.py)
             else:
                 logits = bb.logits(torch.stack(rows))
             for d, lg in zip(drafts, logits[: len(drafts)]):

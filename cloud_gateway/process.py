@@ -5,12 +5,12 @@ process (`ThreadedGateway`, whose sessions and counters a test can inspect)."""
 import asyncio
 import threading
 
-from spa.children import ServerProcess, python_command, python_env
+from spa.system.children import ServerProcess, python_command, python_env
 from spa.errors import SpaError
 
 
 class GatewayProcess(ServerProcess):
-    """`spa gateway` as a real child process (`spa.children`); `url` is known once its banner is printed.
+    """`spa gateway` as a real child process (`spa.system.children`); `url` is known once its banner is printed.
 
     `prefix` runs it under another command (`taskset`, `ip netns exec`); `env`
     adds variables to its environment. The one launcher of a gateway
@@ -38,7 +38,7 @@ class ServeProcess(ServerProcess):
         import signal
         import subprocess
 
-        from spa.children import stop
+        from spa.system.children import stop
 
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # the driver shuts Serve and its Ray cluster down

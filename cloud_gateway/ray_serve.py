@@ -129,8 +129,8 @@ class GatewayReplica:
         import torch
 
         from cloud_gateway.server import Gateway
-        from spa.backbone import load_backbone
-        from spa.quiet import quiet_libraries
+        from spa.model.backbone import load_backbone
+        from spa.system.quiet import quiet_libraries
 
         quiet_libraries()
         logging.basicConfig(level=logging.INFO if config.get("verbose") else logging.WARNING,
@@ -184,7 +184,7 @@ def deployment_options(replicas: int | None, min_replicas: int | None, max_repli
 def _import_path() -> dict:
     """Replicas import this checkout: on a local cluster through PYTHONPATH; on a multi-node
     cluster every node must have the project installed too (README, "Scaling out")."""
-    from spa.children import ROOT
+    from spa.system.children import ROOT
 
     return {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 

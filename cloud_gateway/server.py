@@ -33,7 +33,7 @@ from spa.errors import SpaError
 from spa.protocol.errors import NORMAL_CLOSE, PeerError, ProtocolError
 from spa.protocol.gateway import GatewayProtocol, Prefill, ResumeWanted, SessionMoved
 from spa.protocol.limits import Limits
-from spa.protocol.resume import REFUSED, ResumeTokens
+from spa.protocol.resume_tokens import REFUSED, ResumeTokens
 
 __all__ = ["Engine", "Gateway", "is_loopback", "run_gateway", "tls_context"]
 

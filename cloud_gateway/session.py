@@ -39,14 +39,14 @@ import torch
 from websockets.exceptions import ConnectionClosed
 
 from cloud_gateway.engine import kv_bytes
-from spa.generate import decode_one_token, fork_cache, truncate
-from spa.projection import project
+from spa.model.generate import decode_one_token, fork_cache, truncate
+from spa.model.projection import project
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec, negotiate
 from spa.protocol.gateway import (Adopt, Discard, Draft, Forget, Fork, GatewayProtocol, Head, Prefill, SendTaps,
                                   Truncate)
-from spa.step import cloud_state
+from spa.model.spa_rule import cloud_state
 
 log = logging.getLogger("spa.gateway")
 _CLOSED = object()  # inbox marker: the connection is gone

@@ -37,7 +37,7 @@ from spa.protocol.device import Commit, DeviceProtocol, RunGate, RunSide
 from spa.protocol.errors import PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
-from spa.step import gate_input
+from spa.model.spa_rule import gate_input
 
 
 @dataclass
@@ -112,10 +112,10 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     resume the session after a lost connection (within the gateway's grace).
     `cloud_projection`: upload the side network's per-tap projections with the
     hello (~1.1 MB for 31 taps) so that taps come down as r values per tap
-    instead of H (spa/projection.py: fewer bytes, but the cloud holds those
+    instead of H (spa/model/projection.py: fewer bytes, but the cloud holds those
     weights for the session). `push_taps`: upload the gate (4.6 KB) and tau so
     that the gateway sends the taps with the step where the gate will open:
-    one round trip per side token instead of two (spa/cloud_gate.py).
+    one round trip per side token instead of two (spa/model/cloud_gate.py).
     `max_in_flight`: side outputs that may await their verdict at once (1: gate
     the next draft only after the verdict; more lets the device gate the drafts
     already here and send their side outputs without waiting, docs/PROTOCOL.md §6).

@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from spa.data import document_text, format_prompt, kept_sentences, load_split, plain_document, sentence_count
+from spa.data.aclsum import document_text, kept_sentences, load_split, sentence_count
+from spa.data.prompts import format_prompt, plain_document
 from spa.errors import DataError
 from spa.protocol.limits import Limits
 

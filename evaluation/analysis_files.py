@@ -4,9 +4,9 @@ reading the trained plugins they are pointed at, and writing their table beside 
 import json
 from pathlib import Path
 
-from spa.data import check_profile
+from spa.data.aclsum import check_profile
 from spa.errors import PluginError
-from spa.plugin import load_plugin
+from spa.model.plugin import load_plugin
 
 
 class NotAPlugin(Exception):
@@ -17,7 +17,7 @@ def plugins_and_backbone(directories: list[Path], backbone_name: str | None) -> 
     """The trained torch plugins (eval mode, each with a known reader profile), then the backbone they were
     trained on; a bad directory fails before the backbone loads. Raises NotAPlugin naming the directory that
     is not a plugin, or not one for this backbone."""
-    from spa.backbone import load_backbone
+    from spa.model.backbone import load_backbone
 
     plugins = []
     for directory in directories:

@@ -10,7 +10,7 @@ Per row and position this computes exactly what the split computes (docs/DESIGN.
 §1 with the wire's quantization, the `.pte` for gate and side; replacement
 plugins, the paper's S2/S3 rows, use s_t instead of f_t + s_t): only the
 batched matrix products differ from the one-row reference in the last bits.
-tests/test_eval.py checks, on data with margin, that the tokens are the
+tests/eval/test_quality.py checks, on data with margin, that the tokens are the
 reference's.
 """
 
@@ -19,16 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spa.generate import logit_margins, prefill
-from spa.reference import Generation
-from spa.step import DeviceDecision, cloud_state, device_step, quantizing_wire
+from spa.model.generate import logit_margins, prefill
+from spa.model.reference import Generation
+from spa.model.spa_rule import DeviceDecision, cloud_state, device_step, quantizing_wire
 
 ALWAYS = -1.0  # tau below every p: sigma = 1 on every token (paper's S1, "side always on")
 NEVER = 2.0  # tau above every p: the backbone alone
 
 
 class EagerPlugin:
-    """A torch Plugin (spa/plugin.py) with a PtePlugin's device interface (`gate`, `side`, `config`),
+    """A torch Plugin (spa/model/plugin.py) with a PtePlugin's device interface (`gate`, `side`, `config`),
     for explorations that try gates without exporting them; `gate` replaces the plugin's own."""
 
     def __init__(self, plugin, gate=None):

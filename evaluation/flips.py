@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from evaluation.analysis_files import NotAPlugin, plugins_and_backbone, publish
-from spa.data import load_split, paper_prompt
-from spa.plugin import PLAIN_GATE, Plugin, rms
+from spa.data.aclsum import load_split, paper_prompt
+from spa.model.plugin import PLAIN_GATE, Plugin, rms
 from training.tapcache import TokenSet, split_token_set
 from training.train import (TrainSettings, cross_fitted, gate_rows, greedy_tokens, helpful_flips, per_token,
                             plugin_logits)

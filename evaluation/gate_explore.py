@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 from evaluation.batched import ALWAYS, NEVER, EagerPlugin, Row, generate_rows
 from evaluation.rouge import rouge_l, side_usage
-from spa.backbone import load_backbone
-from spa.data import GENERIC_INSTRUCTION, chat_template, load_split, paper_prompt
-from spa.plugin import combine, load_plugin
+from spa.model.backbone import load_backbone
+from spa.data.aclsum import load_split, paper_prompt
+from spa.data.prompts import GENERIC_INSTRUCTION, chat_template
+from spa.model.plugin import combine, load_plugin
 from training.tapcache import TokenSet, split_token_set
 from training.train import TrainSettings, train_gate
 
@@ -73,7 +74,7 @@ def generated_flips(backbone, base_plugin, train, s, tmpl, max_new=48):
     if path.exists():
         d = torch.load(path)
         return d["f"], d["flip"]
-    from spa.generate import prefill, decode_one_token
+    from spa.model.generate import prefill, decode_one_token
     sides = torch.load(OUT / f"{s.profile}-sides.pt")
     helpers = []
     for st in sides[1:3]:
@@ -129,7 +130,7 @@ if __name__ == "__main__":
     s = TrainSettings(profile)
     if not (plugin_dir / "config.json").exists():
         import training.train as T
-        from spa.plugin import save_plugin
+        from spa.model.plugin import save_plugin
         orig = T.cross_fitted
         orig_side = T.train_side
         sides = []

@@ -38,9 +38,9 @@ from evaluation.batched import ALWAYS, EagerPlugin, Row, generate_rows
 from evaluation.rouge import rouge_l, side_usage
 from evaluation.run import GOAL_CANDIDATES, GOAL_GENERATION_USAGE
 from evaluation.tune import best_usage
-from spa.data import load_split, paper_prompt
-from spa.generate import decode_one_token, prefill
-from spa.plugin import combine
+from spa.data.aclsum import load_split, paper_prompt
+from spa.model.generate import decode_one_token, prefill
+from spa.model.plugin import combine
 from training.tapcache import TokenSet, split_token_set
 from training.train import TrainSettings, gate_labels, gate_rows, greedy_tokens, train_gate
 

@@ -11,7 +11,7 @@ the share of all generated tokens with sigma = 1, as in one run.
 """
 
 from evaluation.bootstrap import paired_bootstrap
-from spa.data import load_split
+from spa.data.aclsum import load_split
 
 SAME = ("split", "max_new_tokens", "max_doc_tokens", "backbone", "dtype")
 

@@ -31,9 +31,10 @@ from evaluation.bootstrap import RESAMPLES, format_interval, paired_bootstrap
 from evaluation.rouge import rouge_l, side_usage
 from evaluation.tune import MAX_GENERATION_USAGE, USAGE_CANDIDATES, tune_usage, usage_taus
 from export.export import export_plugin
-from spa.data import ASPECT_INSTRUCTIONS, GENERIC_INSTRUCTION, chat_template, check_profile, load_split, paper_prompt
-from spa.plugin import MARGIN_GATE, load_plugin, save_plugin
-from spa.pte import PtePlugin
+from spa.data.aclsum import ASPECT_INSTRUCTIONS, check_profile, load_split, paper_prompt
+from spa.data.prompts import GENERIC_INSTRUCTION, chat_template
+from spa.model.plugin import MARGIN_GATE, load_plugin, save_plugin
+from spa.model.pte_plugin import PtePlugin
 from training.train import TrainSettings, train_plugin
 
 SWEEP_USAGE = (0.2, 0.4, 0.6, 0.8)
@@ -146,7 +147,7 @@ GOAL_CANDIDATES = (0.2, 0.25, 0.3, 0.35, 0.4)  # teacher-forced validation usage
 GOAL_GENERATION_USAGE = 0.37  # at most this in the validation generations: room under GOAL_USAGE for the split shift
 RECIPES = {
     "flip": Recipe("flip-label gate", {"gate_labels": "flip"}, GOAL_CANDIDATES, GOAL_GENERATION_USAGE),
-    # The flip-label gate reading the backbone's top-2 logit margin too (spa/plugin.py, MARGIN_GATE).
+    # The flip-label gate reading the backbone's top-2 logit margin too (spa/model/plugin.py, MARGIN_GATE).
     "margin": Recipe("flip-label gate + logit margin", {"gate_labels": "flip", "gate_input": MARGIN_GATE},
                      GOAL_CANDIDATES, GOAL_GENERATION_USAGE),
     # The margin gate taught only the flips that reach the reference's token (results/quality/flips).

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from evaluation.batched import Row, generate_rows
 from evaluation.rouge import rouge_l, side_usage
-from spa.data import GENERIC_INSTRUCTION, chat_template, load_split, paper_prompt
+from spa.data.aclsum import load_split, paper_prompt
+from spa.data.prompts import GENERIC_INSTRUCTION, chat_template
 from training.tapcache import split_token_set
 from training.train import gate_rows
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.pte import VARIANTS, lower
-from spa.plugin import CONFIG_FILE, WEIGHTS_FILE, Plugin, gate_row, load_plugin
-from spa.pte import PtePlugin
+from export.lowering import VARIANTS, lower
+from spa.model.plugin import CONFIG_FILE, WEIGHTS_FILE, Plugin, gate_row, load_plugin
+from spa.model.pte_plugin import PtePlugin
 
 TOLERANCE = {"fp32": {"gate": 1e-4, "side": 1e-4}, "int8": {"gate": 1e-4, "side": 0.05}}
 _SIDE_RELATIVE = {"fp32": False, "int8": True}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cloud_gateway.process import GatewayProcess
-from spa.children import python_command, run
+from spa.system.children import python_command, run
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = "outcome"
@@ -28,7 +28,7 @@ def run_spa(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def backbone():
-    from spa.backbone import load_backbone
+    from spa.model.backbone import load_backbone
 
     return load_backbone()
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from spa.data import Paper, load_split, paper_prompt
-from spa.paths import cache_dir
+from spa.data.aclsum import Paper, load_split, paper_prompt
+from spa.system.paths import cache_dir
 
 
 @dataclass

@@ -15,7 +15,7 @@ The recipe trains exactly what the runtime runs, the *hard* gate:
    `gate_labels="flip"` labels instead the tokens where the side changes the
    greedy token (`label_folds` sets the cross-fitting folds; default 2).
    `gate_input=MARGIN_GATE` gives the gate the backbone's top-2 logit margin
-   beside f_t (spa/plugin.py): the side can only change a token whose margin
+   beside f_t (spa/model/plugin.py): the side can only change a token whose margin
    it overcomes, which a linear gate on f_t alone cannot see.
 3. tau on the validation split: the threshold minimizing
    hard-gate loss + lam * side usage, among those keeping the side usage at
@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from spa.data import GENERIC_INSTRUCTION, chat_template, check_profile
-from spa.generate import logit_margins
-from spa.plugin import PLAIN_GATE, Plugin, PluginConfig, combine, every_kth_layer, gate_row
+from spa.data.aclsum import check_profile
+from spa.data.prompts import GENERIC_INSTRUCTION, chat_template
+from spa.model.generate import logit_margins
+from spa.model.plugin import PLAIN_GATE, Plugin, PluginConfig, combine, every_kth_layer, gate_row
 from training.tapcache import TokenSet, split_token_set
 
 
@@ -156,7 +157,7 @@ def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: Trai
 
 def backbone_margins(backbone, f: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """[N] the backbone's top-1 minus top-2 logit for each final state f [N, H]: what the gateway
-    sends with each step for a margin gate (spa.generate.logit_margin, row by row)."""
+    sends with each step for a margin gate (spa.model.generate.logit_margin, row by row)."""
     with torch.no_grad():
         out = [logit_margins(backbone.logits(f[i:i + batch])) for i in range(0, len(f), batch)]
     return torch.cat(out) if out else torch.zeros(0)

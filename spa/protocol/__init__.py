@@ -2,6 +2,6 @@
 
 Import the submodules directly (`spa.protocol.frames`, `.messages`, `.gateway`,
 `.device`, `.errors`, `.limits`); this package re-exports nothing, so that
-`spa.codec` can import `spa.protocol.errors` without pulling in the rest.
+`spa.protocol.codec` can import `spa.protocol.errors` without pulling in the rest.
 The specification is docs/PROTOCOL.md.
 """

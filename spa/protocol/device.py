@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spa import codec
+from spa.protocol import codec
 from spa.protocol import messages as m
 from spa.protocol.errors import PeerError, ProtocolError
 

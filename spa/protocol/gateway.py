@@ -52,7 +52,7 @@ Resumption (`resumable=True`): a fresh connection's `hello` with `resume`
 yields the action `ResumeWanted`; the host finds the session it names, calls
 that session's `check_resume(hello)` and then `resume(next, secret)`, which
 queues `resumed` and what the device must get again. With `tokens` (a
-`spa.protocol.resume.ResumeTokens`: signed resume tokens any replica of the
+`spa.protocol.resume_tokens.ResumeTokens`: signed resume tokens any replica of the
 deployment can verify) the protocol issues the secrets itself, refreshes them
 on steps and verdicts, and a gateway that does not hold the session rebuilds
 it: the fresh protocol's `check_rebuild(hello)`, then the host tokenizes the
@@ -69,12 +69,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from spa import codec
-from spa.cloud_gate import predicts_open
+from spa.protocol import codec
+from spa.model.cloud_gate import predicts_open
 from spa.protocol import messages as m
 from spa.protocol.errors import PeerError, ProtocolError
 from spa.protocol.limits import Limits
-from spa.protocol.resume import REFUSED, ResumeTokens, TokenClaims, generation_digest, prefix_digest
+from spa.protocol.resume_tokens import REFUSED, ResumeTokens, TokenClaims, generation_digest, prefix_digest
 
 
 # --- actions: what the host computes -------------------------------------
@@ -593,7 +593,7 @@ class GatewayProtocol:
         """The host computed the Draft for pos on line `branch`: f_pos [1, H]
         (float32), the backbone's token and (branch drafting) its runners-up,
         best first; `margin`: the backbone's top-2 logit margin at pos
-        (`spa.generate.logit_margin`), required when the hello asked for
+        (`spa.model.generate.logit_margin`), required when the hello asked for
         `gate_margin`. A main-line draft queues its step (after its taps, where
         the device's gate will open and it uploaded that gate); a branch draft
         is kept until its branch is adopted or dropped. Once the round's last

@@ -5,7 +5,7 @@
 first defect. `msg.to_dict()` builds the map to send. Keys a message does not
 define are ignored, so a later version can add optional fields.
 
-Activations (`f`, `taps`, `s`) keep their encoded form (spa.codec), which is
+Activations (`f`, `taps`, `s`) keep their encoded form (spa.protocol.codec), which is
 what `to_dict` sends. Parsing decodes each one once, to validate it, and keeps
 the decoded float32 matrix on the message (`Step.f_array`, `Step.taps_array`,
 `Taps.taps_array`, `Side.s_array`) so that no receiver decodes it again. A
@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from spa import codec
+from spa.protocol import codec
 from spa.protocol.errors import ProtocolError
 
 VERSION = 2  # 2: several side outputs in flight; resumed.commits
@@ -200,7 +200,7 @@ class Projection:
 @dataclass(frozen=True)
 class GateUpload:
     """The device's gate, uploaded so that the gateway pushes taps with the steps
-    where it predicts sigma = 1 (docs/PROTOCOL.md §4, hello; spa/cloud_gate.py)."""
+    where it predicts sigma = 1 (docs/PROTOCOL.md §4, hello; spa/model/cloud_gate.py)."""
 
     weight: bytes  # float32 [2, H] (a margin gate: [2, H + 1]), little-endian: M_c
     bias: bytes  # float32 [2]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spa import codec
+from spa.protocol import codec
 
 OUT = Path(__file__).with_name("codec_vectors.json")
 

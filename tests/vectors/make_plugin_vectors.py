@@ -4,9 +4,9 @@
 
 Writes `plugin_vectors/` (config.json + plugin.safetensors, as `spa train`
 saves a plugin), `plugin_vectors_margin/` (the same shape with a margin gate:
-its gate reads [f_t, m_t], spa/plugin.py MARGIN_GATE) and `plugin_vectors.json`:
-inputs and the eager-torch outputs of spa/plugin.py for them. The Java host executor (android_demo, JUnit) and
-tests/test_android.py both check these files, so a drift on either side shows.
+its gate reads [f_t, m_t], spa/model/plugin.py MARGIN_GATE) and `plugin_vectors.json`:
+inputs and the eager-torch outputs of spa/model/plugin.py for them. The Java host executor (android_demo, JUnit) and
+tests/android/test_host.py both check these files, so a drift on either side shows.
 
 The plugin has the real SmolLM2 shape (H = 576) with 4 taps and rank 8, so the
 files stay small; its backbone identity is made up. Weights are torch's
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spa.plugin import MARGIN_GATE, Plugin, PluginConfig, save_plugin
+from spa.model.plugin import MARGIN_GATE, Plugin, PluginConfig, save_plugin
 
 HERE = Path(__file__).parent
 PLUGIN_DIR = HERE / "plugin_vectors"
@@ -90,7 +90,7 @@ def main() -> None:
     with torch.no_grad():
         margin_p = [margin_plugin.gate(torch.from_numpy(r)[None])[0, 0].item() for r in margin_rows]
     doc = {
-        "about": "SPA plugin vectors: eager spa/plugin.py outputs for a small plugin; see make_plugin_vectors.py",
+        "about": "SPA plugin vectors: eager spa/model/plugin.py outputs for a small plugin; see make_plugin_vectors.py",
         "plugin_dir": PLUGIN_DIR.name,
         "content_hash": digest,
         "hidden_size": H,

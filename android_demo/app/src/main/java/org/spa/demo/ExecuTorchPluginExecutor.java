@@ -11,7 +11,7 @@ import org.spa.protocol.PluginConfig;
 
 /**
  * The reader's plugin run by ExecuTorch on the phone CPU (XNNPACK-delegated .pte
- * from `spa export`). Methods, as export/pte.py lowers them:
+ * from `spa export`). Methods, as export/lowering.py lowers them:
  * <pre>
  *   gate(f: float32[1, H])             -> p: float32[1, 1]   ([1, H + 1] for a margin gate: f, then m)
  *   side(taps: float32[1, n_taps, H])  -> s: float32[1, H]

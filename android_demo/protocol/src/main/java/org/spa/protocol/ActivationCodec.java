@@ -9,7 +9,7 @@ import java.util.List;
 import java.util.Map;
 
 /**
- * Activation codec (docs/PROTOCOL.md section 5; reference spa/codec.py).
+ * Activation codec (docs/PROTOCOL.md section 5; reference spa/protocol/codec.py).
  *
  * Decoding is normative and bit-exact: one float32 multiply `(float) q * scale`
  * per value, then outliers overwrite their columns (fp16 -> fp32 is exact).

@@ -6,7 +6,7 @@ import java.util.Map;
 
 /**
  * The plugin in pure Java, from an export (or plugin) directory's config.json and
- * plugin.safetensors: exactly spa/plugin.py's forward pass in float32.
+ * plugin.safetensors: exactly spa/model/plugin.py's forward pass in float32.
  *
  * <pre>
  *   side: x_l = rms(T_l); z = W_in x_0; z = Down_l(x_l) + Adapter_l(gelu(z)) for l = 1..;

@@ -6,7 +6,7 @@ import java.util.List;
 import java.util.Map;
 
 /**
- * The parts of a plugin's config.json (spa/plugin.py PluginConfig) that the
+ * The parts of a plugin's config.json (spa/model/plugin.py PluginConfig) that the
  * device needs: taps, width, gate threshold, prompt format and the backbone it
  * was trained for. Export writes config.json beside the .pte files.
  */
@@ -25,7 +25,7 @@ public final class PluginConfig {
     public final String contentHash;
     public final String profile; // may be null
     public final Map<String, Object> raw;
-    /** The gate reads [f_t, m_t], m_t the backbone's top-2 logit margin that each step carries (spa/plugin.py). */
+    /** The gate reads [f_t, m_t], m_t the backbone's top-2 logit margin that each step carries (spa/model/plugin.py). */
     public final boolean gateMargin;
     static final String PLAIN_GATE = "rms_normalized_f", MARGIN_GATE = "rms_normalized_f+log_margin";
 
@@ -53,7 +53,7 @@ public final class PluginConfig {
         maxDocTokens = d.containsKey("max_doc_tokens") ? (int) num(d, "max_doc_tokens") : 384;
         contentHash = str(d, "content_hash");
         profile = d.get("profile") instanceof String ? (String) d.get("profile") : null;
-        // The host executor implements exactly one plugin variant, as spa/plugin.py validates.
+        // The host executor implements exactly one plugin variant, as spa/model/plugin.py validates.
         Object gateInput = orDefault(d, "gate_input", PLAIN_GATE);
         if (!"gelu".equals(orDefault(d, "activation", "gelu")) || !"rms".equals(orDefault(d, "tap_norm", "rms"))
                 || !(PLAIN_GATE.equals(gateInput) || MARGIN_GATE.equals(gateInput))) {

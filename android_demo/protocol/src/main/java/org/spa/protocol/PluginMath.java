@@ -1,7 +1,7 @@
 package org.spa.protocol;
 
 /**
- * The float32 building blocks of spa/plugin.py: rms normalization, nn.Linear,
+ * The float32 building blocks of spa/model/plugin.py: rms normalization, nn.Linear,
  * exact-erf GELU, softmax. Each output value is rounded to float32, as torch's
  * float32 tensors are; sums are accumulated in double so the result is at
  * least as close to the exact value as torch's (its summation order differs,

@@ -2,7 +2,7 @@ package org.spa.protocol;
 
 /**
  * The device builds the prompt exactly as the plugin was trained with
- * (spa/data.py plain_document + format_prompt): the plugin config's chat
+ * (spa/data/prompts.py plain_document + format_prompt): the plugin config's chat
  * template, with its instruction and the document put in.
  */
 public final class Prompts {

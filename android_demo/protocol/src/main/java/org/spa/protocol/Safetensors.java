@@ -11,7 +11,7 @@ import java.util.Map;
 /**
  * Reads float32 tensors from a .safetensors file: an 8-byte little-endian
  * header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
- * raw little-endian data. Only F32 is needed (spa/plugin.py saves float32).
+ * raw little-endian data. Only F32 is needed (spa/model/plugin.py saves float32).
  */
 public final class Safetensors {
     /** One tensor: its shape and its values, row-major. */

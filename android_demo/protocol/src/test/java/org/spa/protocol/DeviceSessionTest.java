@@ -16,7 +16,7 @@ import org.junit.Test;
 
 /**
  * The device state machine against scripted gateways: the ordering rules of
- * tests/test_protocol.py and the two sequence diagrams of docs/PROTOCOL.md
+ * tests/protocol/test_state_machines.py and the two sequence diagrams of docs/PROTOCOL.md
  * section 6 (lock-step, and draft-ahead with a rollback).
  */
 public class DeviceSessionTest {

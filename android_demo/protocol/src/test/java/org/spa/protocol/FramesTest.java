@@ -19,7 +19,7 @@ import org.msgpack.core.MessagePack;
 
 import com.github.luben.zstd.ZstdCompressCtx;
 
-/** Frames: round trip, zstd bombs, size limits and malformed input (mirrors tests/test_protocol.py). */
+/** Frames: round trip, zstd bombs, size limits and malformed input (mirrors tests/protocol/test_state_machines.py). */
 public class FramesTest {
     static String codeOf(Frames frames, byte[] data) {
         try {

@@ -11,7 +11,7 @@ import org.junit.Test;
 
 /**
  * The pure-Java plugin against eager torch on tests/vectors/plugin_vectors.json
- * (tests/test_android.py checks the same file from Python). Tolerances, stated
+ * (tests/android/test_host.py checks the same file from Python). Tolerances, stated
  * in the file: |p_java - p_torch| <= 1e-6 and max|s_java - s_torch| <= 1e-5 * max|s_torch|.
  * Java rounds every op's output to float32 like torch, but sums in another order.
  */

@@ -12,7 +12,7 @@ import java.util.List;
 import java.util.Map;
 
 /**
- * A test peer for tests/test_android.py: Python writes frames, Java answers with
+ * A test peer for tests/android/test_host.py: Python writes frames, Java answers with
  * frames, Python checks them. Files are sequences of (uint32 LE length, frame).
  *
  * <pre>

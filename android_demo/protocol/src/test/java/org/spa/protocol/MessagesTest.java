@@ -11,7 +11,7 @@ import java.util.Map;
 
 import org.junit.Test;
 
-/** Message round trips and field validation (mirrors tests/test_protocol.py). */
+/** Message round trips and field validation (mirrors tests/protocol/test_state_machines.py). */
 public class MessagesTest {
     static final int H = 16;
     static final int[] TAPS = {0, 2, 4};

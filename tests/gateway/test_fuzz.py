@@ -1,0 +1,397 @@
+"""Property-based fuzzing of the live gateway (in-process, loopback websockets).
+
+Every frame a device could send, at the handshake and in the middle of a
+generation, gets either a valid answer or the documented error code with its
+close code: never `internal` (a gateway bug), never a hang or a crash, and the
+gateway's memory stays bounded. A good session runs concurrently the whole
+time and must produce exactly the tokens it produces alone. The gateway
+drafts branches (`branches=2`), so the fuzzed sessions hold branch lines too:
+the generation fuzzer also asks for taps and sends a side output whose verdict
+keeps the draft, turns it to a runner-up the gateway drafted a branch for (a
+hit), or to another token (a miss), and asserts that its sessions really
+reached branch points, forked, adopted and discarded branch lines.
+"""
+
+import os
+import struct
+import threading
+from dataclasses import asdict
+
+import msgpack
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from benchmarks.stats import rss
+from cloud_gateway.process import ThreadedGateway
+from spa.protocol import codec
+from spa.protocol import messages as m
+from spa.protocol.errors import CODES
+from spa.protocol.frames import FrameCodec
+from spa.protocol.gateway import Adopt, Discard, Fork, GatewayProtocol
+from spa.protocol.limits import Limits
+from tests.strategies import msgpack_values, mutated
+
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+LIMITS = Limits(max_sessions=32, idle_timeout_s=10, resume_grace_s=0, max_message_bytes=1 << 20,
+                max_frame_bytes=256 << 10)
+PROMPT = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
+GOOD_PROMPTS = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in (
+    "Name three colours.", "What is rain?", "Describe a cat.", "Why is the sky blue?", "Say something kind.")]
+
+
+def _rss() -> int:
+    return rss(os.getpid())
+
+
+WATCHED: list[dict] = []  # one per connection the fuzz gateway served: its prompt, the actions run, its stats
+
+
+class _WatchedProtocol(GatewayProtocol):
+    """The gateway's protocol, noting for its session every kind of action its host ran."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watch = {"prompt": None, "actions": set(), "stats": self.stats}
+        WATCHED.append(self.watch)
+
+    def next_action(self):
+        action = super().next_action()
+        if action is not None:
+            self.watch["actions"].add(type(action))
+            self.watch["prompt"] = self.hello.prompt if self.hello is not None else None
+        return action
+
+
+def _branching(watched: list[dict]) -> dict:
+    """How many fuzzed generation sessions (PROMPT) reached a branch point, forked, adopted, discarded."""
+    sessions = [w for w in watched if w["prompt"] == PROMPT]
+    return {"sessions": len(sessions),
+            "branch_points": sum(w["stats"].branch_points > 0 for w in sessions),
+            "forked": sum(Fork in w["actions"] for w in sessions),
+            "adopted": sum(Adopt in w["actions"] for w in sessions),
+            "discarded": sum(Discard in w["actions"] for w in sessions)}
+
+
+@pytest.fixture(scope="module")
+def fuzz_gateway(backbone):
+    # Branch drafting on: a fuzzed session that asks for taps has branch lines (forked KV caches,
+    # branch drafts) when its connection breaks, errs or says bye; they must go with it.
+    with pytest.MonkeyPatch.context() as mp:  # every session's protocol is watched
+        mp.setattr("cloud_gateway.server.GatewayProtocol", _WatchedProtocol)
+        with ThreadedGateway(backbone, LIMITS, branches=2) as gw:
+            yield gw
+
+
+@pytest.fixture(scope="module")
+def ident(backbone):
+    return backbone.identity
+
+
+def _hello(ident, **options) -> dict:
+    opts = {"window": 2, "max_new_tokens": 8, **options}
+    return m.Hello("", m.Plugin(ident.fingerprint, (1, 5, ident.num_layers), "h"), PROMPT,
+                   m.Options(**opts)).to_dict()
+
+
+def _talk(url, frames: list, read_first: int = 0, quiet_s: float = 1.5):
+    """Send frames (after reading `read_first` messages following the first one),
+    then read. A callable frame gets the maps received so far and returns a
+    frame, or a list of frames and waits (a message type, or a predicate on a
+    map: read until a message that matches has arrived). When the gateway goes quiet for quiet_s without
+    closing (it waits for the device: the frames were valid), say bye. Read
+    until the gateway closes. Returns (received maps, close code)."""
+    fc, got = FrameCodec(max_frame_bytes=8 << 20, max_message_bytes=64 << 20), []
+    with connect(url, compression=None, max_size=None, open_timeout=30, close_timeout=5) as ws:
+        try:
+            for i, frame in enumerate(frames):
+                script = frame(got) if callable(frame) else frame
+                for item in script if isinstance(script, list) else [script]:
+                    if isinstance(item, bytes):
+                        ws.send(item)
+                        continue
+                    match = item if callable(item) else lambda d, t=item: d.get("type") == t
+                    while not any(map(match, got)):
+                        got.append(fc.unpack(ws.recv(timeout=60)))
+                if i == 0:
+                    for _ in range(read_first):
+                        got.append(fc.unpack(ws.recv(timeout=60)))
+            while True:
+                try:
+                    got.append(fc.unpack(ws.recv(timeout=quiet_s)))
+                except TimeoutError:
+                    ws.send(fc.pack({"type": "bye"}))
+                    break
+        except ConnectionClosed:
+            pass
+        try:  # whatever is left, until the close; an unanswered bye is a hang
+            while True:
+                got.append(fc.unpack(ws.recv(timeout=30)))
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            pytest.fail(f"the gateway neither answered nor closed; got {[g.get('type') for g in got]}")
+    return got, ws.close_code
+
+
+def _check(got, close_code):
+    """Either the documented error code and its close code, or a normal close; never `internal`."""
+    errors = [g for g in got if g.get("type") == "error"]
+    if errors:
+        code = errors[-1]["code"]
+        assert code in CODES and code != "internal", errors[-1]
+        assert close_code == CODES[code][0], (code, close_code)
+    else:  # a normal close, or a frame over max_frame_bytes refused by the websocket layer itself
+        assert close_code in (1000, CODES["too_large"][0]), (close_code, [g.get("type") for g in got])
+    return errors[-1]["code"] if errors else None
+
+
+# --- strategies -------------------------------------------------------------------------
+
+def _zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _claimed_size_frame(claimed: int, payload: bytes) -> bytes:
+    """A zstd frame whose header claims `claimed` bytes, holding one raw block of payload."""
+    header = struct.pack("<I", 0xFD2FB528) + bytes([0b11100000]) + struct.pack("<Q", claimed)
+    return header + (1 | (len(payload) << 3)).to_bytes(3, "little") + payload
+
+
+def raw_frames(valid: bytes):
+    """Frame-level garbage around one valid frame."""
+    huge_str = b"\xdb\xff\xff\xff\xf0" + b"x" * 8  # msgpack str32 declaring ~4 GiB
+    huge_map = b"\xdf\xff\xff\xff\xff"  # map32 declaring 4G entries
+    deep = b"\x91" * 5000 + b"\xc0"  # 5000 nested arrays
+    return st.one_of(
+        st.binary(max_size=200),  # not zstd at all
+        st.binary(max_size=200).map(_zstd),  # zstd of not-msgpack
+        msgpack_values.map(lambda v: _zstd(msgpack.packb(v))),  # msgpack of anything
+        st.integers(1, len(valid) - 1).map(lambda n: valid[:n]),  # truncated
+        st.integers(0, len(valid) - 1).flatmap(  # one byte flipped
+            lambda i: st.integers(1, 255).map(lambda x: valid[:i] + bytes([valid[i] ^ x]) + valid[i + 1:])),
+        st.sampled_from([huge_str, huge_map, deep, b"\xc1"]).map(_zstd),
+        st.integers(LIMITS.max_message_bytes + 1, 1 << 62).map(lambda n: _claimed_size_frame(n, b"\x80")),
+        st.just(_claimed_size_frame(4, msgpack.packb({"type": "hello", "version": 1}))),  # claims less than it holds
+        st.just(b"\x00" * (LIMITS.max_frame_bytes + 1)),  # over the frame limit
+        st.just(_zstd(b"\x00" * (LIMITS.max_message_bytes + 1))),  # a real zstd bomb
+    )
+
+
+# --- the handshake ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_session(fuzz_gateway, pte_path, backbone):
+    """A well-behaved device generating in a loop while the fuzzers run, and its solo reference."""
+    import asyncio
+
+    from device_runtime.client import run_session
+    from spa.model.pte_plugin import PtePlugin
+    from spa.model.reference import reference_generate
+
+    pte = PtePlugin(pte_path)
+    # Concurrent sessions may share batched forwards, so equality needs margin
+    # (docs/DESIGN.md §2): use the first prompt whose every choice has it.
+    for prompt in GOOD_PROMPTS:
+        ref = reference_generate(backbone, pte, prompt, tau=pte.tau, max_new_tokens=12)
+        if min(ref.logit_gap) > 1e-3 and min(abs(p - pte.tau) for p in ref.gate_p) > 1e-3:
+            break
+    else:
+        pytest.fail("no prompt with margin")
+    results, stop = [], threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            results.append(asyncio.run(run_session(fuzz_gateway.url, pte, prompt,
+                                                   m.Options(window=0, max_new_tokens=12))))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield results
+    stop.set()
+    thread.join(120)
+    assert results and all(r.tokens == ref.tokens and r.sigmas == ref.sigmas for r in results), \
+        [(r.tokens, ref.tokens) for r in results]
+
+
+@pytest.fixture(scope="module")
+def rss_before(fuzz_gateway):
+    return _rss()
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_handshake_frames(fuzz_gateway, good_session, rss_before, ident, data):
+    valid = FrameCodec().pack(_hello(ident))
+    frame = data.draw(st.one_of(raw_frames(valid), mutated(_hello(ident)).map(lambda d: FrameCodec().pack(d))))
+    got, close_code = _talk(fuzz_gateway.url, [frame])
+    if _check(got, close_code) is None and close_code == 1000:  # a mutation that is still a valid hello
+        assert got[0]["type"] == "ready"
+
+
+# --- every message type during a generation ----------------------------------------------------
+
+
+def _act(scheme="f32", rows=1, cols=576):
+    return codec.encode(np.random.default_rng(0).normal(0, 1, (rows, cols)).astype(np.float32), scheme)
+
+
+def _bad_float_acts():
+    """Activations holding NaN/inf: in the f32 payload, a scale, an fp16 outlier."""
+    nan_f32 = {**_act("f32"), "q": np.full(576, np.nan, "<f4").tobytes()}
+    inf_f32 = {**_act("f32"), "q": np.r_[np.zeros(575), np.inf].astype("<f4").tobytes()}
+    inf_scale = {**_act("int8"), "scale": np.array([np.inf], "<f4").tobytes()}
+    nan_outlier = {**_act("int8"), "oval": np.r_[np.full(7, 1.0), np.nan].astype("<f2").tobytes()}
+    overflow = {**_act("int8"), "scale": np.array([3e38], "<f4").tobytes()}  # q * scale overflows to inf
+    return [nan_f32, inf_f32, inf_scale, nan_outlier, overflow]
+
+
+@pytest.mark.parametrize("act", _bad_float_acts(), ids=["nan_f32", "inf_f32", "inf_scale", "nan_outlier", "overflow"])
+def test_non_finite_side_outputs_are_bad_field(fuzz_gateway, ident, act):
+    fc = FrameCodec()
+    frames = [fc.pack(_hello(ident, window=0)),
+              lambda got: fc.pack({"type": "need_taps", "epoch": 0, "pos": got[-1]["pos"]}),
+              lambda got: fc.pack({"type": "side", "epoch": 0, "pos": got[-1]["pos"], "s": act})]
+    got, close_code = _talk_scripted(fuzz_gateway.url, frames, reads=[2, 1])
+    assert got[-2]["type"] == "taps"
+    assert _check(got, close_code) == "bad_field" and got[-1]["message"].startswith("side.s")
+
+
+def _talk_scripted(url, frames, reads):
+    """Like _talk, reading reads[i] messages after frame i (before the last frame)."""
+    fc, got = FrameCodec(), []
+    with connect(url, compression=None, max_size=None, open_timeout=30, close_timeout=5) as ws:
+        try:
+            for i, frame in enumerate(frames):
+                ws.send(frame(got) if callable(frame) else frame)
+                for _ in range(reads[i] if i < len(reads) else 0):
+                    got.append(fc.unpack(ws.recv(timeout=60)))
+            while True:  # until the gateway closes (after its error)
+                got.append(fc.unpack(ws.recv(timeout=30)))
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            pytest.fail(f"no answer; got {[g.get('type') for g in got]}")
+    return got, ws.close_code
+
+
+@pytest.fixture(scope="module")
+def verdict_sides(fuzz_gateway, backbone, ident) -> dict:
+    """Side outputs for the first position of a PROMPT session, by the verdict
+    they lead to: "unchanged" (the draft), "runner_up_1"/"runner_up_2" (a
+    runner-up of the draft: the token of a branch line), "miss" (a token no
+    branch line drafted). Computed from the exact f of that position (a
+    session with codec f32), with margin."""
+    import torch
+
+    got, _ = _talk(fuzz_gateway.url, [FrameCodec().pack(_hello(ident, codec="f32"))], read_first=2)
+    step = got[1]
+    assert step["type"] == "step", got
+    f = torch.from_numpy(codec.decode(step["f"]))
+    logits = backbone.logits(f)[0]
+    order = torch.argsort(logits, descending=True).tolist()
+    assert order[0] == step["draft"]
+    # The draft and the K = 2 runners-up the gateway branches on stand clear of the rest.
+    assert logits[order[0]] - logits[order[1]] > 0.05 and logits[order[2]] - logits[order[3]] > 0.05, logits[order[:4]]
+    eos = backbone.eos_token_ids
+    targets = {"runner_up_1": order[1], "runner_up_2": order[2],
+               "miss": next(t for t in order[3:] if t not in eos)}
+    sides = {"unchanged": np.zeros((1, f.shape[1]), np.float32)}
+    for name, token in targets.items():
+        if token in eos:  # no branch line for an EOS runner-up
+            continue
+        direction = backbone.lm_head.weight[token].detach().float().cpu()[None]
+        for scale in (2.0 ** k for k in range(-4, 12)):
+            s = direction * scale * f.norm() / direction.norm()
+            top2 = torch.topk(backbone.logits(f, s)[0], 2)
+            if top2.indices[0] == token and top2.values[0] - top2.values[1] > 1.0:
+                sides[name] = s.numpy().astype(np.float32)
+                break
+        else:
+            pytest.fail(f"no side output turns the draft to {name} {token}")
+    assert "runner_up_1" in sides or "runner_up_2" in sides, targets
+    return sides
+
+
+@st.composite
+def generation_messages(draw, step: dict, hello: dict, sides: dict) -> dict | tuple:
+    """A device message for a session whose first step is `step` (epoch 0): valid,
+    out of order, or mutated; or a side exchange: (need_taps, the side output
+    to send once its taps are here), a side from `sides` (verdict_sides)."""
+    pos = step["pos"]
+    s = _act(draw(st.sampled_from(["f32", "int8", "int4"])))
+    near = st.integers(0, pos + 80) | st.integers(0, 2**31 - 1)
+    kind = draw(st.sampled_from(["accept", "need_taps", "side", "bye", "hello", "error", "ready", "step", "resumed",
+                                 "exchange", "exchange"]))
+    if kind == "exchange":  # a branch point: hit, miss or unchanged
+        verdict = draw(st.sampled_from(sorted(sides)))
+        return ({"type": "need_taps", "epoch": 0, "pos": pos},
+                {"type": "side", "epoch": 0, "pos": pos, "s": codec.encode(sides[verdict], "f32")})
+    base = {
+        "accept": {"type": "accept", "epoch": draw(st.sampled_from([0, 0, 1, 7])), "upto": draw(near)},
+        "need_taps": {"type": "need_taps", "epoch": draw(st.sampled_from([0, 0, 3])), "pos": draw(near)},
+        "side": {"type": "side", "epoch": 0, "pos": draw(near), "s": s},
+        "bye": {"type": "bye"},
+        "hello": hello,
+        "error": {"type": "error", "code": draw(st.text(max_size=8)), "message": "device error"},
+        "ready": {"type": "ready"},
+        "step": {**step},
+        "resumed": {"type": "resumed", "session": "x", "secret": "y", "epoch": 0, "pos": pos},
+    }[kind]
+    return draw(st.one_of(st.just(base), mutated(base))) if kind != "bye" else base
+
+
+@FUZZ
+@given(data=st.data())
+def _fuzz_generation(fuzz_gateway, ident, verdict_sides, data):
+    fc = FrameCodec()
+    hello = fc.pack(_hello(ident))
+    box = {}
+
+    def fuzzed(got):
+        box["msg"] = data.draw(generation_messages(got[-1], _hello(ident), verdict_sides))
+        box["exchange"] = isinstance(box["msg"], tuple)
+        if box["exchange"]:  # need_taps, then the side once the taps are here
+            need_taps, box["msg"] = box["msg"]
+            # and once the main line holds its W + 1 steps: the gateway has forked its branch
+            # lines by then and drafts them (a side output sooner is answered before any fork)
+            last = need_taps["pos"] + _hello(ident)["options"]["window"]
+            return [fc.pack(need_taps), "taps", lambda d: d.get("type") == "step" and d.get("pos") == last,
+                    fc.pack(box["msg"])]
+        return fc.pack(box["msg"])
+
+    got, close_code = _talk(fuzz_gateway.url, [hello, fuzzed], read_first=2)
+    assert got[0]["type"] == "ready" and got[1]["type"] == "step"
+    code = _check(got, close_code)
+    msg = box["msg"]
+    if box["exchange"]:  # a valid side output, answered with its verdict
+        assert code is None and "verdict" in [g.get("type") for g in got], got
+    elif code is None:  # a valid message at a valid time, bye, or the device's own error (the gateway just closes)
+        assert msg["type"] in ("accept", "need_taps", "bye", "error"), msg
+
+
+def test_fuzzed_messages_during_generation(fuzz_gateway, good_session, rss_before, ident, verdict_sides):
+    """The fuzzer; its sessions drafted branches: reached branch points, forked
+    branch lines, adopted one (a hit) and discarded them (unchanged or a miss)."""
+    first = len(WATCHED)
+    _fuzz_generation(fuzz_gateway, ident, verdict_sides)
+    counts = _branching(WATCHED[first:])
+    print("fuzzed sessions' branching:", counts)
+    zero = [k for k in ("branch_points", "forked", "adopted", "discarded") if counts[k] == 0]
+    assert not zero, f"no fuzzed session {', '.join(zero)}: {counts}"
+
+
+def test_gateway_memory_is_bounded_and_returned(fuzz_gateway, good_session, rss_before):
+    """After the fuzzers: no session left, no KV cache held, bounded process growth."""
+    # Only the good session (looping) may hold state now.
+    assert fuzz_gateway.wait_until(lambda g: len(g.sessions) <= 1 and g.kv_bytes() < 64 << 20, timeout=30)
+    growth = _rss() - rss_before
+    assert growth < 400 << 20, f"process grew by {growth >> 20} MiB"
+    stats = fuzz_gateway.call(lambda: asdict(fuzz_gateway.gateway.stats))
+    assert stats["sessions"] > 60, stats  # the fuzzers really opened sessions
