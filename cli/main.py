@@ -21,7 +21,10 @@ def cmd_train(args) -> int:
     from spa.model.plugin import MARGIN_GATE, save_plugin
     from training.train import TrainSettings, train_plugin
 
-    settings = TrainSettings.quick(args.profile, args.seed) if args.quick else TrainSettings(args.profile, args.seed)
+    if args.examples:
+        examples, settings = _read_training_examples(args)  # before the slow backbone load: bad files fail fast
+    else:
+        settings = TrainSettings.quick(args.profile, args.seed) if args.quick else TrainSettings(args.profile, args.seed)
     for name in ("epochs", "rank", "tap_every", "skip_cost", "max_usage", "lr", "max_doc_tokens", "train_docs", "val_docs",
                  "combination", "gate_labels", "label_folds"):
         if getattr(args, name) is not None:
@@ -29,11 +32,18 @@ def cmd_train(args) -> int:
     if args.gate_margin:
         settings.gate_input = MARGIN_GATE
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
-    plugin, metrics = train_plugin(backbone, settings)
+    if args.examples:
+        from training.examples import train_from_examples
+
+        plugin, metrics = train_from_examples(backbone, examples, settings)
+    else:
+        plugin, metrics = train_plugin(backbone, settings)
     digest = save_plugin(plugin, args.out)
     val = metrics["val"]
     summary = {"plugin": str(args.out), "content_hash": digest, "profile": settings.profile, "tau": plugin.config.tau,
                "taps": len(plugin.config.taps), "metrics": metrics}
+    if args.examples:
+        summary["examples"] = plugin.config.training["examples"]
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -41,9 +51,31 @@ def cmd_train(args) -> int:
             m = metrics[split]
             print(f"{split:5} loss: backbone {m['loss_backbone']:.3f} | side always on {m['loss_side_always']:.3f} | "
                   f"gated at tau {plugin.config.tau:.3g}: {m['loss_gated']:.3f} with side usage {m['side_usage']:.0%}")
+        if args.examples:
+            print(f"validation: {summary['examples']['validation']}")
         print(f"saved plugin {digest} to {args.out} "
               f"(val loss {val['loss_backbone']:.3f} -> {val['loss_gated']:.3f})")
     return 0
+
+
+def _read_training_examples(args):
+    """(the examples of `--examples`, their training settings), or a one-line error before any work."""
+    from device_runtime.documents import check_doc_tokens
+    from spa.data.examples import read_examples
+    from training.examples import example_settings
+
+    if args.train_docs is not None or args.val_docs is not None:
+        raise SpaError("--train-docs and --val-docs select ACLSum papers (--profile); with --examples every example "
+                       "in the file is used")
+    if args.combination == "replace":
+        raise SpaError("--combination replace is for the ACLSum evaluation rows (--profile), not for --examples")
+    settings = example_settings(args.seed, args.quick)
+    if args.max_doc_tokens is not None:
+        settings.max_doc_tokens = check_doc_tokens(args.max_doc_tokens)
+    examples = read_examples(args.examples, settings.max_doc_tokens)
+    if examples.note():
+        print(f"spa train: {examples.note()}", file=sys.stderr, flush=True)
+    return examples, settings
 
 
 def cmd_export(args) -> int:
@@ -271,13 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "between a phone (ExecuTorch plugin) and a cloud (frozen backbone).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a reader's side plugin (side network + gate) on ACLSum")
-    p.add_argument("--profile", required=True, help="reader profile: challenge, approach or outcome")
+    p = sub.add_parser("train", help="train a person's side plugin (side network + gate) from their own examples "
+                       "(--examples) or an ACLSum reader profile (--profile)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--examples", type=Path, metavar="FILE",
+                      help="your own (document, summary) pairs: JSON Lines with \"document\" and \"summary\" fields, "
+                           "or CSV/TSV with those columns; at least 5; any plain-text domain. Validation is held out "
+                           "automatically (cross-fitted folds under 20 examples)")
+    what.add_argument("--profile", help="an ACLSum reader profile instead: challenge, approach or outcome")
     p.add_argument("--out", required=True, type=Path, help="plugin directory to write")
     p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: the packaged SmolLM2-135M-Instruct)")
     _add_backbone_numerics(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="16 train / 8 val papers, 128-token documents: ~1 minute")
+    p.add_argument("--quick", action="store_true", help="128-token documents (with --profile also 16 train / 8 val "
+                   "papers): ~1 minute")
     p.add_argument("--epochs", type=int)
     p.add_argument("--rank", type=int, help="side network width r (default 32)")
     p.add_argument("--tap-every", type=int, help="tap every k-th layer (default 1: all layers)")
@@ -297,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "step, a few bytes): it finds more of the tokens the side changes; pairs well with "
                         "--gate-labels flip")
     p.add_argument("--lr", type=float)
-    p.add_argument("--max-doc-tokens", type=int, help="truncate each paper to about this many tokens (default 384)")
+    p.add_argument("--max-doc-tokens", type=int, help="truncate each document to about this many tokens (default 384)")
     p.add_argument("--train-docs", type=int, help="use only the first N train papers")
     p.add_argument("--val-docs", type=int, help="use only the first N validation papers")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -35,8 +35,15 @@ class TokenSet:
         return len(self.targets)
 
     def subset(self, docs: int) -> "TokenSet":
-        keep = self.doc_index < docs
+        return self.where(self.doc_index < docs)
+
+    def where(self, keep: torch.Tensor) -> "TokenSet":
+        """The tokens where `keep` [N] is true (document indices unchanged)."""
         return TokenSet(self.states[keep], self.targets[keep], self.doc_index[keep])
+
+    @property
+    def documents(self) -> int:
+        return int(self.doc_index.max()) + 1 if len(self) else 0
 
 
 def _cache_key(backbone, papers, profile, template, instruction, max_doc_tokens) -> str:
@@ -66,18 +73,32 @@ def split_token_set(backbone, split: str, limit: int | None, profile: str, templ
 def build_token_set(backbone, papers: list[Paper], profile: str, template: str, instruction: str,
                     max_doc_tokens: int, label: str = "taps") -> TokenSet:
     """States and targets for every summary token of `papers`, cached on disk."""
+    path = _cache_path(backbone, papers, profile, template, instruction, max_doc_tokens)
+    prompts = [paper_prompt(paper, template, instruction, max_doc_tokens) for paper in papers]
+    return _cached_states(backbone, path, prompts, [paper.summaries[profile] for paper in papers], label)
+
+
+def pairs_token_set(backbone, prompts: list[str], summaries: list[str], label: str = "taps") -> TokenSet:
+    """States and targets for (prompt, summary) pairs of any origin (a person's examples), cached on
+    disk under a hash of the backbone, the pairs and the dtype: the text itself names no file."""
+    spec = [backbone.identity.fingerprint, prompts, summaries, "pairs", 1, str(getattr(backbone, "dtype", ""))]
+    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
+    return _cached_states(backbone, cache_dir() / "taps" / f"pairs-{key}.safetensors", prompts, summaries, label)
+
+
+def _cached_states(backbone, path: Path, prompts: list[str], summaries: list[str], label: str) -> TokenSet:
     from safetensors.torch import load_file, save_file
 
-    path = _cache_path(backbone, papers, profile, template, instruction, max_doc_tokens)
     if path.exists():
         data = load_file(path)
         print(f"{label}: {len(data['targets'])} summary tokens from cache {path}", file=sys.stderr, flush=True)
         return TokenSet(data["states"], data["targets"], data["doc_index"])
     eos = min(backbone.eos_token_ids)
     states, targets, doc_index = [], [], []
-    for i, paper in enumerate(tqdm(papers, desc=f"{label}: caching backbone states", unit="doc")):
-        prompt = backbone.encode(paper_prompt(paper, template, instruction, max_doc_tokens))
-        summary = backbone.encode(paper.summaries[profile]) + [eos]
+    for i, (text, target) in enumerate(tqdm(list(zip(prompts, summaries)), desc=f"{label}: caching backbone states",
+                                            unit="doc")):
+        prompt = backbone.encode(text)
+        summary = backbone.encode(target) + [eos]
         ids = torch.tensor([prompt + summary])
         out = backbone.forward(ids, backbone.new_cache())[0]
         first = len(prompt) - 1  # this position predicts the first summary token

@@ -27,11 +27,11 @@ shrinks p and grows s, the cost vanishes and the hard gate then means nothing
 """
 
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from spa.data.aclsum import check_profile
 from spa.data.prompts import GENERIC_INSTRUCTION, chat_template
@@ -129,12 +129,17 @@ def plugin_logits(backbone, plugin: Plugin, states: torch.Tensor, sigma: float) 
     return backbone.train_logits(state)
 
 
-def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: TrainSettings, gen) -> list[dict]:
+def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet | None, s: TrainSettings, gen,
+               label: str = "side network") -> list[dict]:
+    """AdamW on the LM loss with sigma = 1, `s.epochs` epochs (a progress bar), keeping the epoch with
+    the best validation loss; `val=None` (no tokens held out: the epoch count was chosen elsewhere)
+    keeps the last."""
     opt = torch.optim.AdamW(plugin.side.parameters(), lr=s.lr, weight_decay=0.01)
     taps = plugin.config.taps
     history, best, best_state = [], float("inf"), None
-    for epoch in range(1, s.epochs + 1):
-        t0, total = time.time(), 0.0
+    bar = tqdm(range(1, s.epochs + 1), desc=f"  {label}: epochs", unit="epoch", file=sys.stderr, leave=False)
+    for epoch in bar:
+        total = 0.0
         order = torch.randperm(len(train), generator=gen)
         for i in range(0, len(order), s.batch_tokens):
             idx = order[i:i + s.batch_tokens]
@@ -145,13 +150,20 @@ def train_side(backbone, plugin: Plugin, train: TokenSet, val: TokenSet, s: Trai
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        val_loss = token_losses(backbone, plugin, val, sigma=1.0).mean().item()
-        history.append({"epoch": epoch, "train_loss": total / len(train), "val_loss": val_loss})
-        print(f"  side epoch {epoch}/{s.epochs}: train loss {total / len(train):.3f}, "
-              f"val loss {val_loss:.3f} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
-        if val_loss < best:
-            best, best_state = val_loss, {k: v.clone() for k, v in plugin.side.state_dict().items()}
-    plugin.side.load_state_dict(best_state)
+        record = {"epoch": epoch, "train_loss": total / len(train)}
+        if val is not None:
+            record["val_loss"] = token_losses(backbone, plugin, val, sigma=1.0).mean().item()
+            bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}")
+            if record["val_loss"] < best:
+                best, best_state = record["val_loss"], {k: v.clone() for k, v in plugin.side.state_dict().items()}
+        history.append(record)
+    bar.close()
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items() if k != "epoch")
+    print(f"  {label}: {s.epochs} epochs ({summary} at the last)"
+          + (f"; kept epoch {min(history, key=lambda r: r['val_loss'])['epoch']} (val loss {best:.3f})"
+             if val is not None else ""), file=sys.stderr, flush=True)
+    if best_state is not None:
+        plugin.side.load_state_dict(best_state)
     return history
 
 
@@ -192,27 +204,37 @@ def choose_tau(val: Split, skip_cost: float, max_usage: float = 1.0) -> float:
 
 
 def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
+    """A reader profile's plugin, trained on ACLSum's train split and validated on its val split."""
     check_profile(s.profile)
-    torch.manual_seed(s.seed)
-    gen = torch.Generator().manual_seed(s.seed)
     template = chat_template(backbone.tokenizer)
     train, val = (split_token_set(backbone, name, limit, s.profile, template, GENERIC_INSTRUCTION, s.max_doc_tokens)
                   for name, limit in (("train", s.train_docs), ("val", s.val_docs)))
-    print(f"train: {int(train.doc_index.max()) + 1} papers, {len(train)} summary tokens; "
-          f"val: {int(val.doc_index.max()) + 1} papers, {len(val)} summary tokens", file=sys.stderr, flush=True)
+    print(f"train: {train.documents} papers, {len(train)} summary tokens; "
+          f"val: {val.documents} papers, {len(val)} summary tokens", file=sys.stderr, flush=True)
+    return train_on_tokens(backbone, s, train, val, new_config(backbone, s, train, template, GENERIC_INSTRUCTION))
 
-    config = PluginConfig(
+
+def new_config(backbone, s: TrainSettings, train: TokenSet, template: str, instruction: str) -> PluginConfig:
+    """The config of a fresh plugin for these settings, prompt and training tokens (tau set later)."""
+    return PluginConfig(
         backbone=backbone.identity.to_dict(),
         taps=every_kth_layer(backbone.num_layers, s.tap_every),
         rank=s.rank,
         side_scale=rms_of(train.states[:, -1]),
         profile=s.profile,
         prompt_template=template,
-        instruction=GENERIC_INSTRUCTION,
+        instruction=instruction,
         max_doc_tokens=s.max_doc_tokens,
         combination=s.combination,
         gate_input=s.gate_input,
     )
+
+
+def train_on_tokens(backbone, s: TrainSettings, train: TokenSet, val: TokenSet,
+                    config: PluginConfig) -> tuple[Plugin, dict]:
+    """The recipe on given train and validation tokens: side, cross-fitted gate labels, gate, tau."""
+    torch.manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(s.seed)
     plugin = Plugin(config)
     history = train_side(backbone, plugin, train, val, s, gen)
 
@@ -227,15 +249,20 @@ def train_plugin(backbone, s: TrainSettings) -> tuple[Plugin, dict]:
         for name in ("train", "val"):
             splits[name].p = plugin.gate(rows[name])[:, 0]
     config.tau = choose_tau(splits["val"], s.skip_cost, s.max_usage)
-
-    metrics = {}
-    for name, split in splits.items():
-        gated, usage = split.gated_loss(config.tau)
-        metrics[name] = {"loss_backbone": split.base.mean().item(), "loss_side_always": split.side.mean().item(),
-                         "loss_gated": gated, "side_usage": usage, "tokens": len(split.base)}
+    metrics = split_metrics(splits, config.tau)
     metrics["gate_positive_labels"] = labels.float().mean().item()
     config.training = {"settings": s.record(), "side_history": history, "metrics": metrics}
     return plugin.eval(), metrics
+
+
+def split_metrics(splits: dict, tau: float) -> dict:
+    """Per split: the backbone's, side-always-on and gated losses, side usage at tau, token count."""
+    metrics = {}
+    for name, split in splits.items():
+        gated, usage = split.gated_loss(tau)
+        metrics[name] = {"loss_backbone": split.base.mean().item(), "loss_side_always": split.side.mean().item(),
+                         "loss_gated": gated, "side_usage": usage, "tokens": len(split.base)}
+    return metrics
 
 
 def gate_labels(backbone, config: PluginConfig, train: TokenSet, val: TokenSet, s: TrainSettings) -> torch.Tensor:
@@ -269,12 +296,10 @@ def cross_fitted(backbone, config: PluginConfig, train: TokenSet, val: TokenSet,
     out, folds = None, s.label_folds
     for fold in range(folds):
         fit = (train.doc_index % folds) != fold
-        part = lambda keep: TokenSet(train.states[keep], train.targets[keep], train.doc_index[keep])  # noqa: E731
         helper = Plugin(config)
-        print(f"  gate labels: side network on the papers outside fold {fold + 1}/{folds}", file=sys.stderr,
-              flush=True)
-        train_side(backbone, helper, part(fit), val, s, torch.Generator().manual_seed(s.seed + 1 + fold))
-        measured = measure(backbone, helper.eval(), part(~fit))
+        train_side(backbone, helper, train.where(fit), val, s, torch.Generator().manual_seed(s.seed + 1 + fold),
+                   label=f"gate labels, side network without fold {fold + 1}/{folds}")
+        measured = measure(backbone, helper.eval(), train.where(~fit))
         if out is None:
             out = tuple(torch.zeros(len(train), dtype=m.dtype) for m in measured)
         for whole, m in zip(out, measured):
