@@ -199,9 +199,14 @@ def cmd_summarize(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    command = "spa eval " + " ".join(sys.argv[2:])
+    if args.examples:
+        return _eval_examples(args, command)
+    if args.test is not None:
+        raise SpaError("--test needs --examples (the person's examples to train from)")
+    args.out = args.out or Path("results/quality")
     from evaluation.run import RECIPES, evaluate, write_report
 
-    command = "spa eval " + " ".join(sys.argv[2:])
     if args.pool:
         return _pool_reports(args.pool, args.out, command)
     from spa.data.aclsum import load_split
@@ -225,6 +230,44 @@ def cmd_eval(args) -> int:
     else:
         print((args.out / "results.md").read_text())
         print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {args.out / 'tau_sweep.png'}")
+    return 0
+
+
+def _eval_examples(args, command: str) -> int:
+    """`spa eval --examples FILE [--test FILE2]`: SPA against the backbone, few-shot and LoRA (evaluation/personal.py)."""
+    import dataclasses
+
+    from device_runtime.documents import check_doc_tokens
+    from spa.data.examples import MIN_EXAMPLES, read_examples
+
+    max_doc_tokens = check_doc_tokens(args.max_doc_tokens or 384)
+    examples = read_examples(args.examples, max_doc_tokens)  # before the slow backbone load: bad files fail fast
+    if args.test is not None:
+        tests = read_examples(args.test, max_doc_tokens, minimum=1)
+    else:
+        if not 0 < args.test_share < 1:
+            raise SpaError(f"--test-share must be between 0 and 1, got {args.test_share}")
+        held = max(1, round(len(examples) * args.test_share))
+        if len(examples) - held < MIN_EXAMPLES:
+            raise SpaError(f"{args.examples}: {len(examples)} examples leave {len(examples) - held} to train on after "
+                           f"holding out {held} for the test; give --test FILE2 or more examples")
+        tests = dataclasses.replace(examples, examples=examples.examples[-held:])
+        examples = dataclasses.replace(examples, examples=examples.examples[:-held])
+    for note in {examples.note(), tests.note()} - {None}:
+        print(f"spa eval: {note}", file=sys.stderr, flush=True)
+    from evaluation.personal import evaluate_person, markdown, write_person_report
+    from spa.model.backbone import load_backbone
+
+    backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    out = args.out or Path("runs/personal/eval")
+    result = evaluate_person(backbone, examples, tests, args.workdir / f"personal-{examples.sha256[:12]}",
+                             args.max_new_tokens, lora=not args.no_lora,
+                             log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                             progress=lambda i, n: print(f"test documents: {i}/{n}", file=sys.stderr, flush=True))
+    write_person_report(result, out, command)
+    print(json.dumps(result, indent=2) if args.json else markdown(result, command))
+    if not args.json:
+        print(f"written: {out / 'results.md'}, {out / 'results.json'}")
     return 0
 
 
@@ -405,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_summarize)
 
     p = sub.add_parser("eval", help="Rouge-L of the paper's rows (prompted backbone, side always on, SPA, tau sweep, "
-                       "training size) on the ACLSum test split")
+                       "training size) on the ACLSum test split; with --examples, SPA against few-shot prompting and "
+                       "LoRA trained on a person's own examples")
     p.add_argument("--profiles", nargs="+", default=["challenge", "approach", "outcome"])
     p.add_argument("--papers", type=int, help="only the first N papers of the split (default: all)")
     p.add_argument("--first-paper", type=int, default=0, metavar="K",
@@ -426,7 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "cached in the workdir)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation cap (default 48: summaries are one sentence)")
     p.add_argument("--workdir", type=Path, default=Path("runs/eval"), help="plugins and exports (reused when unchanged)")
-    p.add_argument("--out", type=Path, default=Path("results/quality"), help="results.md, results.json, tau_sweep.png")
+    p.add_argument("--out", type=Path, help="results.md, results.json, tau_sweep.png (default results/quality; with "
+                   "--examples runs/personal/eval)")
+    p.add_argument("--examples", type=Path, metavar="FILE",
+                   help="a person's own (document, summary) pairs (as spa train --examples): report SPA against the "
+                        "backbone, 1- and 3-shot prompting with these examples and LoRA on the backbone, on --test")
+    p.add_argument("--test", type=Path, metavar="FILE2", help="with --examples: the person's test pairs (same format; "
+                   "default: hold out the last --test-share of FILE)")
+    p.add_argument("--test-share", type=float, default=0.2, help="with --examples and no --test: the share of FILE "
+                   "held out for the test, from its end (default 0.2)")
+    p.add_argument("--no-lora", action="store_true", help="with --examples: skip the LoRA row (its training is the "
+                   "slowest part)")
+    p.add_argument("--max-doc-tokens", type=int, help="with --examples: document budget (default 384)")
     p.add_argument("--backbone", help="Hugging Face causal-LM directory (default: SmolLM2-135M-Instruct)")
     _add_backbone_numerics(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -41,7 +41,7 @@ from training.train import (Split, TrainSettings, choose_tau, gate_rows, helpful
 FOLD_BELOW = 20  # fewer examples than this: cross-fitted folds instead of a held-out share
 FOLDS = 5
 VAL_EVERY = 5  # otherwise examples 5, 10, 15, ... (every fifth: 20 %) are the validation split
-MIN_SIDE_STEPS = 60  # measured on 8-20 examples: validation loss is lowest after 8-20 steps
+MIN_SIDE_STEPS = 60  # measured on 8 examples: the folds' validation loss was lowest after 4-20 steps
 MAX_EPOCHS = 15
 MAX_USAGE = 0.35  # side usage tau may give on the validation tokens: room under 40 % for the shift to generation
 
