@@ -58,7 +58,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from spa.protocol import codec
-from spa.model.generate import choose_token, decode_one_token, logit_margin, prefill
+from spa.model.generate import choose_token, decode_one_token, finish_reason, generate, logit_margin, prefill
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
 from spa.model.pte_plugin import PtePlugin, executorch_runtime, set_threads
@@ -120,24 +120,28 @@ class BaselineServer:
         await self._generate(conn, frames, ids, max_new, choose)
 
     async def _generate(self, conn, frames, ids, max_new, choose) -> None:
-        """Prefill, then per position `choose(states, pos)` -> (token, further fields of its `token`
-        message) on the compute thread, each token sent at once; `end` after EOS or max_new tokens."""
-        bb = self.backbone
-        cache, states = await self.run(prefill, bb, ids)
-        await conn.send(frames.pack(self._ready(ids)))
-        pos, n = len(ids) - 1, 0
-        while True:
-            token, extra = await self.run(choose, states, pos)
-            n += 1
+        """The generation loop (`spa.model.generate.generate`) a position at a time on the compute
+        thread: per position `choose(states, pos)` -> (token, further fields of its `token` message),
+        each token sent at once; `end` after EOS or max_new tokens."""
+        extras = []
+
+        def pick(pos, states):
+            token, extra = choose(states[0], pos)
+            extras.append(extra)
+            return [token]
+
+        steps = generate(self.backbone, ids, pick, max_new)
+        tokens = []
+        while (step := await self.run(next, steps, None)) is not None:  # the first one prefills
+            if not tokens:
+                await conn.send(frames.pack(self._ready(ids)))
+            pos, _, (token,) = step
+            tokens.append(token)
             await conn.send(frames.pack({"type": "token", "pos": pos, "token": token, "piece": self.pieces[token],
-                                         **extra}))
-            if token in self.eos or n >= max_new:
-                await conn.send(frames.pack({"type": "end", "tokens": n, "reason": "eos" if token in self.eos
-                                             else "max_tokens"}))
-                await conn.close()
-                return
-            states = await self.run(decode_one_token, bb, cache, token)
-            pos += 1
+                                         **extras[-1]}))
+        await conn.send(frames.pack({"type": "end", "tokens": len(tokens),
+                                     "reason": finish_reason(tokens, self.eos)}))
+        await conn.close()
 
     def _plugin(self, path: str) -> PtePlugin:
         st = os.stat(path)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from spa.protocol import codec
-from spa.model.generate import choose_token, decode_one_token, logit_margin, prefill
+from spa.model.generate import choose_token, generate, logit_margin
 from spa.protocol import messages as m
 from spa.protocol.frames import FrameCodec
 from spa.model.spa_rule import split_state
@@ -47,14 +47,13 @@ def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, s
                pieces, projection: tuple | None = None) -> dict:
     """Tokens and the protocol messages (as dicts) of one lock-step generation;
     `projection`: (weight, bias) for the cloud-side projection, or None."""
-    ids = backbone.encode(prompt)
-    cache, states = prefill(backbone, ids)
-    pos = len(ids) - 1
     tokens, sigmas, down, up = [], [], [], []
     run_open = False
-    while True:
-        f = states[-1]
-        base = backbone.logits(f)
+
+    def choose(pos, states):
+        nonlocal run_open
+        states = states[0]
+        base = backbone.logits(states[-1])
         draft = int(torch.argmax(base))
         margin = logit_margin(base) if pte.config.gate_margin else None
         sent = {}  # what crossed the wire at this position, encoded: "f", "taps", "s"
@@ -65,27 +64,26 @@ def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, s
 
         decision, x = split_state(pte, states, tau, wire, projection, margin)
         down.append(m.Step(epoch=0, pos=pos, f=sent["f"], draft=draft, piece=pieces[draft], margin=margin).to_dict())
-        if decision.sigma:
-            if run_open:
-                up.append(m.Accept(epoch=0, upto=pos - 1).to_dict())
-                run_open = False
-            up.append(m.NeedTaps(epoch=0, pos=pos).to_dict())
-            down.append(m.Taps(epoch=0, pos=pos, taps=sent["taps"]).to_dict())
-            up.append(m.Side(epoch=0, pos=pos, s=sent["s"]).to_dict())
-            token = choose_token(backbone.logits(x), 0.0, 0, pos)
-            down.append(m.Verdict(epoch=0, pos=pos, token=token, piece=pieces[token], changed=token != draft).to_dict())
-            sigmas.append(1)
-        else:
-            token = draft
+        if not decision.sigma:
             run_open = True
             sigmas.append(0)
-        tokens.append(token)
-        if token in backbone.eos_token_ids or len(tokens) >= max_new_tokens:
-            if run_open:
-                up.append(m.Accept(epoch=0, upto=pos).to_dict())
-            return {"tokens": tokens, "sigmas": sigmas, "down": down, "up": up}
-        states = decode_one_token(backbone, cache, token)
-        pos += 1
+            return [draft]
+        if run_open:
+            up.append(m.Accept(epoch=0, upto=pos - 1).to_dict())
+            run_open = False
+        up.append(m.NeedTaps(epoch=0, pos=pos).to_dict())
+        down.append(m.Taps(epoch=0, pos=pos, taps=sent["taps"]).to_dict())
+        up.append(m.Side(epoch=0, pos=pos, s=sent["s"]).to_dict())
+        token = choose_token(backbone.logits(x), 0.0, 0, pos)
+        down.append(m.Verdict(epoch=0, pos=pos, token=token, piece=pieces[token], changed=token != draft).to_dict())
+        sigmas.append(1)
+        return [token]
+
+    for pos, _, chosen in generate(backbone, backbone.encode(prompt), choose, max_new_tokens):
+        tokens += chosen
+    if run_open:
+        up.append(m.Accept(epoch=0, upto=pos).to_dict())
+    return {"tokens": tokens, "sigmas": sigmas, "down": down, "up": up}
 
 
 def packed_sizes(runs: list[dict], level: int) -> dict:

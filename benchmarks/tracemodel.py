@@ -34,12 +34,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from spa.protocol import messages as m
-from spa.protocol.device import DeviceProtocol, RunGate
-from spa.protocol.gateway import Draft, GatewayProtocol, Head, Prefill, SendTaps
+from spa.protocol.device import DeviceProtocol
+from spa.protocol.gateway import Draft, GatewayProtocol, Head
+from spa.protocol.loopback import DeviceHost, Drafted, GatewayHost
 
 _H, _TAPS = 4, (0, 2)  # the toy activations the machines carry; their wire sizes are modelled below
-_BACKBONE = m.Backbone("model", "fp", num_layers=2, hidden_size=_H)
+_BACKBONE = m.BackboneInfo("model", "fp", num_layers=2, hidden_size=_H)
 _DRAFT, _CHANGED, _MISSED = 1, 2, 3  # the draft token, the token a changing verdict picks, a runner-up it does not
+_FIRST = 4  # the first step's position (a prompt of 5 tokens)
 
 
 @dataclass(frozen=True)
@@ -138,126 +140,131 @@ def _size(msg: dict, c: Costs) -> int:
     return {"taps": c.taps_bytes, "side": c.side_bytes}.get(kind, c.small_bytes)
 
 
+class _TraceModel:
+    """The gateway's compute for one trace (a GatewayModel of spa/protocol/loopback.py): the toy f_t
+    opens the toy gate exactly where the trace has sigma = 1, and a verdict changes the token where
+    the trace says so."""
+
+    def __init__(self, sigma: list, changed: list, hit: list, branches: int):
+        self.sigma, self.changed, self.hit, self.branches = sigma, changed, hit, branches
+        self.proto: GatewayProtocol | None = None  # set by simulate: alternatives only on the main line
+
+    def prefill(self) -> int:
+        return _FIRST + 1
+
+    def draft(self, line: int, pos: int, feed) -> Drafted:
+        f = np.zeros((1, _H), np.float32)
+        i = pos - _FIRST
+        f[0, 0] = 50.0 if self.sigma[i] else -50.0
+        alternatives = ()
+        if self.branches and line == self.proto.main:  # the changed token where the trace has a branch hit
+            alternatives = ((_CHANGED,) if 0 <= i < len(self.hit) and self.hit[i] else (_MISSED,)) + \
+                (_MISSED,) * (self.branches - 1)
+        return Drafted(f, _DRAFT, b"x", alternatives)
+
+    def taps(self, line, pos) -> np.ndarray:
+        return np.zeros((len(_TAPS), _H), np.float32)
+
+    def head(self, line, pos, s) -> tuple[int, bytes]:
+        return (_CHANGED if self.changed[pos - _FIRST] else _DRAFT), b"y"
+
+    def fork(self, line, parent, keep): pass  # noqa: E704  (line work costs nothing here)
+
+    def cut(self, line, keep): pass  # noqa: E704
+
+    def drop(self, line): pass  # noqa: E704
+
+    def forget(self, line, upto): pass  # noqa: E704
+
+
 def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
-    """Replay one generation; returns commit times (ms from the first step's
-    computation) and tokens/s over the decode phase (first to last commit)."""
+    """Replay one generation through the protocol machines (spa/protocol/loopback.py's hosts) on a
+    virtual clock; returns commit times (ms from the first step's computation) and tokens/s over the
+    decode phase (first to last commit)."""
     n = len(trace.sigma)
     sigma = [True] * n if row.always_side else trace.sigma
-    changed = trace.changed or [False] * n
-    hit = trace.hit or [False] * n
+    model = _TraceModel(sigma, trace.changed or [False] * n, trace.hit or [False] * n, row.branches)
     gate = None
-    if row.push:  # a gate the gateway can evaluate: this toy f decides sigma exactly (see _f)
+    if row.push:  # a gate the gateway can evaluate: this toy f decides sigma exactly (see _TraceModel.draft)
         gate = m.GateUpload(np.array([[0, 0, 0, 0], [1, 0, 0, 0]], "<f4").tobytes(), np.zeros(2, "<f4").tobytes(), 0.5)
     hello = m.Hello("", m.Plugin(_BACKBONE.fingerprint, _TAPS, "h"), "p",
                     m.Options(window=row.window, codec="f32", max_new_tokens=n), gate=gate)
-    gp = GatewayProtocol(_BACKBONE, eos_ids=[0], branches=row.branches)
-    dp = DeviceProtocol(hello, row.in_flight)
+    proto = GatewayProtocol(_BACKBONE, eos_ids=[0], branches=row.branches, predict_gate=_toy_gate)
+    model.proto = proto
+    gateway = GatewayHost(proto, model, defer_heads=True)
+    device_busy = [0.0]  # the device's compute time of the current delivery
+
+    def gate_of(pos, f, margin):
+        device_busy[0] += costs.gate_ms
+        return sigma[pos - _FIRST]
+
+    def side_of(pos, taps, projected):
+        device_busy[0] += costs.side_ms
+        return np.zeros((1, _H), np.float32)
+
+    device = DeviceHost(DeviceProtocol(hello, row.in_flight), gate_of, side_of)
     down, up = _Link(costs.rtt_ms / 2, costs.down_mbit), _Link(costs.rtt_ms / 2, costs.up_mbit)
     events: list = []
-    seq = itertools.count()
-
-    def at(t, kind, payload=None):
-        heapq.heappush(events, (t, next(seq), kind, payload))
-
-    def first_pos_of(pos):  # index into the trace
-        return pos - first
-
-    def f_of(pos):  # f_t whose gate probability is 1 where sigma, 0 elsewhere (the toy gate reads channel 0)
-        f = np.zeros((1, _H), np.float32)
-        f[0, 0] = 50.0 if sigma[first_pos_of(pos)] else -50.0
-        return f
-
-    first = 4  # prompt of 5 tokens
-    gp.receive(hello.to_dict())
-    assert isinstance(gp.next_action(), Prefill)
-    gp.started("s", "k", first + 1)
-    dp.receive(gp.data_to_send()[0])
-    compute_free = 0.0  # the gateway's compute thread
+    order = itertools.count()
+    scheduled = [0]  # jobs at the front of gateway.jobs that have their completion event
+    compute_free = [0.0]  # the gateway's compute thread
     device_free = 0.0
     commits: list[float] = []
 
-    def alternatives(draft: Draft) -> tuple:
-        """The backbone's runners-up at a main-line position: the changed token where the trace has a hit."""
-        if not row.branches or draft.branch:
-            return ()
-        i = first_pos_of(draft.pos)
-        return ((_CHANGED,) if 0 <= i < n and hit[i] else (_MISSED,)) + (_MISSED,) * (row.branches - 1)
+    def at(t, kind, payload=None):
+        heapq.heappush(events, (t, next(order), kind, payload))
 
-    def gateway_work(now):
-        nonlocal compute_free
-        drafts = []  # asked for together: one batched forward (a main line and its branch lines)
-
-        def run_round():
-            nonlocal compute_free
-            if drafts:
-                steps = sum(d.feed is not None for d in drafts)
-                cost = costs.head if not steps else costs.step_ms * (1 + costs.branch_row_cost * (steps - 1))
-                compute_free = max(now, compute_free) + cost
-                for d in drafts:
-                    at(compute_free, "drafted", d)
-                drafts.clear()
-
-        while (action := gp.next_action()) is not None:
-            if isinstance(action, Draft):
-                drafts.append(action)
-                continue  # the protocol asks for nothing else that needs the draft meanwhile
-            if isinstance(action, SendTaps):
-                gp.taps_ready(action.pos, np.zeros((len(_TAPS), _H), np.float32))
-            elif isinstance(action, Head):
-                run_round()
-                done = max(now, compute_free) + costs.head
-                compute_free = done
-                at(done, "verdict", action.pos)
-                break  # the host awaits the head before its next action
-            # Truncate, Forget, Fork, Adopt and Discard cost nothing here
-        run_round()
-        for msg in gp.data_to_send():
+    def gateway_moved(now):
+        """Schedule the completion of the jobs the gateway just started (a round of drafts runs
+        as one batched forward; a head after it), and send what it queued."""
+        new = list(gateway.jobs)[scheduled[0]:]
+        round_ = [j for j in new if isinstance(j, Draft)]
+        if round_:
+            steps = sum(d.feed is not None for d in round_)
+            cost = costs.head if not steps else costs.step_ms * (1 + costs.branch_row_cost * (steps - 1))
+            compute_free[0] = max(now, compute_free[0]) + cost
+            for _ in round_:
+                at(compute_free[0], "done")
+        if any(isinstance(j, Head) for j in new):
+            compute_free[0] = max(now, compute_free[0]) + costs.head
+            at(compute_free[0], "done")
+        scheduled[0] += len(new)
+        for msg in gateway.send():
             at(down.arrival(now, _size(msg, costs)), "to_device", msg)
 
-    def device_work(now):
-        nonlocal device_free
-        t = max(now, device_free)
-        while (action := dp.next_action()) is not None:
-            if isinstance(action, RunGate):
-                t += costs.gate_ms
-                dp.gated(action.pos, sigma[first_pos_of(action.pos)])
-            else:
-                t += costs.side_ms
-                dp.side_output(action.pos, np.zeros((1, _H), np.float32))
-        while len(commits) < len(dp.committed):
-            commits.append(t)
-        device_free = t
-        return t
-
-    gateway_work(0.0)
-    while events and not dp.ended:
+    gateway.receive(hello.to_dict())
+    gateway_moved(0.0)
+    while events and not device.proto.ended:
         now, _, kind, payload = heapq.heappop(events)
-        if kind == "drafted":
-            draft = payload
-            gp.draft_ready(draft.pos, f_of(draft.pos), _DRAFT, b"x", alternatives(draft), branch=draft.branch)
-            if not any(k == "drafted" for _, _, k, _ in events):  # the round's last draft: the host moves on
-                gateway_work(now)
-        elif kind == "verdict":
-            pos = payload
-            token = _CHANGED if changed[first_pos_of(pos)] else _DRAFT
-            gp.verdict_ready(pos, token, b"y")
-            gateway_work(now)
+        if kind == "done":
+            scheduled[0] -= 1
+            gateway.finish()
+            gateway_moved(now)
         elif kind == "to_device":
-            dp.receive(payload)
-            t = device_work(now)
+            device_busy[0] = 0.0
+            device.receive(payload)
+            t = max(now, device_free) + device_busy[0]
+            commits += [t] * (len(device.proto.committed) - len(commits))
+            device_free = t
             if not any(k == "to_device" and tt <= t for tt, _, k, _ in events):  # nothing else waiting: send
-                for msg in dp.flush():
+                for msg in device.send():
                     at(up.arrival(t, _size(msg, costs)), "to_gateway", msg)
         elif kind == "to_gateway":
-            gp.receive(payload)
-            gateway_work(now)
-    if not dp.ended:
+            gateway.receive(payload)
+            gateway_moved(now)
+    if not device.proto.ended:
         raise RuntimeError(f"the model stalled in row {row.name}")
     span = commits[-1] - commits[0] if len(commits) > 1 else 0.0
     return {"row": row.name, "tokens": len(commits), "commit_ms": commits,
             "tokens_per_s": (len(commits) - 1) / span * 1000 if span > 0 else None,
-            "rollbacks": dp.stats.rollbacks, "max_in_flight": dp.stats.max_in_flight,
-            "branch_hits": gp.stats.branch_hits, "branch_misses": gp.stats.branch_misses}
+            "rollbacks": device.proto.stats.rollbacks, "max_in_flight": device.proto.stats.max_in_flight,
+            "branch_hits": proto.stats.branch_hits, "branch_misses": proto.stats.branch_misses}
+
+
+def _toy_gate(f, weight, bias, margin) -> float:
+    """p_t of the toy gate of a pushed-taps row: channel 0 of f decides (the host's gate_probability
+    would too; this keeps the model free of torch)."""
+    return 1.0 if float(f[0, 0]) > 0 else 0.0
 
 
 def predict(traces, costs: Costs, rows=ROWS) -> dict:

@@ -123,7 +123,7 @@ class Engine:
     def __init__(self, backbone, max_batch: int = 64, batching: bool = True):
         self.backbone = backbone
         ident = backbone.identity
-        self.identity = m.Backbone(ident.name, ident.fingerprint, ident.num_layers, ident.hidden_size)
+        self.identity = m.BackboneInfo(ident.name, ident.fingerprint, ident.num_layers, ident.hidden_size)
         self.eos_ids = backbone.eos_token_ids
         self.pieces = token_pieces(backbone.tokenizer)
         # No token stands for more characters than this: a prompt longer than

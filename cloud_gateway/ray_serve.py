@@ -4,7 +4,7 @@ The third thin adapter around the same protocol core: Ray Serve's HTTP proxy
 takes the device's WebSocket and hands it, as a Starlette `WebSocket`, to one
 replica of the `GatewayReplica` deployment (FastAPI ingress); the replica
 serves it with the very `Gateway` that `spa gateway` runs
-(`Gateway.handle_link`, cloud_gateway/session.py), through
+(`Gateway.handle_connection`, cloud_gateway/session.py), through
 `StarletteTransport`. Each replica holds its own backbone, engine and
 sessions; the limits, the auth token, the error codes and the resume rules
 are those of `spa gateway`.
@@ -33,7 +33,7 @@ from ray import serve
 from starlette.websockets import WebSocketDisconnect
 
 from cloud_gateway.process import ray_temp_dir
-from cloud_gateway.session import Link, LinkLost
+from cloud_gateway.session import Connection, ConnectionLost
 from spa.protocol.limits import Limits
 
 log = logging.getLogger("spa.gateway")
@@ -45,7 +45,7 @@ app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # a WebSocket en
 
 
 class StarletteTransport:
-    """A Starlette WebSocket (accepted) as a Link's transport: the interface of
+    """A Starlette WebSocket (accepted) as a Connection's transport: the interface of
     cloud_gateway.session.WebsocketsTransport. Through Ray Serve's proxy there
     is no TCP reset to send: `abort` ends the reader at once and closes with
     1011, which the reference device takes as a lost connection (it resumes)."""
@@ -81,12 +81,12 @@ class StarletteTransport:
 
     async def send(self, data: bytes) -> None:
         if self._gone.is_set() or self._closing:
-            raise LinkLost()
+            raise ConnectionLost()
         try:
             await self.ws.send_bytes(data)
         except (WebSocketDisconnect, RuntimeError, OSError):
             self._gone.set()
-            raise LinkLost() from None
+            raise ConnectionLost() from None
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send the close frame and wait (a few seconds) for the device's answer, as the
@@ -145,7 +145,7 @@ class GatewayReplica:
     @app.websocket("/")
     async def connect(self, websocket: WebSocket) -> None:
         await websocket.accept()
-        await self.gateway.handle_link(Link(StarletteTransport(websocket), self.gateway.limits))
+        await self.gateway.handle_connection(Connection(StarletteTransport(websocket), self.gateway.limits))
 
     @app.get("/stats")
     def stats(self) -> dict:

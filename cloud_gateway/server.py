@@ -11,7 +11,7 @@ tokens are signed with the deployment's secret (`resume_secret`; a random
 one per process when none is given), so a gateway that does not hold a
 session — a restarted one, another replica — rebuilds it from the resume.
 
-`Gateway.handle_link(link)` serves one connection whatever carries it: the
+`Gateway.handle_connection(connection)` serves one connection whatever carries it: the
 `websockets` server here (`handle`), Ray Serve's Starlette WebSockets in
 cloud_gateway/ray_serve.py.
 """
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from websockets.asyncio.server import serve
 
 from cloud_gateway.engine import Engine
-from cloud_gateway.session import GatewaySession, Link, LinkLost, WebsocketsTransport
+from cloud_gateway.session import GatewaySession, Connection, ConnectionLost, WebsocketsTransport
 from spa.errors import SpaError
+from spa.model.cloud_gate import gate_probability
 from spa.protocol.errors import NORMAL_CLOSE, PeerError, ProtocolError
 from spa.protocol.gateway import GatewayProtocol, Prefill, ResumeWanted, SessionMoved
 from spa.protocol.limits import Limits
@@ -109,24 +110,24 @@ class Gateway:
 
     async def handle(self, conn) -> None:
         """The `websockets` server's handler: one connection."""
-        await self.handle_link(Link(WebsocketsTransport(conn, self.socket_sndbuf), self.limits))
+        await self.handle_connection(Connection(WebsocketsTransport(conn, self.socket_sndbuf), self.limits))
 
-    async def handle_link(self, link: Link) -> None:
+    async def handle_connection(self, connection: Connection) -> None:
         """Serve one device connection until it ends."""
         self.connections += 1
         try:
             if self.connections > 2 * self.limits.max_sessions + 16:  # connections that never say hello
                 raise ProtocolError("busy", "too many connections; retry later")
             proto = GatewayProtocol(self.engine.identity, self.engine.eos_ids, self.limits, self.auth_token,
-                                    resumable=self.limits.resume_grace_s > 0, tokens=self.tokens,
-                                    branches=self.branches)
-            first = await link.recv(self.limits.idle_timeout_s)
-            if first.get("type") == "hello" and link.frames.first_form == "none":
-                link.frames.answer_in("none")  # a device without zstd reads our answers, errors included
+                                    resumable=self.limits.resume_grace_s > 0, resume_tokens=self.tokens,
+                                    branches=self.branches, predict_gate=gate_probability)
+            first = await connection.recv(self.limits.idle_timeout_s)
+            if first.get("type") == "hello" and connection.frames.first_form == "none":
+                connection.frames.answer_in("none")  # a device without zstd reads our answers, errors included
             proto.receive(first)
             action = proto.next_action()
             if isinstance(action, (Prefill, ResumeWanted)):
-                link.negotiate(action.hello.compression)  # frame compression: ready names it (PROTOCOL.md §2)
+                connection.negotiate(action.hello.compression)  # frame compression: ready names it (PROTOCOL.md §2)
             if isinstance(action, Prefill):
                 if len(self.sessions) >= self.limits.max_sessions:
                     raise ProtocolError("busy", f"the gateway serves {self.limits.max_sessions} sessions already; "
@@ -135,24 +136,24 @@ class Gateway:
                 self.sessions.add(session)
                 self._by_id[session.id] = session
                 self.stats.sessions += 1
-                await self._serve(session, link, action)
+                await self._serve(session, connection, action)
             elif isinstance(action, ResumeWanted):
-                await self._resume(link, proto, action)
+                await self._resume(connection, proto, action)
             else:
                 raise ProtocolError("out_of_order", "the first message must be hello")
         except ProtocolError as exc:
             log.info("connection refused: %s", exc)
-            await link.fail(exc.code, exc.message)
+            await connection.fail(exc.code, exc.message)
         except PeerError as exc:
             log.info("device reported %s", exc)
-            await link.close(NORMAL_CLOSE)
-        except LinkLost:
+            await connection.close(NORMAL_CLOSE)
+        except ConnectionLost:
             pass
         finally:
-            link.stop()
+            connection.stop()
             self.connections -= 1
 
-    async def _resume(self, link: Link, proto: GatewayProtocol, action: ResumeWanted) -> None:
+    async def _resume(self, connection: Connection, proto: GatewayProtocol, action: ResumeWanted) -> None:
         """A resume hello: continue the session this gateway holds, or rebuild
         it from the hello (`proto`, the connection's fresh protocol) when it
         holds none: its replica died, this gateway restarted, or the device
@@ -181,9 +182,9 @@ class Gateway:
         except ProtocolError:
             self.stats.resume_refused += 1
             raise
-        if session.link is not None:  # its old connection is still open (half-open TCP): take over
-            session.link.abort()
-        await self._serve(session, link, action, rebuild)
+        if session.connection is not None:  # its old connection is still open (half-open TCP): take over
+            session.connection.abort()
+        await self._serve(session, connection, action, rebuild)
 
     def _drop(self, session: GatewaySession) -> None:
         """Forget a session resumed elsewhere since (its state here is stale)."""
@@ -193,12 +194,12 @@ class Gateway:
         if session.expiry is not None:
             session.expiry.cancel()
             session.expiry = None
-        if session.link is not None:
-            session.link.abort()
+        if session.connection is not None:
+            session.connection.abort()
         if not session.lock.locked():
             self._free(session)
 
-    async def _serve(self, session: GatewaySession, link: Link, action, rebuild: bool = False) -> None:
+    async def _serve(self, session: GatewaySession, connection: Connection, action, rebuild: bool = False) -> None:
         async with session.lock:
             if isinstance(action, ResumeWanted) and not rebuild:
                 if session.freed or session.moved:  # expired (or moved) while we waited
@@ -211,7 +212,7 @@ class Gateway:
                     session.expiry.cancel()
                     session.expiry = None
                 self.stats.resumes += 1
-            over = await session.run(link, action)
+            over = await session.run(connection, action)
             self.stats.slow_readers += session.close_reason == "slow_reader"
             self.stats.resume_refused += session.close_reason == "resume_refused"
             if over or session.moved:
@@ -223,7 +224,7 @@ class Gateway:
                     self.limits.resume_grace_s, self._expire, session)
 
     def _expire(self, session: GatewaySession) -> None:
-        if session.link is None and not session.lock.locked():
+        if session.connection is None and not session.lock.locked():
             log.info("session %s: not resumed within %g s; freed", session.id, self.limits.resume_grace_s)
             self.stats.expired += 1
             self._free(session)

@@ -9,14 +9,15 @@ computed, a `need_taps` is answered at once (the taps are cached), so the side
 network's round trip does not wait for the backbone; everything else waits
 for the draft.
 
-Branch drafting (`spa gateway --branches K`): the protocol hands out a round
-of drafts — the main line's and one per branch line, each branch line with
-its own KV cache forked from the main one — and this host asks the engine for
-all of them in one event-loop iteration, so they run as rows of one batched
-forward. On a branch hit the branch's cache and states become the main
-line's (`Adopt`).
+The session's compute state is its *lines* (`Line`: a KV cache and the states
+of unverified positions), keyed by the line ids the protocol chooses: the main
+line and, with branch drafting (`spa gateway --branches K`), branch lines
+forked from it. The protocol says which line to extend, fork, cut or drop
+(spa/protocol/gateway/actions.py); this host only follows. A round of drafts
+(the main line's and one per branch line) is asked of the engine in one
+event-loop iteration, so they run as rows of one batched forward.
 
-A session outlives its connection (`Link`): when the connection is lost
+A session outlives its connection (`Connection`): when the connection is lost
 mid-generation without a close frame from the device (TCP reset, a cut link,
 a device that stopped reading), the session keeps its state for
 `resume_grace_s` and a new connection may take it over with `hello.resume`
@@ -44,8 +45,8 @@ from spa.model.projection import project
 from spa.protocol import messages as m
 from spa.protocol.errors import CODES, NORMAL_CLOSE, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec, negotiate
-from spa.protocol.gateway import (Adopt, Discard, Draft, Forget, Fork, GatewayProtocol, Head, Prefill, SendTaps,
-                                  Truncate)
+from spa.protocol.gateway import (MAIN_LINE, CutLine, Draft, DropLine, ForgetStates, ForkLine, GatewayProtocol, Head,
+                                  Prefill, SendTaps)
 from spa.model.spa_rule import cloud_state
 
 log = logging.getLogger("spa.gateway")
@@ -53,7 +54,7 @@ _CLOSED = object()  # inbox marker: the connection is gone
 INBOX_FRAMES = 4  # decoded device messages buffered per connection before its reader stops reading
 
 
-class LinkLost(Exception):
+class ConnectionLost(Exception):
     """The connection ended (closed, reset, or dropped as a slow reader)."""
 
 
@@ -65,10 +66,10 @@ class _ResumeRefused(Exception):
 
 
 class WebsocketsTransport:
-    """A `websockets` server connection as a Link's transport (`spa gateway`).
+    """A `websockets` server connection as a Connection's transport (`spa gateway`).
 
     A transport has `frames()` (an async iterator of the received messages,
-    ending when the connection does), `send(data)` (LinkLost once closed),
+    ending when the connection does), `send(data)` (ConnectionLost once closed),
     `close(code, reason)`, `abort()` (drop the connection at once) and
     `peer_closed` (the device sent a close frame: it left on purpose).
     cloud_gateway/ray_serve.py has the Starlette one."""
@@ -90,7 +91,7 @@ class WebsocketsTransport:
         try:
             await self.conn.send(data)
         except ConnectionClosed:
-            raise LinkLost() from None
+            raise ConnectionLost() from None
 
     async def close(self, code: int, reason: str = "") -> None:
         try:
@@ -106,7 +107,7 @@ class WebsocketsTransport:
         return self.conn.protocol.close_rcvd is not None
 
 
-class Link:
+class Connection:
     """One device connection: a reader task feeding a bounded inbox, and
     sends bounded in time, over a transport (`WebsocketsTransport`, or the
     Starlette one of cloud_gateway/ray_serve.py). The websockets library
@@ -145,9 +146,9 @@ class Link:
                 pass
 
     async def recv(self, timeout: float) -> dict:
-        """The next device map; ProtocolError for a bad frame or silence, LinkLost when gone."""
+        """The next device map; ProtocolError for a bad frame or silence, ConnectionLost when gone."""
         if self.inbox.empty() and self.reader.done():
-            raise LinkLost()
+            raise ConnectionLost()
         try:
             item = await asyncio.wait_for(self.inbox.get(), timeout)
         except asyncio.TimeoutError:
@@ -158,7 +159,7 @@ class Link:
         """The next device map if it arrives before `job` is done, else None.
         Errors are raised as by `recv` (the caller decides when)."""
         if self.inbox.empty() and self.reader.done():
-            raise LinkLost()
+            raise ConnectionLost()
         getter = asyncio.ensure_future(self.inbox.get())
         try:
             await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
@@ -173,7 +174,7 @@ class Link:
     @staticmethod
     def _unwrap(item) -> dict:
         if item is _CLOSED:
-            raise LinkLost()
+            raise ConnectionLost()
         if isinstance(item, ProtocolError):
             raise item
         return item
@@ -195,7 +196,7 @@ class Link:
             await asyncio.wait_for(self.transport.send(data), self.limits.send_timeout_s)
         except asyncio.TimeoutError:
             self.slow = True
-            raise LinkLost() from None
+            raise ConnectionLost() from None
 
     @property
     def device_closed(self) -> bool:
@@ -205,14 +206,14 @@ class Link:
     async def close(self, code: int, reason: str = "") -> None:
         try:
             await asyncio.wait_for(self.transport.close(code, reason), self.limits.send_timeout_s)
-        except (asyncio.TimeoutError, LinkLost):
+        except (asyncio.TimeoutError, ConnectionLost):
             self.abort()
 
     async def fail(self, code: str, message: str) -> None:
         """Send `error` and close with the code's close code (best effort)."""
         try:
             await self.send(m.Error(code, message[:4096]).to_dict())
-        except LinkLost:
+        except ConnectionLost:
             pass
         await self.close(CODES[code][0], code)
 
@@ -223,7 +224,7 @@ class Link:
         """The device does not read: try the slow_reader close briefly, then reset."""
         try:
             await asyncio.wait_for(self.transport.close(CODES["slow_reader"][0], "slow_reader"), 1.0)
-        except (asyncio.TimeoutError, LinkLost):
+        except (asyncio.TimeoutError, ConnectionLost):
             pass
         self.abort()
 
@@ -231,9 +232,21 @@ class Link:
         self.reader.cancel()
 
 
+class Line:
+    """One line of a session: its KV cache, and the states [L + 1, H] of its unverified positions."""
+
+    def __init__(self, cache, states: dict | None = None):
+        self.cache = cache
+        self.states: dict[int, torch.Tensor] = states or {}
+
+    @property
+    def kv_bytes(self) -> int:
+        return kv_bytes(self.cache) + sum(s.numel() * s.element_size() for s in self.states.values())
+
+
 class GatewaySession:
     """The host of one session's `GatewayProtocol`: it runs the backbone work
-    the protocol asks for and moves maps between the protocol and the link.
+    the protocol asks for and moves maps between the protocol and the connection.
     It keeps compute state only (KV cache, states of unverified positions)."""
 
     def __init__(self, engine, limits, proto: GatewayProtocol, session_id: str | None = None):
@@ -243,31 +256,22 @@ class GatewaySession:
         self.id = session_id or secrets.token_hex(16)
         self.moved = False  # resumed on another replica since: this copy is dropped
         self.rebuild_s: float | None = None  # seconds the last rebuild took (prefill + committed tokens)
-        self.link: Link | None = None
+        self.connection: Connection | None = None
         self.lock = asyncio.Lock()  # one connection serves the session at a time
         self.expiry: asyncio.TimerHandle | None = None  # while waiting for a resume
         self.freed = False
         self.close_reason: str | None = None  # why the last connection ended (logs, tests)
-        self.cache = None
-        self.states: dict[int, torch.Tensor] = {}  # computed position -> its states [L + 1, H]
-        # Branch lines (branch drafting), by the protocol's branch id: KV cache, and states by position.
-        self.branch_caches: dict[int, object] = {}
-        self.branch_states: dict[int, dict[int, torch.Tensor]] = {}
+        self.lines: dict[int, Line] = {}  # by the protocol's line ids
 
     @property
     def kv_bytes(self) -> int:
-        states = [*self.states.values(), *(st for line in self.branch_states.values() for st in line.values())]
-        return (kv_bytes(self.cache) + sum(kv_bytes(c) for c in self.branch_caches.values())
-                + sum(s.numel() * s.element_size() for s in states))
+        return sum(line.kv_bytes for line in self.lines.values())
 
     def release(self) -> None:
-        """Free the KV cache and the taps (the session is over)."""
+        """Free the lines and what the device uploaded (the session is over)."""
         self.freed = True
-        self.states.clear()
-        self.cache = None
-        self.branch_caches.clear()
-        self.branch_states.clear()
-        self.proto.projection = None  # the device's weights: memory only, gone with the session
+        self.lines.clear()
+        self.proto.release()
 
     @property
     def resumable(self) -> bool:
@@ -279,11 +283,11 @@ class GatewaySession:
             and (p.phase == "generating" or (p.phase == "ended" and p.end_msg is not None))
         )
 
-    async def run(self, link: Link, action) -> bool:
-        """Serve the session on `link`, starting with `action` (Prefill, or
+    async def run(self, connection: Connection, action) -> bool:
+        """Serve the session on `connection`, starting with `action` (Prefill, or
         ResumeWanted already checked). Returns True when the session is over
         (free it), False when it waits for a resume."""
-        self.link = link
+        self.connection = connection
         try:
             if isinstance(action, Prefill):
                 await self._prefill(action.hello)
@@ -294,46 +298,43 @@ class GatewaySession:
             await self._serve()
             self.close_reason = "end"
             if self.proto.phase == "ended":  # over: only `end` may be asked for again
-                self.cache = None
-                self.states.clear()
-                self.branch_caches.clear()
-                self.branch_states.clear()
+                self.lines.clear()
             # A device that got `end` answers our close frame; without that
             # answer it may have missed `end` and may come back for it.
-            return self.proto.phase != "ended" or link.device_closed or not self.resumable
+            return self.proto.phase != "ended" or connection.device_closed or not self.resumable
         except _ResumeRefused as exc:  # e.g. a position the session never reached: keep waiting
             log.info("session %s: resume refused: %s", self.id, exc.error)
             self.close_reason = "resume_refused"
-            await link.fail(exc.error.code, exc.error.message)
+            await connection.fail(exc.error.code, exc.error.message)
             return not self.resumable
         except ProtocolError as exc:
             log.info("session %s: %s", self.id, exc)
             self.close_reason = exc.code
-            await link.fail(exc.code, exc.message)
+            await connection.fail(exc.code, exc.message)
             return True
         except PeerError as exc:
             log.info("session %s: device reported %s", self.id, exc)
             self.close_reason = "peer_error"
-            await link.close(NORMAL_CLOSE)
+            await connection.close(NORMAL_CLOSE)
             return True
-        except LinkLost:
+        except ConnectionLost:
             self.proto.connection_lost()
-            if link.slow:
+            if connection.slow:
                 log.info("session %s: the device does not read; dropping the connection (slow_reader)", self.id)
                 self.close_reason = "slow_reader"
-                await link.drop_slow()
+                await connection.drop_slow()
             else:
                 self.close_reason = "lost"
-            if link.device_closed:  # the device left on purpose: like bye
+            if connection.device_closed:  # the device left on purpose: like bye
                 return True
             return not self.resumable
         except Exception:  # a bug: tell the device, keep serving others
             log.exception("session %s failed", self.id)
             self.close_reason = "internal"
-            await link.fail("internal", "the gateway failed on this session; see its log")
+            await connection.fail("internal", "the gateway failed on this session; see its log")
             return True
         finally:
-            self.link = None
+            self.connection = None
 
     async def _prefill(self, hello: m.Hello) -> None:
         engine, limits = self.engine, self.limits
@@ -343,11 +344,12 @@ class GatewaySession:
         # Tokenizing off the event loop and off the compute thread.
         ids = await asyncio.get_running_loop().run_in_executor(None, engine.backbone.encode, hello.prompt)
         self.proto.started(self.id, self._secret(), len(ids))  # checks the prompt limit first
-        self.cache, self.states[len(ids) - 1] = await engine.prefill(ids)  # batched with other sessions' prefills
+        cache, states = await engine.prefill(ids)  # batched with other sessions' prefills
+        self.lines = {MAIN_LINE: Line(cache, {len(ids) - 1: states})}
 
     def _secret(self) -> str | None:
         """An opaque random secret, or None where the protocol signs resume tokens itself."""
-        return None if self.proto.tokens is not None else secrets.token_urlsafe(24)
+        return None if self.proto.resumption.tokens is not None else secrets.token_urlsafe(24)
 
     async def _rebuild(self, hello: m.Hello) -> None:
         """Resume a session this gateway does not hold (its replica died, the
@@ -368,11 +370,10 @@ class GatewaySession:
         if self.proto.phase != "generating":  # the device's tokens end the generation: only `end` is left
             return
         t0 = time.perf_counter()
-        self.cache, states = await engine.prefill(ids)
-        if not tokens:
-            self.states[first] = states
+        cache, states = await engine.prefill(ids)
+        self.lines = {MAIN_LINE: Line(cache, {} if tokens else {first: states})}
         for t in tokens[:-1]:  # one compute job each: other sessions' rounds run in between
-            await engine.run(decode_one_token, engine.backbone, self.cache, t)
+            await engine.run(decode_one_token, engine.backbone, cache, t)
         self.rebuild_s = time.perf_counter() - t0
         log.info("session %s: rebuilt from %d prompt and %d committed tokens in %.2f s", self.id, len(ids),
                  len(tokens), self.rebuild_s)
@@ -389,21 +390,21 @@ class GatewaySession:
         for, and feed it what the device sends. Messages already received are
         handled before another draft starts, so a verdict that rolls back is
         applied before a draft is computed on a stale token."""
-        proto, link = self.proto, self.link
+        proto, connection = self.proto, self.connection
         draft: tuple[list[Draft], asyncio.Future] | None = None  # the round of drafts being computed
         try:
             while True:
                 for msg in proto.data_to_send():
-                    await link.send(msg)
+                    await connection.send(msg)
                 if proto.closing:
-                    await link.close(NORMAL_CLOSE)
+                    await connection.close(NORMAL_CLOSE)
                     return
-                action = None if draft is None and link.pending else proto.next_action()
+                action = None if draft is None and connection.pending else proto.next_action()
                 if action is None:
                     if draft is None:
-                        proto.receive(await link.recv(self.limits.idle_timeout_s))
+                        proto.receive(await connection.recv(self.limits.idle_timeout_s))
                         continue
-                    d = await link.recv_before(draft[1])
+                    d = await connection.recv_before(draft[1])
                     if d is not None:
                         proto.receive(d)
                         continue
@@ -433,55 +434,44 @@ class GatewaySession:
         return await asyncio.gather(*(self._compute_draft(d) for d in drafts))
 
     async def _compute_draft(self, action: Draft):
-        """(states of action.pos, the Choice of its draft token with its runners-up): a
-        decode step, or only the head where the states exist (right after the prefill)."""
-        opts, engine, k = self.proto.hello.options, self.engine, self.proto.branches
+        """(states of action.pos, the Choice of its draft token with its runners-up, the rows of
+        the decode step or None): a decode step on the action's line, or only the head where the
+        states exist (right after the prefill or a rebuild)."""
+        opts, engine, k = self.proto.hello.options, self.engine, self.proto.branching.k
+        line = self.lines[action.line]
         if action.feed is None:
-            states = self.states[action.pos]
-            return states, await engine.head(states[-1], opts.temperature, opts.seed, action.pos, alternatives=k)
-        cache = self.branch_caches[action.branch] if action.branch else self.cache
-        states, choice, batch = await engine.draft(cache, action.feed, opts.temperature, opts.seed, action.pos,
-                                                   alternatives=k)
-        self.proto.stats.add_decode_step(batch)
-        return states, choice
+            states = line.states[action.pos]
+            return states, await engine.head(states[-1], opts.temperature, opts.seed, action.pos, alternatives=k), None
+        return await engine.draft(line.cache, action.feed, opts.temperature, opts.seed, action.pos, alternatives=k)
 
     def _report_round(self, drafts: list[Draft], job: asyncio.Future) -> None:
-        for action, (states, choice) in zip(drafts, job.result()):
+        for action, (states, choice, batch) in zip(drafts, job.result()):
             if self.proto.draft_ready(action.pos, states[-1].numpy()[None], choice.token,
-                                      self.engine.pieces[choice.token], choice.alternatives, branch=action.branch,
-                                      margin=choice.margin):
-                # (a stale draft's states are void: its KV entry is truncated, or its branch dropped)
-                line = self.branch_states.setdefault(action.branch, {}) if action.branch else self.states
-                line[action.pos] = states
+                                      self.engine.pieces[choice.token], choice.alternatives, line=action.line,
+                                      margin=choice.margin, batch=batch):
+                # (a stale draft's states are void: its line is cut back or dropped)
+                self.lines[action.line].states[action.pos] = states
 
     async def _run(self, action) -> None:
         engine, proto = self.engine, self.proto
         if isinstance(action, SendTaps):
-            proto.taps_ready(action.pos, await self._wire_taps(self.states[action.pos]))
+            proto.taps_ready(action.pos, await self._wire_taps(self.lines[action.line].states[action.pos]))
         elif isinstance(action, Head):
             opts = proto.hello.options
-            x = cloud_state(self.states[action.pos][-1], action.s)
+            x = cloud_state(self.lines[action.line].states[action.pos][-1], action.s)
             token = (await engine.head(x, opts.temperature, opts.seed, action.pos)).token
             proto.verdict_ready(action.pos, token, engine.pieces[token])
-        elif isinstance(action, Truncate):
-            # Drafts from action.keep on were built on the old token.
-            await engine.run(truncate, self.cache, action.keep)
-            self.states = {p: st for p, st in self.states.items() if p < action.keep}
-        elif isinstance(action, Forget):  # verified positions need no taps any more
-            for p in [p for p in self.states if p <= action.upto]:
-                del self.states[p]
-        elif isinstance(action, Fork):  # on the compute thread: no round may grow the cache meanwhile
-            self.branch_caches[action.branch] = await engine.run(fork_cache, self.cache, action.keep)
-            self.branch_states[action.branch] = {}
-        elif isinstance(action, Adopt):  # a branch hit: its line is the main line now
-            self.cache = self.branch_caches.pop(action.branch)
-            self.states = {p: st for p, st in self.states.items() if p < action.keep}
-            self.states.update(self.branch_states.pop(action.branch, {}))
-            self.branch_caches.clear()
-            self.branch_states.clear()
-        elif isinstance(action, Discard):
-            self.branch_caches.clear()
-            self.branch_states.clear()
+        elif isinstance(action, CutLine):  # a rollback: drafts from action.keep on were built on the old token
+            line = self.lines[action.line]
+            await engine.run(truncate, line.cache, action.keep)
+            line.states = {p: st for p, st in line.states.items() if p < action.keep}
+        elif isinstance(action, ForgetStates):  # verified positions need no taps any more
+            line = self.lines[action.line]
+            line.states = {p: st for p, st in line.states.items() if p > action.upto}
+        elif isinstance(action, ForkLine):  # on the compute thread: no round may grow the cache meanwhile
+            self.lines[action.line] = Line(await engine.run(fork_cache, self.lines[action.parent].cache, action.keep))
+        elif isinstance(action, DropLine):
+            del self.lines[action.line]
         else:  # Prefill or ResumeWanted on a running session
             raise ProtocolError("out_of_order", "second hello")
 

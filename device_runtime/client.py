@@ -133,14 +133,14 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
                                    projection=upload_projection(pte) if cloud_projection else None,
                                    gate=upload_gate(pte, tau) if push_taps else None,
                                    compression=tuple(compression) if compression else None), max_in_flight)
-    counters, result, sigma_of = _Counters(), SummaryResult(), {}
+    counters, result = _Counters(), SummaryResult()
     tls = client_tls(cafile) if url.startswith("wss://") else None
     clock = {"start": time.perf_counter(), "first": None, "last": None}
     lost_since, backoff, reason = None, 0.05, ""
     while not proto.ended:
         resuming = proto.ready is not None
         try:
-            await _connection(url, proto, pte, tau, sigma_of, counters, result, on_commit, limits, open_timeout,
+            await _connection(url, proto, pte, tau, counters, result, on_commit, limits, open_timeout,
                               tls, clock)
         except _Lost as exc:
             reason = str(exc)
@@ -208,7 +208,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     return result
 
 
-async def _connection(url, proto: DeviceProtocol, pte, tau, sigma_of, counters, result, on_commit, limits,
+async def _connection(url, proto: DeviceProtocol, pte, tau, counters, result, on_commit, limits,
                       open_timeout, tls, clock) -> None:
     """One websocket connection: hello (or the resume hello), then messages until
     the end. Raises _Lost when the connection ends early in a repairable way."""
@@ -240,11 +240,11 @@ async def _connection(url, proto: DeviceProtocol, pte, tau, sigma_of, counters, 
                     counters.compression = choice
                 counters.count(counters.messages_down, str(msg.get("type")))
                 proto.receive(msg)  # a verdict (or a resumed's commit) commits a token
-                _compute(proto, pte, tau, sigma_of)  # a sigma = 0 gate commits a draft
+                _compute(proto, pte, tau)  # a sigma = 0 gate commits a draft
                 for commit in proto.committed[len(result.tokens):]:
                     clock["last"] = time.perf_counter()
                     clock["first"] = clock["first"] or clock["last"]
-                    _record(result, commit, sigma_of, commit.pos in proto.changed_positions, on_commit)
+                    _record(result, commit, commit.pos in proto.changed_positions, on_commit)
                 if inbox.empty():
                     await _flush(conn, proto, frames, counters)
         except ConnectionClosed:
@@ -272,12 +272,11 @@ async def _read(conn, inbox: asyncio.Queue) -> None:
         await inbox.put(None)
 
 
-def _compute(proto: DeviceProtocol, pte, tau: float, sigma_of: dict) -> None:
+def _compute(proto: DeviceProtocol, pte, tau: float) -> None:
     """Answer every action the protocol has for us: gates, then a side output."""
     while (action := proto.next_action()) is not None:
         if isinstance(action, RunGate):
             sigma = pte.gate(gate_input(pte, action.f, action.margin)) > tau
-            sigma_of[action.pos] = int(sigma)
             proto.gated(action.pos, sigma)
         elif isinstance(action, RunSide):
             side = pte.side_projected if action.projected else pte.side
@@ -297,8 +296,8 @@ async def _flush(conn, proto: DeviceProtocol, frames: FrameCodec, counters: _Cou
         await conn.send(data)
 
 
-def _record(result: SummaryResult, commit: Commit, sigma_of: dict, changed: bool, on_commit) -> None:
-    sigma = sigma_of.get(commit.pos, 0)
+def _record(result: SummaryResult, commit: Commit, changed: bool, on_commit) -> None:
+    sigma = int(bool(commit.sigma))
     result.tokens.append(commit.token)
     result.pieces.append(commit.piece)
     result.sigmas.append(sigma)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spa.model.generate import logit_margins, prefill
+from spa.model.generate import finish_reason, generate, logit_margins
 from spa.model.reference import Generation
 from spa.model.spa_rule import DeviceDecision, cloud_state, device_step, quantizing_wire
 
@@ -53,19 +53,16 @@ class Row:
 def generate_rows(backbone, prompt_ids: list[int], rows: list[Row], max_new_tokens: int,
                   scheme: str = "int8", outliers: int = 8) -> list[Generation]:
     """Greedy generation for every row, batched; returns one Generation per row."""
-    cache, last = prefill(backbone, prompt_ids)
-    cache.batch_repeat_interleave(len(rows))
-    states = last.unsqueeze(0).expand(len(rows), -1, -1)  # [B, L + 1, H]
-    active = list(range(len(rows)))  # row index of each batch slot
     out = [Generation() for _ in rows]
-    eos = backbone.eos_token_ids
     wire = quantizing_wire(scheme, outliers)
     margin_gates = any(row.plugin is not None and row.plugin.config.gate_margin for row in rows)
-    for _ in range(max_new_tokens):
+    live: list[int] = []  # the rows still generating, in batch order (the loop's `live`)
+
+    def choose(pos, states):
         combined = []
         # The backbone's own top-2 logit margins, where a row's gate reads them (batched: last bits may differ).
         margins = logit_margins(backbone.logits(states[:, -1])).tolist() if margin_gates else None
-        for slot, r in enumerate(active):
+        for slot, r in enumerate(live):
             f, row = states[slot, -1], rows[r]
             decision = DeviceDecision(0.0, False, None)  # the backbone alone
             if row.plugin is not None:
@@ -76,23 +73,14 @@ def generate_rows(backbone, prompt_ids: list[int], rows: list[Row], max_new_toke
             combined.append(cloud_state(f, decision.s, combination))
             out[r].sigmas.append(int(decision.sigma))
             out[r].gate_p.append(decision.p)
-        tokens = torch.argmax(backbone.logits(torch.stack(combined)), dim=-1).tolist()
-        keep = []
-        for slot, (r, token) in enumerate(zip(active, tokens)):
+        return torch.argmax(backbone.logits(torch.stack(combined)), dim=-1).tolist()
+
+    steps = generate(backbone, prompt_ids, choose, max_new_tokens, rows=len(rows))
+    live[:] = range(len(rows))
+    for _, chosen, tokens in steps:
+        for r, token in zip(chosen, tokens):
             out[r].tokens.append(token)
-            if token in eos:
-                out[r].finish_reason = "eos"
-            else:
-                keep.append(slot)
-        if len(out[active[0]].tokens) >= max_new_tokens:
-            for r in (active[s] for s in keep):
-                out[r].finish_reason = "max_tokens"
-            break
-        if not keep:
-            break
-        if len(keep) < len(active):
-            cache.batch_select_indices(torch.tensor(keep))
-        active = [active[s] for s in keep]
-        fed = torch.tensor([[tokens[s]] for s in keep])
-        states = backbone.forward(fed, cache)[:, -1]
+        live[:] = [r for r, token in zip(chosen, tokens) if token not in backbone.eos_token_ids]
+    for generation in out:
+        generation.finish_reason = finish_reason(generation.tokens, backbone.eos_token_ids)
     return out

@@ -74,7 +74,7 @@ def generated_flips(backbone, base_plugin, train, s, tmpl, max_new=48):
     if path.exists():
         d = torch.load(path)
         return d["f"], d["flip"]
-    from spa.model.generate import prefill, decode_one_token
+    from spa.model.generate import generate
     sides = torch.load(OUT / f"{s.profile}-sides.pt")
     helpers = []
     for st in sides[1:3]:
@@ -87,18 +87,18 @@ def generated_flips(backbone, base_plugin, train, s, tmpl, max_new=48):
     with torch.no_grad():
         for i, paper in enumerate(papers):
             helper = helpers[i % 2]  # fold i % 2 was held out from helper i % 2
-            cache, states = prefill(backbone, backbone.encode(paper_prompt(paper, tmpl, GENERIC_INSTRUCTION,
-                                                                             s.max_doc_tokens)))
-            for _ in range(max_new):
-                f = states[-1]
-                side = helper.side(states[helper.config.taps][None])[0]
+            prompt = backbone.encode(paper_prompt(paper, tmpl, GENERIC_INSTRUCTION, s.max_doc_tokens))
+
+            def choose(pos, states):
+                f = states[0, -1]
+                side = helper.side(states[0, helper.config.taps][None])[0]
                 l0, l1 = backbone.train_logits(f[None])[0], backbone.train_logits((f + side)[None])[0]
                 fs.append(f.clone())
                 fl.append(bool(l0.argmax() != l1.argmax()))
-                tok = int(l1.argmax())
-                if tok in backbone.eos_token_ids:
-                    break
-                states = decode_one_token(backbone, cache, tok)
+                return [int(l1.argmax())]
+
+            for _ in generate(backbone, prompt, choose, max_new):
+                pass
             if i % 10 == 9:
                 print(f"generated flips: paper {i + 1}/100 {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     d = {"f": torch.stack(fs), "flip": torch.tensor(fl)}

@@ -39,7 +39,7 @@ from evaluation.rouge import rouge_l, side_usage
 from evaluation.run import GOAL_CANDIDATES, GOAL_GENERATION_USAGE
 from evaluation.tune import best_usage
 from spa.data.aclsum import load_split, paper_prompt
-from spa.model.generate import decode_one_token, prefill
+from spa.model.generate import generate
 from spa.model.plugin import combine
 from training.tapcache import TokenSet, split_token_set
 from training.train import TrainSettings, gate_labels, gate_rows, greedy_tokens, train_gate
@@ -50,22 +50,22 @@ MAX_NEW_TOKENS = 48  # as `spa eval`
 def always_on_states(backbone, plugin, papers, max_new_tokens: int = MAX_NEW_TOKENS) -> TokenSet:
     """The states of every position of each paper's side-always-on greedy summary (the wire's
     quantization left out: these are labels), its token as target."""
-    config, eos = plugin.config, backbone.eos_token_ids
+    config = plugin.config
     states, targets, doc_index = [], [], []
     with torch.no_grad():
         for i, paper in enumerate(papers):
             prompt = backbone.encode(paper_prompt(paper, config.prompt_template, config.instruction,
                                                   config.max_doc_tokens))
-            cache, last = prefill(backbone, prompt)
-            for _ in range(max_new_tokens):
+
+            def choose(pos, last):
+                last = last[0]
                 state = combine(last[-1][None], plugin.side(last[config.taps][None]), config.combination)
-                token = int(backbone.logits(state).argmax(-1))
                 states.append(last.clone())
-                targets.append(token)
                 doc_index.append(i)
-                if token in eos:
-                    break
-                last = decode_one_token(backbone, cache, token)
+                return [int(backbone.logits(state).argmax(-1))]
+
+            for _, _, tokens in generate(backbone, prompt, choose, max_new_tokens):
+                targets += tokens
             print(f"\r  side-always-on summaries: {i + 1}/{len(papers)} papers", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return TokenSet(torch.stack(states), torch.tensor(targets), torch.tensor(doc_index))

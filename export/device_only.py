@@ -230,16 +230,18 @@ class PteBackbone:
 
 def eager_greedy(backbone, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
     """Greedy tokens of the eager backbone (the gateway's step functions) and each choice's top-2 gap."""
-    from spa.model.generate import decode_one_token, prefill
+    from spa.model.generate import generate
 
-    cache, states = prefill(backbone, prompt_ids)
-    tokens, gaps = [], []
-    for _ in range(max_new_tokens):
-        logits = backbone.logits(states[-1])
+    gaps = []
+
+    def choose(pos, states):
+        logits = backbone.logits(states[0, -1])
         top2 = torch.topk(logits, 2).values
         gaps.append(float(top2[0] - top2[1]))
-        tokens.append(int(torch.argmax(logits)))
-        states = decode_one_token(backbone, cache, tokens[-1])
+        return [int(torch.argmax(logits))]
+
+    # No EOS stop: the exported program is compared token for token over the whole length.
+    tokens = [t for _, _, chosen in generate(backbone, prompt_ids, choose, max_new_tokens, eos_ids=()) for t in chosen]
     return tokens, gaps
 
 

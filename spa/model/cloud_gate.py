@@ -1,4 +1,5 @@
-"""Pushed taps: the gateway predicts the device's gate to send taps unasked.
+"""Pushed taps: the gateway predicts the device's gate to send taps unasked (the gateway
+protocol calls `gate_probability` on the f_t the device receives, spa/protocol/gateway/protocol.py).
 
 Without it a sigma = 1 position costs the device two round trips: `need_taps`
 -> `taps`, then `side` -> `verdict`. With the gate's weights (M_c: 2 x H
@@ -17,7 +18,6 @@ never depend on the prediction, only bytes and round trips do.
 import numpy as np
 import torch
 
-from spa.protocol import codec
 from spa.model.plugin import rms
 
 
@@ -30,10 +30,3 @@ def gate_probability(f: np.ndarray, weight: np.ndarray, bias: np.ndarray, margin
     logits = torch.from_numpy(weight) @ x + torch.from_numpy(bias)
     return float(torch.softmax(logits, dim=-1)[1])
 
-
-def predicts_open(f: np.ndarray, gate: tuple, scheme: str, outliers: int, margin: float | None = None) -> bool:
-    """Will the device's gate open at this position? `gate` = (weight [2, H] or [2, H + 1] for a
-    margin gate, bias [2], tau); `margin`: the step's logit margin, for a margin gate."""
-    weight, bias, tau = gate
-    return gate_probability(codec.quantize(np.asarray(f, np.float32).reshape(1, -1), scheme, outliers), weight,
-                            bias, margin) > tau

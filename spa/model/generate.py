@@ -11,6 +11,7 @@ same way.
 """
 
 import copy
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -53,6 +54,45 @@ def decode_batch(backbone, caches: list, tokens: list[int]) -> torch.Tensor:
     if not backbone.supports_batching:
         return torch.stack([decode_one_token(backbone, c, t) for c, t in zip(caches, tokens)])
     return backbone.decode_rows(caches, tokens)
+
+
+def generate(backbone, prompt_ids: list[int], choose: Callable[[int, torch.Tensor], list[int]], max_new_tokens: int,
+             rows: int = 1, eos_ids=None) -> Iterator[tuple[int, list[int], list[int]]]:
+    """The generation loop, written once (gpt-fast's shape): prefill the prompt, then one decode step
+    per position, for `rows` continuations of the same prompt decoded as one batch.
+
+    `choose(pos, states)` picks the token of each live row at position `pos` from its states
+    (`states` [B, L + 1, H], one per live row; `f_t` is `states[:, -1]`) and returns B token ids.
+    Yields `(pos, live, tokens)` after each choice: the indices of the rows still generating and the
+    tokens just chosen for them. A row stops after an EOS token (`eos_ids`, by default the
+    backbone's; `()` never stops early); every row stops after `max_new_tokens`. With one row this is exactly `prefill` then `decode_one_token` (the
+    numerics contract's solo path); more rows are batched (equal where the choices have margin).
+    A consumer that stops early just stops iterating."""
+    eos = backbone.eos_token_ids if eos_ids is None else eos_ids
+    cache, last = prefill(backbone, prompt_ids)
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
+    states = last.unsqueeze(0).expand(rows, -1, -1)
+    live, pos = list(range(rows)), len(prompt_ids) - 1
+    for n in range(max_new_tokens):
+        tokens = [int(t) for t in choose(pos, states)]
+        yield pos, live, tokens
+        keep = [i for i, token in enumerate(tokens) if token not in eos]
+        if not keep or n + 1 == max_new_tokens:
+            return
+        if rows == 1:
+            states = decode_one_token(backbone, cache, tokens[0])[None]
+        else:
+            if len(keep) < len(live):
+                cache.batch_select_indices(torch.tensor(keep))
+            states = backbone.forward(torch.tensor([[tokens[i]] for i in keep]), cache)[:, -1]
+        live = [live[i] for i in keep]
+        pos += 1
+
+
+def finish_reason(tokens: list[int], eos_ids) -> str:
+    """Why a generation that produced `tokens` stopped: "eos" or "max_tokens"."""
+    return "eos" if tokens and tokens[-1] in eos_ids else "max_tokens"
 
 
 def truncate(cache, positions: int) -> None:

@@ -18,7 +18,7 @@ produce exactly these tokens.
 from dataclasses import dataclass, field
 
 from spa.errors import PluginError
-from spa.model.generate import choose_token, decode_one_token, logit_margin, prefill
+from spa.model.generate import choose_token, finish_reason, generate, logit_margin
 from spa.model.spa_rule import quantizing_wire, split_state
 
 
@@ -38,26 +38,21 @@ def reference_generate(backbone, pte, prompt: str, *, tau: float, max_new_tokens
     if pte.config.combination != "add":
         raise PluginError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) "
                           f"does not run in the split; only additive plugins do")
-    ids = backbone.encode(prompt)
     wire = quantizing_wire(scheme, outliers)
-    cache, states = prefill(backbone, ids)
-    pos, out = len(ids) - 1, Generation()
-    while True:
+    out = Generation()
+
+    def choose(pos, states):
+        states = states[0]
         # A margin gate reads the backbone's own margin, from the logits the gateway drafts with.
         margin = logit_margin(backbone.logits(states[-1])) if pte.config.gate_margin else None
         decision, x = split_state(pte, states, tau, wire, projection, margin)
         logits = backbone.logits(x)
-        sigma, p = decision.sigma, decision.p
-        token = choose_token(logits, temperature, seed, pos)
         out.logit_gap.append(logit_margin(logits))
-        out.tokens.append(token)
-        out.sigmas.append(int(sigma))
-        out.gate_p.append(p)
-        if token in backbone.eos_token_ids:
-            out.finish_reason = "eos"
-            return out
-        if len(out.tokens) >= max_new_tokens:
-            out.finish_reason = "max_tokens"
-            return out
-        states = decode_one_token(backbone, cache, token)
-        pos += 1
+        out.sigmas.append(int(decision.sigma))
+        out.gate_p.append(decision.p)
+        return [choose_token(logits, temperature, seed, pos)]
+
+    for _, _, tokens in generate(backbone, backbone.encode(prompt), choose, max_new_tokens):
+        out.tokens += tokens
+    out.finish_reason = finish_reason(out.tokens, backbone.eos_token_ids)
+    return out

@@ -180,8 +180,8 @@ class DeviceProtocol:
                      and r.pos == self.next_pos + len(r.commits),
                      f"resumed commits {[c.pos for c in r.commits]} then position {r.pos}; "
                      f"the device is at {self.next_pos}")
-        for c in r.commits:
-            self._commit(c.pos, c.token, c.piece)
+        for c in r.commits:  # its sigma as the gateway knew it (our own decision may have been voided)
+            self._commit(c.pos, c.token, c.piece, c.sigma)
         self.secret, self.epoch = r.secret, r.epoch
         self._forget_after(r.pos - 1)
         self.pending_accept = None
@@ -231,7 +231,7 @@ class DeviceProtocol:
         self._expect(v.epoch == self.epoch + v.changed, f"verdict epoch {v.epoch} after epoch {self.epoch}")
         if v.secret is not None:  # a refreshed resume token
             self.secret = v.secret
-        self._commit(v.pos, v.token, v.piece)
+        self._commit(v.pos, v.token, v.piece, True)
         if v.changed:  # drafts after pos were built on the old token, and so were our decisions on them
             self.stats.rollbacks += 1
             self.changed_positions.add(v.pos)
@@ -327,10 +327,10 @@ class DeviceProtocol:
         """Commit the sigma = 0 positions that no earlier side output holds back."""
         while self.sigma.get(self.next_pos) is False:
             step = self.steps[self.next_pos][0]
-            self._commit(self.next_pos, step.draft, step.piece)
+            self._commit(self.next_pos, step.draft, step.piece, False)
 
-    def _commit(self, pos: int, token: int, piece: bytes) -> None:
-        self.committed.append(Commit(pos, token, piece))
+    def _commit(self, pos: int, token: int, piece: bytes, sigma: bool | None) -> None:
+        self.committed.append(Commit(pos, token, piece, sigma))
         for state in (self.steps, self.sigma, self.side_state, self.taps):
             state.pop(pos, None)
         self.next_pos = pos + 1

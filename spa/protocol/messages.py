@@ -248,7 +248,7 @@ class Resume:
 
 
 @dataclass(frozen=True)
-class Backbone:
+class BackboneInfo:
     name: str
     fingerprint: str
     num_layers: int  # L; taps may name layers 0..L
@@ -263,7 +263,7 @@ class Backbone:
         }
 
     @classmethod
-    def read(cls, f: _Fields) -> "Backbone":
+    def read(cls, f: _Fields) -> "BackboneInfo":
         return cls(
             f.text("name"),
             f.text("fingerprint"),
@@ -396,7 +396,7 @@ class Ready:
     TYPE: ClassVar[str] = "ready"
     session: str
     secret: str  # resume secret
-    backbone: Backbone
+    backbone: BackboneInfo
     prompt_tokens: int  # P; the first step has pos = P - 1
     limits: dict = field(default_factory=dict)  # the gateway's Limits, by name
     # The frame compression of this connection from this message on (PROTOCOL.md §2); set per
@@ -419,7 +419,7 @@ class Ready:
         return cls(
             f.text("session"),
             f.text("secret"),
-            Backbone.read(f.map("backbone")),
+            BackboneInfo.read(f.map("backbone")),
             f.integer("prompt_tokens", lo=1),
             f.numbers("limits"),
             _compression_choice(f),
@@ -541,13 +541,20 @@ class Commit:
     pos: int
     token: int
     piece: bytes
+    # Whether the device's gate opened at pos (the token is a verdict's) or not (a draft's);
+    # None where unknown (commits rebuilt from a resume hello). Optional on the wire.
+    sigma: bool | None = None
 
     def to_dict(self) -> dict:
-        return {"pos": self.pos, "token": self.token, "piece": self.piece}
+        d = {"pos": self.pos, "token": self.token, "piece": self.piece}
+        if self.sigma is not None:
+            d["sigma"] = self.sigma
+        return d
 
     @classmethod
     def read(cls, f: _Fields) -> "Commit":
-        return cls(f.integer("pos"), f.integer("token"), f.blob("piece"))
+        sigma = None if f.d.get("sigma") is None else f.flag("sigma")
+        return cls(f.integer("pos"), f.integer("token"), f.blob("piece"), sigma)
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def _messages() -> list[dict]:
     rng = np.random.default_rng(3)
     f = codec.encode(rng.normal(0, 15, (1, 16)))
     taps = codec.encode(rng.normal(0, 15, (3, 16)), "int4", 4)
-    bb = m.Backbone("fake-lm", "fp-123", num_layers=4, hidden_size=16)
+    bb = m.BackboneInfo("fake-lm", "fp-123", num_layers=4, hidden_size=16)
     opts = m.Options(window=2, codec="int4", outliers=4, max_new_tokens=50, temperature=0.7, seed=2**62)
     return [msg.to_dict() for msg in (
         m.Hello("secret", m.Plugin("fp-123", (0, 2, 4), "sha256:abc"), "Résumé: {document} ✓", opts),

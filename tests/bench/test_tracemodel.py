@@ -79,10 +79,12 @@ def test_branch_lines_hit_where_the_trace_says_and_a_hit_still_waits_for_the_ver
     # Nearly all hit: a change is missed only where no branch line was ready (one branch point at a time).
     assert hits["branch_hits"] >= 4 * hits["branch_misses"] > 0 or hits["branch_misses"] == 0 < hits["branch_hits"]
     assert hits["rollbacks"] == misses["rollbacks"] > 0  # a hit is still a changed verdict
-    # A hit saves the redraft (about a step), not the verdict's round trip.
-    assert misses["tokens_per_s"] < hits["tokens_per_s"] < 1.2 * misses["tokens_per_s"]
+    # A hit saves the redraft (the steps the branch line drafted already), not the verdict's round trip.
+    span = lambda r: r["commit_ms"][-1] - r["commit_ms"][0]  # noqa: E731
+    saved_per_change = (span(misses) - span(hits)) / misses["rollbacks"]
+    assert 0 < saved_per_change < costs.rtt_ms
     free = simulate(Trace.synthetic(64, 0.25, 0.0), row, costs)  # changes settled at no cost: the what-if's bound
-    assert free["tokens_per_s"] > 1.2 * hits["tokens_per_s"]
+    assert free["tokens_per_s"] > 1.1 * hits["tokens_per_s"]
 
 
 def test_synthetic_hits_are_a_share_of_the_changes():

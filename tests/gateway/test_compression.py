@@ -61,7 +61,7 @@ def test_hello_offer_and_ready_choice_round_trip_and_validate():
         with pytest.raises(ProtocolError) as e:
             m.parse({**h.to_dict(), "compression": bad})
         assert e.value.code == "bad_field"
-    r = m.Ready("s", "k", m.Backbone("b", "fp", num_layers=2, hidden_size=8), 3, {}, "none")
+    r = m.Ready("s", "k", m.BackboneInfo("b", "fp", num_layers=2, hidden_size=8), 3, {}, "none")
     assert m.parse(r.to_dict()).compression == "none"
     old = {k: v for k, v in r.to_dict().items() if k != "compression"}  # an older gateway's ready
     assert m.parse(old).compression == "zstd"

@@ -91,7 +91,7 @@ def test_step_margin_round_trips_as_float32_and_bad_values_are_refused():
 def _generating(gate_margin: bool, window: int = 2) -> DeviceProtocol:
     hello = m.Hello("", m.Plugin("fp", (0, 2), "h"), "p", m.Options(window=window, gate_margin=gate_margin))
     dp = DeviceProtocol(hello)
-    dp.receive(m.Ready("s", "r", m.Backbone("b", "fp", 2, H), 5, {}).to_dict())
+    dp.receive(m.Ready("s", "r", m.BackboneInfo("b", "fp", 2, H), 5, {}).to_dict())
     return dp
 
 

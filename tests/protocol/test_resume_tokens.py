@@ -4,40 +4,19 @@ hold it (another replica, a restart with the same secret) is rebuilt from
 what the device sends and commits the same tokens; forged, expired, replayed
 and mismatched resumes are `resume_failed` and reveal nothing."""
 
-from collections import deque
-
 import numpy as np
 import pytest
 
 from spa.protocol import messages as m
 from spa.protocol.device import DeviceProtocol
 from spa.protocol.errors import ProtocolError
-from spa.protocol.gateway import Draft, GatewayProtocol, Head, Prefill, ResumeWanted, SendTaps, SessionMoved
+from spa.protocol.gateway import GatewayProtocol, SessionMoved
 from spa.protocol.limits import Limits
+from spa.protocol.loopback import GatewayHost, Loopback
 from spa.protocol.resume_tokens import EXPIRED, REFUSED, REPLAYED, ResumeTokens
-from spa.protocol.device import RunGate, RunSide
-from tests.protocol.test_resumption import BACKBONE, EOS, P, TAPS
+from tests.protocol.fakes import BACKBONE, EOS, P, CountingModel, answer, device, drain, hello, wanted
 
 SECRET = b"a deployment secret of 32 bytes!"
-
-
-def _hello(window, resume=None) -> m.Hello:  # the session of tests/protocol/test_resumption.py
-    return m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt",
-                   m.Options(window=window, max_new_tokens=12, codec="f32"), resume)
-
-
-def _f(pos, fed):
-    return np.random.default_rng(pos * 1000 + fed).normal(0, 1, (1, BACKBONE.hidden_size)).astype(np.float32)
-
-
-def _device_step(dp):
-    """Gate: sigma = 1 on even positions; side output positive on positions divisible by 4."""
-    while (action := dp.next_action()) is not None:
-        if isinstance(action, RunGate):
-            dp.gated(action.pos, action.pos % 2 == 0)
-        elif isinstance(action, RunSide):
-            value = 1.0 if action.pos % 4 == 0 else -1.0
-            dp.side_output(action.pos, np.full((1, BACKBONE.hidden_size), value, np.float32))
 GRACE = 10.0
 
 
@@ -50,61 +29,41 @@ class Clock:
 
 
 class Replica:
-    """One gateway process: its token book (shared secret, own replay memory) and the sessions it holds.
-    The fake backbone drafts (7 pos + the token fed at pos) % 50 + 1; a side output with s[0] > 0 adds 1."""
+    """One gateway process: its token book (shared secret, own replay memory) and the sessions it
+    holds, each a GatewayHost over the counting backbone of tests/protocol/fakes.py."""
 
     def __init__(self, clock, secret=SECRET):
         self.tokens = ResumeTokens(secret, clock)
-        self.held: dict[str, tuple[GatewayProtocol, dict]] = {}
+        self.held: dict[str, GatewayHost] = {}
 
     def proto(self):
-        return GatewayProtocol(BACKBONE, [EOS], Limits(resume_grace_s=GRACE), resumable=True, tokens=self.tokens)
+        return GatewayProtocol(BACKBONE, [EOS], Limits(resume_grace_s=GRACE), resumable=True,
+                               resume_tokens=self.tokens)
 
-    def start(self, window) -> tuple[GatewayProtocol, dict]:
-        gp = self.proto()
-        gp.receive(_hello(window).to_dict())
-        assert isinstance(gp.next_action(), Prefill)
-        gp.started("sid", None, P)
-        self.held["sid"] = (gp, {P - 1: 3})
+    def start(self) -> GatewayHost:
+        self.held["sid"] = GatewayHost(self.proto(), CountingModel(), "sid", secret=None)
         return self.held["sid"]
 
-    @staticmethod
-    def take(gp, fed) -> list[dict]:
-        while (action := gp.next_action()) is not None:
-            if isinstance(action, Draft):
-                if action.feed is not None:
-                    fed[action.pos] = action.feed
-                pos = action.pos
-                gp.draft_ready(pos, _f(pos, fed[pos]), (7 * pos + fed[pos]) % 50 + 1, b"x")
-            elif isinstance(action, SendTaps):
-                gp.taps_ready(action.pos, np.ones((len(TAPS), BACKBONE.hidden_size), np.float32))
-            elif isinstance(action, Head):
-                draft = dict(gp.drafted)[action.pos]
-                gp.verdict_ready(action.pos, draft + 1 if action.s[0] > 0 else draft, b"y")
-        return gp.data_to_send()
-
-    def resume(self, hello: dict):
+    def resume(self, resume_hello: dict) -> tuple[GatewayHost, list[dict]]:
         """A resume hello on a new connection, as cloud_gateway/server.py handles it: the session
-        held here if its token is current, else rebuilt from the hello. (gp, fed, what it sends)."""
+        held here if its token is current, else rebuilt from the hello. (its host, what it sends)"""
         fresh = self.proto()
-        fresh.receive(hello)
-        action = fresh.next_action()
-        assert isinstance(action, ResumeWanted)
+        action = wanted(fresh, resume_hello)
         sid = action.hello.resume.session
         if sid in self.held:
-            gp, fed = self.held[sid]
+            host = self.held[sid]
             try:
-                gp.check_resume(action.hello)
-                gp.resume(action.hello.resume.next)
-                return gp, fed, self.take(gp, fed)
+                host.proto.check_resume(action.hello)
+                host.proto.resume(action.hello.resume.next)
+                return host, drain(host)
             except SessionMoved:
                 del self.held[sid]
         fresh.check_rebuild(action.hello)
         tokens = action.hello.resume.tokens
         fresh.rebuilt(sid, P, [m.Commit(P - 1 + i, t, b"z") for i, t in enumerate(tokens)])
         fed = {P - 1: 3, **{P + i: t for i, t in enumerate(tokens[:-1])}}  # the KV cache: prompt + tokens but the last
-        self.held[sid] = (fresh, fed)
-        return fresh, fed, self.take(fresh, fed)
+        host = self.held[sid] = GatewayHost(fresh, CountingModel(fed), sid)
+        return host, drain(host)
 
 
 def _session(window, in_flight=1, cut=None, clock=None, replicas=2, tick=0.0):
@@ -112,35 +71,21 @@ def _session(window, in_flight=1, cut=None, clock=None, replicas=2, tick=0.0):
     (and replica 0, as far as this session goes) dies, and the device resumes on replica 1."""
     clock = clock or Clock()
     reps = [Replica(clock) for _ in range(replicas)]
-    gp, fed = reps[0].start(window)
-    dp = DeviceProtocol(_hello(window), in_flight)
-    to_dev, to_gw = deque(Replica.take(gp, fed)), deque()
-    count, where = 0, 0
+    pair = Loopback(reps[0].start(), device(window, in_flight), frames=None)
+    pair.deliver_up()  # the hello
+    dp, count, where = pair.device.proto, 0, 0
     while not dp.ended:
         clock.t += tick
-        if to_dev or to_gw:
-            queue = to_dev if to_dev else to_gw
-            msg = queue.popleft()
+        if pair.down or pair.up:
             count += 1
             if count == cut:
-                to_dev.clear()
-                to_gw.clear()
+                pair.down.clear()
+                pair.up.clear()
                 where = (where + 1) % replicas
-                gp, fed, out = reps[where].resume(dp.resume_hello())
-                to_dev.extend(out)
+                pair.gateway, out = reps[where].resume(dp.resume_hello())
+                pair.down.extend(out)
                 continue
-            if queue is to_dev:
-                dp.receive(msg)
-                _device_step(dp)
-                if not to_dev:
-                    to_gw.extend(dp.flush())
-            else:
-                gp.receive(msg)
-                to_dev.extend(Replica.take(gp, fed))
-        else:
-            to_dev.extend(Replica.take(gp, fed))
-            to_gw.extend(dp.flush())
-            assert to_dev or to_gw, "stuck"
+        pair.step()
     return [(c.pos, c.token) for c in dp.committed], dp, reps
 
 
@@ -155,7 +100,7 @@ def test_a_replica_that_never_saw_the_session_rebuilds_it_at_every_point(window,
         assert got == want, (window, cut)
         if dp.stats.resumes == 0:
             break
-        assert dp.stats.resumes == 1 and reps[1].held["sid"][0].stats.resumes == 1  # rebuilt on replica 1
+        assert dp.stats.resumes == 1 and reps[1].held["sid"].proto.stats.resumes == 1  # rebuilt on replica 1
     assert cut > 20
 
 
@@ -166,17 +111,17 @@ def test_tokens_are_refreshed_on_steps_and_verdicts_while_time_passes():
     got, dp, _ = _session(2, cut=40, tick=GRACE / 4)
     assert got == want and dp.stats.resumes == 1
     clock, a, _, dp = _started()
-    gp, fed = a.held["sid"]
+    host = a.held["sid"]
     first = dp.secret
     clock.t += GRACE / 2
     sent = []
     for _ in range(3):
         for msg in dp.flush():
-            gp.receive(msg)
-        for msg in Replica.take(gp, fed):
+            host.receive(msg)
+        for msg in drain(host):
             sent.append(msg)
             dp.receive(msg)
-        _device_step(dp)
+        answer(dp)
     refreshed = [msg for msg in sent if "secret" in msg]
     assert refreshed and refreshed[0]["type"] in ("step", "verdict") and len(refreshed) == 1  # once per half grace
     assert dp.secret == refreshed[0]["secret"] != first
@@ -185,19 +130,20 @@ def test_tokens_are_refreshed_on_steps_and_verdicts_while_time_passes():
 def _started(window=2, refresh=True):
     clock = Clock()
     a, b = Replica(clock), Replica(clock)
-    gp, fed = a.start(window)
-    dp = DeviceProtocol(_hello(window))
-    for msg in Replica.take(gp, fed):
+    host = a.start()
+    host.receive(hello(window).to_dict())
+    dp = DeviceProtocol(hello(window))
+    for msg in drain(host):
         dp.receive(msg)
-    _device_step(dp)
+    answer(dp)
     while len(dp.committed) < 3:  # a few tokens committed, the session under way
         if refresh and len(dp.committed) == 2:
             clock.t += GRACE / 2  # so that a refreshed token covers committed tokens
         for msg in dp.flush():
-            gp.receive(msg)
-        for msg in Replica.take(gp, fed):
+            host.receive(msg)
+        for msg in drain(host):
             dp.receive(msg)
-        _device_step(dp)
+        answer(dp)
     return clock, a, b, dp
 
 
@@ -228,8 +174,9 @@ def test_forged_expired_replayed_and_mismatched_resumes_are_refused():
     assert "committed tokens differ" in _refused(
         b, with_resume(tokens=np.asarray(tampered, "<u4").tobytes()))
     # Genuine: resumes once on b (rebuilt there) ...
-    gp, _, out = b.resume(hello)
-    assert out[0]["type"] == "resumed" and out[0]["secret"] != token and gp.stats.rebuilt_tokens == len(dp.committed)
+    host, out = b.resume(hello)
+    assert out[0]["type"] == "resumed" and out[0]["secret"] != token
+    assert host.proto.stats.rebuilt_tokens == len(dp.committed)
     # ... and never again there (replayed), nor where the session was held before (rotated: moved on).
     assert _refused(b, hello) == REPLAYED
     # Expired: a fresh, unused token presented two graces after it was issued.
@@ -242,19 +189,20 @@ def test_forged_expired_replayed_and_mismatched_resumes_are_refused():
 def test_a_resume_voids_older_tokens_and_a_stale_copy_gives_way():
     clock, a, b, dp = _started()
     old = dp.resume_hello()
-    gp_a, _, out = a.resume(old)  # held: resumed in place, the token rotated
-    assert gp_a.resume_gen == 1 and out[0]["type"] == "resumed"
+    host_a, out = a.resume(old)  # held: resumed in place, the token rotated
+    gp_a = host_a.proto
+    assert gp_a.resumption.gen == 1 and out[0]["type"] == "resumed"
     assert _refused(a, old) == REPLAYED  # used: void here (and so is every token issued before that resume)
     dp.receive(out[0])
-    _, _, out = b.resume(dp.resume_hello())  # now the device reaches b: rebuilt there, g = 2
-    assert b.held["sid"][0].resume_gen == 2
+    _, out = b.resume(dp.resume_hello())  # now the device reaches b: rebuilt there, g = 2
+    assert b.held["sid"].proto.resumption.gen == 2
     dp.receive(out[0])
     # a still holds its stale copy (g = 1): b's token makes it give way, and a rebuilds the session
     newer = m.parse(dp.resume_hello())
     with pytest.raises(SessionMoved):
         gp_a.check_resume(newer)
-    gp, _, out = a.resume(newer.to_dict())
-    assert gp is not gp_a and gp.resume_gen == 3 and out[0]["type"] == "resumed"
+    host, out = a.resume(newer.to_dict())
+    assert host.proto is not gp_a and host.proto.resumption.gen == 3 and out[0]["type"] == "resumed"
 
 
 # --- a restarted `spa gateway` with the same secret (live, loopback) ---------------------------------

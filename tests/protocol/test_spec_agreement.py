@@ -92,7 +92,7 @@ def test_both_protocol_machines_apply_the_direction_rule():
     from spa.protocol.device import DeviceProtocol
     from spa.protocol.gateway import GatewayProtocol
 
-    backbone = m.Backbone("fake", "fp", num_layers=4, hidden_size=H)
+    backbone = m.BackboneInfo("fake", "fp", num_layers=4, hidden_size=H)
     for receive, d in ((GatewayProtocol(backbone, eos_ids=[0]).receive, {"type": "step"}),
                        (GatewayProtocol(backbone, eos_ids=[0]).receive, {"type": "verdict", "epoch": "x"}),
                        (DeviceProtocol(m.Hello("", m.Plugin("fp", (0, 2), "h"), "p", m.Options())).receive,

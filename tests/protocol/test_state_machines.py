@@ -1,5 +1,6 @@
 """The sans-I/O protocol: frames, messages, and both state machines driven against
-each other in memory (a fake backbone, gate and side stand in for the models)."""
+each other in memory (spa/protocol/loopback.py; a fake backbone, gate and side stand in
+for the models)."""
 
 import random
 import struct
@@ -13,13 +14,15 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from spa.model.cloud_gate import gate_probability
 from spa.protocol import codec
 from spa.protocol import messages as m
 from spa.protocol.device import DeviceProtocol, RunGate, RunSide
 from spa.protocol.errors import CODES, PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
-from spa.protocol.gateway import (Adopt, Discard, Draft, Forget, Fork, GatewayProtocol, Head, Prefill, ResumeWanted,
-                                  SendTaps, Truncate)
+from spa.protocol.gateway import (MAIN_LINE, CutLine, Draft, DropLine, ForgetStates, ForkLine, GatewayProtocol, Head,
+                                  Prefill, ResumeWanted, SendTaps)
+from spa.protocol.loopback import DeviceHost, Drafted, GatewayHost, Loopback
 from spa.protocol.limits import Limits
 from tests.strategies import msgpack_values, mutated
 
@@ -123,7 +126,7 @@ def test_random_bytes_only_raise_protocol_error(data):
 
 H = 16
 TAPS = (0, 2, 4)
-BACKBONE = m.Backbone("fake-lm", "fp-123", num_layers=4, hidden_size=H)
+BACKBONE = m.BackboneInfo("fake-lm", "fp-123", num_layers=4, hidden_size=H)
 RNG = np.random.default_rng(7)
 F = codec.encode(RNG.normal(0, 15, (1, H)))
 T = codec.encode(RNG.normal(0, 15, (len(TAPS), H)))
@@ -241,8 +244,8 @@ def _generating_gateway(window=2, prompt_tokens=5) -> GatewayProtocol:
 
 
 def _work(gp: GatewayProtocol):
-    """The next action that is not bookkeeping (Forget)."""
-    while isinstance(action := gp.next_action(), Forget):
+    """The next action that is not bookkeeping (ForgetStates)."""
+    while isinstance(action := gp.next_action(), ForgetStates):
         pass
     return action
 
@@ -260,7 +263,7 @@ def _draft(gp: GatewayProtocol, pos: int, token: int, piece=b"x", f=None, taps=N
     assert isinstance(action, Draft) and action.pos == pos and action.epoch == gp.epoch, action
     gp.draft_ready(pos, _f() if f is None else f, token, piece)
     if taps is not None:
-        assert _work(gp) == SendTaps(pos)
+        assert _work(gp) == SendTaps(0, pos)
         gp.taps_ready(pos, taps)
     return _sent(gp)
 
@@ -316,10 +319,10 @@ def test_gateway_ordering_rules():
     assert code_of(gp.receive, m.Side(0, 5, F).to_dict()) == "out_of_order"  # not asked
     assert code_of(gp.receive, m.Step(0, 4, F, 1, b"").to_dict()) == "unknown_type"  # wrong way
     gp.receive(m.Accept(0, 4).to_dict())
-    assert gp.verified == 5 and gp.next_action() == Forget(4)
+    assert gp.verified == 5 and gp.next_action() == ForgetStates(0, 4)
     assert code_of(gp.receive, m.Accept(0, 4).to_dict()) == "out_of_order"  # already verified
     gp.receive(m.NeedTaps(0, 6).to_dict())  # accepts 5 too
-    assert _work(gp) == SendTaps(6)
+    assert _work(gp) == SendTaps(0, 6)
     assert gp.verified == 6 and gp.drafted == [(6, 16)]
     assert code_of(gp.receive, m.Accept(0, 6).to_dict()) == "out_of_order"  # 6 awaits its side
     assert code_of(gp.receive, m.Side(0, 6, F).to_dict()) == "out_of_order"  # taps not sent yet
@@ -338,7 +341,7 @@ def test_gateway_ordering_rules():
     gp.verdict_ready(6, 99, b"y")
     assert _sent(gp)["changed"] is True and gp.epoch == 1
     assert gp.stats.discarded == 1 and gp.drafted == []  # the draft of 7 was built on the old token
-    assert _work(gp) == Truncate(7)  # before any further draft
+    assert _work(gp) == CutLine(0, 7)  # before any further draft
     assert gp.next_draft_pos == 7 and _work(gp) == Draft(1, 7, 99)
     with pytest.raises(RuntimeError):
         gp.draft_ready(9, _f(), 5, b"z")  # caller bug: a position not asked for
@@ -439,7 +442,7 @@ def test_projected_taps_travel_as_r_columns_and_the_device_runs_side_projected()
     gp.data_to_send()
     _draft(gp, 4, 3, b"a")
     gp.receive(m.NeedTaps(0, 4).to_dict())
-    assert _work(gp) == SendTaps(4)
+    assert _work(gp) == SendTaps(0, 4)
     with pytest.raises(RuntimeError):  # unprojected taps are a caller bug once a projection was uploaded
         gp.taps_ready(4, RNG.normal(0, 15, (len(TAPS), H)).astype(np.float32))
     gp.taps_ready(4, RNG.normal(0, 1, (len(TAPS), R)).astype(np.float32))
@@ -480,9 +483,9 @@ def test_gateway_refuses_a_malformed_gate():
 
 def test_pushed_taps_save_the_need_taps_round_trip():
     hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "p", m.Options(window=2), gate=_gate_upload())
-    gp, dp = GatewayProtocol(BACKBONE, eos_ids=[0]), DeviceProtocol(hello)
+    gp, dp = GatewayProtocol(BACKBONE, eos_ids=[0], predict_gate=gate_probability), DeviceProtocol(hello)
     gp.receive(hello.to_dict())
-    assert gp.gate[0].shape == (2, H) and gp.gate[2] == 0.5
+    assert gp.uploads.gate.weight.shape == (2, H) and gp.uploads.gate.tau == 0.5
     assert isinstance(gp.next_action(), Prefill)
     gp.started("s", "r", 5)
     dp.receive(_sent(gp))
@@ -517,7 +520,7 @@ def test_pushed_taps_save_the_need_taps_round_trip():
 
 def test_device_rejects_other_backbone():
     dp = DeviceProtocol(_hello())
-    other = m.Backbone("x", "other-fp", 4, H)
+    other = m.BackboneInfo("x", "other-fp", 4, H)
     assert code_of(dp.receive, m.Ready("s", "r", other, 5, {}).to_dict()) == "backbone_mismatch"
 
 
@@ -575,114 +578,66 @@ def lock_step_reference(opts: m.Options, prompt: list[int]) -> list[int]:
     return out
 
 
-class FakeGateway:
-    """The host of GatewayProtocol: owns the token sequence (its 'KV cache'),
-    and one per branch line. A round of drafts stays in progress until
-    `submit_draft` has reported each, so that messages can arrive while it is
-    computed."""
+class FakeModel:
+    """The fake backbone as the gateway host's model (spa/protocol/loopback.py): each line's
+    token sequence stands for its KV cache."""
 
     def __init__(self, prompt: list[int], branches: int = 0):
-        self.gp = GatewayProtocol(BACKBONE, eos_ids=[EOS], branches=branches)
-        self.frames = FrameCodec()
-        self.seq = list(prompt)
-        self.lines: dict[int, list[int]] = {}  # branch line id -> its token sequence
-        self.computing: list[Draft] = []  # drafts not yet reported, in the order handed out
-        self.round_sizes: list[int] = []
-        self.log: list = []  # every action run, in order
+        self.prompt, self.branches = list(prompt), branches
+        self.lines: dict[int, list[int]] = {}
+        self.forked_at: dict[int, int] = {}  # branch line -> its fork's keep
 
-    def receive(self, data: bytes) -> list[bytes]:
-        self.gp.receive(self.frames.unpack(data))
-        return self.work()
+    def prefill(self) -> int:
+        self.lines[MAIN_LINE] = list(self.prompt)
+        return len(self.prompt)
 
-    def work(self) -> list[bytes]:
-        """Run every action the protocol asks for (a draft only starts)."""
-        while (action := self.gp.next_action()) is not None:
-            self.log.append(action)
-            if isinstance(action, Draft):
-                if not self.computing:
-                    self.round_sizes.append(0)
-                self.round_sizes[-1] += 1
-                self.computing.append(action)
-            elif isinstance(action, Fork):
-                assert not self.computing  # a fork copies the main line while nothing grows it
-                self.lines[action.branch] = self.seq[: action.keep]
-            elif isinstance(action, Adopt):
-                self.seq = self.lines.pop(action.branch)
-                assert len(self.seq) > action.keep  # it brings drafts of its own
-                self.lines.clear()
-            elif isinstance(action, Discard):
-                self.lines.clear()
-            elif isinstance(action, Prefill):
-                self.gp.started("sess", "secret", len(self.seq))
-            elif isinstance(action, SendTaps):
-                self.gp.taps_ready(action.pos, fake_backbone(self.seq[: action.pos + 1])[1])
-            elif isinstance(action, Head):
-                f, _, draft = fake_backbone(self.seq[: action.pos + 1])
-                token = fake_combine(f, action.s[None], draft)
-                self.gp.verdict_ready(action.pos, token, piece(token))
-            elif isinstance(action, Truncate):
-                self.seq = self.seq[: action.keep]
-        return [self.frames.pack(d) for d in self.gp.data_to_send()]
-
-    def submit_draft(self, then_work: bool = True) -> list[bytes]:
-        """Report the oldest draft in progress (then run what follows, unless
-        `then_work` is False: a host whose connection is gone only reports)."""
-        action = self.computing.pop(0)
-        seq = self.seq if action.branch == 0 else self.lines.get(action.branch, [])
-        if action.feed is not None:
-            seq.append(action.feed)
-        if action.branch == 0 or action.branch in self.lines:
-            assert len(seq) == action.pos + 1
+    def draft(self, line: int, pos: int, feed) -> Drafted:
+        seq = self.lines.get(line, list(self.prompt))  # a dropped line: any answer (it is stale)
+        if feed is not None:
+            seq.append(feed)
+        if line in self.lines:
+            assert len(seq) == pos + 1
         f, _, draft = fake_backbone(seq)
-        alternatives = fake_alternatives(seq, draft, self.gp.branches)
-        self.gp.draft_ready(action.pos, f, draft, piece(draft), alternatives, branch=action.branch)
-        return self.work() if then_work else []
+        return Drafted(f, draft, piece(draft), fake_alternatives(seq, draft, self.branches))
+
+    def taps(self, line: int, pos: int) -> np.ndarray:
+        return fake_backbone(self.lines[line][: pos + 1])[1]
+
+    def head(self, line: int, pos: int, s: np.ndarray) -> tuple[int, bytes]:
+        f, _, draft = fake_backbone(self.lines[line][: pos + 1])
+        token = fake_combine(f, s[None], draft)
+        return token, piece(token)
+
+    def fork(self, line: int, parent: int, keep: int) -> None:
+        self.lines[line] = self.lines[parent][:keep]
+        self.forked_at[line] = keep
+
+    def cut(self, line: int, keep: int) -> None:
+        del self.lines[line][keep:]
+
+    def drop(self, line: int) -> None:
+        del self.lines[line]
+
+    def forget(self, line: int, upto: int) -> None:
+        pass
 
 
-class FakeDevice:
-    """The caller of DeviceProtocol: runs the fake gate and side network."""
-
-    def __init__(self, hello: m.Hello, max_in_flight: int = 1):
-        self.dp = DeviceProtocol(hello, max_in_flight)
-        self.frames = FrameCodec()
-
-    def receive(self, data: bytes) -> None:
-        self.dp.receive(self.frames.unpack(data))
-        while (action := self.dp.next_action()) is not None:
-            if isinstance(action, RunGate):
-                self.dp.gated(action.pos, fake_gate(action.f))
-            else:
-                self.dp.side_output(action.pos, fake_side(action.taps))
-
-    def flush(self) -> list[bytes]:
-        return [self.frames.pack(d) for d in self.dp.flush()]
+def fake_pair(hello: m.Hello, prompt: list[int], max_in_flight: int = 1, branches: int = 0,
+              resumable: bool = False) -> Loopback:
+    gateway = GatewayHost(GatewayProtocol(BACKBONE, eos_ids=[EOS], branches=branches, resumable=resumable),
+                          FakeModel(prompt, branches))
+    device = DeviceHost(DeviceProtocol(hello, max_in_flight), lambda pos, f, margin: fake_gate(f),
+                        lambda pos, taps, projected: fake_side(taps))
+    return Loopback(gateway, device)
 
 
 def simulate(opts: m.Options, prompt: list[int], seed: int, max_in_flight: int = 1,
-             branches: int = 0) -> tuple[FakeGateway, FakeDevice]:
+             branches: int = 0) -> Loopback:
     """Both sides over two in-order queues, interleaved at random."""
     hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", opts)
-    gw, dev = FakeGateway(prompt, branches), FakeDevice(hello, max_in_flight)
-    down, up = [], [dev.frames.pack(dev.dp.hello_message())]
-    rng = random.Random(seed)
-    for _ in range(100_000):
-        if dev.dp.ended:
-            return gw, dev
-        _random_move(rng, gw, dev, up, down)
-    raise AssertionError("the simulation stalled")
-
-
-def _random_move(rng, gw, dev, up: list, down: list, device_may_send: bool = True) -> None:
-    """One step of the simulated world, chosen at random: the device flushes, a message
-    crosses either way, or the gateway finishes a draft."""
-    moves = [lambda: up.extend(dev.flush())] if device_may_send else []
-    if up:
-        moves.append(lambda: down.extend(gw.receive(up.pop(0))))
-    if down:
-        moves.append(lambda: dev.receive(down.pop(0)))
-    if gw.computing:
-        moves.append(lambda: down.extend(gw.submit_draft()))
-    rng.choice(moves)()
+    pair = fake_pair(hello, prompt, max_in_flight, branches)
+    pair.run(random.Random(seed), max_moves=100_000)
+    return pair
 
 
 def test_fake_world_is_interesting():
@@ -705,17 +660,18 @@ def test_draft_ahead_commits_exactly_the_lock_step_tokens(window, codec_name, in
     for seed in range(6):
         opts = m.Options(window=window, codec=codec_name, outliers=2, max_new_tokens=40)
         prompt = PROMPT + [seed]  # some end on EOS, some run to max_new_tokens
-        gw, dev = simulate(opts, prompt, seed, in_flight)
-        assert [c.token for c in dev.dp.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
-        assert [c.pos for c in dev.dp.committed] == list(range(len(prompt) - 1, gw.gp.verified))
-        assert dev.dp.end.stats["tokens"] == len(dev.dp.committed)
-        assert dev.dp.end.stats["rollbacks"] == dev.dp.stats.rollbacks
-        assert dev.dp.end.stats["discarded"] == dev.dp.stats.dropped
-        reasons.add(dev.dp.end.reason)
-        totals["rollbacks"] += dev.dp.stats.rollbacks
-        totals["dropped"] += dev.dp.stats.dropped
-        totals["max_in_flight"] = max(totals["max_in_flight"], dev.dp.stats.max_in_flight)
-        totals["stale"] += dev.dp.end.stats["stale"]
+        pair = simulate(opts, prompt, seed, in_flight)
+        gp, dev = pair.gateway.proto, pair.device
+        assert [c.token for c in dev.proto.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
+        assert [c.pos for c in dev.proto.committed] == list(range(len(prompt) - 1, gp.verified))
+        assert dev.proto.end.stats["tokens"] == len(dev.proto.committed)
+        assert dev.proto.end.stats["rollbacks"] == dev.proto.stats.rollbacks
+        assert dev.proto.end.stats["discarded"] == dev.proto.stats.dropped
+        reasons.add(dev.proto.end.reason)
+        totals["rollbacks"] += dev.proto.stats.rollbacks
+        totals["dropped"] += dev.proto.stats.dropped
+        totals["max_in_flight"] = max(totals["max_in_flight"], dev.proto.stats.max_in_flight)
+        totals["stale"] += dev.proto.end.stats["stale"]
     assert totals["rollbacks"] > 0
     assert (totals["dropped"] > 0) == (window > 0)  # rollbacks void drafts only when drafting ahead
     assert reasons == {"eos", "max_tokens"}
@@ -732,7 +688,7 @@ def test_a_draft_computed_across_a_rollback_is_dropped():
     _draft(gp, 4, 3, b"a")
     _draft(gp, 5, 4, b"b")
     gp.receive(m.NeedTaps(0, 4).to_dict())
-    assert _work(gp) == SendTaps(4)
+    assert _work(gp) == SendTaps(0, 4)
     gp.taps_ready(4, RNG.normal(0, 15, (3, H)))
     assert _sent(gp)["type"] == "taps"
     gp.receive(m.Side(0, 4, F).to_dict())
@@ -744,7 +700,7 @@ def test_a_draft_computed_across_a_rollback_is_dropped():
     assert _sent(gp)["changed"] is True and gp.epoch == 1
     gp.draft_ready(6, _f(), 7, b"s")  # stale: dropped
     assert gp.data_to_send() == [] and gp.drafted == []
-    assert _work(gp) == Truncate(5)
+    assert _work(gp) == CutLine(0, 5)
     assert _work(gp) == Draft(1, 5, 9)
 
 
@@ -763,24 +719,25 @@ def test_branch_drafting_commits_exactly_the_lock_step_tokens(window, in_flight)
     for seed in range(6):
         opts = m.Options(window=window, codec="int8", outliers=2, max_new_tokens=40)
         prompt = PROMPT + [seed]
-        gw, dev = simulate(opts, prompt, seed, in_flight, branches=2)
-        assert [c.token for c in dev.dp.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
-        stats = dev.dp.end.stats
-        assert stats["rollbacks"] == dev.dp.stats.rollbacks
+        pair = simulate(opts, prompt, seed, in_flight, branches=2)
+        dev = pair.device
+        assert [c.token for c in dev.proto.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
+        stats = dev.proto.end.stats
+        assert stats["rollbacks"] == dev.proto.stats.rollbacks
         assert stats["branch_hits"] + stats["branch_misses"] <= stats["rollbacks"]
         assert stats["branch_wasted"] <= stats["branch_drafts"]
         for key in totals:
             totals[key] += stats[key]
-        widest = max(widest, *gw.round_sizes)
+        widest = max(widest, *pair.gateway.rounds)
     assert totals["branch_hits"] > 0 and totals["branch_misses"] > 0, totals
     assert totals["branch_wasted"] > 0, totals
     # The main draft and two branch drafts handed out as one round (lock-step: the main line waits).
     assert widest == (3 if window > 0 else 2), widest
 
 
-def _branching_gateway(window=2, branches=2):
+def _branching_gateway(window=2, branches=2, resumable=False):
     """A generating gateway with drafts at 4 and 5 (runners-up (8, 9) at 4) and need_taps(4) received."""
-    gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok", branches=branches)
+    gp = GatewayProtocol(BACKBONE, eos_ids=[0], auth_token="tok", branches=branches, resumable=resumable)
     gp.receive(_hello(window).to_dict())
     assert isinstance(gp.next_action(), Prefill)
     gp.started("s", "r", 5)
@@ -791,7 +748,7 @@ def _branching_gateway(window=2, branches=2):
     gp.draft_ready(5, _f(), 4, b"b", (10, 11))
     assert [s["pos"] for s in gp.data_to_send()] == [4, 5]
     gp.receive(m.NeedTaps(0, 4).to_dict())
-    assert _work(gp) == SendTaps(4)
+    assert _work(gp) == SendTaps(0, 4)
     gp.taps_ready(4, RNG.normal(0, 15, (3, H)))
     assert _sent(gp)["type"] == "taps"
     return gp
@@ -799,9 +756,9 @@ def _branching_gateway(window=2, branches=2):
 
 def _branch_round(gp, main=None):
     """Fork the two branch lines of position 4 and hand out a round; returns its drafts."""
-    assert _work(gp) == Fork(1, 5) and _work(gp) == Fork(2, 5)
+    assert _work(gp) == ForkLine(1, 0, 5) and _work(gp) == ForkLine(2, 0, 5)
     round_ = [gp.next_action() for _ in range(3 if main else 2)]
-    assert round_ == ([main] if main else []) + [Draft(0, 5, 8, branch=1), Draft(0, 5, 9, branch=2)]
+    assert round_ == ([main] if main else []) + [Draft(0, 5, 8, 1), Draft(0, 5, 9, 2)]
     assert gp.next_action() is None  # nothing more until the round is reported
     return round_
 
@@ -810,24 +767,25 @@ def test_a_branch_hit_streams_the_branch_drafts_at_once():
     gp = _branching_gateway(window=2)
     _branch_round(gp, main=Draft(0, 6, 4))
     gp.draft_ready(6, _f(), 5, b"c", (1, 2))
-    gp.draft_ready(5, _f(), 20, b"p", (21, 22), branch=1)
+    gp.draft_ready(5, _f(), 20, b"p", (21, 22), line=1)
     gp.receive(m.Side(0, 4, F).to_dict())  # waits: the round is not reported yet
     assert [s["pos"] for s in gp.data_to_send()] == [6]  # the main line's step only
-    gp.draft_ready(5, _f(), 30, b"q", (31, 32), branch=2)
+    gp.draft_ready(5, _f(), 30, b"q", (31, 32), line=2)
     assert gp.data_to_send() == []  # branch drafts are not sent
     # Second round: both branch lines go on (the main line holds W + 1 = 3 unverified).
     head = _work(gp)
     assert isinstance(head, Head) and head.pos == 4
-    assert [gp.next_action() for _ in range(2)] == [Draft(0, 6, 20, branch=1), Draft(0, 6, 30, branch=2)]
-    gp.draft_ready(6, _f(), 23, b"r", (), branch=1)
-    gp.draft_ready(6, _f(), 33, b"s", (), branch=2)
+    assert [gp.next_action() for _ in range(2)] == [Draft(0, 6, 20, 1), Draft(0, 6, 30, 2)]
+    gp.draft_ready(6, _f(), 23, b"r", (), line=1)
+    gp.draft_ready(6, _f(), 33, b"s", (), line=2)
     gp.verdict_ready(4, 9, b"z")  # the second runner-up: branch 2 is adopted
     verdict, *steps = gp.data_to_send()
     assert verdict["type"] == "verdict" and verdict["changed"] and verdict["epoch"] == 1
     assert [(s["epoch"], s["pos"], s["draft"], s["piece"]) for s in steps] == [(1, 5, 30, b"q"), (1, 6, 33, b"s")]
     assert gp.drafted == [(5, 30), (6, 33)] and gp.next_draft_pos == 7
-    assert _work(gp) == Adopt(2, 5)  # no Truncate: the branch's cache is the main line's now
-    assert _work(gp) == Draft(1, 7, 33)  # drafting goes on from the branch's last token
+    # No CutLine: line 2's cache is the main line's now; line 1 and the old main line are dropped.
+    assert _work(gp) == DropLine(1) and _work(gp) == DropLine(0) and gp.main == 2
+    assert _work(gp) == Draft(1, 7, 33, 2)  # drafting goes on from the branch's last token
     st = gp.stats
     assert (st.branch_points, st.branch_hits, st.branch_misses, st.rollbacks) == (1, 1, 0, 1)
     assert st.branch_drafts == 4 and st.branch_wasted == 2  # branch 1's two drafts
@@ -838,14 +796,14 @@ def test_a_branch_miss_rolls_back_and_discards_the_branches():
     gp = _branching_gateway(window=2)
     _branch_round(gp, main=Draft(0, 6, 4))
     gp.draft_ready(6, _f(), 5, b"c")
-    gp.draft_ready(5, _f(), 20, b"p", branch=1)
-    gp.draft_ready(5, _f(), 30, b"q", branch=2)
+    gp.draft_ready(5, _f(), 20, b"p", line=1)
+    gp.draft_ready(5, _f(), 30, b"q", line=2)
     gp.data_to_send()
     gp.receive(m.Side(0, 4, F).to_dict())
     assert isinstance(_work(gp), Head)
     gp.verdict_ready(4, 13, b"z")  # changed, to a token no branch drafted
     assert [d["type"] for d in gp.data_to_send()] == ["verdict"]
-    assert _work(gp) == Discard() and _work(gp) == Truncate(5)
+    assert _work(gp) == DropLine(1) and _work(gp) == DropLine(2) and _work(gp) == CutLine(0, 5)
     assert _work(gp) == Draft(1, 5, 13)
     st = gp.stats
     assert (st.branch_hits, st.branch_misses, st.branch_drafts, st.branch_wasted) == (0, 1, 2, 2)
@@ -855,13 +813,13 @@ def test_an_unchanged_verdict_discards_the_branches():
     gp = _branching_gateway(window=2)
     _branch_round(gp, main=Draft(0, 6, 4))
     for branch, token in ((0, 5), (1, 20), (2, 30)):
-        gp.draft_ready(6 if branch == 0 else 5, _f(), token, b"x", branch=branch)
+        gp.draft_ready(6 if branch == 0 else 5, _f(), token, b"x", line=branch)
     gp.data_to_send()
     gp.receive(m.Side(0, 4, F).to_dict())
     assert isinstance(_work(gp), Head)
     gp.verdict_ready(4, 3, b"a")  # the draft: nothing changes
     assert _sent(gp)["changed"] is False and gp.epoch == 0
-    assert _work(gp) == Discard()
+    assert _work(gp) == DropLine(1) and _work(gp) == DropLine(2)
     st = gp.stats
     assert (st.branch_hits, st.branch_misses, st.branch_wasted) == (0, 0, 2)
 
@@ -879,7 +837,7 @@ def _two_sides_in_flight() -> GatewayProtocol:
         gp.draft_ready(pos, _f(), pos, b"x", (40 + pos,))
     for pos in (4, 6):
         gp.receive(m.NeedTaps(0, pos).to_dict())
-        assert _work(gp) == SendTaps(pos)
+        assert _work(gp) == SendTaps(0, pos)
         gp.taps_ready(pos, RNG.normal(0, 15, (3, H)))
     gp.data_to_send()
     return gp
@@ -889,129 +847,134 @@ def test_a_rollback_before_the_branch_point_discards_the_branches():
     """In flight: 4 and 6 are sigma = 1; the branches are drafted for 4 first,
     then (4 unchanged) for 6; a changed verdict at 4 in another run drops them."""
     gp = _two_sides_in_flight()
-    assert _work(gp) == Fork(1, 5)  # the earliest pending side position
-    assert gp.next_action() == Draft(0, 5, 44, branch=1)
-    gp.draft_ready(5, _f(), 50, b"y", branch=1)
+    assert _work(gp) == ForkLine(1, 0, 5)  # the earliest pending side position
+    assert gp.next_action() == Draft(0, 5, 44, 1)
+    gp.draft_ready(5, _f(), 50, b"y", line=1)
     gp.receive(m.Side(0, 6, F).to_dict())  # kept until 4 is verified
     gp.receive(m.Side(0, 4, F).to_dict())
     assert isinstance(_work(gp), Head)
     gp.verdict_ready(4, 4, b"x")  # unchanged: branch 1 dropped, 5 decided sigma = 0, then 6 is verified
-    assert _work(gp) == Discard()
+    assert _work(gp) == DropLine(1)
     head = _work(gp)
     assert isinstance(head, Head) and head.pos == 6  # 6's side output is here: its verdict is computed, no branch
     gp.verdict_ready(6, 77, b"w")  # changed, no branch: an ordinary rollback
-    assert _work(gp) == Truncate(7)
+    assert _work(gp) == CutLine(0, 7)
     assert (gp.stats.branch_points, gp.stats.branch_hits, gp.stats.branch_misses) == (1, 0, 0)
     # A rollback at an earlier position than the branch point drops the branches too.
     gp = _two_sides_in_flight()
     gp.receive(m.Side(0, 4, F).to_dict())  # 4's verdict is being computed: the branches go to 6
     assert isinstance(_work(gp), Head)
-    assert _work(gp) == Fork(1, 7)
-    assert gp.next_action() == Draft(0, 7, 46, branch=1)
-    gp.draft_ready(7, _f(), 60, b"y", branch=1)
+    assert _work(gp) == ForkLine(1, 0, 7)
+    assert gp.next_action() == Draft(0, 7, 46, 1)
+    gp.draft_ready(7, _f(), 60, b"y", line=1)
     gp.verdict_ready(4, 99, b"z")  # changed before the branch point: its branches are void
-    assert _work(gp) == Discard() and _work(gp) == Truncate(5)
+    assert _work(gp) == DropLine(1) and _work(gp) == CutLine(0, 5)
     assert gp.stats.branch_wasted == 1 and gp.stats.branch_misses == 0
     assert _work(gp) == Draft(1, 5, 99)  # no branch until a side position is pending again
     assert _work(gp) is None
 
 
 def test_branches_are_dropped_on_resume():
-    gp = _branching_gateway(window=2)
-    gp.resumable = True
+    gp = _branching_gateway(window=2, resumable=True)
     _branch_round(gp, main=Draft(0, 6, 4))
     for branch, token in ((0, 5), (1, 20), (2, 30)):
-        gp.draft_ready(6 if branch == 0 else 5, _f(), token, b"x", branch=branch)
+        gp.draft_ready(6 if branch == 0 else 5, _f(), token, b"x", line=branch)
     gp.resume(4, "new")
     assert [d["type"] for d in gp.data_to_send()] == ["resumed", "step", "step", "step"]
-    assert Discard() in [gp.next_action() for _ in range(3)]
+    assert {DropLine(1), DropLine(2)} <= set(gp.next_action() for _ in range(4))
     assert gp.stats.branch_wasted == 2
 
 
-def _branch_point_open(gw: FakeGateway) -> bool:
-    """The host holds branch lines (forked) and every one of them has drafts of its own."""
-    return bool(gw.lines) and all(n > 0 for n in _branch_drafts_held(gw).values())
+def _branch_point_open(pair: Loopback) -> bool:
+    """The protocol holds branch lines, the host forked them, and every one has drafts of its own."""
+    lines = pair.gateway.proto.branching.lines
+    return bool(lines) and all(b.line in pair.gateway.model.lines and b.drafts for b in lines.values())
 
 
-def _branch_drafts_held(gw: FakeGateway) -> dict[int, int]:
-    """Branch line id -> the drafts its 'KV cache' holds beyond the fork."""
-    keep = {a.branch: a.keep for a in gw.log if isinstance(a, Fork)}
-    return {b: len(seq) - keep[b] for b, seq in gw.lines.items()}
+def _branch_drafts_held(pair: Loopback) -> int:
+    """The drafts the protocol's open branch lines hold (their 'KV caches' agree)."""
+    model, held = pair.gateway.model, 0
+    for b in pair.gateway.proto.branching.lines.values():
+        assert len(model.lines[b.line]) - model.forked_at[b.line] == len(b.drafts)
+        held += len(b.drafts)
+    return held
 
 
-def _resume(gw: FakeGateway, dev: FakeDevice) -> list[bytes]:
-    """The device resumes on a new connection; what the gateway sends on it."""
+def _resume(pair: Loopback) -> None:
+    """The device resumes on a new connection; what the gateway sends on it goes down."""
     fresh = GatewayProtocol(BACKBONE, eos_ids=[EOS], resumable=True)
-    fresh.receive(dev.dp.resume_hello())
+    fresh.receive(pair.device.proto.resume_hello())
     wanted = fresh.next_action()
     assert isinstance(wanted, ResumeWanted)
-    gw.gp.check_resume(wanted.hello)
-    gw.gp.resume(wanted.hello.resume.next, "secret-2")
-    return gw.work()
+    gp = pair.gateway.proto
+    gp.check_resume(wanted.hello)
+    gp.resume(wanted.hello.resume.next, "secret-2")
+    pair.gateway.work()
+    pair.gateway_sends()
 
 
 @pytest.mark.parametrize("in_flight", [1, 4])
 @pytest.mark.parametrize("window", [0, 2, 8])
 def test_a_resume_with_branches_alive_discards_them_and_commits_the_lock_step_tokens(window, in_flight):
     """The link dies while a branch point is open (branch lines forked, their
-    drafts computed); the device resumes. The branch lines are dropped (a
-    Discard, their drafts counted wasted), no committed token is lost or
-    repeated, and the session ends with exactly the lock-step tokens. With
-    several side outputs in flight, some sessions are cut while a verdict (of
-    a position before the branch point) is on its way: `resumed` brings it."""
+    drafts computed); the device resumes. The branch lines are dropped (their
+    drafts counted wasted), no committed token is lost or repeated, and the
+    session ends with exactly the lock-step tokens. With several side outputs in
+    flight, some sessions are cut while a verdict (of a position before the
+    branch point) is on its way: `resumed` brings it."""
     cuts, lost_verdicts = 0, 0
     for seed in range(8):
         opts = m.Options(window=window, codec="int8", outliers=2, max_new_tokens=40)
         prompt = PROMPT + [seed]
         hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", opts)
-        gw, dev = FakeGateway(prompt, branches=2), FakeDevice(hello, in_flight)
-        gw.gp.resumable = True
-        down, up = [], [dev.frames.pack(dev.dp.hello_message())]
+        pair = fake_pair(hello, prompt, in_flight, branches=2, resumable=True)
+        gw, dev, model = pair.gateway, pair.device.proto, pair.gateway.model
         rng, before = random.Random(seed), None
         lose_a_verdict = in_flight > 1 and window > 0 and seed % 2 == 0  # cut as a verdict goes down, if ever
         for _ in range(100_000):
-            if dev.dp.ended:
+            if dev.ended:
                 break
-            if before is None and _branch_point_open(gw):
+            if before is None and _branch_point_open(pair):
                 coin = rng.random() < 0.5
-                verdict_on_its_way = any(gw.frames.unpack(d)["type"] == "verdict" for d in down)
+                verdict_on_its_way = any(d["type"] == "verdict" for d in pair.down)
                 cut = verdict_on_its_way if lose_a_verdict else coin
             else:
                 cut = False
             if cut:
                 # The link dies: what is in flight either way is lost. The host reports the
                 # drafts it was computing (as cloud_gateway does) and runs nothing else.
-                before = [(c.pos, c.token) for c in dev.dp.committed]
-                down, up = [], []
-                gw.gp.connection_lost()
-                while gw.computing:
-                    gw.submit_draft(then_work=False)
-                held = sum(_branch_drafts_held(gw).values())
-                wasted, discards = gw.gp.stats.branch_wasted, gw.log.count(Discard())
-                assert held > 0 and gw.gp.stats.resumes == 0
-                down = _resume(gw, dev)
-                resumed = gw.frames.unpack(down[0])
+                before = [(c.pos, c.token) for c in dev.committed]
+                pair.down.clear()
+                pair.up.clear()
+                gw.proto.connection_lost()
+                while gw.busy:
+                    gw.finish(then_work=False)
+                held = _branch_drafts_held(pair)
+                wasted = gw.proto.stats.branch_wasted
+                assert held > 0 and gw.proto.stats.resumes == 0
+                _resume(pair)
+                resumed = pair.down[0]
                 assert resumed["type"] == "resumed" and bool(resumed.get("commits")) == verdict_on_its_way
                 lost_verdicts += verdict_on_its_way
-                # The branch lines are gone: one Discard ran, every draft they held is wasted.
-                assert gw.log.count(Discard()) == discards + 1 and gw.lines == {}
-                assert gw.gp.stats.branch_wasted == wasted + held
-                assert gw.gp.stats.resumes == 1
+                # The branch lines are gone, and every draft they held is wasted.
+                assert set(model.lines) == {gw.proto.main}
+                assert gw.proto.stats.branch_wasted == wasted + held
+                assert gw.proto.stats.resumes == 1
                 continue
             # (a resuming device sends nothing before `resumed`: what it held back is void)
-            _random_move(rng, gw, dev, up, down, device_may_send=dev.dp.phase != "resuming")
+            rng.choice(pair.moves(device_may_send=dev.phase != "resuming"))()
         else:
             raise AssertionError("the simulation stalled")
-        committed = [(c.pos, c.token) for c in dev.dp.committed]
+        committed = [(c.pos, c.token) for c in dev.committed]
         assert [t for _, t in committed] == lock_step_reference(opts, prompt), f"seed {seed}"
         # Nothing lost, nothing repeated: one commit per position, in order, and the
         # commits made before the cut are where they were.
-        assert [p for p, _ in committed] == list(range(len(prompt) - 1, gw.gp.verified)), f"seed {seed}"
-        assert dev.dp.end.stats["tokens"] == len(committed)
+        assert [p for p, _ in committed] == list(range(len(prompt) - 1, gw.proto.verified)), f"seed {seed}"
+        assert dev.end.stats["tokens"] == len(committed)
         if before is not None:
             cuts += 1
             assert committed[: len(before)] == before
-            assert dev.dp.stats.resumes == 1 and dev.dp.end.stats["resumes"] == 1
+            assert dev.stats.resumes == 1 and dev.end.stats["resumes"] == 1
     assert cuts >= 3, cuts
     if in_flight > 1 and window == 8:
         assert lost_verdicts > 0
