@@ -1,11 +1,11 @@
 """`spa bench bytes`: the ways to fewer bytes per token, each beside its effect on the tokens.
 
-One in-process loop per configuration, with the gateway's step functions and
-the device's `.pte` (as `spa.model.reference`), building the very protocol messages
-the split would send for each position and packing them with the wire's
+One lock-step session per configuration with both protocol machines in this
+process (spa/protocol/loopback.py: the gateway's step functions on the real
+backbone, the device's `.pte`), whose messages are packed with the wire's
 `FrameCodec` (msgpack + zstd at the given level):
 
-    down: step (f_t, draft) every token; taps + verdict for sigma = 1 tokens
+    down: step (f_t, draft) every token; taps + verdict for sigma = 1 tokens; end
     up:   need_taps + side for sigma = 1 tokens; one accept per run of sigma = 0 tokens
 
 That is the lock-step message set (draft-ahead adds the drafts a rollback
@@ -30,13 +30,14 @@ token at the same position (per plugin).
 import time
 from pathlib import Path
 
-import torch
 
-from spa.protocol import codec
-from spa.model.generate import choose_token, generate, logit_margin
+from spa.model.backbone_lines import BackboneLines
+from spa.model.spa_rule import gate_input
 from spa.protocol import messages as m
+from spa.protocol.device import DeviceProtocol
 from spa.protocol.frames import FrameCodec
-from spa.model.spa_rule import split_state
+from spa.protocol.gateway import GatewayProtocol
+from spa.protocol.loopback import DeviceHost, GatewayHost, Loopback
 
 # (codec, outlier channels, cloud-side projection); the first is the reference.
 WAYS = (("f32", 0, False), ("int8", 8, False), ("int4", 8, False), ("int8", 0, False), ("int4", 0, False),
@@ -45,45 +46,29 @@ WAYS = (("f32", 0, False), ("int8", 8, False), ("int4", 8, False), ("int8", 0, F
 
 def trajectory(backbone, pte, prompt: str, *, tau: float, max_new_tokens: int, scheme: str, outliers: int,
                pieces, projection: tuple | None = None) -> dict:
-    """Tokens and the protocol messages (as dicts) of one lock-step generation;
-    `projection`: (weight, bias) for the cloud-side projection, or None."""
-    tokens, sigmas, down, up = [], [], [], []
-    run_open = False
-
-    def choose(pos, states):
-        nonlocal run_open
-        states = states[0]
-        base = backbone.logits(states[-1])
-        draft = int(torch.argmax(base))
-        margin = logit_margin(base) if pte.config.gate_margin else None
-        sent = {}  # what crossed the wire at this position, encoded: "f", "taps", "s"
-
-        def wire(x, what):
-            sent[what] = codec.encode(x, scheme, outliers)
-            return codec.decode(sent[what])
-
-        decision, x = split_state(pte, states, tau, wire, projection, margin)
-        down.append(m.Step(epoch=0, pos=pos, f=sent["f"], draft=draft, piece=pieces[draft], margin=margin).to_dict())
-        if not decision.sigma:
-            run_open = True
-            sigmas.append(0)
-            return [draft]
-        if run_open:
-            up.append(m.Accept(epoch=0, upto=pos - 1).to_dict())
-            run_open = False
-        up.append(m.NeedTaps(epoch=0, pos=pos).to_dict())
-        down.append(m.Taps(epoch=0, pos=pos, taps=sent["taps"]).to_dict())
-        up.append(m.Side(epoch=0, pos=pos, s=sent["s"]).to_dict())
-        token = choose_token(backbone.logits(x), 0.0, 0, pos)
-        down.append(m.Verdict(epoch=0, pos=pos, token=token, piece=pieces[token], changed=token != draft).to_dict())
-        sigmas.append(1)
-        return [token]
-
-    for pos, _, chosen in generate(backbone, backbone.encode(prompt), choose, max_new_tokens):
-        tokens += chosen
-    if run_open:
-        up.append(m.Accept(epoch=0, upto=pos).to_dict())
-    return {"tokens": tokens, "sigmas": sigmas, "down": down, "up": up}
+    """Tokens and the protocol messages (as maps) of one lock-step session, both protocol machines
+    driven in this process (spa/protocol/loopback.py) with the real backbone and `.pte`;
+    `projection`: (weight, bias) for the cloud-side projection, or None. The messages are those
+    after the handshake (docs/PROTOCOL.md §10)."""
+    upload = None
+    if projection is not None:
+        upload = m.Projection(projection[0].shape[1], projection[0].astype("<f2").tobytes(),
+                              projection[1].astype("<f4").tobytes())
+    config = pte.config
+    hello = m.Hello("", m.Plugin(backbone.identity.fingerprint, tuple(config.taps), pte.content_hash), prompt,
+                    m.Options(window=0, codec=scheme, outliers=outliers, max_new_tokens=max_new_tokens,
+                              gate_margin=config.gate_margin), projection=upload)
+    gateway = GatewayHost(GatewayProtocol(backbone.wire_info, backbone.eos_token_ids),
+                          BackboneLines(backbone, prompt, pieces, config.taps, projection=projection))
+    device = DeviceHost(DeviceProtocol(hello),
+                        lambda pos, f, margin: pte.gate(gate_input(pte, f, margin)) > tau,
+                        lambda pos, taps, projected: (pte.side_projected if projected else pte.side)(taps)[None])
+    pair = Loopback(gateway, device, frames=None)
+    pair.run()
+    committed = device.proto.committed
+    sent = [(way, d) for way, d, _ in pair.sent if d["type"] not in ("hello", "ready")]
+    return {"tokens": [c.token for c in committed], "sigmas": [int(c.sigma) for c in committed],
+            "down": [d for way, d in sent if way == "down"], "up": [d for way, d in sent if way == "up"]}
 
 
 def packed_sizes(runs: list[dict], level: int) -> dict:

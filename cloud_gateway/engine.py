@@ -44,24 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spa.model.generate import (choose_token_and_alternatives, decode_batch, decode_one_token, logit_margin, prefill,
-                          prefill_batch)
-from spa.protocol import messages as m
+from spa.model.generate import choose, decode_batch, decode_one_token, prefill, prefill_batch
 from spa.model.token_bytes import token_pieces
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A token chosen from one row's logits."""
-
-    token: int
-    alternatives: tuple[int, ...]  # the runners-up asked for, best first (branch drafting)
-    margin: float  # top-1 minus top-2 logit of those logits (spa.model.generate.logit_margin)
-
-
-def choose(logits, temperature: float, seed: int, pos: int, alternatives: int) -> Choice:
-    token, runners_up = choose_token_and_alternatives(logits, temperature, seed, pos, alternatives)
-    return Choice(token, runners_up, logit_margin(logits))
 
 
 @dataclass
@@ -122,8 +106,7 @@ class Engine:
 
     def __init__(self, backbone, max_batch: int = 64, batching: bool = True):
         self.backbone = backbone
-        ident = backbone.identity
-        self.identity = m.BackboneInfo(ident.name, ident.fingerprint, ident.num_layers, ident.hidden_size)
+        self.identity = backbone.wire_info
         self.eos_ids = backbone.eos_token_ids
         self.pieces = token_pieces(backbone.tokenizer)
         # No token stands for more characters than this: a prompt longer than

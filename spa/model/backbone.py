@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 
 from spa.errors import BackboneError
+from spa.protocol.messages import BackboneInfo
 from spa.system.paths import cache_dir, package_dir
 
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
@@ -380,6 +381,12 @@ class Backbone:
     @property
     def num_layers(self) -> int:
         return self.identity.num_layers
+
+    @property
+    def wire_info(self) -> BackboneInfo:
+        """What the gateway says of its backbone in `ready` (docs/PROTOCOL.md §4)."""
+        ident = self.identity
+        return BackboneInfo(ident.name, ident.fingerprint, ident.num_layers, ident.hidden_size)
 
     @property
     def hidden_size(self) -> int:

@@ -12,6 +12,7 @@ same way.
 
 import copy
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -156,3 +157,17 @@ def choose_token_and_alternatives(logits: torch.Tensor, temperature: float, seed
         return token, ()
     top = torch.topk(scores, min(k + 1, scores.shape[-1])).indices.tolist()
     return token, tuple(t for t in top if t != token)[:k]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A token chosen from one row's logits, as the gateway sends it."""
+
+    token: int
+    alternatives: tuple[int, ...]  # the runners-up asked for, best first (branch drafting)
+    margin: float  # top-1 minus top-2 logit of those logits (`logit_margin`)
+
+
+def choose(logits: torch.Tensor, temperature: float, seed: int, pos: int, alternatives: int = 0) -> Choice:
+    token, runners_up = choose_token_and_alternatives(logits, temperature, seed, pos, alternatives)
+    return Choice(token, runners_up, logit_margin(logits))

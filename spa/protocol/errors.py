@@ -6,27 +6,13 @@ side sent an `error` message: it is reported to the user, never echoed back.
 """
 
 from spa.errors import SpaError
+from spa.protocol.schema import schema
 
-# code -> (websocket close code, meaning). 1000-1015 are RFC 6455 codes;
-# 4000-4999 are reserved for applications. docs/PROTOCOL.md §7 copies this table.
-CODES = {
-    "bad_frame": (4000, "not one zstd frame holding one msgpack map"),
-    "too_large": (1009, "a frame or its decompressed payload exceeds a limit"),
-    "unknown_type": (4001, "the type field names no message this side receives"),
-    "bad_field": (4002, "a field is missing, of the wrong type or out of range"),
-    "out_of_order": (4003, "a valid message that the session state does not allow now"),
-    "unauthorized": (1008, "missing or wrong auth token"),
-    "version": (4004, "unsupported protocol version"),
-    "backbone_mismatch": (4005, "the plugin was trained for another backbone"),
-    "limit": (4006, "a request exceeds a gateway limit (prompt, tokens, window)"),
-    "busy": (1013, "the gateway already serves max_sessions sessions; retry later"),
-    "idle_timeout": (4007, "no message within idle_timeout_s"),
-    "resume_failed": (4008, "the session to resume is unknown, expired, not yours, or out of step"),
-    "slow_reader": (4009, "the device did not read what the gateway sent within send_timeout_s"),
-    "internal": (1011, "a bug or an unexpected failure on the sending side"),
-}
+# code -> (websocket close code, meaning), from the protocol's schema (spa/protocol/schema.json,
+# docs/PROTOCOL.md §7). 1000-1015 are RFC 6455 codes; 4000-4999 are reserved for applications.
+CODES = {e["code"]: (e["close"], e["meaning"]) for e in schema()["errors"]}
 
-NORMAL_CLOSE = 1000  # after `end`, or on `bye`
+NORMAL_CLOSE = schema()["normal_close"]  # after `end`, or on `bye`
 
 
 class ProtocolError(SpaError):

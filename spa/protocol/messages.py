@@ -24,8 +24,9 @@ import numpy as np
 
 from spa.protocol import codec
 from spa.protocol.errors import ProtocolError
+from spa.protocol.schema import receives, schema
 
-VERSION = 2  # 2: several side outputs in flight; resumed.commits
+VERSION = schema()["version"]  # 2: several side outputs in flight; resumed.commits
 INT32_MAX = (1 << 31) - 1  # positions, epochs, token ids, counts: a Java int
 INT64_MAX = (1 << 63) - 1  # seeds: a Java long
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -581,7 +582,8 @@ class Resumed:
 
     @classmethod
     def read(cls, f: _Fields) -> "Resumed":
-        commits = f.d.get("commits", [])
+        commits = f.d.get("commits")
+        commits = [] if commits is None else commits  # optional: absent or nil (PROTOCOL.md §3)
         if not isinstance(commits, list) or len(commits) > MAX_RESUMED_COMMITS:
             f._bad("commits", f"expected a list of at most {MAX_RESUMED_COMMITS} commits")
         return cls(f.text("session"), f.text("secret"), f.integer("epoch"), f.integer("pos"),
@@ -631,11 +633,8 @@ MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Bye, Ready, Step,
 Message = Hello | Accept | NeedTaps | Side | Bye | Ready | Step | Taps | Verdict | End | Error | Resumed
 
 
-# The types each side receives (docs/PROTOCOL.md §4); `error` goes both ways.
-RECEIVES = {
-    "gateway": frozenset({"hello", "accept", "need_taps", "side", "bye", "error"}),
-    "device": frozenset({"ready", "resumed", "step", "taps", "verdict", "end", "error"}),
-}
+# The types each side receives (docs/PROTOCOL.md §4, from spa/protocol/schema.json); `error` goes both ways.
+RECEIVES = {side: receives(side) for side in ("gateway", "device")}
 
 
 def parse(d: dict, receiver: str | None = None) -> Message:

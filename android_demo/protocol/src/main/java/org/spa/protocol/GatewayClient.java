@@ -87,7 +87,7 @@ public final class GatewayClient {
     /** Generate one summary; blocks until `end` (or a failure). */
     public SessionResult run(String prompt, Messages.Options options, Listener listener) throws ClientException {
         options.gateMargin = executor.gateReadsMargin(); // the plugin's gate decides whether steps carry margins
-        DeviceSession session = new DeviceSession(new Messages.Hello(token, plugin, prompt, options, null, null, offer));
+        DeviceSession session = new DeviceSession(new Messages.Hello(token, plugin, prompt, options, null, null, null, offer));
         gateP.clear();
         // both forms are read until ready names the choice; the hello goes in the preferred one
         Frames frames = new Frames(Limits.MAX_FRAME_BYTES, Limits.MAX_MESSAGE_BYTES, 3, null, offer.get(0));

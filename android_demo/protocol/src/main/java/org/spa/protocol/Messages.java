@@ -7,13 +7,15 @@ import java.util.Locale;
 import java.util.Map;
 
 /**
- * Protocol messages, version 1 (docs/PROTOCOL.md section 4; reference
- * spa/protocol/messages.py). {@link #parse} validates every field of an unpacked
- * map and returns the message; {@code toMap()} builds the map to send. Unknown
- * keys are ignored so that version 1 can gain optional fields.
+ * Protocol messages, version 2 (docs/PROTOCOL.md section 4; reference
+ * spa/protocol/messages.py; the types, directions and codes come from {@link Schema}, generated
+ * from spa/protocol/schema.json). {@link #parse} validates every field of an unpacked map and
+ * returns the message; {@code toMap()} builds the map to send. Unknown keys are ignored so that
+ * version 2 can gain optional fields. tests/vectors/message_vectors.json (MessageVectorsTest)
+ * holds the maps every parser must accept or refuse.
  */
 public final class Messages {
-    public static final int VERSION = 2;  // docs/PROTOCOL.md; this client keeps one side output in flight
+    public static final int VERSION = Schema.VERSION;
     public static final String[] CODECS = {"int8", "int4", "f32"};
     public static final String[] END_REASONS = {"eos", "max_tokens"};
 
@@ -34,12 +36,9 @@ public final class Messages {
 
     /** Receivers for {@link #parse(Map, String)}: this client is always the device. */
     public static final String DEVICE = "device", GATEWAY = "gateway";
-    /** Every message type of version 2 (docs/PROTOCOL.md section 4). */
-    static final String[] TYPES = {"hello", "accept", "need_taps", "side", "bye",
-            "ready", "resumed", "step", "taps", "verdict", "end", "error"};
-    /** The types each side receives; `error` goes both ways. */
-    static final String[] GATEWAY_RECEIVES = {"hello", "accept", "need_taps", "side", "bye", "error"};
-    static final String[] DEVICE_RECEIVES = {"ready", "resumed", "step", "taps", "verdict", "end", "error"};
+    static final String[] TYPES = Schema.TYPES;
+    static final String[] GATEWAY_RECEIVES = Schema.GATEWAY_RECEIVES;
+    static final String[] DEVICE_RECEIVES = Schema.DEVICE_RECEIVES;
 
     /** Validate an unpacked map and return its message, of either direction (tests, tools). */
     public static Message parse(Map<String, Object> d) throws ProtocolException {
@@ -73,18 +72,15 @@ public final class Messages {
         if ("side".equals(kind)) return new Side(g.integer("epoch"), g.integer("pos"), g.activation("s"));
         if ("bye".equals(kind)) return new Bye();
         if ("ready".equals(kind)) return Ready.read(g);
-        if ("step".equals(kind)) {
-            return new Step(g.integer("epoch"), g.integer("pos"), g.activation("f"), g.integer("draft"), g.blob("piece"),
-                    g.d.get("margin") == null ? null : (Float) g.float32("margin", 0.0));
-        }
+        if ("step".equals(kind)) return Step.read(g);
         if ("taps".equals(kind)) return new Taps(g.integer("epoch"), g.integer("pos"), g.activation("taps"));
         if ("verdict".equals(kind)) {
-            return new Verdict(g.integer("epoch"), g.integer("pos"), g.integer("token"), g.blob("piece"), g.flag("changed"));
+            return new Verdict(g.integer("epoch"), g.integer("pos"), g.integer("token"), g.blob("piece"), g.flag("changed"),
+                    g.d.get("secret") == null ? null : g.text("secret"));
         }
         if ("end".equals(kind)) return End.read(g);
         if ("error".equals(kind)) return new Error(g.text("code"), g.text("message", 4096));
-        // "resumed" answers a hello.resume, which this client never sends (docs/PROTOCOL.md section 6)
-        throw new ProtocolException("unknown_type", "this client does not resume: it does not receive " + shown(kind));
+        return Resumed.read(g);
     }
 
     private static boolean contains(String[] names, String name) {
@@ -241,27 +237,31 @@ public final class Messages {
         public final Plugin plugin;
         public final String prompt; // formatted by the device (chat template included)
         public final Options options;
-        public final String resumeSession, resumeSecret; // reserved: null unless resuming
+        public final Resume resume; // null unless continuing a session on a new connection
+        public final Projection projection; // the cloud-side projection's weights, or null
+        public final GateUpload gate; // the device's gate, for pushed taps, or null
         /** Frame compressions this device reads and writes, preferred first; null: not sent (= zstd). */
         public final List<String> compression;
 
         public Hello(String token, Plugin plugin, String prompt, Options options) {
-            this(token, plugin, prompt, options, null, null, null);
+            this(token, plugin, prompt, options, null, null, null, null);
         }
 
-        public Hello(String token, Plugin plugin, String prompt, Options options, String resumeSession, String resumeSecret) {
-            this(token, plugin, prompt, options, resumeSession, resumeSecret, null);
-        }
-
-        public Hello(String token, Plugin plugin, String prompt, Options options, String resumeSession, String resumeSecret,
-                     List<String> compression) {
+        public Hello(String token, Plugin plugin, String prompt, Options options, Resume resume, Projection projection,
+                     GateUpload gate, List<String> compression) {
             this.token = token;
             this.plugin = plugin;
             this.prompt = prompt;
             this.options = options;
-            this.resumeSession = resumeSession;
-            this.resumeSecret = resumeSecret;
+            this.resume = resume;
+            this.projection = projection;
+            this.gate = gate;
             this.compression = compression;
+        }
+
+        /** The same hello with another resume part (the resume hello of this session). */
+        public Hello resuming(Resume r) {
+            return new Hello(token, plugin, prompt, options, r, projection, gate, compression);
         }
 
         @Override
@@ -277,12 +277,9 @@ public final class Messages {
             d.put("plugin", plugin.toMap());
             d.put("prompt", prompt);
             d.put("options", options.toMap());
-            if (resumeSession != null) {
-                Map<String, Object> r = new LinkedHashMap<String, Object>();
-                r.put("session", resumeSession);
-                r.put("secret", resumeSecret);
-                d.put("resume", r);
-            }
+            if (resume != null) d.put("resume", resume.toMap());
+            if (projection != null) d.put("projection", projection.toMap());
+            if (gate != null) d.put("gate", gate.toMap());
             if (compression != null) d.put("compression", new ArrayList<Object>(compression));
             return d;
         }
@@ -297,10 +294,10 @@ public final class Messages {
             Plugin plugin = Plugin.read(f.map("plugin"));
             String prompt = f.text("prompt", -1);
             Options options = Options.read(f.map("options"));
-            List<String> compression = compressionOffer(f);
-            if (f.d.get("resume") == null) return new Hello(token, plugin, prompt, options, null, null, compression);
-            Fields r = f.map("resume");
-            return new Hello(token, plugin, prompt, options, r.text("session"), r.text("secret"), compression);
+            Resume resume = f.d.get("resume") == null ? null : Resume.read(f.map("resume"));
+            Projection projection = f.d.get("projection") == null ? null : Projection.read(f.map("projection"));
+            GateUpload gate = f.d.get("gate") == null ? null : GateUpload.read(f.map("gate"));
+            return new Hello(token, plugin, prompt, options, resume, projection, gate, compressionOffer(f));
         }
 
         /** hello.compression: 1 to 8 names of at most 32 characters (unknown names allowed: the gateway skips them). */
@@ -317,6 +314,100 @@ public final class Messages {
             }
             if (!ok) throw f.bad("compression", "expected a list of 1 to 8 names of at most 32 characters");
             return out;
+        }
+    }
+
+    /** hello.resume: continue a session on a new connection (docs/PROTOCOL.md section 6, Resumption). */
+    public static final class Resume {
+        public final String session, secret;
+        public final Long next; // the first position the device has not committed; null: not sent
+        public final long[] tokens; // every committed token id, in order; null: not sent
+
+        public Resume(String session, String secret, Long next, long[] tokens) {
+            this.session = session;
+            this.secret = secret;
+            this.next = next;
+            this.tokens = tokens;
+        }
+
+        Map<String, Object> toMap() {
+            Map<String, Object> d = new LinkedHashMap<String, Object>();
+            d.put("session", session);
+            d.put("secret", secret);
+            if (next != null) d.put("next", next);
+            if (tokens != null) {
+                java.nio.ByteBuffer b = java.nio.ByteBuffer.allocate(4 * tokens.length).order(java.nio.ByteOrder.LITTLE_ENDIAN);
+                for (long t : tokens) b.putInt((int) t);
+                d.put("tokens", b.array());
+            }
+            return d;
+        }
+
+        static Resume read(Fields f) throws ProtocolException {
+            Long next = f.d.get("next") == null ? null : (Long) f.integer("next");
+            long[] tokens = null;
+            if (f.d.get("tokens") != null) {
+                byte[] raw = f.blob("tokens");
+                String why = "expected bin of uint32 little-endian token ids below 2^31";
+                if (raw.length % 4 != 0) throw f.bad("tokens", why);
+                java.nio.ByteBuffer b = java.nio.ByteBuffer.wrap(raw).order(java.nio.ByteOrder.LITTLE_ENDIAN);
+                tokens = new long[raw.length / 4];
+                for (int i = 0; i < tokens.length; i++) {
+                    tokens[i] = b.getInt() & 0xffffffffL;
+                    if (tokens[i] > Fields.INT32_MAX) throw f.bad("tokens", why);
+                }
+            }
+            return new Resume(f.text("session"), f.text("secret"), next, tokens);
+        }
+    }
+
+    /** hello.projection: the side network's per-tap projections, for the cloud-side projection. */
+    public static final class Projection {
+        public final int rank; // r
+        public final byte[] weight; // float16 LE [len(taps), r, H]
+        public final byte[] bias; // float32 LE [len(taps), r]
+
+        public Projection(int rank, byte[] weight, byte[] bias) {
+            this.rank = rank;
+            this.weight = weight;
+            this.bias = bias;
+        }
+
+        Map<String, Object> toMap() {
+            Map<String, Object> d = new LinkedHashMap<String, Object>();
+            d.put("rank", (long) rank);
+            d.put("weight", weight);
+            d.put("bias", bias);
+            return d;
+        }
+
+        static Projection read(Fields f) throws ProtocolException {
+            return new Projection((int) f.integer("rank", 1, 4096), f.blob("weight"), f.blob("bias"));
+        }
+    }
+
+    /** hello.gate: the device's gate, uploaded so that the gateway pushes taps with the steps it predicts open. */
+    public static final class GateUpload {
+        public final byte[] weight; // float32 LE [2, H] ([2, H + 1] for a margin gate)
+        public final byte[] bias; // float32 LE [2]
+        public final double tau;
+
+        public GateUpload(byte[] weight, byte[] bias, double tau) {
+            this.weight = weight;
+            this.bias = bias;
+            this.tau = tau;
+        }
+
+        Map<String, Object> toMap() {
+            Map<String, Object> d = new LinkedHashMap<String, Object>();
+            d.put("weight", weight);
+            d.put("bias", bias);
+            d.put("tau", tau);
+            return d;
+        }
+
+        static GateUpload read(Fields f) throws ProtocolException {
+            return new GateUpload(f.blob("weight"), f.blob("bias"), f.number("tau", Double.NEGATIVE_INFINITY));
         }
     }
 
@@ -455,18 +546,27 @@ public final class Messages {
         public final long draft; // the backbone's x_{t+1}, kept if sigma_t = 0
         public final byte[] piece; // UTF-8 bytes of the draft, possibly a partial character
         public final Float margin; // the backbone's top-2 logit margin at pos (options.gate_margin), else null
+        public final Activation taps; // pushed taps of pos (hello.gate), else null
+        public final String secret; // a refreshed resume token, else null
 
         public Step(long epoch, long pos, Activation f, long draft, byte[] piece) {
-            this(epoch, pos, f, draft, piece, null);
+            this(epoch, pos, f, draft, piece, null, null, null);
         }
 
         public Step(long epoch, long pos, Activation f, long draft, byte[] piece, Float margin) {
+            this(epoch, pos, f, draft, piece, margin, null, null);
+        }
+
+        public Step(long epoch, long pos, Activation f, long draft, byte[] piece, Float margin, Activation taps,
+                    String secret) {
             this.epoch = epoch;
             this.pos = pos;
             this.f = f;
             this.draft = draft;
             this.piece = piece;
             this.margin = margin;
+            this.taps = taps;
+            this.secret = secret;
         }
 
         @Override
@@ -482,8 +582,21 @@ public final class Messages {
             d.put("f", f.encoded);
             d.put("draft", draft);
             d.put("piece", piece);
+            if (taps != null) d.put("taps", taps.encoded);
+            if (secret != null) d.put("secret", secret);
             if (margin != null) d.put("margin", (double) margin);
             return d;
+        }
+
+        static Step read(Fields g) throws ProtocolException {
+            long epoch = g.integer("epoch"), pos = g.integer("pos");
+            Activation f = g.activation("f");
+            long draft = g.integer("draft");
+            byte[] piece = g.blob("piece");
+            Activation taps = g.d.get("taps") == null ? null : g.activation("taps");
+            String secret = g.d.get("secret") == null ? null : g.text("secret");
+            Float margin = g.d.get("margin") == null ? null : (Float) g.float32("margin", 0.0);
+            return new Step(epoch, pos, f, draft, piece, margin, taps, secret);
         }
     }
 
@@ -518,13 +631,19 @@ public final class Messages {
         public final long token; // the committed x_{pos+1}
         public final byte[] piece;
         public final boolean changed; // token != the draft; drafts after pos are void
+        public final String secret; // a refreshed resume token, else null
 
         public Verdict(long epoch, long pos, long token, byte[] piece, boolean changed) {
+            this(epoch, pos, token, piece, changed, null);
+        }
+
+        public Verdict(long epoch, long pos, long token, byte[] piece, boolean changed, String secret) {
             this.epoch = epoch;
             this.pos = pos;
             this.token = token;
             this.piece = piece;
             this.changed = changed;
+            this.secret = secret;
         }
 
         @Override
@@ -540,6 +659,7 @@ public final class Messages {
             d.put("token", token);
             d.put("piece", piece);
             d.put("changed", changed);
+            if (secret != null) d.put("secret", secret);
             return d;
         }
     }
@@ -579,6 +699,76 @@ public final class Messages {
             return end;
         }
     }
+
+    /** Answer to a hello with resume (docs/PROTOCOL.md section 6, Resumption), instead of ready. */
+    public static final class Resumed extends Message {
+        public final String session;
+        public final String secret; // the new resume token
+        public final long epoch; // the gateway's epoch from now on
+        public final long pos; // the first position the gateway has not verified
+        public final List<Commit> commits; // verified positions the device had not committed, from its `next`
+        public final String compression;
+
+        public Resumed(String session, String secret, long epoch, long pos, List<Commit> commits, String compression) {
+            this.session = session;
+            this.secret = secret;
+            this.epoch = epoch;
+            this.pos = pos;
+            this.commits = commits;
+            this.compression = compression;
+        }
+
+        @Override
+        public String type() {
+            return "resumed";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("session", session);
+            d.put("secret", secret);
+            d.put("epoch", epoch);
+            d.put("pos", pos);
+            List<Object> cs = new ArrayList<Object>();
+            for (Commit c : commits) {
+                Map<String, Object> m = new LinkedHashMap<String, Object>();
+                m.put("pos", c.pos);
+                m.put("token", c.token);
+                m.put("piece", c.piece);
+                m.put("sigma", c.sigma);
+                cs.add(m);
+            }
+            if (!cs.isEmpty()) d.put("commits", cs);
+            d.put("compression", compression);
+            return d;
+        }
+
+        static Resumed read(Fields f) throws ProtocolException {
+            String session = f.text("session"), secret = f.text("secret");
+            long epoch = f.integer("epoch"), pos = f.integer("pos");
+            Object raw = f.d.get("commits");
+            List<Commit> commits = new ArrayList<Commit>();
+            if (raw != null) {
+                if (!(raw instanceof List) || ((List<?>) raw).size() > MAX_RESUMED_COMMITS) {
+                    throw f.bad("commits", "expected a list of at most " + MAX_RESUMED_COMMITS + " commits");
+                }
+                List<?> list = (List<?>) raw;
+                for (int i = 0; i < list.size(); i++) {
+                    Fields c = new Fields(list.get(i), "resumed.commits[" + i + "]");
+                    long cpos = c.integer("pos"), token = c.integer("token");
+                    byte[] piece = c.blob("piece");
+                    // sigma absent (the gateway rebuilt the session and does not know it): counted as 0
+                    boolean sigma = c.d.get("sigma") != null && c.flag("sigma");
+                    commits.add(new Commit(cpos, token, piece, sigma));
+                }
+            }
+            String compression = f.d.get("compression") == null ? Frames.ZSTD : f.text("compression", 32);
+            return new Resumed(session, secret, epoch, pos, commits, compression);
+        }
+    }
+
+    static final int MAX_RESUMED_COMMITS = 1 << 16;
 
     // ------------------------------------------------------------------ either direction
 

@@ -81,7 +81,7 @@ public class CompressionTest {
     @Test
     public void helloCarriesTheOfferAndReadyTheChoice() throws Exception {
         Messages.Plugin plugin = new Messages.Plugin("fp", new int[] {0, 2}, "h");
-        Messages.Hello hello = new Messages.Hello("", plugin, "p", new Messages.Options(), null, null,
+        Messages.Hello hello = new Messages.Hello("", plugin, "p", new Messages.Options(), null, null, null,
                 Arrays.asList(Frames.NONE, Frames.ZSTD));
         Map<String, Object> map = hello.toMap();
         assertEquals(Arrays.asList(Frames.NONE, Frames.ZSTD), map.get("compression"));

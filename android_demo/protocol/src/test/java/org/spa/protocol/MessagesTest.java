@@ -40,7 +40,9 @@ public class MessagesTest {
         stats.put("seconds", 0.5);
         List<Messages.Message> m = new ArrayList<Messages.Message>();
         m.add(new Messages.Hello("secret", new Messages.Plugin("fp-123", TAPS, "sha256:abc"), "Summarize: \u00e9 ...", o));
-        m.add(new Messages.Hello("", new Messages.Plugin("fp", new int[] {1}, "h"), "p", new Messages.Options(), "s1", "r1"));
+        m.add(new Messages.Hello("", new Messages.Plugin("fp", new int[] {1}, "h"), "p", new Messages.Options(),
+                new Messages.Resume("s1", "r1", 11L, new long[] {5, 7}), new Messages.Projection(2, new byte[] {1, 2}, new byte[] {3}),
+                new Messages.GateUpload(new byte[] {4}, new byte[] {5}, 0.25), null));
         m.add(new Messages.Ready("s1", "r1", BACKBONE, 12, limits()));
         m.add(new Messages.Step(0, 11, F, 42, new byte[] {(byte) 0xc3}));
         m.add(new Messages.Accept(0, 11));
