@@ -336,7 +336,7 @@ def run_replica_bench(*, replicas: list[int], sessions: list[int], plugin: str |
                     log(f"  {n} concurrent sessions over {r} replica{'s' * (r > 1)}...")
                     before = replica_stats(sp.url, r)
                     row = _run_sessions(sp.url, pte, n, options, tau, sorted(before))
-                    after = replica_stats(sp.url, r)
+                    after = replica_stats(sp.url, r, fresh_after=time.time())
                     row["per_replica"] = sorted((after[p]["sessions"] - before[p]["sessions"]
                                                  for p in after if p in before), reverse=True)
                     runs.setdefault((r, n), []).append(row)

@@ -50,21 +50,23 @@ class ServeProcess(ServerProcess):
         kill_ray_cluster(ray_temp_dir(self.proc.pid))
 
 
-def replica_stats(url: str, want: int, pid: int | None = None, tries: int = 100) -> dict[int, dict]:
-    """pid -> counters of each `spa serve` replica, from GET /stats. Routed like any request (to the
-    replica with the fewest open connections), so asked until `want` replicas, and the one with `pid`
-    if given, answered: call it while no session is open to see them all."""
+def replica_stats(url: str, want: int, pid: int | None = None, fresh_after: float = 0.0,
+                  timeout_s: float = 60.0) -> dict[int, dict]:
+    """pid -> counters of each live `spa serve` replica, from one GET /stats (any replica answers for
+    all of them). Asked again until `want` replicas (and the one with `pid`, if given) have posted
+    counters after the unix time `fresh_after`, or `timeout_s` passed."""
     import json
+    import time
     import urllib.request
 
-    seen = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + timeout_s
+    while True:
         with urllib.request.urlopen(url.replace("ws://", "http://") + "/stats", timeout=30) as r:
-            stats = json.load(r)
-        seen[stats["pid"]] = stats
-        if len(seen) >= want and (pid is None or pid in seen):
-            break
-    return seen
+            answer = json.load(r)
+        seen = {int(p): row for p, row in answer["replicas"].items() if row["posted"] >= fresh_after}
+        if (len(seen) >= want and (pid is None or pid in seen)) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)
 
 
 def ray_temp_dir(pid: int) -> str:

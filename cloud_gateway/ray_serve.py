@@ -15,9 +15,11 @@ whichever replica it reaches: resume tokens are signed with one secret that
 every replica of the deployment shares (docs/PROTOCOL.md §6), and a replica
 that does not hold the session rebuilds it from the resume.
 
-`GET /stats` on the same port answers with the replica that took the
-request: its pid and counters (for operators and tests; requests are
-routed like any other, so repeated calls see every replica).
+`GET /stats` on the same port reports every replica of the deployment, whichever
+replica answers: each replica posts its pid and counters every half second to a
+small board actor (`StatsBoard`) that `spa serve` starts beside the deployment,
+and the answer lists the rows posted in the last few seconds (a replica that
+died drops out) beside the answering replica's own.
 
 Imports Ray: load it only for `spa serve` (cli/main.py imports it lazily).
 """
@@ -27,6 +29,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from fastapi import FastAPI, WebSocket
 from ray import serve
@@ -39,6 +42,10 @@ from spa.protocol.limits import Limits
 log = logging.getLogger("spa.gateway")
 APP_NAME = "spa"
 DEPLOYMENT = "GatewayReplica"
+BOARD = "spa-stats-board"  # the named actor every replica posts its counters to
+BOARD_NAMESPACE = "spa"
+POST_EVERY_S = 0.5
+STALE_AFTER_S = 5.0  # a replica that has not posted for this long is gone
 _ABNORMAL = 1006  # a disconnect without a close frame (reset, cut link): the session waits for a resume
 
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # a WebSocket endpoint and /stats, nothing else
@@ -147,11 +154,55 @@ class GatewayReplica:
         await websocket.accept()
         await self.gateway.handle_connection(Connection(StarletteTransport(websocket), self.gateway.limits))
 
-    @app.get("/stats")
-    def stats(self) -> dict:
+        self.board = _board()
+        threading.Thread(target=self._post_stats, daemon=True, name="spa-stats").start()
+
+    def _row(self) -> dict:
         g = self.gateway
         return {"pid": os.getpid(), "sessions_held": len(g.sessions), "connections": g.connections,
-                **vars(g.stats)}
+                "posted": time.time(), **vars(g.stats)}
+
+    def _post_stats(self) -> None:
+        while True:
+            try:
+                self.board.post.remote(self._row())
+            except Exception:  # noqa: BLE001 - the board is gone (the app is being deleted): stop posting
+                return
+            time.sleep(POST_EVERY_S)
+
+    @app.get("/stats")
+    async def stats(self) -> dict:
+        """This replica's counters, and every live replica's (`replicas`, by pid)."""
+        row = self._row()
+        rows = await self.board.rows.remote()
+        rows[row["pid"]] = row
+        live = {pid: r for pid, r in rows.items() if row["posted"] - r["posted"] < STALE_AFTER_S}
+        return {**row, "replicas": {str(pid): r for pid, r in sorted(live.items())}}
+
+
+def _board():
+    import ray
+
+    return ray.get_actor(BOARD, namespace=BOARD_NAMESPACE)
+
+
+def _board_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StatsBoard:
+        """Every replica's latest counters, by pid (GET /stats)."""
+
+        def __init__(self):
+            self._rows: dict[int, dict] = {}
+
+        def post(self, row: dict) -> None:
+            self._rows[row["pid"]] = row
+
+        def rows(self) -> dict[int, dict]:
+            return dict(self._rows)
+
+    return StatsBoard
 
 
 def deployment_options(replicas: int | None, min_replicas: int | None, max_replicas: int | None,
@@ -207,6 +258,8 @@ def run_serve(config: dict, *, host: str, port: int, address: str | None, option
         if certfile:
             http.update(ssl_certfile=certfile, ssl_keyfile=keyfile or certfile)
         serve.start(proxy_location="HeadOnly", http_options=http)
+        # The board lives as long as this process (the driver): /stats of any replica reads it.
+        board = _board_class().options(name=BOARD, namespace=BOARD_NAMESPACE, get_if_exists=True).remote()  # noqa: F841
         serve.run(GatewayReplica.options(**options).bind(config), name=APP_NAME, route_prefix="/",
                   blocking=False)
         scheme = "wss" if certfile else "ws"

@@ -215,6 +215,8 @@ class Gateway:
             over = await session.run(connection, action)
             self.stats.slow_readers += session.close_reason == "slow_reader"
             self.stats.resume_refused += session.close_reason == "resume_refused"
+            if over and not session.moved:  # ended means ended: its tokens resume it nowhere here again
+                self.tokens.end(session.id, 2 * self.limits.resume_grace_s)
             if over or session.moved:
                 self._free(session)
             else:

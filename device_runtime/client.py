@@ -247,6 +247,13 @@ async def _connection(url, proto: DeviceProtocol, pte, tau, counters, result, on
                     _record(result, commit, commit.pos in proto.changed_positions, on_commit)
                 if inbox.empty():
                     await _flush(conn, proto, frames, counters)
+        except ProtocolError as exc:  # the gateway broke the protocol: tell it, close with the code's close code (§7)
+            try:
+                await conn.send(frames.pack(m.Error.of(exc).to_dict()))
+                await conn.close(exc.close_code, exc.code)
+            except ConnectionClosed:
+                pass
+            raise
         except ConnectionClosed:
             raise _closed(conn) from None
         finally:

@@ -48,9 +48,11 @@ MIN_SECRET_BYTES = 16
 ENV_SECRET = "SPA_RESUME_SECRET"
 # The answers of a refused resume: the same for "no such session" and "not this
 # session's token", so a resume reveals nothing of other sessions.
-REFUSED = "unknown session or wrong secret"
+REFUSED = ("unknown session or wrong secret (a gateway that does not hold the session rebuilds it only from a "
+           "resume with resume.tokens, docs/PROTOCOL.md §6)")
 EXPIRED = "the resume token expired"
 REPLAYED = "the resume token was already used"
+ENDED = "the session has ended (the device said bye, sent an error or closed the connection, or it finished)"
 
 
 def _digest(*parts) -> bytes:
@@ -117,6 +119,7 @@ class ResumeTokens:
         self._key = hmac.new(secret, b"spa resume token v1", hashlib.sha256).digest()
         self.clock = clock
         self._spent: dict[bytes, float] = {}  # mac -> expiry: tokens used to resume here
+        self._ended: dict[str, float] = {}  # session -> until when its tokens could still be presented
 
     def issue(self, session: str, g: int, committed, generation: bytes, lifetime_s: float) -> str:
         committed = [int(t) for t in committed]
@@ -146,6 +149,8 @@ class ResumeTokens:
         if now > expires:
             raise ProtocolError("resume_failed", EXPIRED)
         self._prune(now)
+        if sid in self._ended:
+            raise ProtocolError("resume_failed", ENDED)
         if mac in self._spent:
             raise ProtocolError("resume_failed", REPLAYED)
         return TokenClaims(sid, g, n, prefix, generation, float(expires), mac)
@@ -154,9 +159,17 @@ class ResumeTokens:
         """`claims`' token resumed a session here: it never resumes again on this replica."""
         self._spent[claims.mac] = claims.expires
 
+    def end(self, session: str, lifetime_s: float) -> None:
+        """`session` is over here (ended by the device, or finished): none of its tokens, unexpired
+        ones included (`lifetime_s`: the longest a token lives), resumes it on this replica again.
+        Another replica cannot know (docs/PROTOCOL.md §6, "Resume tokens")."""
+        self._ended[session] = self.clock() + lifetime_s
+
     def _prune(self, now: float) -> None:
         for mac in [m for m, exp in self._spent.items() if exp < now]:
             del self._spent[mac]
+        for sid in [s for s, until in self._ended.items() if until < now]:
+            del self._ended[sid]
 
 
 def _b64(b: bytes) -> str:

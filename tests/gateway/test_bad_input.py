@@ -185,9 +185,9 @@ def test_disconnect_mid_generation_frees_the_session(backbone, pte, prompt):
                 await conn.recv()
             assert len(gateway.sessions) == 1
             session = next(iter(gateway.sessions))
-            assert session.cache is not None and session.states
+            assert session.lines and all(line.states for line in session.lines.values())
         assert await _sessions_drained(gateway)  # the client is gone; its state must go too
-        assert session.cache is None and not session.states
+        assert not session.lines and session.kv_bytes == 0
         # and the gateway still serves
         result = await run_session(url, pte, prompt, m.Options(window=2, max_new_tokens=8))
         assert len(result.tokens) > 0

@@ -98,7 +98,7 @@ def test_sixteen_sessions_spread_over_two_replicas_commit_their_solo_tokens(serv
             assert result.tokens == ref.tokens and result.sigmas == ref.sigmas
             checked += 1
     assert checked >= SESSIONS // 2, f"only {checked} prompts with margin"
-    replicas = replica_stats(serving.url, 2)
+    replicas = replica_stats(serving.url, 2, fresh_after=time.time())
     assert len(replicas) == 2, replicas
     # The proxy hands each connection to the replica with the fewest open ones (cloud_gateway/routing.py):
     # a burst splits evenly (Ray's default router sent it 12/4, and once 16/0).
@@ -123,14 +123,12 @@ def test_a_killed_replicas_devices_resume_on_the_other_with_no_token_lost(servin
                 serving.url, pte, p, m.Options(window=0, max_new_tokens=max_new),
                 on_commit=lambda piece, sigma, e=e: e.set())))
             await e.wait()
-        # The proxy routes a request to the replica with fewer open connections (on a tie, either), so
-        # /stats answers from one holding at most half the sessions: the other one is the victim.
+        # /stats reports every replica: the victim is the one holding the most of these sessions.
         loop = asyncio.get_running_loop()
-        now = await loop.run_in_executor(None, replica_stats, serving.url, 1)
-        (asked, stats), = list(now.items())[:1]
-        victim = next(pid for pid in pids if pid != asked)
-        on_victim = n - stats["connections"]  # each device under way holds one connection
-        assert on_victim > 0, now
+        now = await loop.run_in_executor(None, lambda: replica_stats(serving.url, 2, fresh_after=time.time()))
+        victim = max(pids, key=lambda pid: now[pid]["connections"])
+        on_victim = now[victim]["connections"]  # each device under way holds one connection
+        assert on_victim > 0 and sum(r["connections"] for r in now.values()) == n, now
         os.kill(victim, signal.SIGKILL)  # mid-generation: its devices see their connections drop
         t0 = time.perf_counter()
         results = await asyncio.gather(*tasks)

@@ -12,6 +12,7 @@ handlers of the command line import lazily, and so could anything else.
 """
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -148,3 +149,16 @@ def test_the_checks_see_what_they_look_for(tmp_path, monkeypatch):
         (1, "spa.helper"), (2, "spa"), (6, "benchmarks.link"), (7, "spa.helper")]
     uses = private_uses(sample)
     assert len(uses) == 3 and all("_secret" in use for use in uses), uses
+
+
+def test_the_wire_protocol_imports_no_torch():
+    """spa/protocol is sans-I/O and model-free (a Java or phone client's equivalent needs no tensor
+    library): no file there imports torch or the model package, and importing all of it loads no torch."""
+    bad = [f"{where(path, line)} imports {name}" for path in python_files("spa/protocol")
+           for line, name, _ in imports(path) if top(name) == "torch" or name.startswith("spa.model")]
+    assert not bad, "spa/protocol must not import torch or spa.model:\n" + "\n".join(bad)
+    modules = [module_name(path) for path in python_files("spa/protocol")]
+    code = "import sys\n" + "".join(f"import {name}\n" for name in modules) + "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "importing spa/protocol loaded torch"

@@ -38,7 +38,7 @@ class CountingModel:
     def draft(self, line, pos, feed) -> Drafted:
         if feed is not None:
             self.fed[pos] = feed
-        return Drafted(f_at(pos, self.fed[pos]), draft_at(pos, self.fed[pos]), b"x")
+        return Drafted(f_at(pos, self.fed[pos]), draft_at(pos, self.fed[pos]), b"x", margin=1.5)  # (a margin gate's)
 
     def taps(self, line, pos) -> np.ndarray:
         return np.ones((len(TAPS), H), np.float32)

@@ -13,8 +13,10 @@ from spa.protocol.errors import ProtocolError
 from spa.protocol.gateway import GatewayProtocol, SessionMoved
 from spa.protocol.limits import Limits
 from spa.protocol.loopback import GatewayHost, Loopback
-from spa.protocol.resume_tokens import EXPIRED, REFUSED, REPLAYED, ResumeTokens
-from tests.protocol.fakes import BACKBONE, EOS, P, CountingModel, answer, device, drain, hello, wanted
+from spa.protocol.resume_tokens import ENDED, EXPIRED, REFUSED, REPLAYED, ResumeTokens
+from spa.protocol.loopback import DeviceHost
+from tests.protocol.fakes import (BACKBONE, EOS, H, P, TAPS, CountingModel, answer, device, drain, gate, hello, side,
+                                  wanted)
 
 SECRET = b"a deployment secret of 32 bytes!"
 GRACE = 10.0
@@ -203,6 +205,46 @@ def test_a_resume_voids_older_tokens_and_a_stale_copy_gives_way():
         gp_a.check_resume(newer)
     host, out = a.resume(newer.to_dict())
     assert host.proto is not gp_a and host.proto.resumption.gen == 3 and out[0]["type"] == "resumed"
+
+
+def test_a_margin_gate_session_with_pushed_taps_is_rebuilt_where_it_was_not_held():
+    """A margin gate uploads a gate of [2, H + 1]: the hello is checked once, by the same code for a
+    new session and a rebuilt one, so the rebuild accepts what the first hello was accepted with."""
+    opts = m.Options(window=2, max_new_tokens=12, codec="f32", gate_margin=True)
+    upload = m.GateUpload(np.zeros((2, H + 1), "<f4").tobytes(), np.zeros(2, "<f4").tobytes(), 0.5)
+    margin_hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", opts, gate=upload)
+
+    def session(cut_after: int | None):
+        clock = Clock()
+        a, b = Replica(clock), Replica(clock)
+        pair = Loopback(a.start(), DeviceHost(DeviceProtocol(margin_hello), gate, side), frames=None)
+        dp = pair.device.proto
+        while not dp.ended:
+            if cut_after is not None and len(dp.committed) >= cut_after and dp.stats.resumes == 0:
+                pair.down.clear()
+                pair.up.clear()
+                pair.gateway, out = b.resume(dp.resume_hello())  # b never saw the session
+                assert out[0]["type"] == "resumed"
+                assert pair.gateway.proto.uploads.gate.weight.shape == (2, H + 1)
+                pair.down.extend(out)
+            pair.step()
+        return [c.token for c in dp.committed], dp
+
+    want, _ = session(None)
+    got, dp = session(3)
+    assert got == want and dp.stats.resumes == 1 and dp.end.stats["rebuilt_tokens"] >= 3
+
+
+def test_an_ended_session_is_not_revived_by_its_tokens():
+    """Ended means ended: once the gateway freed a session the device ended (bye, an error, a close
+    frame) or that finished, its unexpired tokens resume it nowhere on that gateway."""
+    clock, a, b, dp = _started()
+    hello_again = dp.resume_hello()
+    a.tokens.end("sid", 2 * GRACE)  # what cloud_gateway/server.py does when it frees an ended session
+    del a.held["sid"]
+    assert _refused(a, hello_again) == ENDED
+    host, out = b.resume(hello_again)  # another replica cannot know (docs/PROTOCOL.md §6)
+    assert out[0]["type"] == "resumed"
 
 
 # --- a restarted `spa gateway` with the same secret (live, loopback) ---------------------------------

@@ -6,6 +6,7 @@ rules), as a third-party client would, and compared with the reference device.
 """
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -220,6 +221,41 @@ def test_gateway_closes_with_1000_after_a_device_error(gateway):
         assert close_code == 1000 and not [g for g in got if g["type"] == "error"], (first, got)
 
 
+@pytest.mark.parametrize("ending", ["bye", "error", "close frame"])
+def test_a_session_the_device_ended_cannot_be_resumed(gateway, ending):
+    """§2/§7: a device that says bye, sends an error or closes with a close frame abandons its
+    session; its unexpired resume token must not revive it (the gateway would have rebuilt it)."""
+    assert in_spec("abandons its session, like `bye`")
+    fingerprint = next(line for line in gateway.output if "spa gateway: serving" in line).split("(")[1].split(")")[0]
+    from tests.conftest import GATEWAY_TOKEN
+
+    hello = m.Hello(GATEWAY_TOKEN, m.Plugin(fingerprint, (0, 1), "h"), "Hello there.",
+                    m.Options(window=1, max_new_tokens=8))
+
+    async def run():
+        fc = FrameCodec()
+        async with connect(gateway.url, compression=None) as conn:
+            await conn.send(fc.pack(hello.to_dict()))
+            ready = m.parse(fc.unpack(await asyncio.wait_for(conn.recv(), 60)))
+            await asyncio.wait_for(conn.recv(), 60)  # the first step
+            if ending == "bye":
+                await conn.send(fc.pack({"type": "bye"}))
+            elif ending == "error":
+                await conn.send(fc.pack(m.Error("internal", "the device broke").to_dict()))
+            await conn.close()
+        await asyncio.sleep(0.5)  # the gateway frees the session
+        resume = m.Resume(ready.session, ready.secret, ready.prompt_tokens - 1, ())
+        again = dataclasses.replace(hello, resume=resume)
+        async with connect(gateway.url, compression=None) as conn:
+            await conn.send(fc.pack(again.to_dict()))
+            answer = fc.unpack(await asyncio.wait_for(conn.recv(), 60))
+        return answer
+
+    answer = asyncio.run(run())
+    assert answer["type"] == "error" and answer["code"] == "resume_failed", answer
+    assert "ended" in answer["message"]
+
+
 # --- the prompt, rebuilt from the spec's text --------------------------------------------
 
 
@@ -300,10 +336,12 @@ def config():
     return types.SimpleNamespace(prompt_template=data["prompt_template"], instruction=data["instruction"])
 
 
-def test_the_spec_names_the_trained_template_and_instruction(client, config):
-    from spa.data.prompts import GENERIC_INSTRUCTION
+def test_the_spec_names_the_trained_template_and_instruction(client, backbone):
+    """The template the spec quotes is SmolLM2's own chat template, as `spa train` records it (a
+    client that follows the text gets the trained prompt's tokens)."""
+    from spa.data.prompts import GENERIC_INSTRUCTION, chat_template
 
-    assert client.template == config.prompt_template and client.instruction == config.instruction
+    assert client.template == chat_template(backbone.tokenizer)
     assert client.instruction == GENERIC_INSTRUCTION
 
 
