@@ -12,7 +12,12 @@ import java.io.PrintStream;
  * java -cp ... org.spa.protocol.Cli --gateway ws://127.0.0.1:PORT --plugin EXPORT_DIR --prompt-file FILE
  *      [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] [--max-new-tokens N]
  *      [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none|...]
+ *      [--in-flight N] [--push-taps] [--cloud-projection] [--no-reconnect]
  * </pre>
+ *
+ * --in-flight, --push-taps, --cloud-projection: as `spa summarize`'s (side outputs awaiting their
+ * verdict at once; upload the gate so the gateway pushes taps; upload the per-tap projections).
+ * A lost connection is resumed within the gateway's grace unless --no-reconnect.
  *
  * --compression: the frame compressions offered in hello, preferred first (default auto: zstd and
  * none if zstd-jni loads here, else none; docs/PROTOCOL.md section 2); stats.compression is the choice.
@@ -37,6 +42,8 @@ public final class Cli {
         Double tau = null;
         int timeout = 120;
         java.util.List<String> offer = null; // auto
+        int inFlight = 1;
+        boolean pushTaps = false, cloudProjection = false, reconnect = true;
         Messages.Options options = new Messages.Options();
         options.window = 4;
         options.maxNewTokens = 64;
@@ -47,6 +54,18 @@ public final class Cli {
                 if (a.equals("-h") || a.equals("--help")) {
                     out.println(usage());
                     return 0;
+                }
+                if (a.equals("--push-taps")) {
+                    pushTaps = true;
+                    continue;
+                }
+                if (a.equals("--cloud-projection")) {
+                    cloudProjection = true;
+                    continue;
+                }
+                if (a.equals("--no-reconnect")) {
+                    reconnect = false;
+                    continue;
                 }
                 if (i + 1 >= args.length) throw new IllegalArgumentException(a + " needs a value");
                 String v = args[++i];
@@ -63,13 +82,14 @@ public final class Cli {
                 else if (a.equals("--seed")) options.seed = Long.parseLong(v);
                 else if (a.equals("--tau")) tau = Double.parseDouble(v);
                 else if (a.equals("--timeout")) timeout = Integer.parseInt(v);
+                else if (a.equals("--in-flight")) inFlight = Integer.parseInt(v);
                 else if (a.equals("--compression")) offer = v.equals("auto") ? null : java.util.Arrays.asList(v.split(","));
                 else throw new IllegalArgumentException("unknown option " + a);
             }
             if (plugin == null || promptFile == null) throw new IllegalArgumentException("--plugin and --prompt-file are required");
             if (!ActivationCodec.isScheme(options.codec)) throw new IllegalArgumentException("--codec must be int8, int4 or f32");
-            if (options.window < 0 || options.outliers < 0 || options.maxNewTokens < 1) {
-                throw new IllegalArgumentException("--window and --outliers must be >= 0, --max-new-tokens >= 1");
+            if (options.window < 0 || options.outliers < 0 || options.maxNewTokens < 1 || inFlight < 1) {
+                throw new IllegalArgumentException("--window and --outliers must be >= 0, --max-new-tokens and --in-flight >= 1");
             }
         } catch (NumberFormatException e) {
             err.println("error: not a number: " + current);
@@ -85,7 +105,8 @@ public final class Cli {
             String prompt = Files2.readUtf8(new File(promptFile));
             double threshold = tau != null ? tau : executor.config.tau;
             GatewayClient client = new GatewayClient(gateway, executor, executor.config.helloPlugin(), threshold, token)
-                    .timeout(timeout);
+                    .timeout(timeout).inFlight(inFlight).pushTaps(pushTaps).cloudProjection(cloudProjection)
+                    .reconnect(reconnect);
             if (offer != null) client.compression(offer);
             SessionResult result = client.run(prompt, options, null);
             out.println(Json.write(result.toMap()));
@@ -102,6 +123,7 @@ public final class Cli {
     static String usage() {
         return "usage: java -cp CLASSPATH org.spa.protocol.Cli --gateway ws://HOST:PORT --plugin EXPORT_DIR "
                 + "--prompt-file FILE [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] "
-                + "[--max-new-tokens N] [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none]";
+                + "[--max-new-tokens N] [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none] "
+                + "[--in-flight N] [--push-taps] [--cloud-projection] [--no-reconnect]";
     }
 }

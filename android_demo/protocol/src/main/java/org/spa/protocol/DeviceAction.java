@@ -28,13 +28,18 @@ public abstract class DeviceAction {
         }
     }
 
-    /** Compute s_pos from the decoded taps, then call {@link DeviceSession#sideOutput}. */
+    /**
+     * Compute s_pos from the decoded taps, then call {@link DeviceSession#sideOutput}: with
+     * {@link PluginExecutor#side}, or {@link PluginExecutor#sideProjected} when {@code projected}.
+     */
     public static final class RunSide extends DeviceAction {
-        public final float[][] taps; // [n_taps][hidden_size]
+        public final float[][] taps; // [n_taps][hidden_size]; [n_taps][r] when projected
+        public final boolean projected; // the cloud applied the per-tap projections (hello.projection)
 
-        RunSide(long pos, float[][] taps) {
+        RunSide(long pos, float[][] taps, boolean projected) {
             super(pos);
             this.taps = taps;
+            this.projected = projected;
         }
     }
 }

@@ -3,56 +3,86 @@ package org.spa.protocol;
 import java.io.ByteArrayOutputStream;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
+import java.util.HashSet;
+import java.util.Iterator;
 import java.util.List;
 import java.util.Map;
+import java.util.Set;
 import java.util.TreeMap;
 
 /**
- * The device's side of a session, sans I/O: verify drafts strictly in order.
- * A port of spa/protocol/device.py (DeviceProtocol); rules in docs/PROTOCOL.md section 6.
+ * The device's side of a session, sans I/O: a port of spa/protocol/device.py
+ * (DeviceProtocol); rules in docs/PROTOCOL.md section 6.
  *
  * <pre>
- *   session = new DeviceSession(hello);  send session.helloMessage()
+ *   session = new DeviceSession(hello, maxInFlight);  send session.helloMessage()
  *   on each received map:  session.receive(map)
  *   then until it is null: action = session.nextAction()
  *       RunGate -> session.gated(pos, gate(action.row()) > tau)
- *       RunSide -> session.sideOutput(pos, side(taps))
+ *       RunSide -> session.sideOutput(pos, side(taps)), or sideProjected(taps) when action.projected
  *   when no received message is waiting: send each of session.flush()
  *   session.ended() -> done; session.committed holds the tokens
+ *   connection lost before the end: on a new connection send session.resumeHello();
+ *       the gateway answers `resumed`, then steps (or `end`) follow as before
  * </pre>
  *
- * A position is committed only once its sigma is known: sigma = 0 commits the
- * draft, sigma = 1 the verdict's token. Nothing shown is ever taken back.
+ * Positions are gated in order. A sigma = 1 position asks for its taps (or uses the taps
+ * pushed with its step) and sends its side output; with maxInFlight > 1 the device goes on
+ * gating the next drafts meanwhile, so up to that many side outputs are in flight, each
+ * conditional on the drafts before it. A position is committed only once it and every earlier
+ * position are settled (sigma = 0: the draft; sigma = 1: the verdict's token), so nothing shown
+ * is ever taken back. A verdict that changes its token voids every later decision: the gateway
+ * drops the device's messages about them by their old epoch, and the device drops its own state.
  */
 public final class DeviceSession {
-    private enum Phase { HELLO, GENERATING, ENDED }
+    private enum Phase { HELLO, GENERATING, RESUMING, ENDED }
 
+    /** Where a sigma = 1 position stands: waiting for its taps, for its side output, for its verdict. */
     private enum Wait { TAPS, SIDE, VERDICT }
 
     public final Messages.Hello hello;
     public final int window;
+    public final int maxInFlight;
     private Phase phase = Phase.HELLO;
     private Messages.Ready ready;
+    private String sessionId; // from ready
+    private String secret; // the latest resume token: ready, a refreshed step/verdict, then each resumed
     private long epoch = 0;
-    private long nextPos = 0; // next position to gate
+    private long nextPos = 0; // next position to commit
+    private long nextGate = 0; // next position to gate
     // Received steps not yet committed (all of this epoch), by position.
-    private final TreeMap<Long, Messages.Step> steps = new TreeMap<Long, Messages.Step>();
+    private TreeMap<Long, Messages.Step> steps = new TreeMap<Long, Messages.Step>();
+    private final TreeMap<Long, float[][]> pushed = new TreeMap<Long, float[][]>(); // taps that came with steps
     private long lastStepPos = -1;
-    private long gatewayVerified = 0; // what the gateway knows is verified, from what we sent
-    private Wait wait = null;
-    private long waitPos = -1;
-    private float[][] taps = null; // of the position in wait
+    private long sentUpto = 0; // every position < sentUpto has its decision sent (or queued)
+    // sigma of gated, uncommitted positions; for sigma = 1 also where its side stands:
+    private TreeMap<Long, Boolean> sigma = new TreeMap<Long, Boolean>();
+    private TreeMap<Long, Wait> sideState = new TreeMap<Long, Wait>();
+    private TreeMap<Long, float[][]> taps = new TreeMap<Long, float[][]>(); // of positions in state SIDE
     private Long pendingAccept = null; // end of a sigma = 0 run not yet sent
     private List<Messages.Message> outbox = new ArrayList<Messages.Message>();
     public final List<Commit> committed = new ArrayList<Commit>();
+    /** Positions whose verdict changed the draft (rollbacks). */
+    public final Set<Long> changedPositions = new HashSet<Long>();
     private Messages.End end = null;
-    public int sidePositions = 0;
+    public int sidePositions = 0; // sigma = 1 positions
     public int rollbacks = 0; // verdicts with changed = true
     public int dropped = 0; // steps voided by those verdicts
+    public int pushedUsed = 0; // sigma = 1 positions answered from pushed taps (no need_taps)
+    public int resumes = 0;
+    public int maxInFlightSeen = 0; // most side outputs awaiting their verdict at once
 
+    /** One side output in flight at a time (gate the next draft only after the verdict). */
     public DeviceSession(Messages.Hello hello) {
+        this(hello, 1);
+    }
+
+    /** @param maxInFlight how many sigma = 1 positions may await their verdict at once (at least 1) */
+    public DeviceSession(Messages.Hello hello, int maxInFlight) {
+        if (maxInFlight < 1) throw new IllegalArgumentException("maxInFlight must be >= 1, got " + maxInFlight);
         this.hello = hello;
         this.window = hello.options.window;
+        this.maxInFlight = maxInFlight;
     }
 
     public boolean ended() {
@@ -71,14 +101,32 @@ public final class DeviceSession {
         return epoch;
     }
 
-    /** The first position the gateway cannot yet know to be verified. */
-    public long gatewayVerified() {
-        return gatewayVerified;
+    /** The session id from `ready` (null before it). */
+    public String sessionId() {
+        return sessionId;
     }
 
-    /** True while the device waits for taps or a verdict (a sigma = 1 position is open). */
-    public boolean awaitingGateway() {
-        return wait == Wait.TAPS || wait == Wait.VERDICT;
+    /** The resume token the device holds now (docs/PROTOCOL.md section 6, "Resume tokens"). */
+    public String secret() {
+        return secret;
+    }
+
+    /** Between {@link #resumeHello} and the gateway's `resumed`. */
+    public boolean resuming() {
+        return phase == Phase.RESUMING;
+    }
+
+    /** sigma = 1 positions awaiting their verdict (or their taps). */
+    public int inFlight() {
+        return sideState.size();
+    }
+
+    /**
+     * The most the gateway can have verified from what we sent: every decided position, up to
+     * the first side output still awaiting its verdict.
+     */
+    public long gatewayVerified() {
+        return sideState.isEmpty() ? sentUpto : Math.min(sentUpto, sideState.firstKey());
     }
 
     public Map<String, Object> helloMessage() {
@@ -104,9 +152,9 @@ public final class DeviceSession {
             onReady((Messages.Ready) msg);
             return;
         }
-        if (!(msg instanceof Messages.Step || msg instanceof Messages.Taps
-                || msg instanceof Messages.Verdict || msg instanceof Messages.End)) {
-            throw new ProtocolException("unknown_type", "the device does not receive '" + msg.type() + "'");
+        if (msg instanceof Messages.Resumed) {
+            onResumed((Messages.Resumed) msg);
+            return;
         }
         if (phase != Phase.GENERATING) throw new ProtocolException("out_of_order", msg.type() + " outside generation");
         if (msg instanceof Messages.Step) onStep((Messages.Step) msg);
@@ -122,8 +170,44 @@ public final class DeviceSession {
                     + "', plugin needs '" + hello.plugin.fingerprint + "'");
         }
         ready = r;
-        nextPos = gatewayVerified = r.promptTokens - 1;
+        sessionId = r.session;
+        secret = r.secret;
+        nextPos = nextGate = sentUpto = r.promptTokens - 1;
         lastStepPos = nextPos - 1;
+        phase = Phase.GENERATING;
+    }
+
+    /**
+     * The `hello` that resumes this session on a new connection. Everything not committed is
+     * dropped: the gateway sends the steps again from the first position it has not verified,
+     * and the device gates them again. It carries everything a gateway that does not hold the
+     * session needs to rebuild it: the committed token ids and the first hello's uploads.
+     */
+    public Map<String, Object> resumeHello() {
+        require((phase == Phase.GENERATING || phase == Phase.RESUMING) && sessionId != null, "resumeHello()");
+        phase = Phase.RESUMING;
+        long[] tokens = new long[committed.size()];
+        for (int i = 0; i < tokens.length; i++) tokens[i] = committed.get(i).token;
+        return hello.resuming(new Messages.Resume(sessionId, secret, nextPos, tokens)).toMap();
+    }
+
+    private void onResumed(Messages.Resumed r) throws ProtocolException {
+        expect(phase == Phase.RESUMING, "resumed without a resume hello");
+        expect(r.session.equals(sessionId), "resumed names session '" + r.session + "', not '" + sessionId + "'");
+        // The verified positions we missed (a lost verdict, and what the gateway verified after it).
+        boolean inOrder = r.pos == nextPos + r.commits.size();
+        for (int i = 0; i < r.commits.size() && inOrder; i++) inOrder = r.commits.get(i).pos == nextPos + i;
+        expect(inOrder, "resumed commits " + r.commits.size() + " positions then position " + r.pos
+                + "; the device is at " + nextPos);
+        for (Commit c : r.commits) commit(c.pos, c.token, c.piece, c.sigma); // sigma as the gateway knew it
+        secret = r.secret;
+        epoch = r.epoch;
+        forgetAfter(r.pos - 1);
+        pendingAccept = null;
+        lastStepPos = r.pos - 1;
+        nextGate = sentUpto = r.pos;
+        outbox = new ArrayList<Messages.Message>();
+        resumes++;
         phase = Phase.GENERATING;
     }
 
@@ -132,45 +216,80 @@ public final class DeviceSession {
         // stream), so any step that arrives carries the current epoch.
         expect(step.epoch == epoch, "step of epoch " + step.epoch + ", expected " + epoch);
         expect(step.pos == lastStepPos + 1, "step " + step.pos + " after step " + lastStepPos);
-        expect(step.pos <= gatewayVerified + window,
-                "step " + step.pos + " beyond window " + window + " after position " + gatewayVerified);
-        checkShape(step.f, "step.f", 1);
+        expect(step.pos <= gatewayVerified() + window,
+                "step " + step.pos + " beyond window " + window + " after position " + gatewayVerified());
+        if (step.secret != null) secret = step.secret; // a refreshed resume token
         if (hello.options.gateMargin && step.margin == null) {
             throw new ProtocolException("bad_field", "step " + step.pos + " has no margin, which the hello asked for "
                     + "(options.gate_margin); this gateway may predate gate margins");
         }
+        checkShape(step.f, "step.f", 1, ready.backbone.hiddenSize);
         steps.put(step.pos, step);
+        if (step.taps != null) {
+            expect(hello.gate != null, "step " + step.pos + " pushes taps; the hello did not ask for that");
+            pushed.put(step.pos, tapsOf(step.taps, "step.taps"));
+        }
         lastStepPos = step.pos;
     }
 
     private void onTaps(Messages.Taps t) throws ProtocolException {
-        expect(wait == Wait.TAPS && waitPos == t.pos, "taps for position " + t.pos + " not asked for");
+        expect(sideState.get(t.pos) == Wait.TAPS, "taps for position " + t.pos + " not asked for");
         expect(t.epoch == epoch, "taps of epoch " + t.epoch + ", expected " + epoch);
-        checkShape(t.taps, "taps.taps", hello.plugin.taps.length);
-        taps = t.taps.values;
-        wait = Wait.SIDE;
+        taps.put(t.pos, tapsOf(t.taps, "taps.taps"));
+        sideState.put(t.pos, Wait.SIDE);
+    }
+
+    /** Taps are len(plugin.taps) rows of H columns, or of r with the cloud-side projection. */
+    private float[][] tapsOf(Activation a, String what) throws ProtocolException {
+        int cols = hello.projection == null ? ready.backbone.hiddenSize : hello.projection.rank;
+        checkShape(a, what, hello.plugin.taps.length, cols);
+        return a.values;
     }
 
     private void onVerdict(Messages.Verdict v) throws ProtocolException {
-        expect(wait == Wait.VERDICT && waitPos == v.pos, "verdict for position " + v.pos + " not expected");
+        // The gateway verifies in order: a verdict is for the first uncommitted position.
+        expect(v.pos == nextPos && sideState.get(v.pos) == Wait.VERDICT, "verdict for position " + v.pos + " not expected");
         long draft = steps.get(v.pos).draft;
         expect(v.changed == (v.token != draft), "verdict.changed disagrees with the draft");
         expect(v.epoch == epoch + (v.changed ? 1 : 0), "verdict epoch " + v.epoch + " after epoch " + epoch);
-        steps.remove(v.pos);
-        if (v.changed) { // drafts after pos were built on the old token
+        if (v.secret != null) secret = v.secret; // a refreshed resume token
+        commit(v.pos, v.token, v.piece, true);
+        if (v.changed) { // drafts after pos were built on the old token, and so were our decisions on them
             rollbacks++;
+            changedPositions.add(v.pos);
             dropped += steps.size();
-            steps.clear();
+            forgetAfter(v.pos);
             lastStepPos = v.pos;
+            nextGate = v.pos + 1;
+            sentUpto = Math.min(sentUpto, v.pos + 1);
             epoch = v.epoch;
         }
-        commit(v.pos, v.token, v.piece, true);
-        gatewayVerified = v.pos + 1;
-        wait = null;
+        commitSettled();
+    }
+
+    /** Drop every uncommitted decision and step past pos (and queued messages about them). */
+    private void forgetAfter(long pos) {
+        steps = new TreeMap<Long, Messages.Step>(steps.headMap(pos, true));
+        pushed.clear();
+        sigma = new TreeMap<Long, Boolean>(sigma.headMap(pos, true));
+        sideState = new TreeMap<Long, Wait>(sideState.headMap(pos, true));
+        taps = new TreeMap<Long, float[][]>(taps.headMap(pos, true));
+        if (pendingAccept != null && pendingAccept > pos) pendingAccept = null;
+        for (Iterator<Messages.Message> it = outbox.iterator(); it.hasNext(); ) {
+            if (positionOf(it.next()) > pos) it.remove();
+        }
+    }
+
+    /** The position a queued device message is about. */
+    private static long positionOf(Messages.Message m) {
+        if (m instanceof Messages.NeedTaps) return ((Messages.NeedTaps) m).pos;
+        if (m instanceof Messages.Side) return ((Messages.Side) m).pos;
+        if (m instanceof Messages.Accept) return ((Messages.Accept) m).upto;
+        return -1;
     }
 
     private void onEnd(Messages.End e) throws ProtocolException {
-        expect(wait == null && steps.isEmpty() && pendingAccept == null, "end while positions are unverified");
+        expect(sideState.isEmpty() && steps.isEmpty() && pendingAccept == null, "end while positions are unverified");
         expect(e.tokens() == committed.size(),
                 "end reports " + e.tokens() + " tokens, " + committed.size() + " committed");
         end = e;
@@ -179,49 +298,63 @@ public final class DeviceSession {
 
     // ------------------------------------------------------------------ the caller's work
 
-    /** What to compute next, or null until more messages arrive. */
+    /**
+     * What to compute next, or null until more messages arrive: a side output whose taps are
+     * here first, then the next gate if fewer than maxInFlight side outputs await their verdict.
+     */
     public DeviceAction nextAction() {
         if (phase != Phase.GENERATING) return null;
-        if (wait != null) return wait == Wait.SIDE ? new DeviceAction.RunSide(waitPos, taps) : null;
-        Messages.Step step = steps.get(nextPos);
-        if (step == null) return null;
-        return new DeviceAction.RunGate(nextPos, step.f.values[0], hello.options.gateMargin ? step.margin : null);
+        if (!taps.isEmpty()) {
+            long pos = taps.firstKey();
+            return new DeviceAction.RunSide(pos, taps.get(pos), hello.projection != null);
+        }
+        Messages.Step step = steps.get(nextGate);
+        if (step == null || inFlight() >= maxInFlight) return null;
+        return new DeviceAction.RunGate(nextGate, step.f.values[0], hello.options.gateMargin ? step.margin : null);
     }
 
     /** Report sigma for the position of the last RunGate. */
-    public void gated(long pos, boolean sigma) {
-        require(wait == null && pos == nextPos && steps.containsKey(pos), "gated(" + pos + ")");
-        if (!sigma) {
-            Messages.Step step = steps.remove(pos);
-            commit(pos, step.draft, step.piece, false);
+    public void gated(long pos, boolean open) {
+        require(pos == nextGate && steps.containsKey(pos) && inFlight() < maxInFlight, "gated(" + pos + ")");
+        nextGate = pos + 1;
+        sigma.put(pos, open);
+        float[][] pushedTaps = pushed.remove(pos);
+        if (!open) {
             pendingAccept = pos;
+            commitSettled();
             return;
         }
         sidePositions++;
-        pendingAccept = null; // need_taps implies it
-        outbox.add(new Messages.NeedTaps(epoch, pos));
-        gatewayVerified = pos;
-        wait = Wait.TAPS;
-        waitPos = pos;
+        pendingAccept = null; // need_taps (or a side for pushed taps) implies it
+        sentUpto = pos + 1;
+        if (pushedTaps != null) { // the taps came with the step: no need_taps round trip
+            pushedUsed++;
+            taps.put(pos, pushedTaps);
+            sideState.put(pos, Wait.SIDE);
+        } else {
+            outbox.add(new Messages.NeedTaps(epoch, pos));
+            sideState.put(pos, Wait.TAPS);
+        }
+        maxInFlightSeen = Math.max(maxInFlightSeen, inFlight());
     }
 
-    /** Report s [hidden_size] for the position of the last RunSide. */
+    /** Report s [hidden_size] for the position of a RunSide. */
     public void sideOutput(long pos, float[] s) {
-        require(wait == Wait.SIDE && waitPos == pos, "sideOutput(" + pos + ")");
+        require(sideState.get(pos) == Wait.SIDE, "sideOutput(" + pos + ")");
         Messages.Options o = hello.options;
         outbox.add(new Messages.Side(epoch, pos, Activation.of(new float[][] {s}, o.codec, o.outliers)));
-        taps = null;
-        wait = Wait.VERDICT;
+        taps.remove(pos);
+        sideState.put(pos, Wait.VERDICT);
     }
 
     /**
-     * Messages to send now, in order; a run of sigma = 0 positions becomes one
-     * `accept`. Call it when no received message is waiting.
+     * Messages to send now, in order; a run of sigma = 0 positions becomes one `accept`. Call
+     * it when no received message is waiting.
      */
     public List<Messages.Message> flush() {
         if (pendingAccept != null) {
             outbox.add(new Messages.Accept(epoch, pendingAccept));
-            gatewayVerified = pendingAccept + 1;
+            sentUpto = pendingAccept + 1;
             pendingAccept = null;
         }
         List<Messages.Message> out = outbox;
@@ -231,16 +364,27 @@ public final class DeviceSession {
 
     // ------------------------------------------------------------------ helpers
 
-    private void commit(long pos, long token, byte[] piece, boolean sigma) {
-        committed.add(new Commit(pos, token, piece, sigma));
+    /** Commit the sigma = 0 positions that no earlier side output holds back. */
+    private void commitSettled() {
+        while (Boolean.FALSE.equals(sigma.get(nextPos))) {
+            Messages.Step step = steps.get(nextPos);
+            commit(nextPos, step.draft, step.piece, false);
+        }
+    }
+
+    private void commit(long pos, long token, byte[] piece, boolean side) {
+        committed.add(new Commit(pos, token, piece, side));
+        steps.remove(pos);
+        sigma.remove(pos);
+        sideState.remove(pos);
+        taps.remove(pos);
         nextPos = pos + 1;
     }
 
-    private void checkShape(Activation a, String what, int rows) throws ProtocolException {
-        int h = ready.backbone.hiddenSize;
-        if (a.rows() != rows || a.cols() != h) {
+    private static void checkShape(Activation a, String what, int rows, int cols) throws ProtocolException {
+        if (a.rows() != rows || a.cols() != cols) {
             throw new ProtocolException("bad_field", what + " has shape (" + a.rows() + ", " + a.cols()
-                    + "), expected (" + rows + ", " + h + ")");
+                    + "), expected (" + rows + ", " + cols + ")");
         }
     }
 

@@ -15,7 +15,9 @@ import java.util.Map;
  * </pre>
  *
  * It stands in for ExecuTorch on hosts, where no phone exists; it agrees with
- * eager torch to float32 rounding (checked against tests/vectors/plugin_vectors).
+ * eager torch to float32 rounding (checked against tests/vectors/plugin_vectors). It also
+ * gives what the .pte's constant methods give (gate_weight/gate_bias, projection_weight/
+ * projection_bias) and its side_projected method, for pushed taps and the cloud-side projection.
  */
 public final class HostPluginExecutor implements PluginExecutor {
     public final PluginConfig config;
@@ -83,15 +85,54 @@ public final class HostPluginExecutor implements PluginExecutor {
     public float[] side(float[][] taps) {
         if (taps.length != nTaps) throw new IllegalArgumentException("expected " + nTaps + " taps, got " + taps.length);
         for (float[] t : taps) checkLen(t.length, "tap");
-        float[] z = PluginMath.linear(wIn, bIn, PluginMath.rms(taps[0]), rank);
+        float[][] d = new float[nTaps][];
+        d[0] = PluginMath.linear(wIn, bIn, PluginMath.rms(taps[0]), rank);
+        for (int i = 0; i < nTaps - 1; i++) d[i + 1] = PluginMath.linear(wDown[i], bDown[i], PluginMath.rms(taps[i + 1]), rank);
+        return mix(d);
+    }
+
+    /** The side network after its per-tap projections (spa/model/plugin.py SideNetwork.mix). */
+    @Override
+    public float[] sideProjected(float[][] projected) {
+        if (projected.length != nTaps) throw new IllegalArgumentException("expected " + nTaps + " projections, got " + projected.length);
+        for (float[] d : projected) {
+            if (d.length != rank) throw new IllegalArgumentException("projection has " + d.length + " values, expected " + rank);
+        }
+        return mix(projected);
+    }
+
+    /** z = d_0; z = d_l + Adapter_l(gelu(z)); s = scale * W_out gelu(z). */
+    private float[] mix(float[][] d) {
+        float[] z = d[0].clone();
         for (int i = 0; i < nTaps - 1; i++) {
-            float[] down = PluginMath.linear(wDown[i], bDown[i], PluginMath.rms(taps[i + 1]), rank);
             float[] adapted = PluginMath.linear(wAdapter[i], bAdapter[i], PluginMath.gelu(z), rank);
-            for (int j = 0; j < rank; j++) z[j] = down[j] + adapted[j]; // float32 add, as torch
+            for (int j = 0; j < rank; j++) z[j] = d[i + 1][j] + adapted[j]; // float32 add, as torch
         }
         float[] s = PluginMath.linear(wOut, bOut, PluginMath.gelu(z), hidden);
         for (int j = 0; j < hidden; j++) s[j] = scale * s[j];
         return s;
+    }
+
+    /** gate.classifier, as export puts it into `gate_weight`/`gate_bias`. */
+    @Override
+    public GateWeights gateWeights() {
+        return new GateWeights(wGate.clone(), bGate.clone());
+    }
+
+    /**
+     * W_in then each Down_l narrowed to float16 (round to nearest even, as numpy's astype in
+     * spa/model/projection.py), biases float32: the bits the .pte's `projection_weight` holds.
+     */
+    @Override
+    public ProjectionWeights projectionWeights() {
+        short[] w = new short[nTaps * rank * hidden];
+        float[] b = new float[nTaps * rank];
+        for (int t = 0; t < nTaps; t++) {
+            float[] wt = t == 0 ? wIn : wDown[t - 1], bt = t == 0 ? bIn : bDown[t - 1];
+            for (int i = 0; i < wt.length; i++) w[t * rank * hidden + i] = (short) Half.fromFloat(wt[i]);
+            System.arraycopy(bt, 0, b, t * rank, rank);
+        }
+        return new ProjectionWeights(rank, w, b);
     }
 
     private void checkLen(int n, String what) {
