@@ -16,261 +16,21 @@ receiver never receives is `unknown_type` before its fields are looked at
 (docs/PROTOCOL.md §3).
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 
-from spa.protocol import codec
 from spa.protocol.errors import ProtocolError
+from spa.protocol.fields import MAX_NAME, Fields  # noqa: F401  (MAX_NAME: ids' length, for callers)
+# The maps inside messages, importable from here as from their own module:
+from spa.protocol.message_parts import (BackboneInfo, Commit, GateUpload, Options, Plugin, Projection,  # noqa: F401
+                                        Resume)
 from spa.protocol.schema import receives, schema
 
 VERSION = schema()["version"]  # 2: several side outputs in flight; resumed.commits
-INT32_MAX = (1 << 31) - 1  # positions, epochs, token ids, counts: a Java int
-INT64_MAX = (1 << 63) - 1  # seeds: a Java long
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-MAX_LAYER = 1024
 MAX_RESUMED_COMMITS = 1 << 16  # at most max_new_tokens in practice
-MAX_NAME = 256  # ids, fingerprints, hashes, codes
-CODECS = codec.SCHEMES
 END_REASONS = ("eos", "max_tokens")
-
-
-class _Fields:
-    """Typed access to one msgpack map; `path` names it in error messages."""
-
-    def __init__(self, d, path: str):
-        if not isinstance(d, dict):
-            raise ProtocolError("bad_field", f"{path}: expected a map")
-        self.d, self.path = d, path
-
-    def _get(self, name: str):
-        if name not in self.d:
-            raise ProtocolError("bad_field", f"{self.path}.{name}: missing")
-        return self.d[name]
-
-    def _bad(self, name: str, why: str):
-        raise ProtocolError("bad_field", f"{self.path}.{name}: {why}")
-
-    def integer(self, name: str, lo: int = 0, hi: int = INT32_MAX) -> int:
-        v = self._get(name)
-        if type(v) is not int or not lo <= v <= hi:  # bool is not an int here
-            self._bad(name, f"expected an int in [{lo}, {hi}]")
-        return v
-
-    def number(self, name: str, lo: float) -> float:
-        v = self._get(name)
-        if type(v) not in (int, float) or not math.isfinite(v) or v < lo:
-            self._bad(name, "expected a finite number" + ("" if lo == -math.inf else f" >= {lo:g}"))
-        return float(v)
-
-    def float32(self, name: str, lo: float) -> float:
-        """A number read as a float32, whatever width it was packed with; finite as a float32 too."""
-        v = self.number(name, lo)
-        if abs(v) > FLOAT32_MAX:
-            self._bad(name, "expected a finite float32")
-        return float(np.float32(v))
-
-    def flag(self, name: str) -> bool:
-        v = self._get(name)
-        if type(v) is not bool:
-            self._bad(name, "expected a bool")
-        return v
-
-    def text(self, name: str, max_len: int | None = MAX_NAME, choices=None) -> str:
-        v = self._get(name)
-        if type(v) is not str or (max_len is not None and len(v) > max_len):
-            self._bad(name, "expected a str" + ("" if max_len is None else f" of at most {max_len} characters"))
-        if choices is not None and v not in choices:
-            self._bad(name, f"expected one of {', '.join(choices)}")
-        return v
-
-    def blob(self, name: str) -> bytes:
-        v = self._get(name)
-        if type(v) is not bytes:
-            self._bad(name, "expected bin (bytes)")
-        return v
-
-    def map(self, name: str) -> "_Fields":
-        return _Fields(self._get(name), f"{self.path}.{name}")
-
-    def numbers(self, name: str) -> dict:
-        """A map of str -> finite int or float (stats, limits)."""
-        v = self._get(name)
-        if not isinstance(v, dict) or not all(
-            type(k) is str and type(x) in (int, float) and math.isfinite(x) for k, x in v.items()
-        ):
-            self._bad(name, "expected a map of str to finite numbers")
-        return v
-
-    def layers(self, name: str) -> tuple[int, ...]:
-        v = self._get(name)
-        if (
-            not isinstance(v, list)
-            or not v
-            or not all(type(x) is int and 0 <= x <= MAX_LAYER for x in v)
-            or any(a >= b for a, b in zip(v, v[1:]))
-        ):
-            self._bad(name, f"expected a non-empty ascending list of ints in [0, {MAX_LAYER}]")
-        return tuple(v)
-
-    def activation(self, name: str) -> tuple[dict, np.ndarray]:
-        """(the encoded map, its decoded float32 [rows, cols]): decoded here, once."""
-        v = self._get(name)
-        try:
-            return v, codec.decode(v)
-        except ProtocolError as e:
-            self._bad(name, e.message)
-
-
-@dataclass(frozen=True)
-class Plugin:
-    fingerprint: str  # backbone fingerprint the plugin was trained on
-    taps: tuple[int, ...]  # layer indices, ascending; 0 = embedding output
-    content_hash: str
-
-    def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint, "taps": list(self.taps), "content_hash": self.content_hash}
-
-    @classmethod
-    def read(cls, f: _Fields) -> "Plugin":
-        return cls(f.text("fingerprint"), f.layers("taps"), f.text("content_hash"))
-
-
-@dataclass(frozen=True)
-class Options:
-    window: int = 0  # W: drafted-but-unverified positions beyond the first; 0 = lock-step
-    codec: str = "int8"  # activation scheme for f, taps and s
-    outliers: int = 8  # outlier channels per row
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    seed: int = 0  # sampling noise for position t comes from (seed, t)
-    # Each step carries the backbone's top-2 logit margin (a margin gate reads it). Optional on
-    # the wire, absent = False; sent only when True, so older peers see the same options map.
-    gate_margin: bool = False
-
-    def to_dict(self) -> dict:
-        d = {
-            "window": self.window,
-            "codec": self.codec,
-            "outliers": self.outliers,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": float(self.temperature),
-            "seed": self.seed,
-        }
-        if self.gate_margin:
-            d["gate_margin"] = True
-        return d
-
-    @classmethod
-    def read(cls, f: _Fields) -> "Options":
-        return cls(
-            window=f.integer("window"),
-            codec=f.text("codec", choices=CODECS),
-            outliers=f.integer("outliers", hi=codec.MAX_COLS),
-            max_new_tokens=f.integer("max_new_tokens", lo=1),
-            temperature=f.number("temperature", lo=0.0),
-            seed=f.integer("seed", hi=INT64_MAX),
-            gate_margin=f.d.get("gate_margin") is not None and f.flag("gate_margin"),
-        )
-
-
-MAX_RANK = 4096
-
-
-@dataclass(frozen=True)
-class Projection:
-    """The side network's per-tap input projections, uploaded for the cloud-side
-    projection option (docs/PROTOCOL.md §4, hello): the gateway then sends r values per
-    tap instead of H. Little-endian raw arrays; sizes are checked by the
-    gateway, which knows H."""
-
-    rank: int  # r
-    weight: bytes  # float16 [len(taps), r, H]: W_in, then Down_l for each further tap
-    bias: bytes  # float32 [len(taps), r]
-
-    def to_dict(self) -> dict:
-        return {"rank": self.rank, "weight": self.weight, "bias": self.bias}
-
-    @classmethod
-    def read(cls, f: _Fields) -> "Projection":
-        return cls(f.integer("rank", lo=1, hi=MAX_RANK), f.blob("weight"), f.blob("bias"))
-
-
-@dataclass(frozen=True)
-class GateUpload:
-    """The device's gate, uploaded so that the gateway pushes taps with the steps
-    where it predicts sigma = 1 (docs/PROTOCOL.md §4, hello; spa/model/cloud_gate.py)."""
-
-    weight: bytes  # float32 [2, H] (a margin gate: [2, H + 1]), little-endian: M_c
-    bias: bytes  # float32 [2]
-    tau: float
-
-    def to_dict(self) -> dict:
-        return {"weight": self.weight, "bias": self.bias, "tau": float(self.tau)}
-
-    @classmethod
-    def read(cls, f: _Fields) -> "GateUpload":
-        return cls(f.blob("weight"), f.blob("bias"), f.number("tau", lo=-math.inf))
-
-
-@dataclass(frozen=True)
-class Resume:
-    session: str  # ready.session
-    secret: str  # the latest resume token: ready.secret, a refreshed step/verdict.secret, or resumed.secret
-    # The first position the device has not committed (P - 1 + its committed
-    # tokens). Optional in the map; a gateway that resumes requires it.
-    next: int | None = None
-    # The ids of every generated token the device committed, in order (on the
-    # wire: bin, uint32 little-endian). Optional; a gateway that does not hold
-    # the session (another replica, a restart) needs them to rebuild it.
-    tokens: tuple[int, ...] | None = None
-
-    def to_dict(self) -> dict:
-        d = {"session": self.session, "secret": self.secret}
-        if self.next is not None:
-            d["next"] = self.next
-        if self.tokens is not None:
-            d["tokens"] = np.asarray(self.tokens, "<u4").tobytes()
-        return d
-
-    @classmethod
-    def read(cls, f: _Fields) -> "Resume":
-        nxt = None if f.d.get("next") is None else f.integer("next")
-        tokens = None
-        if f.d.get("tokens") is not None:
-            raw = f.blob("tokens")
-            ids = np.frombuffer(raw, "<u4") if len(raw) % 4 == 0 else None
-            if ids is None or (ids > INT32_MAX).any():
-                f._bad("tokens", "expected bin of uint32 little-endian token ids below 2^31")
-            tokens = tuple(int(t) for t in ids)
-        return cls(f.text("session"), f.text("secret"), nxt, tokens)
-
-
-@dataclass(frozen=True)
-class BackboneInfo:
-    name: str
-    fingerprint: str
-    num_layers: int  # L; taps may name layers 0..L
-    hidden_size: int  # H; columns of f, taps and s
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "fingerprint": self.fingerprint,
-            "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-        }
-
-    @classmethod
-    def read(cls, f: _Fields) -> "BackboneInfo":
-        return cls(
-            f.text("name"),
-            f.text("fingerprint"),
-            f.integer("num_layers", lo=1, hi=MAX_LAYER),
-            f.integer("hidden_size", lo=1, hi=codec.MAX_COLS),
-        )
 
 
 # --- device -> gateway ---------------------------------------------------
@@ -313,7 +73,7 @@ class Hello:
         return d
 
     @classmethod
-    def read(cls, f: _Fields) -> "Hello":
+    def read(cls, f: Fields) -> "Hello":
         # Version first: a hello of another version may have other fields.
         version = f.integer("version")
         if version != VERSION:
@@ -341,7 +101,7 @@ class Accept:
         return {"type": self.TYPE, "epoch": self.epoch, "upto": self.upto}
 
     @classmethod
-    def read(cls, f: _Fields) -> "Accept":
+    def read(cls, f: Fields) -> "Accept":
         return cls(f.integer("epoch"), f.integer("upto"))
 
 
@@ -355,7 +115,7 @@ class NeedTaps:
         return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos}
 
     @classmethod
-    def read(cls, f: _Fields) -> "NeedTaps":
+    def read(cls, f: Fields) -> "NeedTaps":
         return cls(f.integer("epoch"), f.integer("pos"))
 
 
@@ -371,7 +131,7 @@ class Side:
         return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "s": self.s}
 
     @classmethod
-    def read(cls, f: _Fields) -> "Side":
+    def read(cls, f: Fields) -> "Side":
         epoch, pos = f.integer("epoch"), f.integer("pos")
         s, s_array = f.activation("s")
         return cls(epoch, pos, s, s_array)
@@ -385,7 +145,7 @@ class Bye:
         return {"type": self.TYPE}
 
     @classmethod
-    def read(cls, f: _Fields) -> "Bye":
+    def read(cls, f: Fields) -> "Bye":
         return cls()
 
 
@@ -416,7 +176,7 @@ class Ready:
         }
 
     @classmethod
-    def read(cls, f: _Fields) -> "Ready":
+    def read(cls, f: Fields) -> "Ready":
         return cls(
             f.text("session"),
             f.text("secret"),
@@ -461,7 +221,7 @@ class Step:
         return d
 
     @classmethod
-    def read(cls, f: _Fields) -> "Step":
+    def read(cls, f: Fields) -> "Step":
         epoch, pos = f.integer("epoch"), f.integer("pos")
         fmap, f_array = f.activation("f")
         draft, piece = f.integer("draft"), f.blob("piece")
@@ -483,7 +243,7 @@ class Taps:
         return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "taps": self.taps}
 
     @classmethod
-    def read(cls, f: _Fields) -> "Taps":
+    def read(cls, f: Fields) -> "Taps":
         epoch, pos = f.integer("epoch"), f.integer("pos")
         taps, taps_array = f.activation("taps")
         return cls(epoch, pos, taps, taps_array)
@@ -513,7 +273,7 @@ class Verdict:
         return d
 
     @classmethod
-    def read(cls, f: _Fields) -> "Verdict":
+    def read(cls, f: Fields) -> "Verdict":
         secret = None if f.d.get("secret") is None else f.text("secret")
         return cls(
             f.integer("epoch"), f.integer("pos"), f.integer("token"), f.blob("piece"), f.flag("changed"), secret
@@ -530,32 +290,11 @@ class End:
         return {"type": self.TYPE, "reason": self.reason, "stats": self.stats}
 
     @classmethod
-    def read(cls, f: _Fields) -> "End":
+    def read(cls, f: Fields) -> "End":
         end = cls(f.text("reason", choices=END_REASONS), f.numbers("stats"))
         if type(end.stats.get("tokens")) is not int:
             raise ProtocolError("bad_field", "end.stats.tokens: expected an int")
         return end
-
-
-@dataclass(frozen=True)
-class Commit:
-    pos: int
-    token: int
-    piece: bytes
-    # Whether the device's gate opened at pos (the token is a verdict's) or not (a draft's);
-    # None where unknown (commits rebuilt from a resume hello). Optional on the wire.
-    sigma: bool | None = None
-
-    def to_dict(self) -> dict:
-        d = {"pos": self.pos, "token": self.token, "piece": self.piece}
-        if self.sigma is not None:
-            d["sigma"] = self.sigma
-        return d
-
-    @classmethod
-    def read(cls, f: _Fields) -> "Commit":
-        sigma = None if f.d.get("sigma") is None else f.flag("sigma")
-        return cls(f.integer("pos"), f.integer("token"), f.blob("piece"), sigma)
 
 
 @dataclass(frozen=True)
@@ -581,28 +320,28 @@ class Resumed:
         return d
 
     @classmethod
-    def read(cls, f: _Fields) -> "Resumed":
+    def read(cls, f: Fields) -> "Resumed":
         commits = f.d.get("commits")
         commits = [] if commits is None else commits  # optional: absent or nil (PROTOCOL.md §3)
         if not isinstance(commits, list) or len(commits) > MAX_RESUMED_COMMITS:
-            f._bad("commits", f"expected a list of at most {MAX_RESUMED_COMMITS} commits")
+            f.bad("commits", f"expected a list of at most {MAX_RESUMED_COMMITS} commits")
         return cls(f.text("session"), f.text("secret"), f.integer("epoch"), f.integer("pos"),
-                   tuple(Commit.read(_Fields(c, f"resumed.commits[{i}]")) for i, c in enumerate(commits)),
+                   tuple(Commit.read(Fields(c, f"resumed.commits[{i}]")) for i, c in enumerate(commits)),
                    _compression_choice(f))
 
 
-def _compression_offer(f: _Fields) -> tuple[str, ...] | None:
+def _compression_offer(f: Fields) -> tuple[str, ...] | None:
     """hello.compression: 1 to 8 names, preferred first (unknown names are allowed: the gateway skips them)."""
     offer = f.d.get("compression")
     if offer is None:
         return None
     if (not isinstance(offer, list) or not 1 <= len(offer) <= 8
             or any(type(c) is not str or not 0 < len(c) <= 32 for c in offer)):
-        f._bad("compression", "expected a list of 1 to 8 names of at most 32 characters")
+        f.bad("compression", "expected a list of 1 to 8 names of at most 32 characters")
     return tuple(offer)
 
 
-def _compression_choice(f: _Fields) -> str:
+def _compression_choice(f: Fields) -> str:
     """ready/resumed.compression: absent from an older gateway, which means zstd."""
     return "zstd" if f.d.get("compression") is None else f.text("compression", max_len=32)
 
@@ -620,7 +359,7 @@ class Error:
         return {"type": self.TYPE, "code": self.code, "message": self.message}
 
     @classmethod
-    def read(cls, f: _Fields) -> "Error":
+    def read(cls, f: Fields) -> "Error":
         return cls(f.text("code"), f.text("message", max_len=4096))
 
     @classmethod
@@ -644,13 +383,13 @@ def parse(d: dict, receiver: str | None = None) -> Message:
     `unknown_type`, decided from `type` alone, before any other field is read.
     None accepts the messages of both directions (tests, tools).
     """
-    f = _Fields(d, "message")
+    f = Fields(d, "message")
     kind = f.text("type", max_len=None)  # missing or not a str: bad_field (message.type)
     if kind not in MESSAGES:
         raise ProtocolError("unknown_type", f"unknown message type {_shown(kind)}")
     if receiver is not None and kind not in RECEIVES[receiver]:
         raise ProtocolError("unknown_type", f"the {receiver} does not receive {kind!r}")
-    return MESSAGES[kind].read(_Fields(d, kind))
+    return MESSAGES[kind].read(Fields(d, kind))
 
 
 def _shown(kind: str, limit: int = 64) -> str:
