@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import evaluation.lora as lora
+import evaluation.personal as personal
 from evaluation.baselines import STYLE_LEAD, few_shot_prompt, greedy
 from evaluation.people import first_quote, person_pairs, quote_pairs
 from evaluation.personal import BACKBONE, LORA, SPA, evaluate_person, goal_verdict, markdown, shot_row
@@ -55,7 +56,9 @@ def test_lora_adapts_a_copy_and_leaves_the_backbone_alone(backbone, garden, monk
 
 def test_person_report_compares_every_row_with_spa(backbone, garden, monkeypatch):
     root, train, tests = garden
-    monkeypatch.setattr(lora, "EPOCHS", 1)
+    # The LoRA row's wiring, without training one again (the test above trains a real adapter).
+    record = {"rank": lora.RANK, "targets": list(lora.TARGETS), "trainable_parameters": 1, "validation": "stub"}
+    monkeypatch.setattr(personal, "lora_backbone", lambda bb, prompts, summaries, seed: (bb, record))
     result = evaluate_person(backbone, train, tests, root / "work", max_new_tokens=4, export=False, log=lambda m: None)
     rows = result["rows"]
     assert list(rows) == [BACKBONE, shot_row(1), shot_row(3), LORA, "side always on", SPA]
@@ -72,6 +75,7 @@ def test_person_report_compares_every_row_with_spa(backbone, garden, monkeypatch
     assert set(verdict["met"]) == {"usage", "lora", "three_shot"} and isinstance(verdict["all"], bool)
     text = markdown(result, "spa eval --examples train.jsonl --test test.jsonl")
     assert "| LoRA on the backbone |" in text and "spa eval --examples train.jsonl" in text
+    assert rows[LORA]["per_doc"] == rows[BACKBONE]["per_doc"]  # the stub adapter is the backbone itself
     assert not any(e.summary in json.dumps(result["examples"]) for e in train.examples)
 
 
@@ -86,3 +90,16 @@ def test_the_quotes_reader_wants_the_first_quoted_sentence():
     assert len(train) == 100 and len(test) == 40 and not {p["document"] for p in train} & {p["document"] for p in test}
     papers, test_papers = person_pairs("outcome")
     assert len(papers) == 100 and len(test_papers) == 100
+
+
+def test_eval_examples_refuses_what_cannot_be_split(tmp_path, capsys):
+    from cli.main import main
+
+    data = write_jsonl(tmp_path / "five.jsonl", GARDEN[:5])
+    assert main(["eval", "--examples", str(data), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "5 examples leave 4 to train on after holding out 1" in err and err.count("\n") == 1
+    assert main(["eval", "--test", str(data), "--out", str(tmp_path / "out")]) == 2
+    assert "--test needs --examples" in capsys.readouterr().err
+    assert main(["eval", "--examples", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "out").exists()
