@@ -9,7 +9,7 @@ wants the quotes. For each person and size, `evaluate_person` (evaluation/person
 trains SPA and (at `--lora-sizes`) LoRA from the first n examples of the person's
 file and scores every row on the person's test documents. Few-shot and the backbone
 rows do not depend on n beyond the first k examples, so they are generated once
-per person and reused. Each (person, size) is saved under the workdir as soon as it
+per person and reused (kept in the workdir). Each (person, size) is saved under the workdir as soon as it
 is done, and the report is rewritten from everything saved so far: an interrupted
 run leaves a report on what it covered, and a rerun skips what is done.
 """
@@ -48,7 +48,7 @@ def run_person(backbone, person: str, args) -> None:
         done = {"settings": key, "sizes": {}}
     files, test_file = write_person(person, args.workdir / "data", args.sizes, args.tests)
     tests = read_examples(test_file, args.max_doc_tokens, minimum=1)
-    reuse = Reuse()
+    reuse = Reuse(args.workdir / "curve" / f"{person}-few-shot-tokens.json")
     for n in args.sizes:
         lora = n in args.lora_sizes
         previous = done["sizes"].get(str(n))
@@ -84,7 +84,8 @@ def write_report(args) -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {person: {n: slim(r) for n, r in sizes.items()} for person, sizes in curves.items()}
-    (args.out / "results.json").write_text(json.dumps({"settings": settings_key(args), "command": args.command,
+    (args.out / "results.json").write_text(json.dumps({"settings": settings_key(args),
+                                                       "command": regenerate(curves, args),
                                                        "people": summary}, indent=1) + "\n")
     (args.out / "results.md").write_text(markdown(curves, args) + "\n")
     plot(curves, args.out / "learning_curve.png")
@@ -108,7 +109,8 @@ def markdown(curves: dict, args) -> str:
              f"equals it within 1e-4) with int8 wire quantization. Rouge-L (F1, stemmed) against the person's "
              f"own test summaries. Computed: {sum(len(s) for s in curves.values())} (person, size) points in "
              f"{seconds / 60:.0f} min of evaluation time on the shared 2-core CPU (one torch thread per process).",
-             "", f"Regenerate: `{args.command}`", ""]
+             "", f"Regenerate: `{regenerate(curves, args)}` (`--people A B` runs a part: one process per core; "
+                 f"`--sizes 20` first gets the goal's points early)", ""]
     lines += goal_lines(curves)
     for person, sizes in curves.items():
         lines += [f"## {person}", "", "| examples | " + " | ".join(ROW_ORDER) + " | SPA usage | SPA - LoRA [95 % CI] | "
@@ -128,6 +130,15 @@ def markdown(curves: dict, args) -> str:
                       f"{first[shot_row(3)]['prompt_tokens']:.0f} for 3-shot ({kinds}).", ""]
     lines += ["![learning curve](learning_curve.png)"]
     return "\n".join(lines)
+
+
+def regenerate(curves: dict, args) -> str:
+    """The command that computes every point of the report (whatever parts and order produced it)."""
+    sizes = sorted({n for s in curves.values() for n in s})
+    lora = sorted({n for s in curves.values() for n, r in s.items() if r.get("lora")})
+    return (f"python -m evaluation.curve --people {' '.join(curves)} --sizes {' '.join(map(str, sizes))} "
+            f"--lora-sizes {' '.join(map(str, lora))} --tests {args.tests} --max-doc-tokens {args.max_doc_tokens} "
+            f"--max-new-tokens {args.max_new_tokens}")
 
 
 def neg(ci: dict) -> str:

@@ -15,6 +15,7 @@ each against SPA with the paired bootstrap 95 % interval over the test documents
 The test file is read only here; tau and every epoch count come from the examples.
 """
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -50,15 +51,24 @@ def shot_row(k: int) -> str:
 
 @dataclass
 class Reuse:
-    """Generations that do not depend on the training examples beyond the first few, shared between
-    evaluations of one person over one test file (the learning curve): prompt ids -> tokens."""
+    """Generations that do not depend on the training examples beyond the first few (the few-shot rows),
+    shared between evaluations of one person over one test file (the learning curve): the backbone's
+    greedy tokens per (prompt, max_new_tokens), kept in `path` (JSON) when given so a rerun reuses them."""
 
+    path: Path | None = None
     greedy: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.path is not None and self.path.exists():
+            self.greedy = json.loads(self.path.read_text())
+
     def generate(self, backbone, ids: list[int], max_new_tokens: int) -> list[int]:
-        key = (tuple(ids), max_new_tokens)
+        key = hashlib.sha256(json.dumps([backbone.identity.fingerprint, ids, max_new_tokens]).encode()).hexdigest()
         if key not in self.greedy:
             self.greedy[key] = greedy(backbone, ids, max_new_tokens)
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(json.dumps(self.greedy))
         return self.greedy[key]
 
 
