@@ -37,6 +37,9 @@ class Options:
     # Each step carries the backbone's top-2 logit margin (a margin gate reads it). Optional on
     # the wire, absent = False; sent only when True, so older peers see the same options map.
     gate_margin: bool = False
+    # Version 3: the device settles its own side tokens where it can prove them (PROTOCOL.md §6,
+    # "Settlement"). Sent only when True, like gate_margin.
+    settle: bool = False
 
     def to_dict(self) -> dict:
         d = {
@@ -49,6 +52,8 @@ class Options:
         }
         if self.gate_margin:
             d["gate_margin"] = True
+        if self.settle:
+            d["settle"] = True
         return d
 
     @classmethod
@@ -61,6 +66,7 @@ class Options:
             temperature=f.number("temperature", lo=0.0),
             seed=f.integer("seed", hi=INT64_MAX),
             gate_margin=f.d.get("gate_margin") is not None and f.flag("gate_margin"),
+            settle=f.d.get("settle") is not None and f.flag("settle"),
         )
 
 
@@ -178,3 +184,18 @@ class Commit:
     def read(cls, f: Fields) -> "Commit":
         sigma = None if f.d.get("sigma") is None else f.flag("sigma")
         return cls(f.integer("pos"), f.integer("token"), f.blob("piece"), sigma)
+
+
+@dataclass(frozen=True)
+class BranchRef:
+    """Which branch line a streamed step belongs to: the continuation of `token` at branch point `pos`."""
+
+    pos: int
+    token: int
+
+    def to_dict(self) -> dict:
+        return {"pos": self.pos, "token": self.token}
+
+    @classmethod
+    def read(cls, f: Fields) -> "BranchRef":
+        return cls(f.integer("pos"), f.integer("token"))

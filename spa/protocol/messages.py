@@ -24,11 +24,12 @@ import numpy as np
 from spa.protocol.errors import ProtocolError
 from spa.protocol.fields import MAX_NAME, Fields  # noqa: F401  (MAX_NAME: ids' length, for callers)
 # The maps inside messages, importable from here as from their own module:
-from spa.protocol.message_parts import (BackboneInfo, Commit, GateUpload, Options, Plugin, Projection,  # noqa: F401
-                                        Resume)
+from spa.protocol.message_parts import (BackboneInfo, BranchRef, Commit, GateUpload, Options, Plugin,  # noqa: F401
+                                        Projection, Resume)
 from spa.protocol.schema import receives, schema
 
-VERSION = schema()["version"]  # 2: several side outputs in flight; resumed.commits
+VERSION = schema()["version"]  # 3: settlement; 2: several side outputs in flight, resumed.commits
+VERSIONS = tuple(schema()["versions"])  # what a gateway accepts in hello.version
 MAX_RESUMED_COMMITS = 1 << 16  # at most max_new_tokens in practice
 END_REASONS = ("eos", "max_tokens")
 
@@ -76,8 +77,9 @@ class Hello:
     def read(cls, f: Fields) -> "Hello":
         # Version first: a hello of another version may have other fields.
         version = f.integer("version")
-        if version != VERSION:
-            raise ProtocolError("version", f"protocol version {version} is not supported (only {VERSION})")
+        if version not in VERSIONS:
+            raise ProtocolError("version", f"protocol version {version} is not supported "
+                                           f"({' or '.join(map(str, VERSIONS))})")
         resume, projection, gate = f.d.get("resume"), f.d.get("projection"), f.d.get("gate")
         return cls(
             token=f.text("token"),
@@ -138,6 +140,24 @@ class Side:
 
 
 @dataclass(frozen=True)
+class Settled:
+    """Version 3: the device proved the token of a sigma = 1 position itself (PROTOCOL.md §6,
+    "Settlement"); its side output stays on the device."""
+
+    TYPE: ClassVar[str] = "settled"
+    epoch: int
+    pos: int
+    token: int  # x_{pos+1}, committed on the device
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "token": self.token}
+
+    @classmethod
+    def read(cls, f: Fields) -> "Settled":
+        return cls(f.integer("epoch"), f.integer("pos"), f.integer("token"))
+
+
+@dataclass(frozen=True)
 class Bye:
     TYPE: ClassVar[str] = "bye"
 
@@ -163,9 +183,10 @@ class Ready:
     # The frame compression of this connection from this message on (PROTOCOL.md §2); set per
     # connection by the transport (cloud_gateway/session.py). Absent on the wire: "zstd".
     compression: str = "zstd"
+    settle: bool = False  # version 3: the gateway accepts `settled` (sent only when True)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "type": self.TYPE,
             "session": self.session,
             "secret": self.secret,
@@ -174,6 +195,9 @@ class Ready:
             "limits": self.limits,
             "compression": self.compression,
         }
+        if self.settle:
+            d["settle"] = True
+        return d
 
     @classmethod
     def read(cls, f: Fields) -> "Ready":
@@ -184,6 +208,7 @@ class Ready:
             f.integer("prompt_tokens", lo=1),
             f.numbers("limits"),
             _compression_choice(f),
+            f.d.get("settle") is not None and f.flag("settle"),
         )
 
 
@@ -202,6 +227,9 @@ class Step:
     secret: str | None = None  # a refreshed resume token (replaces the device's), or None
     # The backbone's top-1 minus top-2 logit at pos (options.gate_margin), a float32 >= 0; else None.
     margin: float | None = None
+    exact: dict | None = None  # with pushed taps of a settling session: f_t itself (f32), encoded
+    exact_array: np.ndarray | None = field(default=None, repr=False, compare=False)
+    branch: BranchRef | None = None  # a branch line's draft (a settling session), not the main line's
 
     def to_dict(self) -> dict:
         d = {
@@ -214,6 +242,10 @@ class Step:
         }
         if self.taps is not None:
             d["taps"] = self.taps
+        if self.exact is not None:
+            d["exact"] = self.exact
+        if self.branch is not None:
+            d["branch"] = self.branch.to_dict()
         if self.secret is not None:
             d["secret"] = self.secret
         if self.margin is not None:
@@ -228,7 +260,10 @@ class Step:
         taps, taps_array = (None, None) if f.d.get("taps") is None else f.activation("taps")
         secret = None if f.d.get("secret") is None else f.text("secret")
         margin = None if f.d.get("margin") is None else f.float32("margin", lo=0.0)
-        return cls(epoch, pos, fmap, draft, piece, taps, f_array, taps_array, secret, margin)
+        exact, exact_array = (None, None) if f.d.get("exact") is None else f.activation("exact")
+        branch = None if f.d.get("branch") is None else BranchRef.read(f.map("branch"))
+        return cls(epoch, pos, fmap, draft, piece, taps, f_array, taps_array, secret, margin, exact, exact_array,
+                   branch)
 
 
 @dataclass(frozen=True)
@@ -238,15 +273,21 @@ class Taps:
     pos: int
     taps: dict  # encoded activation, one row per tapped layer, in plugin.taps order
     taps_array: np.ndarray | None = field(default=None, repr=False, compare=False)  # decoded; set by parse
+    exact: dict | None = None  # a settling session: f_pos itself (f32), encoded
+    exact_array: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "taps": self.taps}
+        d = {"type": self.TYPE, "epoch": self.epoch, "pos": self.pos, "taps": self.taps}
+        if self.exact is not None:
+            d["exact"] = self.exact
+        return d
 
     @classmethod
     def read(cls, f: Fields) -> "Taps":
         epoch, pos = f.integer("epoch"), f.integer("pos")
         taps, taps_array = f.activation("taps")
-        return cls(epoch, pos, taps, taps_array)
+        exact, exact_array = (None, None) if f.d.get("exact") is None else f.activation("exact")
+        return cls(epoch, pos, taps, taps_array, exact, exact_array)
 
 
 @dataclass(frozen=True)
@@ -367,9 +408,9 @@ class Error:
         return cls(e.code, e.message[:4096])
 
 
-MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Bye, Ready, Step, Taps, Verdict, End, Error,
+MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Settled, Bye, Ready, Step, Taps, Verdict, End, Error,
                                  Resumed)}
-Message = Hello | Accept | NeedTaps | Side | Bye | Ready | Step | Taps | Verdict | End | Error | Resumed
+Message = Hello | Accept | NeedTaps | Side | Settled | Bye | Ready | Step | Taps | Verdict | End | Error | Resumed
 
 
 # The types each side receives (docs/PROTOCOL.md §4, from spa/protocol/schema.json); `error` goes both ways.

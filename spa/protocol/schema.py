@@ -151,6 +151,8 @@ public final class Schema {{
     private Schema() {{}}
 
     public static final int VERSION = {s["version"]};
+    /** The versions a gateway accepts in hello.version (a version 2 device gets version 2's behaviour). */
+    public static final int[] VERSIONS = {{{", ".join(map(str, s["versions"]))}}};
     public static final int NORMAL_CLOSE = {s["normal_close"]};
     /** Every message type (docs/PROTOCOL.md section 4). */
     public static final String[] TYPES = {strings(s["messages"])};

@@ -70,10 +70,15 @@ public final class Messages {
         if ("accept".equals(kind)) return new Accept(g.integer("epoch"), g.integer("upto"));
         if ("need_taps".equals(kind)) return new NeedTaps(g.integer("epoch"), g.integer("pos"));
         if ("side".equals(kind)) return new Side(g.integer("epoch"), g.integer("pos"), g.activation("s"));
+        if ("settled".equals(kind)) return new Settled(g.integer("epoch"), g.integer("pos"), g.integer("token"));
         if ("bye".equals(kind)) return new Bye();
         if ("ready".equals(kind)) return Ready.read(g);
         if ("step".equals(kind)) return Step.read(g);
-        if ("taps".equals(kind)) return new Taps(g.integer("epoch"), g.integer("pos"), g.activation("taps"));
+        if ("taps".equals(kind)) {
+            Taps taps = new Taps(g.integer("epoch"), g.integer("pos"), g.activation("taps"));
+            if (g.d.get("exact") != null) g.activation("exact"); // version 3, settling sessions only: checked, not kept
+            return taps;
+        }
         if ("verdict".equals(kind)) {
             return new Verdict(g.integer("epoch"), g.integer("pos"), g.integer("token"), g.blob("piece"), g.flag("changed"),
                     g.d.get("secret") == null ? null : g.text("secret"));
@@ -197,6 +202,8 @@ public final class Messages {
             o.temperature = f.number("temperature", 0.0);
             o.seed = f.integer("seed", 0, Fields.INT64_MAX);
             o.gateMargin = f.d.get("gate_margin") != null && f.flag("gate_margin");
+            // version 3 (settlement): this client never asks for it; a map that carries it is checked
+            if (f.d.get("settle") != null) f.flag("settle");
             return o;
         }
     }
@@ -287,7 +294,9 @@ public final class Messages {
         static Hello read(Fields f) throws ProtocolException {
             // Version first: a hello of another version may have other fields.
             long version = f.integer("version");
-            if (version != VERSION) {
+            boolean known = false;
+            for (int v : Schema.VERSIONS) known |= v == version;
+            if (!known) {
                 throw new ProtocolException("version", "protocol version " + version + " is not supported (only " + VERSION + ")");
             }
             String token = f.text("token");
@@ -480,6 +489,31 @@ public final class Messages {
         }
     }
 
+    /** Version 3: a sigma = 1 position's token, proven on the device (this client does not settle). */
+    public static final class Settled extends Message {
+        public final long epoch, pos, token;
+
+        public Settled(long epoch, long pos, long token) {
+            this.epoch = epoch;
+            this.pos = pos;
+            this.token = token;
+        }
+
+        @Override
+        public String type() {
+            return "settled";
+        }
+
+        @Override
+        public Map<String, Object> toMap() {
+            Map<String, Object> d = start();
+            d.put("epoch", epoch);
+            d.put("pos", pos);
+            d.put("token", token);
+            return d;
+        }
+    }
+
     public static final class Bye extends Message {
         @Override
         public String type() {
@@ -501,6 +535,8 @@ public final class Messages {
         public final Map<String, Object> limits; // the gateway's limits, by name
         /** This connection's frame compression from this message on; "zstd" when an older gateway omits it. */
         public final String compression;
+        /** Version 3: the gateway accepts `settled` from this session (only if the device asked). */
+        public final boolean settle;
 
         public Ready(String session, String secret, Backbone backbone, long promptTokens, Map<String, Object> limits) {
             this(session, secret, backbone, promptTokens, limits, Frames.ZSTD);
@@ -508,12 +544,18 @@ public final class Messages {
 
         public Ready(String session, String secret, Backbone backbone, long promptTokens, Map<String, Object> limits,
                      String compression) {
+            this(session, secret, backbone, promptTokens, limits, compression, false);
+        }
+
+        public Ready(String session, String secret, Backbone backbone, long promptTokens, Map<String, Object> limits,
+                     String compression, boolean settle) {
             this.session = session;
             this.secret = secret;
             this.backbone = backbone;
             this.promptTokens = promptTokens;
             this.limits = limits;
             this.compression = compression;
+            this.settle = settle;
         }
 
         @Override
@@ -530,13 +572,17 @@ public final class Messages {
             d.put("prompt_tokens", promptTokens);
             d.put("limits", limits);
             d.put("compression", compression);
+            if (settle) d.put("settle", true);
             return d;
         }
 
         static Ready read(Fields f) throws ProtocolException {
             return new Ready(f.text("session"), f.text("secret"), Backbone.read(f.map("backbone")),
                     f.integer("prompt_tokens", 1, Fields.INT32_MAX), f.numbers("limits"),
-                    f.d.get("compression") == null ? Frames.ZSTD : f.text("compression", 32));
+                    f.d.get("compression") == null ? Frames.ZSTD : f.text("compression", 32), settleOffered(f));
+        }
+        private static boolean settleOffered(Fields f) throws ProtocolException {
+            return f.d.get("settle") != null && f.flag("settle");
         }
     }
 
@@ -594,6 +640,13 @@ public final class Messages {
             long draft = g.integer("draft");
             byte[] piece = g.blob("piece");
             Activation taps = g.d.get("taps") == null ? null : g.activation("taps");
+            // version 3, sent only to a settling device (this client never asks): checked, not kept
+            if (g.d.get("exact") != null) g.activation("exact");
+            if (g.d.get("branch") != null) {
+                Fields b = g.map("branch");
+                b.integer("pos");
+                b.integer("token");
+            }
             String secret = g.d.get("secret") == null ? null : g.text("secret");
             Float margin = g.d.get("margin") == null ? null : (Float) g.float32("margin", 0.0);
             return new Step(epoch, pos, f, draft, piece, margin, taps, secret);

@@ -11,12 +11,14 @@ import java.util.Map;
 public final class Schema {
     private Schema() {}
 
-    public static final int VERSION = 2;
+    public static final int VERSION = 3;
+    /** The versions a gateway accepts in hello.version (a version 2 device gets version 2's behaviour). */
+    public static final int[] VERSIONS = {2, 3};
     public static final int NORMAL_CLOSE = 1000;
     /** Every message type (docs/PROTOCOL.md section 4). */
-    public static final String[] TYPES = {"hello", "accept", "need_taps", "side", "bye", "ready", "step", "taps", "verdict", "end", "resumed", "error"};
+    public static final String[] TYPES = {"hello", "accept", "need_taps", "side", "settled", "bye", "ready", "step", "taps", "verdict", "end", "resumed", "error"};
     /** The types each side receives; `error` goes both ways. */
-    public static final String[] GATEWAY_RECEIVES = {"accept", "bye", "error", "hello", "need_taps", "side"};
+    public static final String[] GATEWAY_RECEIVES = {"accept", "bye", "error", "hello", "need_taps", "settled", "side"};
     public static final String[] DEVICE_RECEIVES = {"end", "error", "ready", "resumed", "step", "taps", "verdict"};
     /** Error code -> websocket close code (docs/PROTOCOL.md section 7). */
     public static final Map<String, Integer> CLOSE_CODES;
