@@ -14,7 +14,8 @@ require "$EXECUTORCH_JAR" "the ExecuTorch Java classes ($EXECUTORCH_NPM, android
 OUT="$DEMO_DIR/build/app-classes"
 rm -rf "$OUT"
 mkdir -p "$OUT"
-SOURCES=$(java_sources "$PROTOCOL_SRC" "$APP_SRC")
+# + jni-support: the app names SoLoader's NativeLoader (NativeRuntime), which Gradle takes from Maven
+SOURCES=$(java_sources "$PROTOCOL_SRC" "$APP_SRC" "$JNI_SUPPORT_SRC")
 [ -n "$(java_sources "$APP_SRC")" ] || die "no app sources under $APP_SRC"
 # -bootclasspath replaces the JDK's classes with Android's: any java.* API that API 23 lacks
 # (java.util.function, streams, java.time, ...) fails to compile here, as it would on old phones.

@@ -5,11 +5,12 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 require "$JUNIT_JAR" "JUnit 4 (Debian junit4)"
 require "$HAMCREST_JAR" "Hamcrest (Debian libhamcrest-java)"
+require "$EXECUTORCH_JAR" "the ExecuTorch Java classes (the app's tests build ExecuTorch's exceptions; never Module, which loads native code)"
 "$DEMO_DIR/scripts/build_protocol.sh"
 
 rm -rf "$HOST_BUILD/test"
 mkdir -p "$HOST_BUILD/test"
-TEST_CP="$HOST_BUILD/main:$LIB_CLASSPATH:$JUNIT_JAR:$HAMCREST_JAR"
+TEST_CP="$HOST_BUILD/main:$LIB_CLASSPATH:$JUNIT_JAR:$HAMCREST_JAR:$EXECUTORCH_JAR"
 # + the fbjni/NativeLoader classes of jni-support, and the app's Android-free logic
 # (org.spa.demo.core, compiled here WITHOUT android.jar: an android.* import there fails), with
 # their tests (the parts that run on a JVM)

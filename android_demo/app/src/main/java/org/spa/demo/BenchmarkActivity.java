@@ -63,6 +63,7 @@ public class BenchmarkActivity extends Activity {
     @Override
     protected void onCreate(Bundle state) {
         super.onCreate(state);
+        NativeRuntime.check(this);
         view = new TextView(this);
         view.setPadding(24, 24, 24, 24);
         setContentView(view);
@@ -133,7 +134,8 @@ public class BenchmarkActivity extends Activity {
                 public SessionRunner.Plugin load(String path) {
                     return ExecuTorchPluginExecutor.load(path);
                 }
-            }, new GatewayConnector(), url, intent.getStringExtra("token"), prompt, options, tauValue);
+            }, new GatewayConnector(Math.max(1, intent.getIntExtra("in_flight", 4)), intent.getBooleanExtra("push_taps", false),
+                    intent.getBooleanExtra("cloud_projection", false)), url, intent.getStringExtra("token"), prompt, options, tauValue);
         } else {
             final int iterations = Math.max(1, intent.getIntExtra("iterations", 200));
             final int warmup = Math.max(0, intent.getIntExtra("warmup", 20));

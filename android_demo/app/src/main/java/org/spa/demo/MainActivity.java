@@ -78,6 +78,7 @@ public class MainActivity extends Activity {
     @Override
     protected void onCreate(Bundle state) {
         super.onCreate(state);
+        NativeRuntime.check(this); // a 16 KB page phone with 4 KB-aligned libraries: one line when a plugin loads
         prefs = getSharedPreferences("spa", MODE_PRIVATE);
         // Creates Android/data/org.spa.demo/files, where `adb push` can put plugins (README).
         getExternalFilesDir(null);

@@ -38,6 +38,7 @@ final class PteBenchmark {
         long rssBefore = ProcMemory.rssKb();
         Module module = null;
         try {
+            NativeRuntime.ensureLoaded(); // ExecuTorch first, in one place; a 16 KB page refusal as one line
             long t0 = System.nanoTime();
             module = Module.load(path);
             NativeModules.loadMethod(module, "gate"); // its error code, where it returns one, is checked

@@ -109,10 +109,11 @@ public class JniSupportTest {
             Recording r = new Recording();
             NativeLoader.init(r);
             NativeLoader.init(r); // the same one again is fine
+            NativeLoader.init(new Recording()); // so is another of its class (ExecuTorch's init race): r stays
             assertTrue(NativeLoader.isInitialized());
             try {
                 NativeLoader.init(new SystemDelegate());
-                fail("a second delegate was accepted");
+                fail("a delegate of another class was accepted");
             } catch (IllegalStateException expected) {
                 // the first delegate stays
             }
@@ -125,6 +126,46 @@ public class JniSupportTest {
         } finally {
             resetLoader();
         }
+    }
+
+    /**
+     * ExecuTorch's Module.<clinit> does {@code if (!isInitialized()) init(new SystemDelegate())}; a
+     * class initializer on another thread (HybridData's initIfUninitialized) may install a delegate
+     * between the check and the init. Neither may fail: a failed class initializer is permanent.
+     */
+    @Test
+    public void concurrentFirstUsesOfTheLoaderNeverFail() throws Exception {
+        for (int round = 0; round < 50; round++) {
+            resetLoader();
+            final java.util.concurrent.CountDownLatch go = new java.util.concurrent.CountDownLatch(1);
+            final List<Throwable> failures = java.util.Collections.synchronizedList(new ArrayList<Throwable>());
+            List<Thread> threads = new ArrayList<Thread>();
+            for (int i = 0; i < 4; i++) {
+                final boolean likeModule = i % 2 == 0;
+                Thread t = new Thread() {
+                    @Override
+                    public void run() {
+                        try {
+                            go.await();
+                            if (likeModule) {
+                                if (!NativeLoader.isInitialized()) NativeLoader.init(new SystemDelegate());
+                            } else {
+                                NativeLoader.initIfUninitialized();
+                            }
+                        } catch (Throwable e) {
+                            failures.add(e);
+                        }
+                    }
+                };
+                t.start();
+                threads.add(t);
+            }
+            go.countDown();
+            for (Thread t : threads) t.join(10000);
+            assertEquals(new ArrayList<Throwable>(), failures);
+            assertTrue(NativeLoader.isInitialized());
+        }
+        resetLoader();
     }
 
     @Test

@@ -25,7 +25,7 @@ import java.io.PrintStream;
  * The prompt file holds the final prompt text (chat template applied), UTF-8.
  * Prints one JSON object (ASCII, non-ASCII escaped): tokens, text, sigma (and sigmas),
  * gate_p (the gate's p at each token's position, to check margins to tau), finish_reason, stats.
- * Defaults match `spa summarize`: window 4, int8, 8 outliers, 64 new tokens,
+ * Defaults match `spa summarize`: window 4, 4 side outputs in flight, int8, 8 outliers, 64 new tokens,
  * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN.
  * Exit status: 0 on success, 1 when the session failed, 2 on bad arguments.
  */
@@ -42,7 +42,7 @@ public final class Cli {
         Double tau = null;
         int timeout = 120;
         java.util.List<String> offer = null; // auto
-        int inFlight = 1;
+        int inFlight = 4; // spa summarize's default
         boolean pushTaps = false, cloudProjection = false, reconnect = true;
         Messages.Options options = new Messages.Options();
         options.window = 4;

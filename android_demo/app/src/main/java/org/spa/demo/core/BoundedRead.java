@@ -24,4 +24,13 @@ public final class BoundedRead {
         }
         return out.toByteArray();
     }
+
+    /** The first {@code n} bytes of {@code in} (fewer if it ends first). Does not close it. */
+    public static byte[] head(InputStream in, int n) throws IOException {
+        ByteArrayOutputStream out = new ByteArrayOutputStream();
+        byte[] buf = new byte[Math.min(n, 1 << 16)];
+        int got;
+        while (out.size() < n && (got = in.read(buf, 0, Math.min(buf.length, n - out.size()))) > 0) out.write(buf, 0, got);
+        return out.toByteArray();
+    }
 }

@@ -28,6 +28,11 @@ public final class Failures {
             return "Out of memory while running the plugin (" + root.getMessage() + ").";
         }
         String message = root.getMessage();
+        // written for the user already: a 16 KB page refusal, a .pte that cannot upload, an ExecuTorch error with its code
+        if (message != null && (root instanceof UnsupportedOperationException
+                || root instanceof ExecuTorchErrors.PluginRuntimeException)) {
+            return message;
+        }
         return root.getClass().getSimpleName() + (message == null ? "" : ": " + message);
     }
 

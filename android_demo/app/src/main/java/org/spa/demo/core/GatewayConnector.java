@@ -6,11 +6,29 @@ import org.spa.protocol.Messages;
 import org.spa.protocol.PluginExecutor;
 import org.spa.protocol.SessionResult;
 
-/** Sessions through the real websocket client (GatewayClient). */
+/**
+ * Sessions through the real websocket client (GatewayClient), which resumes a session after a
+ * lost connection. The defaults are `spa summarize`'s: 4 side outputs in flight, no uploads
+ * (pushed taps and the cloud-side projection send plugin weights to the gateway: opt-in).
+ */
 public final class GatewayConnector implements SessionRunner.Connector {
+    private final int inFlight;
+    private final boolean pushTaps, cloudProjection;
+
+    public GatewayConnector() {
+        this(4, false, false);
+    }
+
+    public GatewayConnector(int inFlight, boolean pushTaps, boolean cloudProjection) {
+        this.inFlight = inFlight;
+        this.pushTaps = pushTaps;
+        this.cloudProjection = cloudProjection;
+    }
+
     @Override
     public SessionRunner.Connection connect(String url, PluginExecutor executor, Messages.Plugin plugin, double tau, String token) {
-        final GatewayClient client = new GatewayClient(url, executor, plugin, tau, token);
+        final GatewayClient client = new GatewayClient(url, executor, plugin, tau, token)
+                .inFlight(inFlight).pushTaps(pushTaps).cloudProjection(cloudProjection);
         return new SessionRunner.Connection() {
             @Override
             public SessionResult run(String prompt, Messages.Options options, GatewayClient.Listener listener) throws ClientException {

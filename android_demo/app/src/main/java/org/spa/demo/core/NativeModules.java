@@ -2,7 +2,6 @@ package org.spa.demo.core;
 
 import java.lang.reflect.InvocationTargetException;
 import java.lang.reflect.Method;
-import java.util.Locale;
 
 /**
  * Calls on ExecuTorch's {@code Module} whose signature differs between releases. {@code
@@ -24,14 +23,12 @@ public final class NativeModules {
             throw new IllegalStateException("cannot call loadMethod: " + e, e);
         } catch (InvocationTargetException e) {
             Throwable cause = e.getCause();
-            if (cause instanceof RuntimeException) throw (RuntimeException) cause;
+            if (cause instanceof RuntimeException) throw ExecuTorchErrors.wrap("load method \"" + name + "\"", (RuntimeException) cause);
             if (cause instanceof Error) throw (Error) cause;
             throw new IllegalStateException("loadMethod(\"" + name + "\") failed: " + cause, cause);
         }
         if (result instanceof Number && ((Number) result).intValue() != 0) {
-            throw new IllegalStateException(String.format(Locale.US,
-                    "loadMethod(\"%s\") failed with ExecuTorch error 0x%x: is this .pte from a newer ExecuTorch than the app's runtime?",
-                    name, ((Number) result).intValue()));
+            throw ExecuTorchErrors.ofCode("load method \"" + name + "\"", ((Number) result).intValue());
         }
     }
 }

@@ -114,15 +114,18 @@ public class SmallPartsTest {
         try {
             NativeModules.loadMethod(new IntModule(), "side");
             fail("error code 0x22 ignored");
-        } catch (IllegalStateException expected) {
-            assertTrue(expected.getMessage(), expected.getMessage().contains("0x22"));
+        } catch (ExecuTorchErrors.PluginRuntimeException expected) {
+            assertEquals(0x22, expected.errorCode);
+            assertTrue(expected.getMessage(), expected.getMessage().contains("AccessFailed (0x22)"));
         }
         NativeModules.loadMethod(new VoidModule(), "gate");
         try {
             NativeModules.loadMethod(new VoidModule(), "side");
             fail("exception swallowed");
-        } catch (IllegalArgumentException expected) {
-            assertEquals("no method side", expected.getMessage());
+        } catch (ExecuTorchErrors.PluginRuntimeException expected) {
+            assertEquals(-1, expected.errorCode); // the exception named no code
+            assertTrue(expected.getCause() instanceof IllegalArgumentException);
+            assertTrue(expected.getMessage(), expected.getMessage().endsWith("no method side"));
         }
     }
 
