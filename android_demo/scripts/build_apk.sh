@@ -6,7 +6,7 @@
 #   Debian bullseye  libandroid-23-java (android.jar API 23, via setup_java.sh) and dalvik-exchange (dx),
 #                    fetched with `apt-get download` through a private sources list
 #   npm              react-native-executorch@0.9.3: org.pytorch.executorch classes + libexecutorch.so
-#                    react-native@0.70.15: libfbjni.so and libc++_shared.so (in its release AAR)
+#                    react-native@0.70.15: libfbjni.so (in its release AAR; its libc++_shared.so is not needed)
 #
 # Steps: the ExecuTorch classes (Java 11, nestmates) are retargeted to Java 8 by an ASM pass of
 # ours (android_demo/tools); OkHttp's lambdas are rewritten by `proguard -target 1.7`; the app,
@@ -44,9 +44,9 @@ MANIFEST="$DEMO_DIR/app/src/main/AndroidManifest.xml"
 
 # --- 1. packages ----------------------------------------------------------------------------
 "$REPO_DIR/scripts/setup_java.sh" # JDK, Java libraries, android.jar, ExecuTorch classes.jar
-PACKAGES="aapt zipalign apksigner android-framework-res dexdump proguard-cli libasm-java"
+PACKAGES="aapt zipalign apksigner android-framework-res dexdump proguard-cli libasm-java patchelf"
 apt_install_missing $PACKAGES
-for tool in aapt zipalign apksigner dexdump keytool python3; do
+for tool in aapt zipalign apksigner dexdump keytool python3 patchelf; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found after installing:$PACKAGES"
 done
 require "$FRAMEWORK_RES" "framework-res.apk (Debian android-framework-res)"
@@ -68,7 +68,7 @@ fi
 
 # Native libraries from npm, per ABI: libexecutorch.so (its SONAME is libexecutorch_jni.so; the
 # Java classes load it as System.loadLibrary("executorch"), so the file keeps the name
-# libexecutorch.so), libfbjni.so and libc++_shared.so.
+# libexecutorch.so) and libfbjni.so.
 npm_tarball() { # npm_tarball SPEC -> path of the cached tarball
     local spec="$1" dir="$ANDROID_CACHE/npm" name
     name="$(echo "$spec" | sed 's/@/-/').tgz"
@@ -89,13 +89,13 @@ for abi in $ABIS; do
         mv "$WORK/package/third-party/android/libs/executorch/$abi/libexecutorch.so" "$NATIVE/$abi/libexecutorch.so"
         rm -rf "$WORK"
     fi
-    if [ ! -s "$NATIVE/$abi/libfbjni.so" ] || [ ! -s "$NATIVE/$abi/libc++_shared.so" ]; then
+    if [ ! -s "$NATIVE/$abi/libfbjni.so" ]; then
         WORK="$(mktemp -d)"
         AAR="package/android/com/facebook/react/react-native/0.70.15/react-native-0.70.15-release.aar"
         run_logged tar -xzf "$(npm_tarball "$RN_NPM")" -C "$WORK" "$AAR"
-        run_logged unzip -o -q "$WORK/$AAR" "jni/$abi/libfbjni.so" "jni/$abi/libc++_shared.so" -d "$WORK/aar"
+        run_logged unzip -o -q "$WORK/$AAR" "jni/$abi/libfbjni.so" -d "$WORK/aar"
         mkdir -p "$NATIVE/$abi"
-        mv "$WORK/aar/jni/$abi/libfbjni.so" "$WORK/aar/jni/$abi/libc++_shared.so" "$NATIVE/$abi/"
+        mv "$WORK/aar/jni/$abi/libfbjni.so" "$NATIVE/$abi/"
         rm -rf "$WORK"
     fi
 done
@@ -172,9 +172,16 @@ sed "0,/<manifest /s//<manifest package=\"$PACKAGE\" /" "$MANIFEST" > "$OUT/Andr
 run_logged aapt package -f --debug-mode -M "$OUT/AndroidManifest.xml" -S "$RES_DIR" -I "$FRAMEWORK_RES" \
     --min-sdk-version 26 --target-sdk-version 34 --version-code "$VERSION_CODE" --version-name "$VERSION_NAME" \
     -F "$OUT/unaligned.apk"
+# One C++ runtime in the process: libexecutorch.so (NDK r27c) links its C++ runtime statically and
+# exports it, and every C++ runtime symbol libfbjni.so imports is among those exports
+# (tests/android/test_apk.py checks it). The app loads libfbjni.so only as libexecutorch.so's
+# dependency, in one load group (ExecuTorch first: org.spa.demo.core.NativeLibraries), so fbjni
+# binds to that runtime. React Native's libc++_shared.so, a second runtime (and 4 KB-aligned), is
+# therefore not packaged, and the packaged libfbjni.so no longer names it.
 for abi in $ABIS; do
     mkdir -p "$OUT/stage/lib/$abi"
-    cp "$NATIVE/$abi/libexecutorch.so" "$NATIVE/$abi/libfbjni.so" "$NATIVE/$abi/libc++_shared.so" "$OUT/stage/lib/$abi/"
+    cp "$NATIVE/$abi/libexecutorch.so" "$NATIVE/$abi/libfbjni.so" "$OUT/stage/lib/$abi/"
+    run_logged patchelf --remove-needed libc++_shared.so "$OUT/stage/lib/$abi/libfbjni.so"
 done
 (cd "$OUT/stage" && run_logged aapt add "$OUT/unaligned.apk" classes.dex $(find lib -type f | sort))
 # OkHttp's public suffix list, a Java resource it reads from the class path (not with `aapt add`,
