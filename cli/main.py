@@ -83,6 +83,11 @@ def cmd_export(args) -> int:
 
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
     manifest = export_plugin(args.plugin_dir, args.out, variants=args.variants, progress=progress)
+    if not args.no_head:  # the backbone's output head, for devices that settle their side tokens (once per backbone)
+        from spa.model.output_head import ensure_head
+
+        head = ensure_head(manifest["backbone"], args.backbone, log=progress)
+        manifest["output_head"] = None if head is None else str(head)
     print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest, Path(args.out)))
     return 0 if all(v["parity"]["ok"] for v in manifest["variants"].values()) else 1
 
@@ -120,7 +125,7 @@ def cmd_gateway(args) -> int:
     backbone = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     asyncio.run(run_gateway(backbone, args.host, args.port, _limits(args), token,
                             announce=lambda line: print(line, flush=True), ssl_context=tls, max_batch=args.max_batch,
-                            resume_secret=resume_secret, branches=args.branches))
+                            resume_secret=resume_secret, branches=args.branches, settle=args.settle))
     return 0
 
 
@@ -150,7 +155,8 @@ def cmd_serve(args) -> int:
     secret = load_secret(args.resume_secret_file) or secrets.token_bytes(32)
     config = {"backbone": args.backbone, "dtype": args.dtype, "device": args.device, "auth_token": token,
               "limits": limits.to_dict(), "max_batch": args.max_batch, "resume_secret": secret,
-              "torch_threads": args.torch_threads, "verbose": args.verbose, "branches": args.branches}
+              "torch_threads": args.torch_threads, "verbose": args.verbose, "branches": args.branches,
+              "settle": args.settle}
     options = deployment_options(args.replicas, args.min_replicas, args.max_replicas, args.target_sessions,
                                  limits.max_sessions, args.replica_cpus, args.replica_gpus, args.torch_threads)
     run_serve(config, host=args.host, port=args.port, address=args.address, options=options,
@@ -187,7 +193,7 @@ def cmd_summarize(args) -> int:
     result = asyncio.run(run_session(args.gateway, pte, prompt, options, tau=args.tau, token=token, on_commit=printer,
                                      cafile=args.cafile, reconnect=not args.no_reconnect,
                                      cloud_projection=args.cloud_projection, push_taps=args.push_taps,
-                                     max_in_flight=args.in_flight))
+                                     max_in_flight=args.in_flight, settle=args.settle))
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "sigmas": result.sigmas,
                           "finish_reason": result.finish_reason, "document": document.note() or "whole",
@@ -334,6 +340,9 @@ def _add_serving_options(p) -> None:
     p.add_argument("--keyfile", help="TLS private key (PEM), if not inside --certfile")
     p.add_argument("--max-batch", type=int, default=64, help="most sessions' decode steps run as one batched forward "
                    "(default 64; 1: no batching)")
+    p.add_argument("--no-settle", dest="settle", action="store_false",
+                   help="do not let devices settle their own side tokens (by default they may, where the logits "
+                        "are float32): every side token then costs a verdict")
     p.add_argument("--branches", type=_branches, default=0, metavar="K",
                    help="branch drafting: while a side output is pending, also draft the continuations of the "
                         "backbone's K next-best tokens there, batched with the main draft, so a verdict that "
@@ -390,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="directory for the .pte files")
     p.add_argument("--variants", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     p.add_argument("--json", action="store_true", help="print the manifest (sizes, parity errors) as JSON")
+    p.add_argument("--backbone", help="the backbone's directory, to write its output head for settlement (default: "
+                   "the packaged backbone the plugin was trained on, if converted here)")
+    p.add_argument("--no-head", action="store_true", help="do not write the backbone's output head")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("gateway", help="serve the backbone to devices over websockets")
@@ -434,9 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "bytes down")
     p.add_argument("--in-flight", type=int, default=4, metavar="N",
                    help="side outputs that may await their verdict at once (1: one at a time; default 4)")
-    p.add_argument("--push-taps", action="store_true",
-                   help="upload the gate (4.6 KB; the gateway sees every sigma anyway) so the gateway sends the taps "
-                        "with the step where the gate will open: one round trip per side token instead of two")
+    p.add_argument("--no-push-taps", dest="push_taps", action="store_false",
+                   help="do not upload the gate (by default it is: 4.6 KB, and the gateway sees every sigma anyway) "
+                        "so that the gateway sends the taps with the step where the gate will open; without it a "
+                        "side token costs two round trips instead of one")
+    p.add_argument("--no-settle", dest="settle", action="store_false",
+                   help="send every side output and wait for the gateway's verdict; by default the device proves "
+                        "a side token's token itself where it can (needs the backbone's output head, which spa "
+                        "export writes; greedy only): the side output stays on the device and no round trip is "
+                        "waited for")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling seeded by --seed")
     p.add_argument("--seed", type=int, default=0)

@@ -147,7 +147,7 @@ class GatewayReplica:
                                  device=config.get("device", "cpu"))
         self.gateway = Gateway(backbone, Limits(**config["limits"]), config.get("auth_token"),
                                max_batch=config.get("max_batch", 64), resume_secret=config["resume_secret"],
-                               branches=config.get("branches", 0))
+                               branches=config.get("branches", 0), settle=config.get("settle", True))
 
     @app.websocket("/")
     async def connect(self, websocket: WebSocket) -> None:

@@ -25,6 +25,7 @@ import signal
 import ssl
 from dataclasses import dataclass
 
+import torch
 from websockets.asyncio.server import serve
 
 from cloud_gateway.engine import Engine
@@ -85,11 +86,15 @@ class GatewayCounters:
 class Gateway:
     def __init__(self, backbone, limits: Limits = Limits(), auth_token: str | None = None,
                  max_batch: int = 64, batching: bool = True, write_limit: int = 1 << 16,
-                 socket_sndbuf: int | None = None, resume_secret: bytes | None = None, branches: int = 0):
+                 socket_sndbuf: int | None = None, resume_secret: bytes | None = None, branches: int = 0,
+                 settle: bool = True):
         self.engine = Engine(backbone, max_batch=max_batch, batching=batching)
         if branches < 0:
             raise SpaError(f"branches must be >= 0 (got {branches})")
         self.branches = branches  # branch drafting: alternatives drafted at a pending side position (0: off)
+        # Settlement (devices prove their side tokens, docs/PROTOCOL.md §6): offered where the logits are
+        # float32 (a device's proof bounds float32 rounding); `settle=False` turns it off.
+        self.settle = settle and backbone.dtype == torch.float32
         # Resume tokens signed with the deployment's shared secret (None: this process's own).
         self.tokens = ResumeTokens(resume_secret)
         # Outgoing bytes one connection may buffer before a send waits for the
@@ -120,7 +125,8 @@ class Gateway:
                 raise ProtocolError("busy", "too many connections; retry later")
             proto = GatewayProtocol(self.engine.identity, self.engine.eos_ids, self.limits, self.auth_token,
                                     resumable=self.limits.resume_grace_s > 0, resume_tokens=self.tokens,
-                                    branches=self.branches, predict_gate=gate_probability)
+                                    branches=self.branches, predict_gate=gate_probability, settle=self.settle,
+                                    pieces=self.engine.pieces)
             first = await connection.recv(self.limits.idle_timeout_s)
             if first.get("type") == "hello" and connection.frames.first_form == "none":
                 connection.frames.answer_in("none")  # a device without zstd reads our answers, errors included
@@ -260,14 +266,14 @@ class Gateway:
 
 async def run_gateway(backbone, host: str, port: int, limits: Limits, auth_token: str | None,
                       announce=print, ssl_context: ssl.SSLContext | None = None, max_batch: int = 64,
-                      resume_secret: bytes | None = None, branches: int = 0) -> None:
+                      resume_secret: bytes | None = None, branches: int = 0, settle: bool = True) -> None:
     """Serve until SIGINT/SIGTERM. `resume_secret`: the deployment's shared
     secret for resume tokens (None: this process's own). `branches`: branch
-    drafting's K (0: off)."""
+    drafting's K (0: off). `settle`: let devices settle their side tokens."""
     if not is_loopback(host) and not auth_token:
         raise SpaError(f"refusing to listen on {host} without an auth token: pass --token or set SPA_GATEWAY_TOKEN")
     gateway = Gateway(backbone, limits, auth_token, max_batch=max_batch, resume_secret=resume_secret,
-                      branches=branches)
+                      branches=branches, settle=settle)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))

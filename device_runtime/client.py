@@ -33,10 +33,11 @@ from websockets.exceptions import ConnectionClosed, InvalidURI, InvalidHandshake
 
 from spa.errors import SpaError
 from spa.protocol import messages as m
-from spa.protocol.device import Commit, DeviceProtocol, RunGate, RunSide
+from spa.protocol.device import Commit, DeviceProtocol, RunGate, RunHead, RunSide
 from spa.protocol.errors import PeerError, ProtocolError
 from spa.protocol.frames import FrameCodec
 from spa.protocol.limits import Limits
+from spa.model.output_head import find_head
 from spa.model.spa_rule import gate_input
 
 
@@ -105,7 +106,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
                       open_timeout: float = 30.0, cafile: str | None = None,
                       reconnect: bool = True, cloud_projection: bool = False,
                       push_taps: bool = False, max_in_flight: int = 1,
-                      compression: tuple[str, ...] | None = None) -> SummaryResult:
+                      compression: tuple[str, ...] | None = None, settle: bool = True) -> SummaryResult:
     """Generate one summary through the gateway at `url`; `on_commit(piece, sigma)` streams it.
 
     `cafile`: CA bundle to trust for wss:// (default: the system's). `reconnect`:
@@ -121,13 +122,17 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     already here and send their side outputs without waiting, docs/PROTOCOL.md §6).
     `compression`: the frame compressions offered in `hello`, preferred first, e.g.
     ("zstd", "none") or ("none",) (PROTOCOL.md §2); None sends no offer, which
-    means zstd. `stats["compression"]` says what the gateway chose."""
+    means zstd. `stats["compression"]` says what the gateway chose. `settle`: prove
+    side tokens on the device where possible (PROTOCOL.md §6, "Settlement"): needs the
+    backbone's output head on this machine (`spa export` writes it) and greedy
+    decoding; the side output of a settled token never leaves the device."""
     if pte.config.combination != "add":
         raise SpaError(f"{pte.path}: a {pte.config.combination!r} plugin (the paper's S2/S3 evaluation rows) does "
                        f"not run in the split; the gateway adds the side output (retrain without --combination)")
     tau = pte.tau if tau is None else tau
     # The plugin's gate decides whether steps carry the backbone's logit margin.
-    options = dataclasses.replace(options, gate_margin=pte.config.gate_margin)
+    head = find_head(pte.config.backbone["fingerprint"]) if settle and options.temperature == 0 else None
+    options = dataclasses.replace(options, gate_margin=pte.config.gate_margin, settle=head is not None)
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
     proto = DeviceProtocol(m.Hello(token, plugin, prompt, options,
                                    projection=upload_projection(pte) if cloud_projection else None,
@@ -140,7 +145,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     while not proto.ended:
         resuming = proto.ready is not None
         try:
-            await _connection(url, proto, pte, tau, counters, result, on_commit, limits, open_timeout,
+            await _connection(url, proto, pte, tau, head, counters, result, on_commit, limits, open_timeout,
                               tls, clock)
         except _Lost as exc:
             reason = str(exc)
@@ -200,6 +205,10 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "push_taps": push_taps,
         "pushed_taps_used": proto.stats.pushed_used,
         "max_in_flight": proto.stats.max_in_flight,
+        "settle": options.settle and bool(proto.settles),
+        "settled": proto.stats.settled,
+        "unproven": proto.stats.unproven,
+        "branch_adopted": proto.stats.branch_adopted,
         "tau": tau,
         "gateway": proto.end.stats,
         "resumes": proto.stats.resumes,
@@ -208,7 +217,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     return result
 
 
-async def _connection(url, proto: DeviceProtocol, pte, tau, counters, result, on_commit, limits,
+async def _connection(url, proto: DeviceProtocol, pte, tau, head, counters, result, on_commit, limits,
                       open_timeout, tls, clock) -> None:
     """One websocket connection: hello (or the resume hello), then messages until
     the end. Raises _Lost when the connection ends early in a repairable way."""
@@ -240,7 +249,7 @@ async def _connection(url, proto: DeviceProtocol, pte, tau, counters, result, on
                     counters.compression = choice
                 counters.count(counters.messages_down, str(msg.get("type")))
                 proto.receive(msg)  # a verdict (or a resumed's commit) commits a token
-                _compute(proto, pte, tau)  # a sigma = 0 gate commits a draft
+                _compute(proto, pte, tau, head)  # a sigma = 0 gate (or a proven token) commits
                 for commit in proto.committed[len(result.tokens):]:
                     clock["last"] = time.perf_counter()
                     clock["first"] = clock["first"] or clock["last"]
@@ -279,8 +288,8 @@ async def _read(conn, inbox: asyncio.Queue) -> None:
         await inbox.put(None)
 
 
-def _compute(proto: DeviceProtocol, pte, tau: float) -> None:
-    """Answer every action the protocol has for us: gates, then a side output."""
+def _compute(proto: DeviceProtocol, pte, tau: float, head) -> None:
+    """Answer every action the protocol has for us: gates, side outputs, proofs."""
     while (action := proto.next_action()) is not None:
         if isinstance(action, RunGate):
             sigma = pte.gate(gate_input(pte, action.f, action.margin)) > tau
@@ -288,6 +297,9 @@ def _compute(proto: DeviceProtocol, pte, tau: float) -> None:
         elif isinstance(action, RunSide):
             side = pte.side_projected if action.projected else pte.side
             proto.side_output(action.pos, side(action.taps)[None])
+        elif isinstance(action, RunHead):
+            token = head.certify(action.f, action.s).token
+            proto.certified(action.pos, token, head.pieces[token] if token is not None else b"")
 
 
 async def _flush(conn, proto: DeviceProtocol, frames: FrameCodec, counters: _Counters) -> None:

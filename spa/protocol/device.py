@@ -9,6 +9,9 @@ The caller owns the websocket, the gate and the side network:
                                margin gate (m: the step's margin, options.gate_margin)
         RunSide(pos, taps)  -> dp.side_output(pos, side(taps)), or
                                side_projected(taps) when action.projected
+        RunHead(pos, f, s)  -> dp.certified(pos, token, piece): a settling session's proof
+                               (spa.model.output_head.OutputHead.certify), token None if
+                               it does not hold
     when no received message is waiting (or after each one: lock-step):
                             send each of dp.flush()
     dp.ended -> done; dp.committed holds the text
@@ -25,8 +28,19 @@ are settled (sigma = 0: the draft; sigma = 1: the verdict's token), so
 nothing shown to the user is ever taken back. A verdict that changes its
 token voids every later decision: the gateway drops the device's messages
 about them by their old epoch, and the device drops its own state.
+
+Settlement (version 3, `options.settle`, once `ready.settle` agrees): with a
+position's taps the gateway sends the exact `f_t`; after the side output the
+device tries to prove its token (`RunHead`). A proven token is committed here,
+in order, like a verdict's, and only the token goes up (`settled`): the side
+output stays on the device. Where the proof does not hold, `side` goes up and
+the verdict decides, as without settlement. A settled token that changes the
+draft voids every later decision at once, and when the gateway streamed the
+branch line of that token (`step.branch`), its drafts become the main line's:
+gating goes on without a round trip.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +64,14 @@ class RunSide:
     projected: bool = False  # the cloud applied the per-tap projections (hello.projection)
 
 
-Action = RunGate | RunSide
+@dataclass(frozen=True)
+class RunHead:
+    pos: int
+    f: np.ndarray  # the exact f_pos [H], from the gateway
+    s: np.ndarray  # the side output as the gateway decodes it [H]
+
+
+Action = RunGate | RunSide | RunHead
 
 
 Commit = m.Commit  # one committed position: pos t, token x_{t+1}, its text piece
@@ -66,6 +87,9 @@ class DeviceStats:
     pushed_used: int = 0  # sigma = 1 positions answered from pushed taps (no need_taps)
     resumes: int = 0
     max_in_flight: int = 0  # most side outputs awaiting their verdict at once
+    settled: int = 0  # sigma = 1 positions whose token the device proved itself (settlement)
+    unproven: int = 0  # sigma = 1 positions of a settling session where the proof did not hold: side sent
+    branch_adopted: int = 0  # streamed branch steps that became main-line steps after a change
 
 
 class DeviceProtocol:
@@ -89,8 +113,19 @@ class DeviceProtocol:
         self.sent_upto = 0  # every position < sent_upto has its decision sent (or queued)
         # sigma of gated, uncommitted positions; for sigma = 1 also where its side stands:
         self.sigma: dict[int, bool] = {}
-        self.side_state: dict[int, str] = {}  # sigma = 1 pos -> "taps" | "side" | "verdict"
+        # sigma = 1 pos -> "taps" | "side" | "head" (settling: the proof is computed) | "verdict" | "settled"
+        self.side_state: dict[int, str] = {}
         self.taps: dict[int, np.ndarray] = {}  # decoded taps of positions in state "side"
+        # Settlement: whether the session settles (the hello asked, ready agreed); the exact f of
+        # positions whose taps came; the side output of positions in state "head" (encoded, decoded);
+        # the proven (token, piece) of positions in state "settled"; streamed branch lines by
+        # (branch point, token); the branch point a change adopted (its late branch steps are main).
+        self.settles = False
+        self.exact: dict[int, np.ndarray] = {}
+        self.heads: dict[int, tuple[dict, np.ndarray]] = {}
+        self.proven: dict[int, tuple[int, bytes]] = {}
+        self.branches: dict[tuple[int, int], list[tuple[m.Step, np.ndarray]]] = {}
+        self.adopted: tuple[int, int] | None = None
         self.pending_accept: int | None = None  # end of a sigma = 0 run not yet sent
         self.outbox: list[dict] = []
         self.committed: list[Commit] = []
@@ -154,6 +189,7 @@ class DeviceProtocol:
                 f"plugin needs {self.hello.plugin.fingerprint!r}",
             )
         self.ready = ready
+        self.settles = self.hello.options.settle and ready.settle
         self.session, self.secret = ready.session, ready.secret
         self.next_pos = self.next_gate = self.sent_upto = ready.prompt_tokens - 1
         self.last_step_pos = self.next_pos - 1
@@ -182,6 +218,8 @@ class DeviceProtocol:
                      f"the device is at {self.next_pos}")
         for c in r.commits:  # its sigma as the gateway knew it (our own decision may have been voided)
             self._commit(c.pos, c.token, c.piece, c.sigma)
+        self.branches.clear()  # the gateway dropped its branch lines
+        self.adopted = None
         self.secret, self.epoch = r.secret, r.epoch
         self._forget_after(r.pos - 1)
         self.pending_accept = None
@@ -192,8 +230,19 @@ class DeviceProtocol:
         self.phase = "generating"
 
     def _on_step(self, step: m.Step) -> None:
-        # Steps voided by a rollback all arrive before its verdict (one ordered
-        # stream), so any step that arrives carries the current epoch.
+        if step.branch is not None and (step.branch.pos, step.branch.token) != self.adopted:
+            return self._on_branch_step(step)
+        if step.branch is not None:  # the line a change adopted: streamed before the gateway learned of it
+            step = dataclasses.replace(step, epoch=self.epoch, branch=None)
+            self.stats.branch_adopted += 1
+        if self.settles and (step.epoch < self.epoch or step.pos > self._void_after()):
+            # A settling device changes tokens itself: the drafts the gateway made before it learned
+            # of the change arrive after it (in the old epoch, or past a change not committed yet)
+            # and are void.
+            self.stats.dropped += 1
+            return
+        # Without settlement, steps voided by a rollback all arrive before its verdict (one
+        # ordered stream), so any step that arrives carries the current epoch.
         self._expect(step.epoch == self.epoch, f"step of epoch {step.epoch}, expected {self.epoch}")
         self._expect(step.pos == self.last_step_pos + 1, f"step {step.pos} after step {self.last_step_pos}")
         self._expect(
@@ -209,12 +258,34 @@ class DeviceProtocol:
         if step.taps is not None:
             self._expect(self.hello.gate is not None, f"step {step.pos} pushes taps; the hello did not ask for that")
             self.pushed[step.pos] = self._taps_of(step.taps_array, "step.taps")
+            self._keep_exact(step.pos, step.exact_array, "step.exact")
         self.last_step_pos = step.pos
 
+    def _on_branch_step(self, step: m.Step) -> None:
+        """A streamed branch line's draft: kept until its branch point is committed (adopted if the
+        point's token is the line's, dropped otherwise)."""
+        self._expect(self.settles, f"step {step.pos} streams a branch line; the session does not settle")
+        at, token = step.branch.pos, step.branch.token
+        if at < self.next_pos or step.epoch < self.epoch:  # its point was committed another way: void
+            return
+        self._expect(step.epoch == self.epoch, f"branch step of epoch {step.epoch}, expected {self.epoch}")
+        line = self.branches.setdefault((at, token), [])
+        self._expect(step.pos == at + 1 + len(line) and step.pos <= at + 1 + self.window,
+                     f"branch step {step.pos} of the line of {token} at {at} out of order")
+        line.append((step, self._shaped(step.f_array, "step.f", 1)))
+
+    def _keep_exact(self, pos: int, exact: np.ndarray | None, what: str) -> None:
+        if self.settles:
+            self._expect(exact is not None, f"{what}: missing; the session settles")
+            self.exact[pos] = self._shaped(exact, what, 1)[0]
+
     def _on_taps(self, taps: m.Taps) -> None:
+        if self.settles and (taps.epoch < self.epoch or taps.pos > self._void_after()):
+            return  # asked for before a token we proved changed its draft: void (the gateway drops it too)
         self._expect(self.side_state.get(taps.pos) == "taps", f"taps for position {taps.pos} not asked for")
         self._expect(taps.epoch == self.epoch, f"taps of epoch {taps.epoch}, expected {self.epoch}")
         self.taps[taps.pos] = self._taps_of(taps.taps_array, "taps.taps")
+        self._keep_exact(taps.pos, taps.exact_array, "taps.exact")
         self.side_state[taps.pos] = "side"
 
     def _taps_of(self, x: np.ndarray, what: str) -> np.ndarray:
@@ -233,20 +304,36 @@ class DeviceProtocol:
             self.secret = v.secret
         self._commit(v.pos, v.token, v.piece, True)
         if v.changed:  # drafts after pos were built on the old token, and so were our decisions on them
-            self.stats.rollbacks += 1
-            self.changed_positions.add(v.pos)
-            self.stats.dropped += len(self.steps)
-            self._forget_after(v.pos)
-            self.last_step_pos = v.pos
-            self.next_gate = v.pos + 1
-            self.sent_upto = min(self.sent_upto, v.pos + 1)
-            self.epoch = v.epoch
+            self._changed(v.pos, v.token, v.epoch)
         self._commit_settled()
+
+    def _changed(self, pos: int, token: int, epoch: int) -> None:
+        """pos is committed with `token`, not its draft: the new epoch begins. Every later step and
+        decision is void, but a streamed branch line of that token becomes the main line."""
+        self.stats.rollbacks += 1
+        self.changed_positions.add(pos)
+        self.stats.dropped += len(self.steps)
+        self._forget_after(pos)
+        self.last_step_pos = pos
+        self.next_gate = pos + 1
+        self.sent_upto = min(self.sent_upto, pos + 1)
+        self.epoch = epoch
+        line = self.branches.pop((pos, token), [])
+        self.branches.clear()  # the other lines continued tokens that lost
+        if self.settles:
+            self.adopted = (pos, token)
+        for step, f in line:  # the branch's drafts, now the main line's in the new epoch
+            self.steps[step.pos] = (dataclasses.replace(step, epoch=epoch, branch=None), f)
+            self.last_step_pos = step.pos
+        self.stats.branch_adopted += len(line)
 
     def _forget_after(self, pos: int) -> None:
         """Drop every uncommitted decision and step past pos (and queued messages about them)."""
         self.steps = {p: st for p, st in self.steps.items() if p <= pos}
         self.pushed.clear()
+        for state in (self.exact, self.heads, self.proven):
+            for p in [p for p in state if p > pos]:
+                del state[p]
         self.sigma = {p: x for p, x in self.sigma.items() if p <= pos}
         self.side_state = {p: x for p, x in self.side_state.items() if p <= pos}
         self.taps = {p: x for p, x in self.taps.items() if p <= pos}
@@ -274,9 +361,12 @@ class DeviceProtocol:
         max_in_flight side outputs await their verdict."""
         if self.phase != "generating":
             return None
+        for pos in sorted(self.heads):
+            if self.side_state.get(pos) == "head":
+                return RunHead(pos, self.exact[pos], self.heads[pos][1][0])
         for pos in sorted(self.taps):
             return RunSide(pos, self.taps[pos], self.hello.projection is not None)
-        if self.next_gate in self.steps and self.in_flight < self.max_in_flight:
+        if self.next_gate in self.steps and self.in_flight < self.max_in_flight and not self._change_pending():
             step, f = self.steps[self.next_gate]
             return RunGate(self.next_gate, f, step.margin if self.hello.options.gate_margin else None)
         return None
@@ -307,9 +397,45 @@ class DeviceProtocol:
         """Report s [1, H] for the position of a RunSide."""
         self._require(self.side_state.get(pos) == "side", f"side_output({pos})")
         opts = self.hello.options
-        self.outbox.append(m.Side(self.epoch, pos, codec.encode(s, opts.codec, opts.outliers)).to_dict())
+        encoded = codec.encode(s, opts.codec, opts.outliers)
         del self.taps[pos]
+        if self.settles and pos in self.exact and opts.temperature == 0:  # try to prove the token first
+            self.heads[pos] = (encoded, codec.decode(encoded))
+            self.side_state[pos] = "head"
+            return
+        self.outbox.append(m.Side(self.epoch, pos, encoded).to_dict())
         self.side_state[pos] = "verdict"
+
+    def certified(self, pos: int, token: int | None, piece: bytes = b"") -> None:
+        """Report the proof of a RunHead: the token of pos (and its piece), or None where the proof
+        does not hold (the side output then goes up, and the verdict decides)."""
+        self._require(self.side_state.get(pos) == "head", f"certified({pos})")
+        encoded, _ = self.heads.pop(pos)
+        del self.exact[pos]
+        if token is None:
+            self.stats.unproven += 1
+            self.outbox.append(m.Side(self.epoch, pos, encoded).to_dict())
+            self.side_state[pos] = "verdict"
+            return
+        self.stats.settled += 1
+        self.outbox.append(m.Settled(self.epoch, pos, int(token)).to_dict())
+        self.side_state[pos] = "settled"
+        self.proven[pos] = (int(token), bytes(piece))
+        if token != self.steps[pos][0].draft:  # every later decision is void, whatever comes before pos
+            self._forget_after(pos)
+            self.last_step_pos = pos
+            self.next_gate = pos + 1
+            self.sent_upto = min(self.sent_upto, pos + 1)
+        self._commit_settled()
+
+    def _change_pending(self) -> bool:
+        """A proven token that changes its draft awaits its commit: nothing after it is gated before
+        (its steps are void; the branch line's come in the new epoch)."""
+        return self._void_after() != float("inf")
+
+    def _void_after(self) -> float:
+        """The position of the earliest proven token that changes its draft (later ones are void), or inf."""
+        return min((p for p in self.proven if self.proven[p][0] != self.steps[p][0].draft), default=float("inf"))
 
     def flush(self) -> list[dict]:
         """Messages to send now, in order; a run of sigma = 0 positions becomes
@@ -324,16 +450,29 @@ class DeviceProtocol:
     # --- helpers -------------------------------------------------------
 
     def _commit_settled(self) -> None:
-        """Commit the sigma = 0 positions that no earlier side output holds back."""
-        while self.sigma.get(self.next_pos) is False:
-            step = self.steps[self.next_pos][0]
-            self._commit(self.next_pos, step.draft, step.piece, False)
+        """Commit, in order, the positions that are settled: sigma = 0 ones (their draft) and proven
+        ones (their token; a change begins the new epoch, as a changed verdict does), until one
+        still awaits its side output or verdict."""
+        while True:
+            pos = self.next_pos
+            if self.sigma.get(pos) is False:
+                step = self.steps[pos][0]
+                self._commit(pos, step.draft, step.piece, False)
+            elif pos in self.proven and self.side_state.get(pos) == "settled":
+                token, piece = self.proven.pop(pos)
+                draft = self.steps[pos][0].draft
+                self._commit(pos, token, piece, True)
+                if token != draft:
+                    self._changed(pos, token, self.epoch + 1)
+            else:
+                return
 
     def _commit(self, pos: int, token: int, piece: bytes, sigma: bool | None) -> None:
         self.committed.append(Commit(pos, token, piece, sigma))
-        for state in (self.steps, self.sigma, self.side_state, self.taps):
+        for state in (self.steps, self.sigma, self.side_state, self.taps, self.exact, self.heads, self.proven):
             state.pop(pos, None)
         self.next_pos = pos + 1
+        self.branches = {key: line for key, line in self.branches.items() if key[0] >= pos}
 
     def _shaped(self, x: np.ndarray, what: str, rows: int, cols: int | None = None) -> np.ndarray:
         """x (decoded once, by messages.parse) if it has the expected shape."""

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from spa.protocol.device import DeviceProtocol, RunGate, RunSide
+from spa.protocol.device import DeviceProtocol, RunGate, RunHead, RunSide
 from spa.protocol.frames import FrameCodec
 from spa.protocol.gateway import (CutLine, Draft, DropLine, ForgetStates, ForkLine, GatewayProtocol, Head, Prefill,
                                   SendTaps)
@@ -154,9 +154,10 @@ class GatewayHost:
 
 
 class DeviceHost:
-    def __init__(self, proto: DeviceProtocol, gate: Callable, side: Callable):
-        """`gate(pos, f, margin) -> sigma`, `side(pos, taps, projected) -> s [1, H]`."""
-        self.proto, self.gate, self.side = proto, gate, side
+    def __init__(self, proto: DeviceProtocol, gate: Callable, side: Callable, head: Callable | None = None):
+        """`gate(pos, f, margin) -> sigma`, `side(pos, taps, projected) -> s [1, H]`; a settling
+        session's `head(pos, f, s) -> (token, piece)`, token None where the proof does not hold."""
+        self.proto, self.gate, self.side, self.head = proto, gate, side, head
 
     def receive(self, msg: dict) -> None:
         self.proto.receive(msg)
@@ -168,6 +169,8 @@ class DeviceHost:
                 self.proto.gated(action.pos, self.gate(action.pos, action.f, action.margin))
             elif isinstance(action, RunSide):
                 self.proto.side_output(action.pos, self.side(action.pos, action.taps, action.projected))
+            elif isinstance(action, RunHead):
+                self.proto.certified(action.pos, *self.head(action.pos, action.f, action.s))
 
     def send(self) -> list[dict]:
         return self.proto.flush()

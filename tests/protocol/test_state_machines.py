@@ -2,6 +2,7 @@
 each other in memory (spa/protocol/loopback.py; a fake backbone, gate and side stand in
 for the models)."""
 
+import dataclasses
 import random
 import struct
 import tracemalloc
@@ -978,3 +979,55 @@ def test_a_resume_with_branches_alive_discards_them_and_commits_the_lock_step_to
     assert cuts >= 3, cuts
     if in_flight > 1 and window == 8:
         assert lost_verdicts > 0
+
+
+# --- settlement: the device proves its side tokens (version 3) ------------------------------------
+
+
+def _settling_pair(opts: m.Options, prompt: list[int], max_in_flight: int, branches: int) -> Loopback:
+    """The fake world with settlement: the gateway sends exact f with taps and streams its branch
+    lines; the device's 'proof' is the fake combination itself, refused at every fifth position
+    (there the side output goes up and the verdict decides, as a real proof refuses a near-tie)."""
+    hello = m.Hello("", m.Plugin(BACKBONE.fingerprint, TAPS, "h"), "prompt", dataclasses.replace(opts, settle=True))
+    gp = GatewayProtocol(BACKBONE, eos_ids=[EOS], branches=branches, settle=True,
+                         pieces=[piece(t) for t in range(VOCAB)])
+    dp = DeviceProtocol(hello, max_in_flight)
+
+    def head(pos, f, s):
+        if pos % 5 == 0:
+            return None, b""
+        token = fake_combine(f[None], s[None], dp.steps[pos][0].draft)
+        return token, piece(token)
+
+    device = DeviceHost(dp, lambda pos, f, margin: fake_gate(f), lambda pos, taps, projected: fake_side(taps), head)
+    return Loopback(GatewayHost(gp, FakeModel(prompt, branches)), device)
+
+
+@pytest.mark.parametrize("branches", [0, 2])
+@pytest.mark.parametrize("in_flight", [1, 4])
+@pytest.mark.parametrize("window", [0, 2, 8])
+def test_settlement_commits_exactly_the_lock_step_tokens(window, in_flight, branches):
+    """Settled tokens, fallbacks to the verdict, rollbacks the device starts itself, streamed branch
+    lines adopted without a round trip: in every interleaving the tokens are the lock-step ones."""
+    totals = dict.fromkeys(("settled", "unproven", "adopted", "settled_changed", "streamed", "heads"), 0)
+    for seed in range(8):
+        opts = m.Options(window=window, codec="int8", outliers=2, max_new_tokens=40)
+        prompt = PROMPT + [seed]
+        pair = _settling_pair(opts, prompt, in_flight, branches)
+        pair.run(random.Random(seed), max_moves=100_000)
+        dev, stats = pair.device.proto, pair.device.proto.end.stats
+        assert [c.token for c in dev.committed] == lock_step_reference(opts, prompt), f"seed {seed}"
+        # (a proof of a position an earlier verdict voided reaches the gateway stale: dropped)
+        assert stats["settled"] <= dev.stats.settled and stats["tokens"] == len(dev.committed)
+        assert not [d for way, d, _ in pair.sent if way == "up" and d["type"] == "side"
+                    and d["pos"] % 5 != 0], "a side output left the device for a position it settled"
+        totals["settled"] += dev.stats.settled
+        totals["unproven"] += dev.stats.unproven
+        totals["adopted"] += dev.stats.branch_adopted
+        totals["settled_changed"] += stats["settled_changed"]
+        totals["streamed"] += stats["branch_streamed"]
+        totals["heads"] += stats["heads"]
+    assert totals["settled"] > 0 and totals["settled_changed"] > 0, totals  # settled, changes included
+    assert totals["unproven"] > 0 and totals["heads"] == totals["unproven"], totals  # a head only for a fallback
+    if branches and window > 0:
+        assert totals["streamed"] > 0 and totals["adopted"] > 0, totals  # a change continued on a streamed line

@@ -72,11 +72,10 @@ class Branching:
         b.feed = entry.token
         return True
 
-    def hit(self, token: int, computing) -> BranchLine | None:
-        """The branch line that drafted `token` (the verdict's changed token at the branch point),
-        unless its draft is still being computed (`computing`: line ids)."""
-        line = next((b for b in self.lines.values() if b.token == token and b.drafts and b.line not in computing),
-                    None)
+    def hit(self, token: int) -> BranchLine | None:
+        """The branch line that drafted `token` (the changed token at the branch point), if it has
+        a draft (one in progress goes on as the main line's)."""
+        line = next((b for b in self.lines.values() if b.token == token and b.drafts), None)
         self.stats.branch_hits += line is not None
         self.stats.branch_misses += line is None
         return line

@@ -47,19 +47,19 @@ import numpy as np
 from spa.protocol import codec
 from spa.protocol import messages as m
 from spa.protocol.errors import PeerError, ProtocolError
-from spa.protocol.gateway.actions import (MAIN_LINE, Action, CutLine, Draft, DropLine, ForgetStates,
-                                          Head, Prefill, ResumeWanted, SendTaps)
+from spa.protocol.gateway.actions import MAIN_LINE, Action, Draft, Prefill, ResumeWanted, SendTaps
 from spa.protocol.gateway.branches import Branching
 from spa.protocol.gateway.drafts import Drafted, SidePos
 from spa.protocol.gateway.handshake import Uploads, check_hello, check_identity, check_prompt
 from spa.protocol.gateway.resume import Resuming
 from spa.protocol.gateway.resume_secrets import Resumption
 from spa.protocol.gateway.stats import GatewayStats
+from spa.protocol.gateway.verify import Verifying
 from spa.protocol.limits import Limits
 from spa.protocol.resume_tokens import ResumeTokens
 
 
-class GatewayProtocol(Resuming):
+class GatewayProtocol(Verifying, Resuming):
     def __init__(
         self,
         backbone: m.BackboneInfo,
@@ -72,6 +72,10 @@ class GatewayProtocol(Resuming):
         # p_t of the device's uploaded gate on a received f_t [1, H]: (f, weight, bias, margin) -> p
         # (spa.model.cloud_gate.gate_probability). None: hello.gate is accepted and never used.
         predict_gate=None,
+        # Settlement (version 3): the host's logits are float32, so a device's proof of a token holds
+        # (docs/PROTOCOL.md §6, "Settlement"); `pieces`: every token's bytes (settled tokens come as ids).
+        settle: bool = False,
+        pieces: list[bytes] | None = None,
     ):
         self.backbone = backbone
         self.eos_ids = frozenset(int(t) for t in eos_ids)
@@ -79,6 +83,10 @@ class GatewayProtocol(Resuming):
         self.auth_token = auth_token
         self.resumable = resumable
         self.predict_gate = predict_gate
+        if settle and not pieces:
+            raise ValueError("settlement needs the vocabulary's pieces")
+        self.settle_offered, self.pieces = settle, pieces or []
+        self.settling = False  # this session settles: the device asked (version 3, greedy) and we offer it
         self.stats = GatewayStats()
         self.branching = Branching(branches, self.stats)
         self.resumption = Resumption(resume_tokens, limits.resume_grace_s)
@@ -167,6 +175,8 @@ class GatewayProtocol(Resuming):
             self._decide_through(msg.upto, "accept.upto")
         elif isinstance(msg, m.NeedTaps):
             self._on_need_taps(msg)
+        elif isinstance(msg, m.Settled):
+            self._on_settled(msg)
         else:
             self._on_side(msg)
         self._verify()
@@ -184,77 +194,15 @@ class GatewayProtocol(Resuming):
             self._actions.append(ResumeWanted(hello))
             return
         self.uploads = check_hello(hello, self.backbone, self.limits, self.auth_token)
-        self.hello = hello
-        self.phase = "ready"
+        self._accept(hello)
         self._actions.append(Prefill(hello))
 
-    def _on_need_taps(self, msg: m.NeedTaps) -> None:
-        self._decide_through(msg.pos, "need_taps.pos")  # positions < pos are sigma = 0
-        self._sides[msg.pos] = SidePos()
-        self.stats.side_positions += 1
-        self.stats.early_taps += bool(self._drafting)
-        self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._sides))
-        self._actions.append(SendTaps(self.main, msg.pos))
-
-    def _on_side(self, msg: m.Side) -> None:
-        side = self._sides.get(msg.pos)
-        if side is None and msg.pos in self.pushed and msg.pos >= self.decided:
-            # Its taps came with its step: the side decides every position before it.
-            self._decide_through(msg.pos, "side.pos")
-            side = self._sides[msg.pos] = SidePos(taps_sent=True)
-            self.stats.side_positions += 1
-            self.stats.pushed_used += 1
-            self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._sides))
-        if side is None or not side.taps_sent or side.s is not None:
-            raise ProtocolError("out_of_order", f"side for position {msg.pos} was not asked for")
-        expected = (1, self.backbone.hidden_size)
-        if msg.s_array.shape != expected:
-            raise ProtocolError("bad_field", f"side.s has shape {msg.s_array.shape}, expected {expected}")
-        side.s = msg.s_array[0]
-
-    def _decide_through(self, pos: int, what: str) -> None:
-        """The device decided every position up to pos (sigma = 0 before it)."""
-        if not self._drafts or not self.decided <= pos <= self._drafts[-1].pos:
-            raise ProtocolError("out_of_order", f"{what} = {pos} is not an undecided drafted position")
-        self.decided = pos + 1
-
-    # --- verification ----------------------------------------------------
-
-    def _verify(self) -> None:
-        """Verify in order what the device decided: sigma = 0 positions commit their draft; a
-        sigma = 1 position waits for its side output, then asks the host for its head (one at a
-        time: its verdict may roll back)."""
-        while self.verified < self.decided and not self.finish_reason:
-            pos = self.verified
-            side = self._sides.get(pos)
-            if side is None:
-                entry = self._drafts[0]
-                self._pop_through(pos)
-                self._committed(m.Commit(pos, entry.token, entry.piece, sigma=False))
-                if pos == self.branching.at:  # predicted sigma = 1 (pushed taps), but the device accepted it
-                    self._actions.extend(self.branching.close())
-                continue
-            if side.s is not None and not side.head_asked:
-                side.head_asked = True
-                self._actions.append(Head(self.main, pos, side.s))
-            return
-
-    def _pop_through(self, pos: int) -> None:
-        """Drop the main line's drafts up to pos (verified now)."""
-        while self._drafts and self._drafts[0].pos <= pos:
-            self._drafts.pop(0)
-        self.verified = pos + 1
-        self.decided = max(self.decided, self.verified)
-        self.pushed = {p for p in self.pushed if p > pos}
-        self._actions.append(ForgetStates(self.main, pos))
-
-    def _committed(self, commit: m.Commit) -> None:
-        """Position commit.pos is verified with commit.token (a draft or a verdict)."""
-        self._commits.append(commit)
-        if commit.token in self.eos_ids:
-            self.finish_reason = "eos"
-        elif commit.pos - self.first_pos + 1 >= self.hello.options.max_new_tokens:
-            self.finish_reason = "max_tokens"
+    def _accept(self, hello: m.Hello) -> None:
+        """The session's hello is checked: what the session is from now on."""
+        self.hello = hello
+        self.phase = "ready"
+        opts = hello.options
+        self.settling = self.settle_offered and hello.version >= 3 and opts.settle and opts.temperature == 0
 
     def _maybe_end(self) -> None:
         if self.finish_reason and self.phase == "generating" and not self._drafting:
@@ -333,8 +281,8 @@ class GatewayProtocol(Resuming):
         self.resumption.issue(session, self.hello, [], secret)
         self.stats.prompt_tokens = prompt_tokens
         self._next_feed = None  # the prefill computed the states of the first position
-        self._outbox.append(m.Ready(session, self.secret, self.backbone, prompt_tokens,
-                                    self.limits.to_dict()).to_dict())
+        self._outbox.append(m.Ready(session, self.secret, self.backbone, prompt_tokens, self.limits.to_dict(),
+                                    settle=self.settling).to_dict())
 
     def can_draft(self) -> bool:
         """True while another step may be drafted on the main line: fewer than W + 1 unverified
@@ -367,11 +315,17 @@ class GatewayProtocol(Resuming):
         self._require(margin is not None or not opts.gate_margin, f"draft_ready({pos}) without its margin")
         margin = float(np.float32(margin)) if opts.gate_margin else None
         main = line == self.main and asked.epoch == self.epoch
-        entry = Drafted(pos, int(token), bytes(piece), self._encode(f), tuple(map(int, alternatives)), margin)
+        exact = codec.encode(f, "f32", 0) if self.settling else None  # what a settling device proves from
+        entry = Drafted(pos, int(token), bytes(piece), self._encode(f), tuple(map(int, alternatives)), margin, exact)
         if not main:
             kept = False
             if line in self._branch_line_ids:
                 kept = self.branching.drafted(line, entry if asked.epoch == self.epoch else None)
+            if kept and self.settling:  # streamed: a hit then continues on the device without a round trip
+                branch = m.BranchRef(self.branching.at, self.branching.lines[line].token)
+                self._outbox.append(m.Step(self.epoch, pos, entry.f, entry.token, entry.piece, margin=margin,
+                                           branch=branch).to_dict())
+                self.stats.branch_streamed += 1
             if not self._drafting:
                 self._replay_stash()
             return kept
@@ -400,68 +354,6 @@ class GatewayProtocol(Resuming):
         stash, self._stash = self._stash, []
         for d in stash:
             self.receive(d)
-        self._maybe_end()
-
-    def taps_ready(self, pos: int, taps: np.ndarray) -> None:
-        """The taps of pos for SendTaps: [n_taps, H], or [n_taps, r] projected with the uploaded
-        projection."""
-        cols = self.backbone.hidden_size if self.projection is None else self.projection[1].shape[1]
-        self._require(taps.shape == (len(self.hello.plugin.taps), cols), f"taps of shape {taps.shape}")
-        if self._held is not None and self._held["pos"] == pos:  # pushed with its step
-            self._held["taps"] = self._encode(taps)
-            self._outbox.append(self._held)
-            self._held = None
-            self.pushed.add(pos)
-            self.stats.pushed += 1
-            return
-        side = self._sides.get(pos)
-        self._require(side is not None and not side.taps_sent, f"taps_ready({pos}) not asked for")
-        side.taps_sent = True
-        self._outbox.append(m.Taps(self.epoch, pos, self._encode(taps)).to_dict())
-
-    def verdict_ready(self, pos: int, token: int, piece: bytes) -> None:
-        """The side-corrected token for Head(pos). When it differs from the draft, later drafts
-        (and the device's decisions on them) are void: the epoch moves on and the host gets
-        CutLine(main, pos + 1) before any further Draft (or, on a branch hit, that branch line
-        becomes the main line, with its drafts)."""
-        side = self._sides.get(pos)
-        self._require(pos == self.verified and side is not None and side.head_asked,
-                      f"verdict_ready({pos}) without its side output")
-        token, piece = int(token), bytes(piece)
-        changed = token != self._drafts[0].token
-        del self._sides[pos]
-        self._pop_through(pos)
-        adopted = None  # the branch line that drafted this token, if any: it becomes the main line
-        if pos == self.branching.at and changed:
-            adopted = self.branching.hit(token, self._drafting)
-        if pos == self.branching.at or changed:  # resolved, or the branches continue void drafts
-            self._actions.extend(self.branching.close(keep=adopted))
-        if changed:
-            self.stats.discarded += len(self._drafts)
-            self.stats.rollbacks += 1
-            self._sides.clear()
-            self.pushed.clear()
-            self.decided = pos + 1
-            self.epoch += 1
-            # Queued work for the voided positions is void too.
-            if self._held is not None and self._held["pos"] > pos:
-                self._held = None
-            self._actions = deque(a for a in self._actions if not isinstance(a, (SendTaps, Head)) or a.pos <= pos)
-            if adopted is None:
-                self._drafts.clear()
-                self._next_feed = token
-                self._actions.append(CutLine(self.main, pos + 1))
-            else:  # its KV cache holds pos + 1 ... already: no decode step to wait for
-                self._actions.append(DropLine(self.main))
-                self.main = adopted.line
-                self._branch_line_ids.discard(adopted.line)
-                self._drafts, self._next_feed = adopted.drafts, adopted.feed
-        self._committed(m.Commit(pos, token, piece, sigma=True))
-        self._outbox.append(self._refreshed(m.Verdict(self.epoch, pos, token, piece, changed).to_dict()))
-        if adopted is not None:  # its steps, in the new epoch (no pushed taps: the device asks where it needs them)
-            self._outbox += [self._step(d) for d in self._drafts]
-            self.stats.drafts += len(self._drafts)
-        self._verify()
         self._maybe_end()
 
     # --- resumption ------------------------------------------------------
@@ -496,4 +388,4 @@ class GatewayProtocol(Resuming):
 
 def _handled_while_drafting(d) -> bool:
     """Messages answered during a draft: they need no backbone work."""
-    return isinstance(d, dict) and d.get("type") in ("need_taps", "accept")
+    return isinstance(d, dict) and d.get("type") in ("need_taps", "accept", "settled")

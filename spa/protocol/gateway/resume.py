@@ -88,7 +88,8 @@ class Resuming:
         if hello.resume.tokens is not None and len(hello.resume.tokens) > hello.options.max_new_tokens:
             raise ProtocolError("resume_failed", "the resume claims more tokens than the session may have")
         self.resumption.check_rebuild(hello)
-        self.uploads, self.hello, self.phase = uploads, hello, "ready"
+        self.uploads = uploads
+        self._accept(hello)
 
     def rebuilt(self, session: str, prompt_tokens: int, commits: list) -> None:
         """After check_rebuild, the prompt tokenized: the session continues from the device's

@@ -16,6 +16,10 @@ class GatewayStats:
     rebuilt_tokens: int = 0  # committed tokens fed again to rebuild the session on this gateway
     max_in_flight: int = 0  # most sigma = 1 positions awaiting their verdict at once
     stale: int = 0  # device messages of an epoch a rollback had ended (dropped)
+    settled: int = 0  # sigma = 1 positions the device settled itself (no side output uploaded, no head)
+    settled_changed: int = 0  # of which changed the draft
+    heads: int = 0  # verdict heads asked of the host (side outputs received)
+    branch_streamed: int = 0  # branch drafts sent to a settling device as step.branch
     # Branch drafting (`branches` > 0):
     branch_points: int = 0  # sigma = 1 positions whose alternatives were drafted
     branch_hits: int = 0  # changed verdicts whose token a branch had drafted: its drafts sent at once
