@@ -3,14 +3,22 @@
 The Java client computes gate and side with its own float32 executor from the
 exported weights; the Python device runs the `.pte` in ExecuTorch. Those
 numerics legitimately differ (Java math vs XNNPACK), so, per the numerics
-contract, the test first asserts that its data has margin (no p_t within 1e-3
-of tau, top-2 logit gap > 1e-3 on every position), then demands identical
-tokens.
+contract, the tests first assert that their data has margin (no p_t within 1e-3
+of tau, top-2 logit gap > 1e-3 on every position), then demand identical
+tokens. Every mode of the protocol is run: lock-step and draft-ahead, one and
+several side outputs in flight, pushed taps, the cloud-side projection, frame
+compression none/zstd, and resumption after dropped connections (the fault
+proxy of tests/gateway/test_faults.py between the Java client and the gateway).
+One shared gateway, 20 tokens per run, to keep the suite fast. The Python client
+runs with `settle=False`: the Java client does not settle (protocol version 3's
+device-side settlement), so both speak the same protocol and, in lock-step, send
+the same bytes.
 """
 
 import asyncio
 import json
 import subprocess
+import threading
 
 import pytest
 
@@ -20,6 +28,7 @@ from spa.protocol.messages import Options
 from spa.model.pte_plugin import PtePlugin
 from spa.model.reference import reference_generate
 from tests.conftest import GATEWAY_TOKEN, ROOT
+from tests.gateway.test_faults import Fault, FaultProxy
 
 MAX_NEW = 20
 CLI = ROOT / "android_demo" / "scripts" / "cli.sh"
@@ -40,6 +49,25 @@ def _with_margin(backbone, pte, prompt):
     pytest.fail("no tau gives this document margin and a mixed gate; pick another document")
 
 
+@pytest.fixture(scope="module")
+def doc0(backbone, pte, tmp_path_factory):
+    """aclsum:test:0's prompt (also in a file, for the Java CLI), a tau with margin, its reference run."""
+    prompt = device_prompt(pte.config, load_document("aclsum:test:0", pte.config.max_doc_tokens))
+    tau, ref = _with_margin(backbone, pte, prompt)
+    prompt_file = tmp_path_factory.mktemp("java-live") / "prompt.txt"
+    prompt_file.write_text(prompt)
+    return prompt, prompt_file, tau, ref
+
+
+def _java(url, export_dir, prompt_file, tau, *args) -> dict:
+    """`cli.sh` (the Java device) against url; its JSON result."""
+    proc = subprocess.run([str(CLI), "--gateway", url, "--plugin", str(export_dir), "--prompt-file", str(prompt_file),
+                           "--token", GATEWAY_TOKEN, "--max-new-tokens", str(MAX_NEW), "--tau", repr(tau), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 @pytest.mark.parametrize("doc", ["aclsum:test:0", "aclsum:test:4"])
 def test_java_client_commits_the_python_device_tokens(gateway, exported, pte, backbone, doc, tmp_path, java_ready):
     export_dir, _ = exported
@@ -49,13 +77,9 @@ def test_java_client_commits_the_python_device_tokens(gateway, exported, pte, ba
     prompt_file.write_text(prompt)
     for window in (0, 4):
         python = asyncio.run(run_session(gateway.url, pte, prompt, Options(window=window, max_new_tokens=MAX_NEW),
-                                         tau=tau, token=GATEWAY_TOKEN))
-        proc = subprocess.run([str(CLI), "--gateway", gateway.url, "--plugin", str(export_dir),
-                               "--prompt-file", str(prompt_file), "--token", GATEWAY_TOKEN, "--window", str(window),
-                               "--max-new-tokens", str(MAX_NEW), "--tau", repr(tau)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        java = json.loads(proc.stdout)
+                                         tau=tau, token=GATEWAY_TOKEN, settle=False))
+        java = _java(gateway.url, export_dir, prompt_file, tau, "--window", str(window), "--in-flight", "1",
+                     "--no-push-taps")
         assert python.tokens == ref.tokens
         assert java["tokens"] == python.tokens, (window, java["text"], python.text)
         assert java["sigma"] == python.sigmas
@@ -65,32 +89,112 @@ def test_java_client_commits_the_python_device_tokens(gateway, exported, pte, ba
             assert java["stats"]["bytes_up"] == python.stats["bytes_up"]
 
 
-def test_java_and_python_clients_agree_with_and_without_frame_compression(gateway, exported, pte, backbone, tmp_path,
-                                                                         java_ready):
+# (name, Java CLI options, run_session options): spa summarize's modes, W = 4
+MODES = [
+    ("in flight 1", ["--in-flight", "1", "--no-push-taps"], {"max_in_flight": 1}),
+    ("in flight 4", ["--in-flight", "4", "--no-push-taps"], {"max_in_flight": 4}),
+    ("pushed taps", ["--in-flight", "4", "--push-taps"], {"max_in_flight": 4, "push_taps": True}),
+    ("projection", ["--in-flight", "4", "--no-push-taps", "--cloud-projection"],
+     {"max_in_flight": 4, "cloud_projection": True}),
+    ("projection + pushed taps", ["--in-flight", "1", "--cloud-projection", "--push-taps"],
+     {"max_in_flight": 1, "cloud_projection": True, "push_taps": True}),
+]
+
+
+def test_java_client_commits_the_python_device_tokens_in_every_mode(gateway, exported, pte, doc0, java_ready):
+    export_dir, _ = exported
+    prompt, prompt_file, tau, ref = doc0
+    runs = {}
+    for name, java_args, python_kw in MODES:
+        python = asyncio.run(run_session(gateway.url, pte, prompt, Options(window=4, max_new_tokens=MAX_NEW), tau=tau,
+                                         token=GATEWAY_TOKEN, settle=False, **python_kw))
+        java = _java(gateway.url, export_dir, prompt_file, tau, "--window", "4", *java_args)
+        assert java["tokens"] == python.tokens, (name, java["text"], python.text)
+        assert java["sigma"] == python.sigmas, name
+        assert java["text"] == python.text, name
+        stats = java["stats"]
+        for key in ("push_taps", "cloud_projection"):
+            assert stats[key] == python.stats[key], (name, key)
+        assert stats["gateway"]["tokens"] == len(ref.tokens)
+        assert 1 <= stats["max_in_flight"] <= int(java_args[1]), name
+        runs[name] = (java, python)
+    if "projection" not in runs:
+        return
+    # without projection the tokens are the reference's; with it the gateway projects with float16 weights
+    assert runs["in flight 4"][0]["tokens"] == ref.tokens
+    java_push = runs["pushed taps"][0]["stats"]
+    assert java_push["pushed_taps_used"] > 0  # some sigma = 1 positions skipped need_taps
+    assert java_push["messages_up"].get("need_taps", 0) < runs["in flight 4"][0]["stats"]["messages_up"]["need_taps"]
+    # the projection's taps are r columns, not H: far fewer bytes down per side token, as for Python
+    java_proj, python_proj = runs["projection"]
+    assert java_proj["stats"]["bytes_down"] < runs["in flight 4"][0]["stats"]["bytes_down"]
+    assert java_proj["stats"]["handshake_bytes_up"] == pytest.approx(python_proj.stats["handshake_bytes_up"], rel=0.02)
+
+
+def test_java_and_python_clients_agree_with_and_without_frame_compression(gateway, exported, pte, doc0, java_ready):
     """Compression negotiated in the handshake (PROTOCOL.md §2): `none` (a phone without zstd) and `zstd`
     give the same tokens, from both clients, against the real gateway; only the bytes change."""
     export_dir, _ = exported
-    prompt = device_prompt(pte.config, load_document("aclsum:test:0", pte.config.max_doc_tokens))
-    tau, ref = _with_margin(backbone, pte, prompt)
-    prompt_file = tmp_path / "prompt.txt"
-    prompt_file.write_text(prompt)
+    prompt, prompt_file, tau, ref = doc0
     runs = {}
     for offer, chosen in (("none", "none"), ("zstd", "zstd"), ("auto", "zstd"), ("none,zstd", "none")):
-        proc = subprocess.run([str(CLI), "--gateway", gateway.url, "--plugin", str(export_dir), "--prompt-file",
-                               str(prompt_file), "--token", GATEWAY_TOKEN, "--window", "4", "--max-new-tokens",
-                               str(MAX_NEW), "--tau", repr(tau), "--compression", offer],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        java = json.loads(proc.stdout)
+        java = _java(gateway.url, export_dir, prompt_file, tau, "--window", "4", "--compression", offer)
         assert java["stats"]["compression"] == chosen, (offer, java["stats"]["compression"])
         assert java["tokens"] == ref.tokens, (offer, java["text"])
         runs["java", offer] = java["stats"]
     for offer in (("none",), ("zstd",)):
         python = asyncio.run(run_session(gateway.url, pte, prompt, Options(window=4, max_new_tokens=MAX_NEW), tau=tau,
-                                         token=GATEWAY_TOKEN, compression=offer))
+                                         token=GATEWAY_TOKEN, compression=offer, settle=False))
         assert python.stats["compression"] == offer[0]
         assert python.tokens == ref.tokens
         runs["python", offer[0]] = python.stats
     # uncompressed frames cost more bytes down, for both clients alike
     assert runs["java", "none"]["bytes_down"] > runs["java", "zstd"]["bytes_down"]
     assert runs["python", "none"]["bytes_down"] > runs["python", "zstd"]["bytes_down"]
+
+
+class _ProxyThread:
+    """tests/gateway/test_faults.py's FaultProxy on an event loop of its own thread, so that a
+    subprocess (the Java client) can go through it."""
+
+    def __init__(self, target_port: int, faults):
+        self.proxy = FaultProxy(target_port, faults)
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.port = self.loop.run_until_complete(self.proxy.start())
+        self.started.set()
+        self.loop.run_forever()
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.started.wait(30), "the fault proxy did not start"
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.proxy.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("window,in_flight", [(0, 1), (4, 4)])
+def test_java_client_resumes_after_dropped_connections_with_identical_tokens(gateway, exported, doc0, java_ready,
+                                                                            window, in_flight):
+    """Four cuts in one session, each on a new connection: a step lost, a side output lost, a verdict
+    lost (the gateway sends it again in resumed.commits), a step cut in half. The Java client resumes
+    with the latest signed token each time; its tokens are the uninterrupted reference's."""
+    export_dir, _ = exported
+    prompt, prompt_file, tau, ref = doc0
+    faults = [Fault("down", "step", 3, conn=0), Fault("up", "side", 1, conn=1),
+              Fault("down", "verdict", 1, conn=2), Fault("down", "step", 2, mode="half", conn=3)]
+    with _ProxyThread(gateway.port, faults) as proxy:
+        java = _java(f"ws://127.0.0.1:{proxy.port}", export_dir, prompt_file, tau, "--window", str(window),
+                     "--in-flight", str(in_flight), "--compression", "zstd")  # the proxy reads zstd frames
+    assert all(f.fired for f in faults), (faults, proxy.proxy.seen)
+    assert java["tokens"] == ref.tokens, java["text"]
+    assert java["sigma"] == ref.sigmas
+    assert java["stats"]["resumes"] == 4 and proxy.proxy.connections == 5
+    assert java["stats"]["gateway"]["resumes"] == 4

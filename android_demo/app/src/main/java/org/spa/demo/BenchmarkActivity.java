@@ -134,7 +134,7 @@ public class BenchmarkActivity extends Activity {
                 public SessionRunner.Plugin load(String path) {
                     return ExecuTorchPluginExecutor.load(path);
                 }
-            }, new GatewayConnector(Math.max(1, intent.getIntExtra("in_flight", 4)), intent.getBooleanExtra("push_taps", false),
+            }, new GatewayConnector(Math.max(1, intent.getIntExtra("in_flight", 4)), intent.getBooleanExtra("push_taps", true),
                     intent.getBooleanExtra("cloud_projection", false)), url, intent.getStringExtra("token"), prompt, options, tauValue);
         } else {
             final int iterations = Math.max(1, intent.getIntExtra("iterations", 200));

@@ -12,11 +12,12 @@ import java.io.PrintStream;
  * java -cp ... org.spa.protocol.Cli --gateway ws://127.0.0.1:PORT --plugin EXPORT_DIR --prompt-file FILE
  *      [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] [--max-new-tokens N]
  *      [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none|...]
- *      [--in-flight N] [--push-taps] [--cloud-projection] [--no-reconnect]
+ *      [--in-flight N] [--no-push-taps] [--cloud-projection] [--no-reconnect]
  * </pre>
  *
- * --in-flight, --push-taps, --cloud-projection: as `spa summarize`'s (side outputs awaiting their
- * verdict at once; upload the gate so the gateway pushes taps; upload the per-tap projections).
+ * --in-flight, --no-push-taps, --cloud-projection: as `spa summarize`'s (side outputs awaiting their
+ * verdict at once; do not upload the gate, which lets the gateway push taps with the steps where it
+ * opens; upload the per-tap projections).
  * A lost connection is resumed within the gateway's grace unless --no-reconnect.
  *
  * --compression: the frame compressions offered in hello, preferred first (default auto: zstd and
@@ -25,7 +26,7 @@ import java.io.PrintStream;
  * The prompt file holds the final prompt text (chat template applied), UTF-8.
  * Prints one JSON object (ASCII, non-ASCII escaped): tokens, text, sigma (and sigmas),
  * gate_p (the gate's p at each token's position, to check margins to tau), finish_reason, stats.
- * Defaults match `spa summarize`: window 4, 4 side outputs in flight, int8, 8 outliers, 64 new tokens,
+ * Defaults match `spa summarize`: window 4, 4 side outputs in flight, pushed taps, int8, 8 outliers, 64 new tokens,
  * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN.
  * Exit status: 0 on success, 1 when the session failed, 2 on bad arguments.
  */
@@ -43,7 +44,7 @@ public final class Cli {
         int timeout = 120;
         java.util.List<String> offer = null; // auto
         int inFlight = 4; // spa summarize's default
-        boolean pushTaps = false, cloudProjection = false, reconnect = true;
+        boolean pushTaps = true, cloudProjection = false, reconnect = true; // spa summarize's defaults
         Messages.Options options = new Messages.Options();
         options.window = 4;
         options.maxNewTokens = 64;
@@ -55,8 +56,8 @@ public final class Cli {
                     out.println(usage());
                     return 0;
                 }
-                if (a.equals("--push-taps")) {
-                    pushTaps = true;
+                if (a.equals("--push-taps") || a.equals("--no-push-taps")) {
+                    pushTaps = a.equals("--push-taps");
                     continue;
                 }
                 if (a.equals("--cloud-projection")) {
@@ -124,6 +125,6 @@ public final class Cli {
         return "usage: java -cp CLASSPATH org.spa.protocol.Cli --gateway ws://HOST:PORT --plugin EXPORT_DIR "
                 + "--prompt-file FILE [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] "
                 + "[--max-new-tokens N] [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none] "
-                + "[--in-flight N] [--push-taps] [--cloud-projection] [--no-reconnect]";
+                + "[--in-flight N] [--no-push-taps] [--cloud-projection] [--no-reconnect]";
     }
 }

@@ -285,6 +285,7 @@ public final class GatewayClient {
             s.stats.committed();
             s.result.tokens.add(c.token);
             s.result.sigmas.add(c.sigma ? 1 : 0);
+            s.result.changed.add(session.changedPositions.contains(c.pos) ? 1 : 0);
             Float p = s.gateP.remove(c.pos);
             s.result.gateP.add(p == null ? null : (Double) (double) p);
             if (s.listener != null) s.listener.onCommit(c, s.utf8.append(c.piece));

@@ -9,6 +9,7 @@ import java.util.Map;
 public final class SessionResult {
     public final List<Long> tokens = new ArrayList<Long>();
     public final List<Integer> sigmas = new ArrayList<Integer>(); // 1 where the side network chose the token
+    public final List<Integer> changed = new ArrayList<Integer>(); // 1 where it chose another token than the draft
     // The gate's p at each committed token's position (float32 widened): lets a test
     // check its margin to tau before comparing tokens with another runtime.
     public final List<Double> gateP = new ArrayList<Double>();
@@ -23,6 +24,7 @@ public final class SessionResult {
         d.put("text", text);
         d.put("sigma", sigmas);
         d.put("sigmas", sigmas); // the key the Python client (`spa summarize --json`) uses
+        d.put("changed", changed);
         d.put("gate_p", gateP);
         d.put("finish_reason", finishReason);
         d.put("stats", stats);
