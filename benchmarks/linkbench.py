@@ -285,7 +285,11 @@ def _run_worker(link: Link, job: dict, core: str | None, timeout: float) -> dict
         job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_file.write_text(json.dumps(job))
         os.chmod(tmp, 0o755)
-        cmd = [*link.device_prefix(), *pinned(core), *python_command("benchmarks.device_worker", job_file, out_file)]
+        worker = python_command("benchmarks.device_worker", job_file, out_file)
+        if job.get("client") == "java":  # the Android app's Java device, same JOB/OUT (org.spa.protocol.BenchWorker)
+            worker = [str(Path(__file__).resolve().parents[1] / "android_demo" / "scripts" / "bench_worker.sh"),
+                      str(job_file), str(out_file)]
+        cmd = [*link.device_prefix(), *pinned(core), *worker]
         proc = run(cmd, env=python_env(OMP_NUM_THREADS="1"), timeout=timeout)
         if proc.returncode != 0 or not out_file.exists():
             raise SpaError(f"device worker ({job['mode']}) failed ({proc.returncode}): {proc.stderr.strip()[-3000:]}")
@@ -308,7 +312,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                    per_layer_tokens: int = 8, window: int = 8, codec: str = "int8", rows=ROWS,
                    link_mode: str = "auto", device_variant: str = "fp32", workdir: Path = Path("runs/bench"),
                    pin: bool = True, tau: float | None = None, skip_cost: float = DEFAULT_SKIP_COST,
-                   repeats: int = 3, in_flight: int = 4, log=print) -> dict:
+                   repeats: int = 3, in_flight: int = 4, device_client: str = "python", log=print) -> dict:
     profile = PROFILES[profile_name]
     workdir.mkdir(parents=True, exist_ok=True)
     unknown = set(rows) - set(ROWS)
@@ -327,7 +331,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
     result = {"profile": profile.to_dict(), "docs": docs, "max_new_tokens": max_new_tokens,
               "plugin_info": plugin_info | {"tau_used": plugin_info["tau"] if tau is None else tau},
               "per_layer_tokens": per_layer_tokens, "window": window, "codec": codec, "plugin": str(pte_path),
-              "repeats": repeats, "in_flight": in_flight,
+              "repeats": repeats, "in_flight": in_flight, "device_client": device_client,
               "pinning": {"gateway_cpu": gw_core, "device_cpu": dev_core, "cpus": cores},
               "load_average_before": os.getloadavg(), "rows": {}}
     if device_report:
@@ -377,7 +381,8 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
             def spa_job(tau_used, window_used=0, **extra):
                 return {"mode": "spa", "max_new_tokens": max_new_tokens, "tau": tau_used,
                         "url": link.device_url(host, gateway.port),
-                        "options": {"window": window_used, "codec": codec, "outliers": 8}, **extra}
+                        "options": {"window": window_used, "codec": codec, "outliers": 8}, "client": device_client,
+                        **extra}
 
             jobs = {
                 "cloud_only": lambda: {"mode": "stream", "max_new_tokens": max_new_tokens,
@@ -472,7 +477,9 @@ def format_result(result: dict) -> str:
     lines = [f"spa bench link --profile {p['name']}: {len(result['docs'])} docs ({', '.join(result['docs'])}), "
              f"{result['max_new_tokens']} new tokens (per-layer row: {result['per_layer_tokens']}), greedy, "
              f"codec {result['codec']}, draft window W={result['window']}, side outputs in flight "
-             f"{result.get('in_flight', 1)} (in-flight rows), {result.get('repeats', 1)} repeat(s), rows interleaved"]
+             f"{result.get('in_flight', 1)} (in-flight rows), {result.get('repeats', 1)} repeat(s), rows interleaved"
+             + ("; SPA rows' device: the Java client (host JVM, plugin in pure Java, no settlement)"
+                if result.get("device_client") == "java" else "")]
     pi = result.get("plugin_info")
     if pi:
         lines.append(f"plugin: {result['plugin']} ({pi['taps']} taps, r={pi['rank']}, lambda {pi['skip_cost']}, "

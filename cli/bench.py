@@ -55,13 +55,15 @@ def cmd_bench_link(args) -> int:
                                     per_layer_tokens=args.per_layer_tokens, window=args.window, codec=args.codec,
                                     rows=args.rows or ROWS, link_mode=args.link, device_variant=args.device_variant,
                                     workdir=args.workdir, pin=not args.no_pin, tau=args.tau,
-                                    skip_cost=args.skip_cost, repeats=args.repeats, in_flight=args.in_flight, log=log)
+                                    skip_cost=args.skip_cost, repeats=args.repeats, in_flight=args.in_flight,
+                                    device_client=args.device_client, log=log)
             result["command"] = "spa " + " ".join(sys.argv[1:])
-        out = args.out / f"link-{profile}.json"
+        stem = f"link-{profile}" + ("-java" if result.get("device_client") == "java" else "")
+        out = args.out / f"{stem}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        png = plot_result(result, args.out / f"link-{profile}.png")
-        txt = args.out / f"link-{profile}.txt"
+        png = plot_result(result, args.out / f"{stem}.png")
+        txt = args.out / f"{stem}.txt"
         txt.write_text(format_result(result) + "\n")
         results.append(result)
         if not args.json:
@@ -192,6 +194,9 @@ def add_bench_parsers(bench_sub) -> None:
                    help="netns: namespaces + tbf + NFQUEUE delay (root); proxy: userspace delay proxy; "
                         "auto: netns when possible (default)")
     p.add_argument("--device-variant", default="fp32", choices=["fp32", "8da4w"], help="device-only model variant")
+    p.add_argument("--device-client", default="python", choices=["python", "java"],
+                   help="the device of the SPA rows: the Python client (default) or the Android app's Java client "
+                        "on the host JVM (android_demo; results go to link-PROFILE-java.*, beside the Python ones)")
     p.add_argument("--tau", type=float, help="gate threshold of the SPA rows (default: the plugin's trained tau)")
     p.add_argument("--skip-cost", type=float, default=0.3,
                    help="lambda of the quick plugin trained when --plugin is not given (default 0.3; spa train's "
