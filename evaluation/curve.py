@@ -24,7 +24,7 @@ from pathlib import Path
 from evaluation.bootstrap import format_interval
 from evaluation.people import CURVE_DOC_TOKENS, PEOPLE, write_person
 from evaluation.personal import (ALWAYS_ON, BACKBONE, GOAL_USAGE, LORA, SPA, Reuse, evaluate_person, goal_verdict,
-                                 shot_row)
+                                 shot_row, table_lines)
 from spa.data.examples import read_examples
 
 SIZES = (5, 10, 20, 50, 100)
@@ -112,6 +112,7 @@ def markdown(curves: dict, args) -> str:
              "", f"Regenerate: `{regenerate(curves, args)}` (`--people A B` runs a part: one process per core; "
                  f"`--sizes 20` first gets the goal's points early)", ""]
     lines += goal_lines(curves)
+    lines += goal_tables(curves, args)
     for person, sizes in curves.items():
         lines += [f"## {person}", "", "| examples | " + " | ".join(ROW_ORDER) + " | SPA usage | SPA - LoRA [95 % CI] | "
                   "SPA - 3-shot [95 % CI] | minutes |", "|---:|" + "---:|" * (len(ROW_ORDER) + 4)]
@@ -164,6 +165,25 @@ def goal_lines(curves: dict) -> list[str]:
                      f"{neg(r['vs_spa'][LORA]) if LORA in r['vs_spa'] else '-'} | {neg(r['vs_spa'][shot_row(3)])} | "
                      + ("met" if verdict["all"] else "missed: " + ", ".join(parts)) + " |")
     return lines + [""]
+
+
+def goal_tables(curves: dict, args) -> list[str]:
+    """Per person at GOAL_SIZE: every row against SPA, with what each sends and what the cloud holds."""
+    lines = []
+    for person, sizes in curves.items():
+        r = sizes.get(GOAL_SIZE)
+        if r is None:
+            continue
+        data = args.workdir / "data"
+        lines += [f"### {person}, {GOAL_SIZE} examples: every row against SPA", "",
+                  f"The same as `spa eval --examples {data}/{person}-{GOAL_SIZE}.jsonl --test {data}/{person}-test.jsonl "
+                  f"--max-doc-tokens {args.max_doc_tokens} --max-new-tokens {args.max_new_tokens}` (which runs SPA from "
+                  f"the exported `.pte`); {r['seconds'] / 60:.0f} min here (SPA trained in "
+                  f"{r['spa_seconds'] / 60:.1f} min, LoRA in {r.get('lora_seconds', 0) / 60:.1f} min). SPA: tau "
+                  f"{r['plugin']['tau']:.3g}, {r['plugin']['side_epochs']} side epochs at most, "
+                  f"{r['plugin']['validation']}; LoRA: {r['lora']['validation'] if r.get('lora') else 'not run'}.", ""]
+        lines += table_lines(r) + [""]
+    return lines
 
 
 def plot(curves: dict, path: Path) -> None:
