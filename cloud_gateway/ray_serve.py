@@ -127,59 +127,7 @@ class StarletteTransport:
         return self._peer_code is not None and self._peer_code != _ABNORMAL
 
 
-@serve.deployment(name=DEPLOYMENT)
-@serve.ingress(app)
-class GatewayReplica:
-    """One replica: a backbone, an engine and the sessions of `spa gateway`."""
-
-    def __init__(self, config: dict):
-        import torch
-
-        from cloud_gateway.server import Gateway
-        from spa.model.backbone import load_backbone
-        from spa.system.quiet import quiet_libraries
-
-        quiet_libraries()
-        logging.basicConfig(level=logging.INFO if config.get("verbose") else logging.WARNING,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        torch.set_num_threads(int(config.get("torch_threads", 1)))
-        backbone = load_backbone(config.get("backbone"), dtype=config.get("dtype", "float32"),
-                                 device=config.get("device", "cpu"))
-        self.gateway = Gateway(backbone, Limits(**config["limits"]), config.get("auth_token"),
-                               max_batch=config.get("max_batch", 64), resume_secret=config["resume_secret"],
-                               branches=config.get("branches", 0), settle=config.get("settle", True))
-
-    @app.websocket("/")
-    async def connect(self, websocket: WebSocket) -> None:
-        await websocket.accept()
-        await self.gateway.handle_connection(Connection(StarletteTransport(websocket), self.gateway.limits))
-
-        self.board = _board()
-        threading.Thread(target=self._post_stats, daemon=True, name="spa-stats").start()
-
-    def _row(self) -> dict:
-        g = self.gateway
-        return {"pid": os.getpid(), "sessions_held": len(g.sessions), "connections": g.connections,
-                "posted": time.time(), **vars(g.stats)}
-
-    def _post_stats(self) -> None:
-        while True:
-            try:
-                self.board.post.remote(self._row())
-            except Exception:  # noqa: BLE001 - the board is gone (the app is being deleted): stop posting
-                return
-            time.sleep(POST_EVERY_S)
-
-    @app.get("/stats")
-    async def stats(self) -> dict:
-        """This replica's counters, and every live replica's (`replicas`, by pid)."""
-        row = self._row()
-        rows = await self.board.rows.remote()
-        rows[row["pid"]] = row
-        live = {pid: r for pid, r in rows.items() if row["posted"] - r["posted"] < STALE_AFTER_S}
-        return {**row, "replicas": {str(pid): r for pid, r in sorted(live.items())}}
-
-
+# (above the deployment: Ray serializes the class when it is decorated, with what it uses)
 def _board():
     import ray
 
@@ -203,6 +151,58 @@ def _board_class():
             return dict(self._rows)
 
     return StatsBoard
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(app)
+class GatewayReplica:
+    """One replica: a backbone, an engine and the sessions of `spa gateway`."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        from cloud_gateway.server import Gateway
+        from spa.model.backbone import load_backbone
+        from spa.system.quiet import quiet_libraries
+
+        quiet_libraries()
+        logging.basicConfig(level=logging.INFO if config.get("verbose") else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        torch.set_num_threads(int(config.get("torch_threads", 1)))
+        backbone = load_backbone(config.get("backbone"), dtype=config.get("dtype", "float32"),
+                                 device=config.get("device", "cpu"))
+        self.gateway = Gateway(backbone, Limits(**config["limits"]), config.get("auth_token"),
+                               max_batch=config.get("max_batch", 64), resume_secret=config["resume_secret"],
+                               branches=config.get("branches", 0), settle=config.get("settle", True))
+        self.board = _board()  # GET /stats of any replica reports every replica's counters
+        threading.Thread(target=self._post_stats, daemon=True, name="spa-stats").start()
+
+    @app.websocket("/")
+    async def connect(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        await self.gateway.handle_connection(Connection(StarletteTransport(websocket), self.gateway.limits))
+
+    def _row(self) -> dict:
+        g = self.gateway
+        return {"pid": os.getpid(), "sessions_held": len(g.sessions), "connections": g.connections,
+                "posted": time.time(), **vars(g.stats)}
+
+    def _post_stats(self) -> None:
+        while True:
+            try:
+                self.board.post.remote(self._row())
+            except Exception:  # noqa: BLE001 - the board is gone (the app is being deleted): stop posting
+                return
+            time.sleep(POST_EVERY_S)
+
+    @app.get("/stats")
+    async def stats(self) -> dict:
+        """This replica's counters, and every live replica's (`replicas`, by pid)."""
+        row = self._row()
+        rows = await self.board.rows.remote()
+        rows[row["pid"]] = row
+        live = {pid: r for pid, r in rows.items() if row["posted"] - r["posted"] < STALE_AFTER_S}
+        return {**row, "replicas": {str(pid): r for pid, r in sorted(live.items())}}
 
 
 def deployment_options(replicas: int | None, min_replicas: int | None, max_replicas: int | None,
