@@ -200,7 +200,7 @@ def _invalid_messages() -> list[dict]:
         {"type": "accept", "epoch": 0, "upto": 1.0},
         {**step, "piece": "text"},
         {**step, "f": {**step["f"], "scale": b""}},
-        {**hello, "version": 3},
+        {**hello, "version": max(m.VERSIONS) + 1},  # a version neither parser knows
         {**hello, "compression": []},
         {**hello, "compression": ["zstd", 7]},
         {**hello, "options": {**hello["options"], "codec": "int2"}},
