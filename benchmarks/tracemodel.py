@@ -17,7 +17,12 @@ modelled costs:
   costing `branch_row_cost` of a step (memory-bound GPU steps: a few percent;
   this CPU: more), and a changed verdict is a branch hit where the trace says
   so (`Trace.hit`: the side's token was among the backbone's runners-up);
-* the device: one thread; a gate costs `gate_ms`, a side network `side_ms`.
+* the device: one thread; a gate costs `gate_ms`, a side network `side_ms`, and
+  with settlement (`Row.settle`, docs/PROTOCOL.md §6 "Settlement") the proof of a
+  side token on its copy of the output head `device_head_ms`; a settled token
+  costs no round trip and no gateway head, its exact `f_t` rides with the taps
+  (`exact_bytes`), and branch lines are streamed to the device (`step_bytes`
+  each), so a changed token whose line was drafted continues at once.
 
 The model is trusted only where it matches measurements: `compare` prints
 predicted vs measured rows of `spa bench link` results side by side.
@@ -52,6 +57,7 @@ class Costs:
     gate_ms: float = 0.05
     side_ms: float = 0.05
     branch_row_cost: float = 0.05  # a branch line's row in a batched decode step, as a share of a step
+    device_head_ms: float = 10.0  # the device's proof of one side token (a [V, H] matrix-vector product)
     down_mbit: float | None = None  # None: no serialization delay
     up_mbit: float | None = None
     # Wire sizes (bytes): a step (f_t int8 + draft), the taps of a position, a side output, anything else.
@@ -59,6 +65,7 @@ class Costs:
     taps_bytes: int = 17_000
     side_bytes: int = 750
     small_bytes: int = 40
+    exact_bytes: int = 2_350  # f_t in float32 with a settling session's taps
 
     @property
     def head(self) -> float:
@@ -75,6 +82,7 @@ class Row:
     push: bool = False
     always_side: bool = False  # sigma = 1 on every token (the side_every_token row)
     branches: int = 0  # K alternatives drafted at a pending side position (spa gateway --branches K)
+    settle: bool = False  # the device proves its side tokens (and gets the branch lines streamed)
 
 
 ROWS = (
@@ -85,6 +93,8 @@ ROWS = (
     Row("spa_inflight", 8, in_flight=4),
     Row("spa_inflight_push", 8, in_flight=4, push=True),
     Row("spa_branches", 8, in_flight=4, branches=2),
+    Row("spa_settle", 8, in_flight=4, push=True, settle=True),
+    Row("spa_settle_branches", 8, in_flight=4, push=True, branches=2, settle=True),
 )
 
 
@@ -135,9 +145,10 @@ class _Link:
 
 def _size(msg: dict, c: Costs) -> int:
     kind = msg["type"]
+    exact = c.exact_bytes if "exact" in msg else 0
     if kind == "step":
-        return c.step_bytes + (c.taps_bytes if "taps" in msg else 0)
-    return {"taps": c.taps_bytes, "side": c.side_bytes}.get(kind, c.small_bytes)
+        return c.step_bytes + (c.taps_bytes if "taps" in msg else 0) + exact
+    return {"taps": c.taps_bytes + exact, "side": c.side_bytes}.get(kind, c.small_bytes)
 
 
 class _TraceModel:
@@ -159,7 +170,7 @@ class _TraceModel:
         alternatives = ()
         if self.branches and line == self.proto.main:  # the changed token where the trace has a branch hit
             alternatives = ((_CHANGED,) if 0 <= i < len(self.hit) and self.hit[i] else (_MISSED,)) + \
-                (_MISSED,) * (self.branches - 1)
+                tuple(_MISSED + 1 + k for k in range(self.branches - 1))  # other runners-up: never hit
         return Drafted(f, _DRAFT, b"x", alternatives)
 
     def taps(self, line, pos) -> np.ndarray:
@@ -188,8 +199,9 @@ def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
     if row.push:  # a gate the gateway can evaluate: this toy f decides sigma exactly (see _TraceModel.draft)
         gate = m.GateUpload(np.array([[0, 0, 0, 0], [1, 0, 0, 0]], "<f4").tobytes(), np.zeros(2, "<f4").tobytes(), 0.5)
     hello = m.Hello("", m.Plugin(_BACKBONE.fingerprint, _TAPS, "h"), "p",
-                    m.Options(window=row.window, codec="f32", max_new_tokens=n), gate=gate)
-    proto = GatewayProtocol(_BACKBONE, eos_ids=[0], branches=row.branches, predict_gate=_toy_gate)
+                    m.Options(window=row.window, codec="f32", max_new_tokens=n, settle=row.settle), gate=gate)
+    proto = GatewayProtocol(_BACKBONE, eos_ids=[0], branches=row.branches, predict_gate=_toy_gate, settle=row.settle,
+                            pieces=[b"t"] * 4)
     model.proto = proto
     gateway = GatewayHost(proto, model, defer_heads=True)
     device_busy = [0.0]  # the device's compute time of the current delivery
@@ -202,7 +214,11 @@ def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
         device_busy[0] += costs.side_ms
         return np.zeros((1, _H), np.float32)
 
-    device = DeviceHost(DeviceProtocol(hello, row.in_flight), gate_of, side_of)
+    def head_of(pos, f, s):  # the device's proof: the trace's token (the proof holds: float32 head)
+        device_busy[0] += costs.device_head_ms
+        return (_CHANGED if model.changed[pos - _FIRST] else _DRAFT), b"t"
+
+    device = DeviceHost(DeviceProtocol(hello, row.in_flight), gate_of, side_of, head_of)
     down, up = _Link(costs.rtt_ms / 2, costs.down_mbit), _Link(costs.rtt_ms / 2, costs.up_mbit)
     events: list = []
     order = itertools.count()
@@ -258,7 +274,9 @@ def simulate(trace: Trace, row: Row, costs: Costs) -> dict:
     return {"row": row.name, "tokens": len(commits), "commit_ms": commits,
             "tokens_per_s": (len(commits) - 1) / span * 1000 if span > 0 else None,
             "rollbacks": device.proto.stats.rollbacks, "max_in_flight": device.proto.stats.max_in_flight,
-            "branch_hits": proto.stats.branch_hits, "branch_misses": proto.stats.branch_misses}
+            "branch_hits": proto.stats.branch_hits, "branch_misses": proto.stats.branch_misses,
+            "settled": proto.stats.settled, "heads": proto.stats.heads,
+            "branch_adopted": device.proto.stats.branch_adopted}
 
 
 def _toy_gate(f, weight, bias, margin) -> float:

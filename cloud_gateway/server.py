@@ -33,7 +33,7 @@ from cloud_gateway.session import GatewaySession, Connection, ConnectionLost, We
 from spa.errors import SpaError
 from spa.model.cloud_gate import gate_probability
 from spa.protocol.errors import NORMAL_CLOSE, PeerError, ProtocolError
-from spa.protocol.gateway import GatewayProtocol, Prefill, ResumeWanted, SessionMoved
+from spa.protocol.gateway import GatewayProtocol, Prefill, ProjectionCache, ResumeWanted, SessionMoved
 from spa.protocol.limits import Limits
 from spa.protocol.resume_tokens import REFUSED, ResumeTokens
 
@@ -87,7 +87,7 @@ class Gateway:
     def __init__(self, backbone, limits: Limits = Limits(), auth_token: str | None = None,
                  max_batch: int = 64, batching: bool = True, write_limit: int = 1 << 16,
                  socket_sndbuf: int | None = None, resume_secret: bytes | None = None, branches: int = 0,
-                 settle: bool = True):
+                 settle: bool = True, projection_cache: int = 32):
         self.engine = Engine(backbone, max_batch=max_batch, batching=batching)
         if branches < 0:
             raise SpaError(f"branches must be >= 0 (got {branches})")
@@ -95,6 +95,9 @@ class Gateway:
         # Settlement (devices prove their side tokens, docs/PROTOCOL.md §6): offered where the logits are
         # float32 (a device's proof bounds float32 rounding); `settle=False` turns it off.
         self.settle = settle and backbone.dtype == torch.float32
+        # Cloud-side projection weights kept across sessions by hash (memory only; 0 plugins: none):
+        # a device then names them instead of uploading ~1 MB in every hello.
+        self.projections = ProjectionCache(projection_cache)
         # Resume tokens signed with the deployment's shared secret (None: this process's own).
         self.tokens = ResumeTokens(resume_secret)
         # Outgoing bytes one connection may buffer before a send waits for the
@@ -126,7 +129,7 @@ class Gateway:
             proto = GatewayProtocol(self.engine.identity, self.engine.eos_ids, self.limits, self.auth_token,
                                     resumable=self.limits.resume_grace_s > 0, resume_tokens=self.tokens,
                                     branches=self.branches, predict_gate=gate_probability, settle=self.settle,
-                                    pieces=self.engine.pieces)
+                                    pieces=self.engine.pieces, projections=self.projections)
             first = await connection.recv(self.limits.idle_timeout_s)
             if first.get("type") == "hello" and connection.frames.first_form == "none":
                 connection.frames.answer_in("none")  # a device without zstd reads our answers, errors included

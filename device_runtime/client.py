@@ -92,6 +92,7 @@ class _Counters:
         self.up = self.down = self.handshake_up = self.handshake_down = 0
         self.round_trips = 0
         self.resumes_seen = 0
+        self.uploads = 0  # hellos sent again with the projection's weights (upload_needed)
         self.compression = None  # the frame compression the gateway chose (ready/resumed)
         self.messages_down: dict[str, int] = {}  # message type -> count
         self.messages_up: dict[str, int] = {}
@@ -114,7 +115,9 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     `cloud_projection`: upload the side network's per-tap projections with the
     hello (~1.1 MB for 31 taps) so that taps come down as r values per tap
     instead of H (spa/model/projection.py: fewer bytes, but the cloud holds those
-    weights for the session). `push_taps`: upload the gate (4.6 KB) and tau so
+    weights). The hello names them by hash first: a gateway that kept them from an
+    earlier session needs no upload; one that did not answers `upload_needed`, and
+    the device connects again with the weights (once per plugin and gateway). `push_taps`: upload the gate (4.6 KB) and tau so
     that the gateway sends the taps with the step where the gate will open:
     one round trip per side token instead of two (spa/model/cloud_gate.py).
     `max_in_flight`: side outputs that may await their verdict at once (1: gate
@@ -134,8 +137,9 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
     head = find_head(pte.config.backbone["fingerprint"]) if settle and options.temperature == 0 else None
     options = dataclasses.replace(options, gate_margin=pte.config.gate_margin, settle=head is not None)
     plugin = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
+    projection = upload_projection(pte) if cloud_projection else None
     proto = DeviceProtocol(m.Hello(token, plugin, prompt, options,
-                                   projection=upload_projection(pte) if cloud_projection else None,
+                                   projection=projection.by_hash() if projection is not None else None,
                                    gate=upload_gate(pte, tau) if push_taps else None,
                                    compression=tuple(compression) if compression else None), max_in_flight)
     counters, result = _Counters(), SummaryResult()
@@ -154,6 +158,10 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
                 raise SpaError(f"cannot reach the gateway at {url}: {exc or type(exc).__name__}") from None
             reason = f"cannot reconnect: {exc or type(exc).__name__}"
         except PeerError as exc:
+            if exc.code == "upload_needed" and projection is not None and proto.hello.projection.weight is None:
+                proto.upload(projection)  # this gateway does not hold the weights: the next hello carries them
+                counters.uploads += 1
+                continue
             if exc.code == "resume_failed":
                 raise SpaError(f"the gateway no longer has this session (it restarted, or the session expired): "
                                f"resume_failed: {exc.message}") from None
@@ -212,6 +220,7 @@ async def run_session(url: str, pte, prompt: str, options: m.Options, *, tau: fl
         "tau": tau,
         "gateway": proto.end.stats,
         "resumes": proto.stats.resumes,
+        "projection_uploads": counters.uploads,
         "compression": counters.compression,
     }
     return result

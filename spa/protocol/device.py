@@ -153,6 +153,12 @@ class DeviceProtocol:
     def hello_message(self) -> dict:
         return self.hello.to_dict()
 
+    def upload(self, projection: m.Projection) -> None:
+        """The gateway answered `upload_needed`: the next hello carries the projection's weights."""
+        self._require(self.phase in ("hello", "resuming") and self.hello.projection is not None
+                      and projection.digest == self.hello.projection.digest, "upload()")
+        self.hello = dataclasses.replace(self.hello, projection=projection)
+
     def text(self) -> str:
         """The committed text; a trailing partial UTF-8 character shows as U+FFFD."""
         return b"".join(c.piece for c in self.committed).decode("utf-8", errors="replace")

@@ -1,5 +1,6 @@
 """The maps inside protocol messages (docs/PROTOCOL.md §4; their fields are spa/protocol/schema.json's)."""
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -75,19 +76,46 @@ class Options:
 class Projection:
     """The side network's per-tap input projections, uploaded for the cloud-side
     projection option (docs/PROTOCOL.md §4, hello): the gateway then sends r values per
-    tap instead of H. Little-endian raw arrays; sizes are checked by the
-    gateway, which knows H."""
+    tap instead of H. Little-endian raw arrays; sizes are checked by the gateway,
+    which knows H. Once a gateway holds them, a hello may name them by `hash` alone."""
 
     rank: int  # r
-    weight: bytes  # float16 [len(taps), r, H]: W_in, then Down_l for each further tap
-    bias: bytes  # float32 [len(taps), r]
+    weight: bytes | None  # float16 [len(taps), r, H]: W_in, then Down_l for each further tap
+    bias: bytes | None  # float32 [len(taps), r]
+    hash: str | None = None  # "sha256:<hex>" of weight then bias
+
+    @staticmethod
+    def hash_of(weight: bytes, bias: bytes) -> str:
+        return "sha256:" + hashlib.sha256(weight + bias).hexdigest()
+
+    @property
+    def digest(self) -> str:
+        """What the upload is, whichever form it came in."""
+        return self.hash if self.weight is None else self.hash_of(self.weight, self.bias)
+
+    def by_hash(self) -> "Projection":
+        """The same upload named by its hash alone (what a device sends once the gateway has it)."""
+        return Projection(self.rank, None, None, self.digest)
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "weight": self.weight, "bias": self.bias}
+        d = {"rank": self.rank}
+        if self.weight is not None:
+            d["weight"], d["bias"] = self.weight, self.bias
+        if self.hash is not None:
+            d["hash"] = self.hash
+        return d
 
     @classmethod
     def read(cls, f: Fields) -> "Projection":
-        return cls(f.integer("rank", lo=1, hi=MAX_RANK), f.blob("weight"), f.blob("bias"))
+        rank = f.integer("rank", lo=1, hi=MAX_RANK)
+        weight = None if f.d.get("weight") is None else f.blob("weight")
+        bias = None if f.d.get("bias") is None else f.blob("bias")
+        digest = None if f.d.get("hash") is None else f.text("hash")
+        if weight is None and bias is not None or weight is None and digest is None:
+            f.bad("weight", "expected weight and bias, or a hash alone")
+        if bias is None and weight is not None:
+            f.bad("bias", "expected weight and bias, or a hash alone")
+        return cls(rank, weight, bias, digest)
 
 
 @dataclass(frozen=True)

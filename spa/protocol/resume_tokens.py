@@ -68,7 +68,7 @@ def generation_digest(hello) -> bytes:
         hello.prompt,
         hello.plugin.to_dict(),
         hello.options.to_dict(),
-        None if proj is None else [proj.rank, hashlib.sha256(proj.weight).digest(), hashlib.sha256(proj.bias).digest()],
+        None if proj is None else [proj.rank, proj.digest],  # the same for the weights and for their hash
         None if gate is None else [hashlib.sha256(gate.weight).digest(), hashlib.sha256(gate.bias).digest(),
                                    float(gate.tau)],
     )

@@ -288,8 +288,11 @@ def _field_cases(case, receiver, valid: dict, kind: str, path: str, where: list)
 
     for f in fields(kind):
         fpath = f"{path}.{f['name']}"
+        partners = _together(kind, f["name"])
         if f["required"]:
             case(f"{fpath}: missing", receiver, replaced(None, drop=True), {"code": "bad_field", "path": fpath})
+        elif partners:  # sent with its partners or not at all: alone it is incomplete
+            case(f"{fpath}: nil without its partners", receiver, replaced(None), {"code": "bad_field", "path": fpath})
         else:
             case(f"{fpath}: nil (absent)", receiver, replaced(None), {"type": valid["type"]})
         for why, value, code in _bad_values(f, fpath):
@@ -299,6 +302,12 @@ def _field_cases(case, receiver, valid: dict, kind: str, path: str, where: list)
             _field_cases(case, receiver, valid, f["type"], fpath, where + [f["name"]])
         if f["type"].startswith("array:"):
             _field_cases(case, receiver, valid, f["type"], fpath + "[0]", where + [f["name"], 0])
+
+
+def _together(kind: str, name: str) -> list[str]:
+    """The fields of map `kind` that field `name` is sent with (schema.json "together")."""
+    groups = schema().get("together", {}).get(kind.split(":", 1)[-1], []) if kind.startswith("map:") else []
+    return next(([other for other in g if other != name] for g in groups if name in g), [])
 
 
 def json_copy(d):

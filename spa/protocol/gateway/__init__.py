@@ -12,11 +12,11 @@
 
 from spa.protocol.gateway.actions import (LINE_WORK, MAIN_LINE, Action, CutLine, Draft, DropLine, ForgetStates,
                                           ForkLine, Head, Prefill, ResumeWanted, SendTaps)
-from spa.protocol.gateway.handshake import GateCopy, Uploads
+from spa.protocol.gateway.handshake import GateCopy, ProjectionCache, Uploads
 from spa.protocol.gateway.protocol import GatewayProtocol
 from spa.protocol.gateway.resume_secrets import SessionMoved
 from spa.protocol.gateway.stats import GatewayStats
 
 __all__ = ["Action", "CutLine", "Draft", "DropLine", "ForgetStates", "ForkLine", "GateCopy", "GatewayProtocol",
-           "GatewayStats", "Head", "LINE_WORK", "MAIN_LINE", "Prefill", "ResumeWanted", "SendTaps", "SessionMoved",
+           "GatewayStats", "Head", "LINE_WORK", "MAIN_LINE", "Prefill", "ProjectionCache", "ResumeWanted", "SendTaps", "SessionMoved",
            "Uploads"]

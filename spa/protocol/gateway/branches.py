@@ -41,7 +41,7 @@ class Branching:
         Opened even without lines: t is then not looked at again until it is resolved."""
         self.at = t
         forks = []
-        for token in entry.alternatives[: self.k]:
+        for token in dict.fromkeys(entry.alternatives[: self.k]):  # one line per token
             if worth_drafting(token):
                 line = new_line()
                 self.lines[line] = BranchLine(line, token, [], token)

@@ -6,6 +6,7 @@ device's gate for pushed taps) or raises the ProtocolError a device gets.
 """
 
 import hmac
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,29 @@ class Uploads:
     gate: GateCopy | None = None
 
 
+class ProjectionCache:
+    """Cloud-side projection weights kept across sessions under their hash, so that a device names
+    them (`hello.projection.hash`) instead of uploading ~1 MB in every hello. In memory only, never on
+    disk; the least recently used go first beyond `capacity` plugins (0: keep none)."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self._held: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def get(self, digest: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if digest in self._held:
+            self._held.move_to_end(digest)
+        return self._held.get(digest)
+
+    def put(self, digest: str, weights: tuple[np.ndarray, np.ndarray]) -> None:
+        if self.capacity <= 0:
+            return
+        self._held[digest] = weights
+        self._held.move_to_end(digest)
+        while len(self._held) > self.capacity:
+            self._held.popitem(last=False)
+
+
 def check_identity(hello: m.Hello, backbone: m.BackboneInfo, auth_token: str | None) -> None:
     """Who asks and for which backbone: the checks any hello passes first (a resume too)."""
     if auth_token is not None and not hmac.compare_digest(hello.token.encode(), auth_token.encode()):
@@ -43,8 +67,10 @@ def check_identity(hello: m.Hello, backbone: m.BackboneInfo, auth_token: str | N
         raise ProtocolError("backbone_mismatch", f"tap {hello.plugin.taps[-1]} > {backbone.num_layers} layers")
 
 
-def check_hello(hello: m.Hello, backbone: m.BackboneInfo, limits: Limits, auth_token: str | None) -> Uploads:
-    """Everything a generation needs from its hello: identity, limits and the uploads."""
+def check_hello(hello: m.Hello, backbone: m.BackboneInfo, limits: Limits, auth_token: str | None,
+                projections: ProjectionCache | None = None) -> Uploads:
+    """Everything a generation needs from its hello: identity, limits and the uploads (projection
+    weights named by hash come from `projections`; uploaded ones are kept there)."""
     check_identity(hello, backbone, auth_token)
     opts = hello.options
     if opts.window > limits.max_window:
@@ -53,14 +79,33 @@ def check_hello(hello: m.Hello, backbone: m.BackboneInfo, limits: Limits, auth_t
         raise ProtocolError("limit", f"max_new_tokens {opts.max_new_tokens} > {limits.max_new_tokens}")
     projection = gate = None
     if hello.projection is not None:
-        shape = (len(hello.plugin.taps), hello.projection.rank)
-        projection = (floats(hello.projection.weight, "<f2", (*shape, backbone.hidden_size), "hello.projection.weight"),
-                      floats(hello.projection.bias, "<f4", shape, "hello.projection.bias"))
+        projection = _projection(hello.projection, len(hello.plugin.taps), backbone.hidden_size, projections)
     if hello.gate is not None:
         width = backbone.hidden_size + opts.gate_margin  # a margin gate reads [f, m]
         gate = GateCopy(floats(hello.gate.weight, "<f4", (2, width), "hello.gate.weight"),
                         floats(hello.gate.bias, "<f4", (2,), "hello.gate.bias"), hello.gate.tau)
     return Uploads(projection, gate)
+
+
+def _projection(proj: m.Projection, n_taps: int, hidden: int, projections: ProjectionCache | None):
+    shape = (n_taps, proj.rank)
+    if proj.weight is None:  # named by hash: weights an earlier session uploaded
+        held = projections.get(proj.hash) if projections is not None else None
+        if held is None:
+            raise ProtocolError("upload_needed", "hello.projection.hash: this gateway does not hold these weights; "
+                                                 "send hello.projection.weight and .bias")
+        if held[0].shape != (*shape, hidden):
+            raise ProtocolError("bad_field", f"hello.projection.hash: the weights it names are "
+                                             f"{'x'.join(map(str, held[0].shape))}, not for rank {proj.rank} "
+                                             f"and {n_taps} taps")
+        return held
+    if proj.hash is not None and proj.hash != m.Projection.hash_of(proj.weight, proj.bias):
+        raise ProtocolError("bad_field", "hello.projection.hash: not the hash of the weights sent")
+    weights = (floats(proj.weight, "<f2", (*shape, hidden), "hello.projection.weight"),
+               floats(proj.bias, "<f4", shape, "hello.projection.bias"))
+    if projections is not None:
+        projections.put(proj.digest, weights)
+    return weights
 
 
 def floats(raw: bytes, dtype: str, shape: tuple, what: str) -> np.ndarray:

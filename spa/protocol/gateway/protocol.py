@@ -50,7 +50,7 @@ from spa.protocol.errors import PeerError, ProtocolError
 from spa.protocol.gateway.actions import MAIN_LINE, Action, Draft, Prefill, ResumeWanted, SendTaps
 from spa.protocol.gateway.branches import Branching
 from spa.protocol.gateway.drafts import Drafted, SidePos
-from spa.protocol.gateway.handshake import Uploads, check_hello, check_identity, check_prompt
+from spa.protocol.gateway.handshake import ProjectionCache, Uploads, check_hello, check_identity, check_prompt
 from spa.protocol.gateway.resume import Resuming
 from spa.protocol.gateway.resume_secrets import Resumption
 from spa.protocol.gateway.stats import GatewayStats
@@ -76,6 +76,8 @@ class GatewayProtocol(Verifying, Resuming):
         # (docs/PROTOCOL.md §6, "Settlement"); `pieces`: every token's bytes (settled tokens come as ids).
         settle: bool = False,
         pieces: list[bytes] | None = None,
+        # Projection weights kept across sessions (the host's, shared by its sessions), or None.
+        projections: ProjectionCache | None = None,
     ):
         self.backbone = backbone
         self.eos_ids = frozenset(int(t) for t in eos_ids)
@@ -83,6 +85,7 @@ class GatewayProtocol(Verifying, Resuming):
         self.auth_token = auth_token
         self.resumable = resumable
         self.predict_gate = predict_gate
+        self.projections = projections
         if settle and not pieces:
             raise ValueError("settlement needs the vocabulary's pieces")
         self.settle_offered, self.pieces = settle, pieces or []
@@ -193,7 +196,7 @@ class GatewayProtocol(Verifying, Resuming):
                 raise ProtocolError("bad_field", "hello.resume.next: missing (required to resume)")
             self._actions.append(ResumeWanted(hello))
             return
-        self.uploads = check_hello(hello, self.backbone, self.limits, self.auth_token)
+        self.uploads = check_hello(hello, self.backbone, self.limits, self.auth_token, self.projections)
         self._accept(hello)
         self._actions.append(Prefill(hello))
 

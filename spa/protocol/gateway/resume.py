@@ -26,8 +26,9 @@ class Resuming:
         self.resumption.check_held(hello.resume.secret, self.session)
         if (hello.plugin, hello.prompt, hello.options) != (self.hello.plugin, self.hello.prompt,
                                                            self.hello.options) or \
-                any(new is not None and new != old for new, old in ((hello.projection, self.hello.projection),
-                                                                    (hello.gate, self.hello.gate))):
+                (hello.projection is not None and (self.hello.projection is None or
+                                               hello.projection.digest != self.hello.projection.digest)) or \
+                (hello.gate is not None and hello.gate != self.hello.gate):
             raise ProtocolError("resume_failed", "the resume hello differs from the session's (plugin, prompt, "
                                                  "options or uploads)")
         sent = hello.resume.tokens
@@ -84,7 +85,7 @@ class Resuming:
         check the hello like a new one (limits, uploads), then its resume token
         (spa/protocol/gateway/resume_secrets.py), which is spent."""
         self._require(self.phase == "hello" and hello.resume is not None, "check_rebuild() out of place")
-        uploads = check_hello(hello, self.backbone, self.limits, self.auth_token)
+        uploads = check_hello(hello, self.backbone, self.limits, self.auth_token, self.projections)
         if hello.resume.tokens is not None and len(hello.resume.tokens) > hello.options.max_new_tokens:
             raise ProtocolError("resume_failed", "the resume claims more tokens than the session may have")
         self.resumption.check_rebuild(hello)

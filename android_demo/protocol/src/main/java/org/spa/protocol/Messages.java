@@ -373,25 +373,42 @@ public final class Messages {
     /** hello.projection: the side network's per-tap projections, for the cloud-side projection. */
     public static final class Projection {
         public final int rank; // r
-        public final byte[] weight; // float16 LE [len(taps), r, H]
-        public final byte[] bias; // float32 LE [len(taps), r]
+        public final byte[] weight; // float16 LE [len(taps), r, H]; null when named by hash alone
+        public final byte[] bias; // float32 LE [len(taps), r]; null when named by hash alone
+        public final String hash; // "sha256:" + hex of weight then bias, or null (this client sends the weights)
 
         public Projection(int rank, byte[] weight, byte[] bias) {
+            this(rank, weight, bias, null);
+        }
+
+        public Projection(int rank, byte[] weight, byte[] bias, String hash) {
             this.rank = rank;
             this.weight = weight;
             this.bias = bias;
+            this.hash = hash;
         }
 
         Map<String, Object> toMap() {
             Map<String, Object> d = new LinkedHashMap<String, Object>();
             d.put("rank", (long) rank);
-            d.put("weight", weight);
-            d.put("bias", bias);
+            if (weight != null) {
+                d.put("weight", weight);
+                d.put("bias", bias);
+            }
+            if (hash != null) d.put("hash", hash);
             return d;
         }
 
         static Projection read(Fields f) throws ProtocolException {
-            return new Projection((int) f.integer("rank", 1, 4096), f.blob("weight"), f.blob("bias"));
+            int rank = (int) f.integer("rank", 1, 4096);
+            byte[] weight = f.d.get("weight") == null ? null : f.blob("weight");
+            byte[] bias = f.d.get("bias") == null ? null : f.blob("bias");
+            String hash = f.d.get("hash") == null ? null : f.text("hash");
+            if ((weight == null && bias != null) || (weight == null && hash == null)) {
+                throw f.bad("weight", "expected weight and bias, or a hash alone");
+            }
+            if (bias == null && weight != null) throw f.bad("bias", "expected weight and bias, or a hash alone");
+            return new Projection(rank, weight, bias, hash);
         }
     }
 

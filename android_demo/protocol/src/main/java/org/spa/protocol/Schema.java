@@ -40,6 +40,7 @@ public final class Schema {
         m.put("idle_timeout", 4007);
         m.put("resume_failed", 4008);
         m.put("slow_reader", 4009);
+        m.put("upload_needed", 4010);
         m.put("internal", 1011);
         CLOSE_CODES = Collections.unmodifiableMap(m);
     }
