@@ -36,6 +36,8 @@ public final class GatewayClient {
         void onCommit(Commit commit, String text);
     }
 
+    static final int PING_SECONDS = 20;
+
     private final String url;
     private final PluginExecutor executor;
     private final Messages.Plugin plugin;
@@ -125,6 +127,9 @@ public final class GatewayClient {
         OkHttpClient http = new OkHttpClient.Builder()
                 .connectTimeout(openTimeoutSeconds, TimeUnit.SECONDS)
                 .readTimeout(timeoutSeconds, TimeUnit.SECONDS)
+                // keepalive, as the Python client's (20 s): a link that died without a reset (a phone
+                // changing networks) fails here, without a close frame, and the session is resumed
+                .pingInterval(PING_SECONDS, TimeUnit.SECONDS)
                 .build();
         try {
             keepResuming(http, s);
