@@ -38,13 +38,14 @@ async def _spa(job, pte, prompt) -> dict:
                                on_commit=lambda piece, sigma: times.append(time.perf_counter() - t0),
                                cloud_projection=job.get("cloud_projection", False),
                                push_taps=job.get("push_taps", False),
-                               max_in_flight=job.get("max_in_flight", 1))
+                               max_in_flight=job.get("max_in_flight", 1), settle=job.get("settle", False))
     s = result.stats
     return {"tokens": result.tokens, "sigmas": result.sigmas, "changed": result.changed, "commit_s": times,
             "ttft_s": times[0] if times else None,
             "bytes_down": s["bytes_down"], "bytes_up": s["bytes_up"], "handshake_down": s["handshake_bytes_down"],
             "handshake_up": s["handshake_bytes_up"], "round_trips": s["round_trips"], "side_tokens": s["side_tokens"],
-            "rollbacks": s["rollbacks"], "messages_down": s["messages_down"], "messages_up": s["messages_up"]}
+            "rollbacks": s["rollbacks"], "messages_down": s["messages_down"], "messages_up": s["messages_up"],
+            "settled": s["settled"]}
 
 
 class _Adapter:

@@ -15,6 +15,9 @@ Rows (the same ACLSum test documents, the same prompt text, greedy):
 | spa_inflight     | spa_draft with several side outputs in flight (the device gates ahead of verdicts) |
 | spa_inflight_push| spa_inflight with pushed taps and no projection (the choice for a slow uplink)     |
 | spa_branches     | spa_inflight on a second gateway drafting branches (`--branches 2`)               |
+| spa_settle       | in flight + pushed taps + projection (by hash) + settlement: the device proves    |
+|                  | its side tokens, no verdict waited for, s_t never uploaded for a settled token     |
+| spa_settle_branches | spa_settle on the branch gateway: its branch lines streamed to the device      |
 | device_only      | the whole backbone as one ExecuTorch program on the device, no network            |
 
 Repeats: every row runs `repeats` times (default 3), the rows interleaved
@@ -54,9 +57,10 @@ from spa.system.children import ServerProcess, pinned, python_command, python_en
 from spa.errors import SpaError
 
 ROWS = ("cloud_only", "cloud_plugin", "side_every_token", "per_layer", "spa_lockstep", "spa_draft", "spa_draft_proj",
-        "spa_draft_push", "spa_inflight", "spa_inflight_push", "spa_branches", "device_only")
+        "spa_draft_push", "spa_inflight", "spa_inflight_push", "spa_branches", "spa_settle", "spa_settle_branches",
+        "device_only")
 SPA_ROWS = ("spa_lockstep", "spa_draft", "spa_draft_proj", "spa_draft_push", "spa_inflight", "spa_inflight_push",
-            "spa_branches")
+            "spa_branches", "spa_settle", "spa_settle_branches")
 BRANCHES = 2  # the spa_branches row's gateway: `spa gateway --branches 2`
 ROW_TITLES = {
     "cloud_only": "cloud-only (backbone alone, streamed)",
@@ -70,6 +74,8 @@ ROW_TITLES = {
     "spa_inflight": "SPA draft-ahead + side outputs in flight",
     "spa_inflight_push": "SPA in flight + pushed taps (no projection)",
     "spa_branches": f"SPA in flight + branches K={BRANCHES}",
+    "spa_settle": "SPA settled on the device (+ push, projection, in flight)",
+    "spa_settle_branches": f"SPA settled + streamed branches K={BRANCHES}",
     "device_only": "device-only (whole backbone, ExecuTorch)",
 }
 CEILING = "cloud_plugin"  # every SPA row also reads as a share of it
@@ -152,6 +158,9 @@ def summarize_row(docs: list[dict], reference: list[list[int]] | None = None) ->
         "side_usage": side / n,
         "rollbacks": sum(d["rollbacks"] for d in docs),
         "change_rate": sum(d["rollbacks"] for d in docs) / side if side else 0.0,
+        # Settlement: side tokens proven on the device, and the side outputs that left it (fallbacks).
+        "settled": sum(d.get("settled", 0) for d in docs),
+        "side_outputs_up": sum(d.get("messages_up", {}).get("side", 0) for d in docs),
     }
     if reference is not None:
         same = total = 0
@@ -361,7 +370,7 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                                               env=one_thread))
                 gateway = servers[-1]
                 log(f"  spa gateway pid {gateway.pid} at {gateway.url}")
-            if "spa_branches" in rows:  # branch drafting is the gateway's option: a gateway of its own
+            if "spa_branches" in rows or "spa_settle_branches" in rows:  # the gateway's option: a gateway of its own
                 log(f"starting spa gateway --branches {BRANCHES} on the gateway side...")
                 servers.append(GatewayProcess("--host", host, "--token", token, "--branches", str(BRANCHES),
                                               prefix=on_gateway_side, env=one_thread))
@@ -401,6 +410,11 @@ def run_link_bench(profile_name: str, *, plugin: str | None = None, docs: list[s
                 "spa_inflight_push": lambda: spa_job(tau, window, max_in_flight=in_flight, push_taps=True),
                 "spa_branches": lambda: spa_job(tau, window, max_in_flight=in_flight,
                                                 url=link.device_url(host, branch_gateway.port)),
+                "spa_settle": lambda: spa_job(tau, window, max_in_flight=in_flight, push_taps=True, settle=True,
+                                              cloud_projection=True),
+                "spa_settle_branches": lambda: spa_job(tau, window, max_in_flight=in_flight, push_taps=True,
+                                                       settle=True, cloud_projection=True,
+                                                       url=link.device_url(host, branch_gateway.port)),
                 "device_only": lambda: {"mode": "device_only", "max_new_tokens": max_new_tokens,
                                         "backbone_pte": str(backbone_pte), "eos_ids": _eos_ids()},
             }

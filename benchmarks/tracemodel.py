@@ -303,8 +303,9 @@ def predict(traces, costs: Costs, rows=ROWS) -> dict:
 # projection: their taps are r values per tap, not the hidden size.
 MEASURED = {"side_every_token": "side_every_token", "spa_lockstep": "spa_lockstep", "spa_draft": "spa_draft",
             "spa_draft_proj": "spa_draft", "spa_draft_push": "spa_draft_push", "spa_inflight": "spa_inflight",
-            "spa_inflight_push": "spa_inflight_push", "spa_branches": "spa_branches"}
-PROJECTED = ("spa_draft_proj", "spa_draft_push")
+            "spa_inflight_push": "spa_inflight_push", "spa_branches": "spa_branches", "spa_settle": "spa_settle",
+            "spa_settle_branches": "spa_settle_branches"}
+PROJECTED = ("spa_draft_proj", "spa_draft_push", "spa_settle", "spa_settle_branches")
 GPU_STEPS_MS = (5.0, 10.0)
 # Branch drafting's inputs, from the issue-13 runs: the side's token was among the backbone's two
 # runners-up for about one change in four (BRANCH_HIT_RATE), and a branch row in a batched decode
@@ -385,7 +386,7 @@ def model_row(result: dict, name: str) -> Row:
     row = next(r for r in ROWS if r.name == MEASURED.get(name, name))
     in_flight = result.get("in_flight", row.in_flight) if row.in_flight > 1 else 1
     return Row(name, result["window"] if row.window else 0, in_flight, row.push, row.always_side,
-               result.get("branches", row.branches) if row.branches else 0)
+               result.get("branches", row.branches) if row.branches else 0, row.settle)
 
 
 def explain_result(result: dict, name: str, step_ms: float | None = None) -> dict:
@@ -483,7 +484,8 @@ def format_model(results: list[dict]) -> str:
         lines.append(f"{c['profile']:8} {c['rtt_ms']:7.1f}  " + "  ".join(cells))
     lines.append("")
     lines.append("Predicted for a GPU-class gateway (share of cloud-only at that step time):")
-    names = ["spa_draft", "spa_draft_push", "spa_inflight", "spa_inflight_push", "spa_branches"]
+    names = ["spa_draft", "spa_draft_push", "spa_inflight", "spa_inflight_push", "spa_branches", "spa_settle",
+             "spa_settle_branches"]
     settled = [f"settled {h:g}" for h in SETTLED_HIT_RATES]
     lines.append(f"{'profile':8} {'step':>10}  " + "  ".join(f"{n:>17}" for n in names + settled))
     for result in results:

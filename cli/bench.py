@@ -189,7 +189,7 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--rows", nargs="+", help="only these rows (cloud_only cloud_plugin side_every_token per_layer "
                                              "spa_lockstep "
                                              "spa_draft spa_draft_proj spa_draft_push spa_inflight "
-                                             "spa_inflight_push spa_branches device_only)")
+                                             "spa_inflight_push spa_branches spa_settle spa_settle_branches device_only)")
     p.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
                    help="netns: namespaces + tbf + NFQUEUE delay (root); proxy: userspace delay proxy; "
                         "auto: netns when possible (default)")

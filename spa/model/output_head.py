@@ -224,8 +224,8 @@ def ensure_head(recorded: dict, backbone_path=None, log=print) -> Path | None:
     path = head_path(recorded["fingerprint"])
     if path.exists():
         return path
-    converted = [name for name, spec in NAMED_BACKBONES.items()
-                 if (cache_dir() / "backbones" / spec.name / IDENTITY_FILE).exists()]
+    converted = [name for name, spec in NAMED_BACKBONES.items() if spec.name == recorded.get("name")
+                 and (cache_dir() / "backbones" / spec.name / IDENTITY_FILE).exists()]
     candidates = [backbone_path] if backbone_path else converted
     for candidate in candidates:
         try:

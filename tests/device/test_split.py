@@ -29,11 +29,23 @@ def prompt_of(pte, doc):
 
 
 def split(gateway, pte, doc, window, tau=None, codec="int8", max_new=MAX_NEW, temperature=0.0,
-          cloud_projection=False, push_taps=False, in_flight=1, url=None):
+          cloud_projection=False, push_taps=False, in_flight=1, url=None, settle=False):
+    """One session through the gateway; `settle`: the device proves its side tokens (the export
+    fixture wrote the backbone's output head), else every side token takes a verdict."""
     options = Options(window=window, codec=codec, max_new_tokens=max_new, temperature=temperature, seed=7)
     return asyncio.run(run_session(url or gateway.url, pte, prompt_of(pte, doc), options, tau=tau, token=GATEWAY_TOKEN,
                                    cloud_projection=cloud_projection, push_taps=push_taps,
-                                   max_in_flight=in_flight))
+                                   max_in_flight=in_flight, settle=settle))
+
+
+def assert_settled(result, ref):
+    """The session settled: side outputs went up only where a proof did not hold, no head was
+    computed for a settled position, and the device proved at least one token."""
+    s = result.stats
+    assert s["settle"] and s["settled"] > 0, s
+    assert s["messages_up"].get("side", 0) == s["unproven"] == s["gateway"]["heads"], s
+    assert s["messages_up"].get("settled", 0) == s["settled"] >= s["gateway"]["settled"], s
+    assert s["gateway"]["settled"] + s["gateway"]["heads"] == sum(ref.sigmas), (s, sum(ref.sigmas))
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +54,18 @@ def references(backbone, pte):
             for doc in DOCS}
 
 
-def test_split_equals_the_in_process_reference_for_every_window(gateway, pte, references):
+@pytest.mark.parametrize("settle", [False, True])
+def test_split_equals_the_in_process_reference_for_every_window(gateway, pte, references, settle):
     rollbacks, early = {}, {}
     for window in (0, 2, 8):
         for doc in DOCS:
-            result = split(gateway, pte, doc, window)
+            result = split(gateway, pte, doc, window, settle=settle)
             ref = references[doc]
             assert result.tokens == ref.tokens, (doc, window)
             assert result.sigmas == ref.sigmas, (doc, window)
             assert result.finish_reason == ref.finish_reason
+            if settle and sum(ref.sigmas):
+                assert_settled(result, ref)
             rollbacks[window] = rollbacks.get(window, 0) + result.stats["rollbacks"]
             early[window] = early.get(window, 0) + result.stats["gateway"]["early_taps"]
     # Draft-ahead was exercised: the side changed drafted tokens and the gateway rolled back.
@@ -60,23 +75,28 @@ def test_split_equals_the_in_process_reference_for_every_window(gateway, pte, re
     assert any(sum(r.sigmas) not in (0, len(r.sigmas)) for r in references.values())  # the gate really decides
 
 
-@pytest.mark.parametrize("push_taps", [False, True])
-def test_side_outputs_in_flight_are_lossless(gateway, pte, references, backbone, push_taps):
+@pytest.mark.parametrize("push_taps, settle", [(False, False), (True, False), (True, True)])
+def test_side_outputs_in_flight_are_lossless(gateway, pte, references, backbone, push_taps, settle):
     """Several side outputs in flight (protocol v2): the device gates drafts
-    ahead of the verdicts; tokens stay the reference's, greedy and sampled."""
+    ahead of the verdicts (or proves them, settling); tokens stay the reference's,
+    greedy and sampled (a settling device falls back to verdicts when sampling)."""
     most, rollbacks = 0, 0
     for window in (2, 8):
         for doc in DOCS:
-            result = split(gateway, pte, doc, window, in_flight=4, push_taps=push_taps)
+            result = split(gateway, pte, doc, window, in_flight=4, push_taps=push_taps, settle=settle)
             assert result.tokens == references[doc].tokens, (doc, window)
             assert result.sigmas == references[doc].sigmas, (doc, window)
+            if settle and sum(references[doc].sigmas):
+                assert_settled(result, references[doc])
             most = max(most, result.stats["max_in_flight"], result.stats["gateway"]["max_in_flight"])
             rollbacks += result.stats["rollbacks"]
-    assert most > 1 and rollbacks > 0, (most, rollbacks)
+    # (a settling device proves its side tokens at once: nothing waits in flight)
+    assert (most > 1 or settle) and rollbacks > 0, (most, rollbacks)
     doc = DOCS[0]
     sampled = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW,
                                  temperature=0.8, seed=7)
-    assert split(gateway, pte, doc, 8, temperature=0.8, in_flight=4, push_taps=push_taps).tokens == sampled.tokens
+    result = split(gateway, pte, doc, 8, temperature=0.8, in_flight=4, push_taps=push_taps, settle=settle)
+    assert result.tokens == sampled.tokens and not result.stats["settle"]  # sampled: the verdicts decide
 
 
 def test_seeded_sampling_is_lossless_and_reproducible(gateway, pte, backbone):
@@ -95,6 +115,9 @@ def test_int4_codec_is_lossless_against_its_reference(gateway, pte, backbone):
     ref = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW, scheme="int4")
     assert split(gateway, pte, doc, 2, codec="int4").tokens == ref.tokens
     assert split(gateway, pte, doc, 8, codec="int4", in_flight=4).tokens == ref.tokens
+    settled = split(gateway, pte, doc, 8, codec="int4", in_flight=4, push_taps=True, settle=True)
+    assert settled.tokens == ref.tokens
+    assert_settled(settled, ref)
 
 
 def test_cloud_projection_is_lossless_against_its_reference(gateway, pte, backbone):
@@ -107,9 +130,27 @@ def test_cloud_projection_is_lossless_against_its_reference(gateway, pte, backbo
     for window in (0, 4):
         result = split(gateway, pte, doc, window, cloud_projection=True)
         assert result.tokens == ref.tokens and result.sigmas == ref.sigmas, window
-        assert result.stats["handshake_bytes_up"] > projection[0].nbytes // 2  # the weights were uploaded
         rollbacks += result.stats["rollbacks"]
     assert rollbacks > 0  # draft-ahead rolled back on projected side outputs too
+    settled = split(gateway, pte, doc, 4, cloud_projection=True, push_taps=True, in_flight=4, settle=True)
+    assert settled.tokens == ref.tokens
+    assert_settled(settled, ref)
+
+
+def test_the_projection_crosses_once_per_gateway(pte):
+    """The hello names the projection by hash: a gateway that does not hold the weights answers
+    upload_needed and gets them in a second hello; the next session (any plugin user of that
+    gateway) names them and uploads nothing."""
+    from cloud_gateway.process import GatewayProcess
+
+    projection = pte.projection_weights()
+    with GatewayProcess("--token", GATEWAY_TOKEN) as fresh:  # holds no projection yet
+        first = split(fresh, pte, DOCS[0], 4, cloud_projection=True, max_new=6)
+        again = split(fresh, pte, DOCS[0], 4, cloud_projection=True, max_new=6)
+    assert first.tokens == again.tokens
+    assert first.stats["projection_uploads"] == 1 and again.stats["projection_uploads"] == 0
+    assert first.stats["handshake_bytes_up"] > projection[0].nbytes // 2  # the weights, once
+    assert again.stats["handshake_bytes_up"] < 4096  # the hash alone
 
 
 def test_pushed_taps_are_lossless_and_save_the_need_taps_round_trip(gateway, pte, references):

@@ -52,3 +52,7 @@ def test_gemma_3_270m_trains_exports_and_serves_the_split_like_the_reference(gem
             result = json.loads(proc.stdout)
             assert result["tokens"] == ref.tokens, window
             assert result["sigmas"] == ref.sigmas, window
+            # Settled on the device by default (the export wrote Gemma's output head): no verdict waited for.
+            stats = result["stats"]
+            assert stats["settle"] and stats["settled"] > 0, stats
+            assert stats["settled"] + stats["unproven"] >= sum(ref.sigmas), stats  # (+ proofs an earlier change voided)
