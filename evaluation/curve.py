@@ -61,10 +61,20 @@ def run_person(backbone, person: str, args) -> None:
                                  args.max_new_tokens, args.seed, lora=lora, export=False, reuse=reuse, log=log,
                                  progress=lambda i, total: log(f"  {person}, {n} examples: {i}/{total} test documents")
                                  if i % 5 == 0 or i == total else None)
-        done["sizes"][str(n)] = result
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(done, indent=1) + "\n")
+        save_point(saved, key, n, result)
         write_report(args)
+
+
+def save_point(saved: Path, key: dict, n: int, result: dict) -> None:
+    """Add one size's result to the person's file, re-read first: another process may have added sizes."""
+    done = json.loads(saved.read_text()) if saved.exists() else {}
+    if done.get("settings") != key:
+        done = {"settings": key, "sizes": {}}
+    done["sizes"][str(n)] = result
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps(done, indent=1) + "\n")
+    tmp.replace(saved)
 
 
 def load_curves(args) -> dict:
