@@ -119,6 +119,12 @@ def markdown(curves: dict, args) -> str:
              f"equals it within 1e-4) with int8 wire quantization. Rouge-L (F1, stemmed) against the person's "
              f"own test summaries. Computed: {sum(len(s) for s in curves.values())} (person, size) points in "
              f"{seconds / 60:.0f} min of evaluation time on the shared 2-core CPU (one torch thread per process).",
+             "", "Sized for a shared 2-core CPU, reduced from `spa eval --examples`'s defaults: "
+                 f"{args.tests} test documents per person (of ACLSum's 100 test papers and the 40 quote articles), "
+                 f"{args.max_doc_tokens}-token documents (default 384), {args.max_new_tokens} new tokens (default 48), "
+                 "SPA from the eager plugin instead of the exported `.pte`, LoRA trained only at the sizes whose "
+                 "LoRA column has a number. The few-shot rows use the person's first 1 or 3 examples, the same at "
+                 "every size (flat by construction).",
              "", f"Regenerate: `{regenerate(curves, args)}` (`--people A B` runs a part: one process per core; "
                  f"`--sizes 20` first gets the goal's points early)", ""]
     lines += goal_lines(curves)
