@@ -118,7 +118,8 @@ def markdown(curves: dict, args) -> str:
              f"{args.max_new_tokens} new tokens; SmolLM2-135M-Instruct; SPA from the eager plugin (the `.pte` "
              f"equals it within 1e-4) with int8 wire quantization. Rouge-L (F1, stemmed) against the person's "
              f"own test summaries. Computed: {sum(len(s) for s in curves.values())} (person, size) points in "
-             f"{seconds / 60:.0f} min of evaluation time on the shared 2-core CPU (one torch thread per process).",
+             f"{seconds / 60:.0f} min, summed over the points, on a 2-core CPU shared with other work (one torch thread "
+             f"per process; the minutes column is each point's own time).",
              "", "Sized for a shared 2-core CPU, reduced from `spa eval --examples`'s defaults: "
                  f"{args.tests} test documents per person (of ACLSum's 100 test papers and the 40 quote articles), "
                  f"{args.max_doc_tokens}-token documents (default 384), {args.max_new_tokens} new tokens (default 48), "
