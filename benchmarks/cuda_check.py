@@ -22,6 +22,14 @@ For each dtype, on the default SmolLM2 backbone:
   `reference_generate` in the same dtype. Then 8 sessions at once (their
   rounds batched): equal up to each session's first choice without margin
   (float32: logit gap and |p - tau| > 1e-3; bfloat16: 0.5 and 0.02).
+* **settlement and branch lines** (float32 only: a bf16 gateway does not offer
+  settlement). The backbone's output head is written where devices find it; a
+  gateway with `--branches 2` on the GPU; sessions that settle (pushed taps, 4
+  in flight, W = 8) over the userspace delay proxy at the 4g and 3g profiles:
+  tokens equal to the reference, tokens settled on the device (> 0), heads
+  computed only for fallbacks, branch lines streamed and adopted; and the
+  figures measured there: the gateway's decode step (ms, solo) and the
+  sessions' tokens/s as a share of cloud-only at that step (1 / step time).
 """
 
 import argparse
@@ -162,6 +170,67 @@ def check_split(bb, pte_path: Path) -> dict:
     return report
 
 
+def _step_ms(bb) -> float:
+    """The gateway's solo decode step on this device, median of STEPS (what cloud-only streams at)."""
+    from spa.model.generate import decode_one_token, prefill
+
+    cache, _ = prefill(bb, bb.encode(_prompts(1)[0]))
+    times = []
+    for token in range(STEPS + 2):
+        if bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        decode_one_token(bb, cache, 100 + token)
+        if bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1000 * sorted(times[2:])[len(times[2:]) // 2]
+
+
+def check_settlement(bb, pte_path: Path, profiles=("4g", "3g")) -> dict:
+    from benchmarks.link import PROFILES, ProxyLink
+    from cloud_gateway.process import ThreadedGateway
+    from device_runtime.client import run_session
+    from spa.model.output_head import export_head
+    from spa.model.pte_plugin import PtePlugin
+    from spa.model.reference import reference_generate
+    from spa.protocol import messages as m
+    from spa.protocol.limits import Limits
+
+    export_head(bb)
+    pte = PtePlugin(pte_path)
+    prompts = _prompts(4)
+    refs = {p: reference_generate(bb, pte, p, tau=pte.tau, max_new_tokens=STEPS * 2) for p in prompts}
+    step = _step_ms(bb)
+    report = {"step_ms": round(step, 2), "profiles": {}}
+    with ThreadedGateway(bb, Limits(max_sessions=16), branches=2) as gw:
+        for name in profiles:
+            with ProxyLink(PROFILES[name]) as link:
+                url = link.device_url("127.0.0.1", gw.port)
+                same = settled = heads = streamed = adopted = 0
+                tokens = span = 0.0
+                for p in prompts:  # one at a time: the solo path, bit-identical to the reference
+                    times = []
+                    t0 = time.perf_counter()
+                    r = asyncio.run(run_session(url, pte, p, m.Options(window=8, max_new_tokens=STEPS * 2),
+                                                push_taps=True, max_in_flight=4, settle=True,
+                                                on_commit=lambda piece, sigma: times.append(time.perf_counter() - t0)))
+                    same += r.tokens == refs[p].tokens
+                    g = r.stats["gateway"]
+                    settled, heads = settled + g["settled"], heads + g["heads"]
+                    streamed, adopted = streamed + g["branch_streamed"], adopted + r.stats["branch_adopted"]
+                    tokens, span = tokens + len(times) - 1, span + (times[-1] - times[0] if len(times) > 1 else 0)
+                tps = tokens / span if span else None
+                report["profiles"][name] = {
+                    "sessions": len(prompts), "identical": same, "settled": settled, "heads": heads,
+                    "branch_streamed": streamed, "branch_adopted": adopted, "tokens_per_s": tps,
+                    "vs_cloud_only_at_this_step": None if tps is None else round(tps * step / 1000, 3)}
+    side = sum(sum(r.sigmas) for r in refs.values())
+    report["ok"] = all(v["identical"] == v["sessions"] and (v["settled"] > 0 or side == 0)
+                       for v in report["profiles"].values())
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -194,8 +263,13 @@ def main(argv=None) -> int:
             _say(f"{dtype}: {json.dumps(split)}")
             report["checks"][dtype] = {"batched_vs_solo": batched, "split_vs_reference": split,
                                        "seconds": round(time.time() - t0, 1)}
+            if dtype == "float32":
+                _say("float32: settlement and branch lines over the 4g and 3g profiles...")
+                report["checks"][dtype]["settlement"] = settlement = check_settlement(bb, pte_path)
+                _say(f"float32: {json.dumps(settlement)}")
             del bb
-    report["ok"] = all(c["batched_vs_solo"]["ok"] and c["split_vs_reference"]["ok"] for c in report["checks"].values())
+    report["ok"] = all(c["batched_vs_solo"]["ok"] and c["split_vs_reference"]["ok"]
+                       and c.get("settlement", {"ok": True})["ok"] for c in report["checks"].values())
     if not args.device.startswith("cuda"):
         report["note"] = "a smoke run on the CPU: not a GPU check"
     text = json.dumps(report, indent=2)
