@@ -59,17 +59,20 @@ def _prompts(n: int) -> list[str]:
 
 
 def _solo(bb, ids):
-    from spa.model.generate import decode_one_token, prefill
+    """Greedy tokens of the generation loop (the reference's solo functions), each choice's top-2 gap
+    and largest |logit|; no EOS stop: every prompt runs STEPS."""
+    from spa.model.generate import generate
 
-    cache, states = prefill(bb, ids)
-    tokens, gaps, scales = [], [], []
-    for _ in range(STEPS):
-        logits = bb.logits(states[-1])
+    gaps, scales = [], []
+
+    def choose(pos, states):
+        logits = bb.logits(states[0, -1])
         top2 = torch.topk(logits, 2).values
-        tokens.append(int(torch.argmax(logits)))
         gaps.append(float(top2[0] - top2[1]))
         scales.append(float(logits.abs().max()))
-        states = decode_one_token(bb, cache, tokens[-1])
+        return [int(torch.argmax(logits))]
+
+    tokens = [t for _, _, chosen in generate(bb, ids, choose, STEPS, eos_ids=()) for t in chosen]
     return tokens, gaps, scales
 
 

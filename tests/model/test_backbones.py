@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from spa.model.backbone import Backbone, BackboneError, decoder_parts, default_backbone_dir, load_backbone
-from spa.model.generate import decode_batch, decode_one_token, prefill, prefill_batch, truncate
+from spa.model.generate import decode_batch, decode_one_token, generate, prefill, prefill_batch, truncate
 
 WINDOW = 8
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"]
@@ -88,15 +88,16 @@ def _ids(backbone):
 
 def _solo_greedy(backbone, prompt):
     """Greedy tokens of the solo step functions (the reference's), each choice's top-2 gap, and its logits."""
-    cache, states = prefill(backbone, prompt)
-    tokens, gaps, logits_seen = [], [], []
-    for _ in range(STEPS):
-        logits = backbone.logits(states[-1])
+    gaps, logits_seen = [], []
+
+    def choose(pos, states):
+        logits = backbone.logits(states[0, -1])
         top2 = torch.topk(logits, 2).values
         gaps.append(float(top2[0] - top2[1]))
-        tokens.append(int(torch.argmax(logits)))
         logits_seen.append(logits)
-        states = decode_one_token(backbone, cache, tokens[-1])
+        return [int(torch.argmax(logits))]
+
+    tokens = [t for _, _, chosen in generate(backbone, prompt, choose, STEPS, eos_ids=()) for t in chosen]
     return tokens, gaps, logits_seen
 
 
