@@ -18,7 +18,7 @@ Ways down, measured:
 * zstd level (lossless: the tokens cannot change, only bytes and CPU time);
 * fewer taps: quick plugins tapping every k-th layer (`spa train --tap-every k`),
   compared with their own f32 run, and with their validation loss beside;
-* the cloud-side projection (`spa summarize --cloud-projection`): the gateway
+* the cloud-side projection (`spa summarize`'s default): the gateway
   applies the side network's per-tap projections and sends r values per tap
   instead of H; rows "int8+proj" and "int4+proj", with the one-off upload of
   the weights (hello) beside them.

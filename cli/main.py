@@ -440,10 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=4, help="draft-ahead window W (0: lock-step; default 4)")
     p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"], help="activation encoding on the wire")
     p.add_argument("--outliers", type=int, default=8, help="outlier channels per row sent in fp16 (default 8)")
-    p.add_argument("--cloud-projection", action="store_true",
-                   help="upload the side network's per-tap projections (~1.1 MB, kept in the gateway's memory for "
-                        "this session only) so each side token moves r values per tap instead of H: ~18x fewer "
-                        "bytes down")
+    p.add_argument("--no-cloud-projection", dest="cloud_projection", action="store_false",
+                   help="keep the side network's per-tap projections on the device; by default the gateway applies "
+                        "them (each side token then moves r values per tap instead of H: ~18x fewer bytes down): "
+                        "they cross once (~1.1 MB) and the gateway keeps them in memory under their hash, so later "
+                        "sessions name them instead")
     p.add_argument("--in-flight", type=int, default=4, metavar="N",
                    help="side outputs that may await their verdict at once (1: one at a time; default 4)")
     p.add_argument("--no-push-taps", dest="push_taps", action="store_false",

@@ -5,8 +5,8 @@ Without it, a sigma = 1 position moves all its taps down: len(taps) x H values
 its own (`W_in rms(h^0)`, `Down_l rms(h^l)`), so the cloud can apply it and
 send len(taps) x r values instead (r = 32): ~18x fewer. The price is privacy:
 the device uploads those projection weights. The user chooses it
-(`spa summarize --cloud-projection`); the gateway keeps the weights in memory
-for that session only and never writes them anywhere.
+(`spa summarize` asks by default, `--no-cloud-projection`); the gateway keeps the weights in memory
+under their hash (so they cross once per plugin and gateway) and never writes them anywhere.
 
 Weights travel as float16 (half the bytes; the whole upload for 31 taps x 32
 x 576 is 1.1 MB) and both the gateway and the in-process reference compute

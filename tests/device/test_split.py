@@ -236,9 +236,9 @@ def _has_margin(ref, tau) -> bool:
     return min(ref.logit_gap) > 1e-3 and min(abs(p - tau) for p in ref.gate_p) > 1e-3
 
 
-@pytest.mark.parametrize("branches", [0, 2])
+@pytest.mark.parametrize("branches, settle", [(0, False), (2, False), (2, True)])
 def test_branch_drafting_is_lossless_and_hits(gateway, branch_gateway, slow_link, pte, references, backbone,
-                                              branches):
+                                              branches, settle):
     """W in {0, 2, 8} x branches in {0, 2}, one and four side outputs in flight,
     greedy, seeded sampling and int4, over a 100 ms round trip: the reference's tokens. With branches, a verdict
     that changed the token to one of the backbone's two runners-up was served
@@ -249,14 +249,17 @@ def test_branch_drafting_is_lossless_and_hits(gateway, branch_gateway, slow_link
     url = slow_link.device_url("127.0.0.1", gw.port)
     for doc, ref in references.items():
         assert _has_margin(ref, pte.tau), doc
-    totals = dict.fromkeys(("branch_points", "branch_hits", "branch_misses", "branch_drafts", "branch_wasted"), 0)
-    rollbacks = 0
+    totals = dict.fromkeys(("branch_points", "branch_hits", "branch_misses", "branch_drafts", "branch_wasted",
+                            "branch_streamed"), 0)
+    rollbacks = adopted = 0
     for window in (0, 2, 8):
         for in_flight in (1, 4) if window else (1,):  # lock-step: one position at a time
             for doc in DOCS:
-                result = split(gw, pte, doc, window, in_flight=in_flight, url=url)
+                result = split(gw, pte, doc, window, in_flight=in_flight, url=url, settle=settle,
+                               push_taps=settle)
                 assert result.tokens == references[doc].tokens, (doc, window, in_flight)
                 assert result.sigmas == references[doc].sigmas, (doc, window, in_flight)
+                adopted += result.stats["branch_adopted"]
                 gateway_stats = result.stats["gateway"]
                 for key in totals:
                     totals[key] += gateway_stats[key]
@@ -266,7 +269,9 @@ def test_branch_drafting_is_lossless_and_hits(gateway, branch_gateway, slow_link
         assert totals["branch_points"] > 0 and totals["branch_drafts"] > 0, totals
         assert totals["branch_hits"] > 0, totals  # a changed verdict adopted a branch line's drafts
         assert totals["branch_hits"] + totals["branch_misses"] <= rollbacks, (totals, rollbacks)
-        print(f"branches {branches}: {totals}, rollbacks {rollbacks}")
+        # Settling: the branch lines were streamed, and a change continued on one without a redraft.
+        assert (totals["branch_streamed"] > 0 and adopted > 0) == settle, (totals, adopted)
+        print(f"branches {branches}, settle {settle}: {totals}, rollbacks {rollbacks}, adopted {adopted}")
     else:
         assert not any(totals.values()), totals
     doc = DOCS[0]
@@ -274,11 +279,11 @@ def test_branch_drafting_is_lossless_and_hits(gateway, branch_gateway, slow_link
                                  temperature=0.8, seed=7)
     assert _has_margin(sampled, pte.tau)
     for window in (2, 8):
-        result = split(gw, pte, doc, window, temperature=0.8, in_flight=4, url=url)
+        result = split(gw, pte, doc, window, temperature=0.8, in_flight=4, url=url, settle=settle)
         assert result.tokens == sampled.tokens, window
         print(f"sampled W={window}: " + str({k: v for k, v in result.stats["gateway"].items() if "branch" in k}))
     int4 = reference_generate(backbone, pte, prompt_of(pte, doc), tau=pte.tau, max_new_tokens=MAX_NEW, scheme="int4")
     assert _has_margin(int4, pte.tau)
-    result = split(gw, pte, doc, 8, codec="int4", in_flight=4, url=url)
+    result = split(gw, pte, doc, 8, codec="int4", in_flight=4, url=url, settle=settle)
     assert result.tokens == int4.tokens and result.sigmas == int4.sigmas
     assert result.stats["rollbacks"] > 0  # the int4 session rolled back (and, with branches, branched)
