@@ -96,8 +96,6 @@ MODES = [
     ("pushed taps", ["--in-flight", "4", "--push-taps"], {"max_in_flight": 4, "push_taps": True}),
     ("projection", ["--in-flight", "4", "--no-push-taps", "--cloud-projection"],
      {"max_in_flight": 4, "cloud_projection": True}),
-    ("projection + pushed taps", ["--in-flight", "1", "--cloud-projection", "--push-taps"],
-     {"max_in_flight": 1, "cloud_projection": True, "push_taps": True}),
 ]
 
 
