@@ -27,7 +27,8 @@ import java.io.PrintStream;
  * Prints one JSON object (ASCII, non-ASCII escaped): tokens, text, sigma (and sigmas),
  * gate_p (the gate's p at each token's position, to check margins to tau), finish_reason, stats.
  * Defaults match `spa summarize`: window 4, 4 side outputs in flight, pushed taps, int8, 8 outliers, 64 new tokens,
- * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN.
+ * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN; but no settlement (not implemented
+ * here) and no cloud-side projection unless asked (this client uploads its weights in every hello, not by hash).
  * Exit status: 0 on success, 1 when the session failed, 2 on bad arguments.
  */
 public final class Cli {

@@ -10,7 +10,8 @@ import org.spa.protocol.SessionResult;
  * Sessions through the real websocket client (GatewayClient), which resumes a session after a
  * lost connection. The defaults are `spa summarize`'s: 4 side outputs in flight and pushed taps
  * (the gate, 4.6 KB, is uploaded; the gateway learns every sigma anyway); the cloud-side
- * projection (~1.1 MB of the plugin's weights uploaded) is opt-in.
+ * projection is opt-in here (~1.1 MB of the plugin's weights in every hello: this client does not
+ * name them by hash, as spa summarize does), and settlement is not implemented.
  */
 public final class GatewayConnector implements SessionRunner.Connector {
     private final int inFlight;
