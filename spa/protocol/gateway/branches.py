@@ -73,9 +73,10 @@ class Branching:
         return True
 
     def hit(self, token: int) -> BranchLine | None:
-        """The branch line that drafted `token` (the changed token at the branch point), if it has
-        a draft (one in progress goes on as the main line's)."""
-        line = next((b for b in self.lines.values() if b.token == token and b.drafts), None)
+        """The branch line of `token` (the changed token at the branch point), whatever it has drafted
+        so far: its KV cache already holds the token, its drafts (and one in progress) go on as the
+        main line's, so even a line without a draft yet saves the redraft of the token."""
+        line = next((b for b in self.lines.values() if b.token == token), None)
         self.stats.branch_hits += line is not None
         self.stats.branch_misses += line is None
         return line

@@ -22,8 +22,8 @@ class GatewayStats:
     branch_streamed: int = 0  # branch drafts sent to a settling device as step.branch
     # Branch drafting (`branches` > 0):
     branch_points: int = 0  # sigma = 1 positions whose alternatives were drafted
-    branch_hits: int = 0  # changed verdicts whose token a branch had drafted: its drafts sent at once
-    branch_misses: int = 0  # changed verdicts at a branch point that no branch (with a draft) had
+    branch_hits: int = 0  # changed tokens at a branch point whose branch line became the main line
+    branch_misses: int = 0  # changed tokens at a branch point that no branch line continued
     branch_drafts: int = 0  # draft rows computed on branch lines
     branch_wasted: int = 0  # of which were dropped (unchanged verdict, miss, rollback, the other branches)
     # The backbone's work, as the host reported it:
