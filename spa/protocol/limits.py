@@ -21,6 +21,10 @@ class Limits:
     max_new_tokens: int = 2048
     # Largest draft-ahead window W a session may ask for.
     max_window: int = 64
+    # Most summary tokens (EOS included) one `teach` may ask states for: the states of a
+    # token are ~19 KB with all 31 SmolLM2 taps in int8, so this bounds what one request
+    # makes the gateway compute, hold and send (PROTOCOL.md §6, "Teaching").
+    max_teach_tokens: int = 512
     # Concurrent sessions per gateway; one more is refused with `busy`.
     max_sessions: int = 8
     # Seconds without any message from the device before the gateway closes

@@ -27,6 +27,7 @@ from spa.protocol.fields import MAX_NAME, Fields  # noqa: F401  (MAX_NAME: ids' 
 from spa.protocol.message_parts import (BackboneInfo, BranchRef, Commit, GateUpload, Options, Plugin,  # noqa: F401
                                         Projection, Resume)
 from spa.protocol.schema import receives, schema
+from spa.protocol.teach_messages import States, Teach  # on-device learning's pair (PROTOCOL.md §6, "Teaching")
 
 VERSION = schema()["version"]  # 3: settlement; 2: several side outputs in flight, resumed.commits
 VERSIONS = tuple(schema()["versions"])  # what a gateway accepts in hello.version
@@ -408,9 +409,10 @@ class Error:
         return cls(e.code, e.message[:4096])
 
 
-MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Settled, Bye, Ready, Step, Taps, Verdict, End, Error,
-                                 Resumed)}
-Message = Hello | Accept | NeedTaps | Side | Settled | Bye | Ready | Step | Taps | Verdict | End | Error | Resumed
+MESSAGES = {m.TYPE: m for m in (Hello, Accept, NeedTaps, Side, Settled, Bye, Teach, Ready, Step, Taps, Verdict, End,
+                                 Error, Resumed, States)}
+Message = (Hello | Accept | NeedTaps | Side | Settled | Bye | Teach | Ready | Step | Taps | Verdict | End | Error
+           | Resumed | States)
 
 
 # The types each side receives (docs/PROTOCOL.md §4, from spa/protocol/schema.json); `error` goes both ways.

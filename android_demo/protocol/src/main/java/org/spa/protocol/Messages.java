@@ -72,6 +72,8 @@ public final class Messages {
         if ("side".equals(kind)) return new Side(g.integer("epoch"), g.integer("pos"), g.activation("s"));
         if ("settled".equals(kind)) return new Settled(g.integer("epoch"), g.integer("pos"), g.integer("token"));
         if ("bye".equals(kind)) return new Bye();
+        if ("teach".equals(kind)) return TeachMessages.Teach.read(g); // on-device learning (section 6, "Teaching")
+        if ("states".equals(kind)) return TeachMessages.States.read(g);
         if ("ready".equals(kind)) return Ready.read(g);
         if ("step".equals(kind)) return Step.read(g);
         if ("taps".equals(kind)) {

@@ -16,10 +16,10 @@ public final class Schema {
     public static final int[] VERSIONS = {2, 3};
     public static final int NORMAL_CLOSE = 1000;
     /** Every message type (docs/PROTOCOL.md section 4). */
-    public static final String[] TYPES = {"hello", "accept", "need_taps", "side", "settled", "bye", "ready", "step", "taps", "verdict", "end", "resumed", "error"};
+    public static final String[] TYPES = {"hello", "accept", "need_taps", "side", "settled", "bye", "teach", "ready", "step", "taps", "verdict", "end", "resumed", "states", "error"};
     /** The types each side receives; `error` goes both ways. */
-    public static final String[] GATEWAY_RECEIVES = {"accept", "bye", "error", "hello", "need_taps", "settled", "side"};
-    public static final String[] DEVICE_RECEIVES = {"end", "error", "ready", "resumed", "step", "taps", "verdict"};
+    public static final String[] GATEWAY_RECEIVES = {"accept", "bye", "error", "hello", "need_taps", "settled", "side", "teach"};
+    public static final String[] DEVICE_RECEIVES = {"end", "error", "ready", "resumed", "states", "step", "taps", "verdict"};
     /** Error code -> websocket close code (docs/PROTOCOL.md section 7). */
     public static final Map<String, Integer> CLOSE_CODES;
     /** Limit name -> the reference gateway's default (docs/PROTOCOL.md section 8). */
@@ -52,6 +52,7 @@ public final class Schema {
         m.put("max_prompt_tokens", 4096.0);
         m.put("max_new_tokens", 2048.0);
         m.put("max_window", 64.0);
+        m.put("max_teach_tokens", 512.0);
         m.put("max_sessions", 8.0);
         m.put("idle_timeout_s", 120.0);
         m.put("resume_grace_s", 30.0);
