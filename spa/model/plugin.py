@@ -257,6 +257,13 @@ def _content_hash(config: dict, state: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def content_hash_of(config: dict, state: dict) -> str:
+    """The content hash of a plugin with this config and these weights (tensors by state-dict
+    name): what `save_plugin` records and `load_plugin` checks. A device that writes a plugin
+    it learned (spa/model/personal.py) records it too."""
+    return _content_hash(config, state)
+
+
 def save_plugin(plugin: Plugin, directory: str | Path) -> str:
     """Write `config.json` and `plugin.safetensors`; returns the content hash."""
     from safetensors.torch import save_file
