@@ -49,7 +49,7 @@ def run_person(backbone, person: str, args) -> None:
     files, test_file = write_person(person, args.workdir / "data", args.sizes, args.tests)
     tests = read_examples(test_file, args.max_doc_tokens, minimum=1)
     reuse = Reuse(args.workdir / "curve" / f"{person}-few-shot-tokens.json")
-    for n in args.sizes:
+    for n in files:  # args.sizes, capped at the person's examples
         lora = n in args.lora_sizes
         previous = done["sizes"].get(str(n))
         if previous is not None and (previous["lora"] is not None or not lora):

@@ -12,7 +12,8 @@
   whose first quoted sentence ends within the document budget of the curve
   (`CURVE_DOC_TOKENS`, 768 characters: 140 articles), so that the document the
   plugin reads holds it. In file order, the first 100 are the examples, the rest
-  the test documents. No ACLSum aspect asks for that, nor does the generic
+  the test documents (the file repeats 4 articles: each is kept once, so the
+  examples are 97). No ACLSum aspect asks for that, nor does the generic
   instruction.
 
 Each person becomes JSON Lines files exactly as a person would write them:
@@ -62,8 +63,12 @@ def quote_pairs(within_chars: int = 4 * CURVE_DOC_TOKENS) -> list[dict]:
 def person_pairs(person: str) -> tuple[list[dict], list[dict]]:
     """(up to EXAMPLES training pairs, the test pairs) of one person."""
     if person == "quotes":
+        # The file holds a few articles twice (4 of the 140): each is kept once, so that no example
+        # file repeats a pair and no test document is an example.
         pairs = quote_pairs()
-        return pairs[:EXAMPLES], pairs[EXAMPLES:]
+        train = distinct(pairs[:EXAMPLES])
+        known = {p["document"] for p in train}
+        return train, [p for p in distinct(pairs[EXAMPLES:]) if p["document"] not in known]
     if person not in PROFILES:
         raise DataError(f"unknown person {person!r}; choose from {', '.join(PEOPLE)}")
     def pairs(split):
@@ -71,14 +76,23 @@ def person_pairs(person: str) -> tuple[list[dict], list[dict]]:
     return pairs("train")[:EXAMPLES], pairs("test")
 
 
+def distinct(pairs: list[dict]) -> list[dict]:
+    """The pairs with each document once (its first pair), in order."""
+    seen, out = set(), []
+    for pair in pairs:
+        if pair["document"] not in seen:
+            seen.add(pair["document"])
+            out.append(pair)
+    return out
+
+
 def write_person(person: str, folder: Path, sizes, tests: int) -> tuple[dict[int, Path], Path]:
-    """Write the person's files: ({n: the first-n examples file}, the test file of its first `tests` pairs)."""
+    """Write the person's files: ({n: the first-n examples file}, the test file of its first `tests` pairs);
+    a size above the person's examples becomes all of them."""
     folder.mkdir(parents=True, exist_ok=True)
     train, test = person_pairs(person)
     files = {}
-    for n in sizes:
-        if n > len(train):
-            raise DataError(f"{person} has {len(train)} examples, not {n}")
+    for n in dict.fromkeys(min(n, len(train)) for n in sizes):  # a person with fewer examples: all of them
         files[n] = folder / f"{person}-{n}.jsonl"
         write_jsonl(files[n], train[:n])
     test_file = folder / f"{person}-test.jsonl"
