@@ -131,6 +131,10 @@ class Gateway:
                                     branches=self.branches, predict_gate=gate_probability, settle=self.settle,
                                     pieces=self.engine.pieces, projections=self.projections)
             first = await connection.recv(self.limits.idle_timeout_s)
+            if first.get("type") == "teach":  # on-device learning: states for a device's examples
+                from cloud_gateway.teaching import serve_teaching
+
+                return await serve_teaching(self, connection, first)
             if first.get("type") == "hello" and connection.frames.first_form == "none":
                 connection.frames.answer_in("none")  # a device without zstd reads our answers, errors included
             proto.receive(first)
