@@ -208,6 +208,7 @@ def plot(curves: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.6), squeeze=False)
     for ax, (person, sizes) in zip(axes[0], curves.items()):
@@ -219,6 +220,7 @@ def plot(curves: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks(list(sizes))
         ax.set_xticklabels([str(n) for n in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(person)
         ax.set_xlabel("the person's examples")
         ax.grid(alpha=0.3)
