@@ -88,6 +88,10 @@ def cmd_export(args) -> int:
 
         head = ensure_head(manifest["backbone"], args.backbone, log=progress)
         manifest["output_head"] = None if head is None else str(head)
+        if args.training:  # the program a device learns with (spa personalize): its loss reads the head
+            from export.training_program import export_training
+
+            manifest["training"] = export_training(args.plugin_dir, args.out, head, progress)
     print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest, Path(args.out)))
     return 0 if all(v["parity"]["ok"] for v in manifest["variants"].values()) else 1
 
@@ -171,11 +175,11 @@ def cmd_summarize(args) -> int:
     from device_runtime.documents import check_doc_tokens, device_prompt, read_document
     from device_runtime.render import StreamPrinter, format_stats
     from spa.protocol.messages import Options
-    from spa.model.pte_plugin import PtePlugin
+    from spa.model.personal import open_plugin
 
     if args.max_doc_tokens is not None:
         check_doc_tokens(args.max_doc_tokens)  # before the slow plugin load
-    pte = PtePlugin(args.plugin)
+    pte = open_plugin(args.plugin)  # an exported .pte, or the plugin a device learned (spa personalize)
     document = read_document(args.document, args.max_doc_tokens or pte.config.max_doc_tokens)
     # A text the user gave is cut silently no more; an ACLSum paper is always
     # built by its documented sentence rule (docs/PROTOCOL.md §4, "The
@@ -201,6 +205,44 @@ def cmd_summarize(args) -> int:
     else:
         printer.finish()
         print(format_stats(result.stats))
+    return 0
+
+
+def cmd_personalize(args) -> int:
+    import asyncio
+
+    from device_runtime.personalize import personalize, print_report
+    from training.examples import example_settings
+
+    settings = example_settings(args.seed)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise SpaError(f"--epochs must be at least 1, got {args.epochs}")
+        settings.epochs = args.epochs
+    token = args.token or os.environ.get("SPA_GATEWAY_TOKEN", "")
+    bars = {}
+
+    def progress(done, total, what):  # one bar per stage, on stderr
+        from tqdm import tqdm
+
+        stage = "states" if what.startswith("states") else "learning"
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=f"spa personalize: {stage}",
+                                                               unit="example" if stage == "states" else "batch",
+                                                               file=sys.stderr, leave=False))
+        bar.total = max(bar.total, total)
+        bar.set_postfix_str(what[:40])
+        bar.update(done - bar.n)
+
+    report = asyncio.run(personalize(args.gateway, args.plugin, args.examples, out=args.out, token=token,
+                                     cafile=args.cafile, codec=args.codec, outliers=args.outliers,
+                                     cloud_projection=args.cloud_projection, settings=settings, progress=progress,
+                                     log=lambda line: print(line, file=sys.stderr, flush=True)))
+    for bar in bars.values():
+        bar.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
     return 0
 
 
@@ -401,7 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest (sizes, parity errors) as JSON")
     p.add_argument("--backbone", help="the backbone's directory, to write its output head for settlement (default: "
                    "the packaged backbone the plugin was trained on, if converted here)")
-    p.add_argument("--no-head", action="store_true", help="do not write the backbone's output head")
+    p.add_argument("--no-head", action="store_true", help="do not write the backbone's output head (nor the "
+                   "training program, whose loss needs it)")
+    p.add_argument("--no-training", dest="training", action="store_false",
+                   help="do not write the training program (plugin-train.pte/.ptd) a device learns with "
+                        "(spa personalize); it adds ~1 min to the export")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("gateway", help="serve the backbone to devices over websockets")
@@ -465,6 +511,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--highlight", choices=["ansi", "brackets", "none"], help="mark side-network tokens (default: ansi on a terminal)")
     p.add_argument("--json", action="store_true", help="print text, tokens, sigmas and stats as one JSON object")
     p.set_defaults(run=cmd_summarize)
+
+    p = sub.add_parser("personalize", help="the device learns from its user's own examples (training on the device, "
+                       "the backbone's states from the gateway) and keeps the new plugin")
+    p.add_argument("--examples", required=True, type=Path, metavar="FILE",
+                   help="your own (document, summary) pairs, as for spa train --examples (JSON Lines or CSV/TSV)")
+    p.add_argument("--plugin", required=True, type=Path,
+                   help="the plugin to teach: an export's .pte (or its directory; spa export writes the training "
+                        "program beside it), or a personal plugin store from an earlier run (it learns on)")
+    p.add_argument("--gateway", default="ws://127.0.0.1:8765", help="gateway URL (default ws://127.0.0.1:8765)")
+    p.add_argument("--out", type=Path, help="the personal plugin store to make (default: personal/ in the export "
+                   "directory; an existing store learns on)")
+    p.add_argument("--cloud-projection", action="store_true",
+                   help="the gateway applies the side network's per-tap projections (as spa summarize does by "
+                        "default): ~18x fewer bytes down per example; the device then learns the rest of the side "
+                        "network and keeps the projections as they are")
+    p.add_argument("--codec", default="int8", choices=["int8", "int4", "f32"], help="how the states travel")
+    p.add_argument("--outliers", type=int, default=8)
+    p.add_argument("--epochs", type=int, help="side network epochs (default: as spa train --examples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token", help="auth token (default: $SPA_GATEWAY_TOKEN)")
+    p.add_argument("--cafile", help="CA bundle (PEM) to trust for a wss:// gateway")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(run=cmd_personalize)
 
     p = sub.add_parser("eval", help="Rouge-L of the paper's rows (prompted backbone, side always on, SPA, tau sweep, "
                        "training size) on the ACLSum test split; with --examples, SPA against few-shot prompting and "

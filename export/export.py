@@ -122,4 +122,8 @@ def format_manifest(manifest: dict, out_dir: Path) -> str:
         lines.append(f"{variant:8} {v['file']:18} {v['bytes'] / 1024:>7.0f} KB {p['gate_max_abs_err']:>13.2e} "
                      f"{p['side_max_abs_err']:>13.2e} {p['side_max_abs']:>9.2f}  "
                      f"{'ok' if p['ok'] else 'FAIL'} (tol gate {p['gate_tolerance']:.0e}, side {p['side_tolerance']:.2e})")
+    if manifest.get("training"):  # the program a device learns with (export/training_program.py)
+        t = manifest["training"]
+        lines.append(f"training {t['file']} {t['bytes'] / 1024:>7.0f} KB + weights {t['weights_file']} "
+                     f"{t['weights_bytes'] / 1024:.0f} KB (spa personalize; the loss reads the output head)")
     return "\n".join(lines)
