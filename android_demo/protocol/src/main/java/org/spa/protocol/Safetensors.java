@@ -27,6 +27,38 @@ public final class Safetensors {
 
     private Safetensors() {}
 
+    /** The .safetensors bytes of float32 tensors (name -> shape, values), in the map's order. */
+    public static byte[] write(Map<String, long[]> shapes, Map<String, float[]> values) {
+        Map<String, Object> header = new LinkedHashMap<String, Object>();
+        long offset = 0;
+        for (Map.Entry<String, long[]> e : shapes.entrySet()) {
+            Map<String, Object> info = new LinkedHashMap<String, Object>();
+            info.put("dtype", "F32");
+            List<Object> shape = new java.util.ArrayList<Object>();
+            for (long d : e.getValue()) shape.add(d);
+            info.put("shape", shape);
+            long end = offset + 4L * values.get(e.getKey()).length;
+            List<Object> offsets = new java.util.ArrayList<Object>();
+            offsets.add(offset);
+            offsets.add(end);
+            info.put("data_offsets", offsets);
+            header.put(e.getKey(), info);
+            offset = end;
+        }
+        byte[] head;
+        try {
+            head = Json.write(header).getBytes("UTF-8");
+        } catch (java.io.UnsupportedEncodingException e) {
+            throw new IllegalStateException(e);
+        }
+        int pad = (8 - head.length % 8) % 8; // the data starts 8-byte aligned, as the Python writer pads
+        ByteBuffer b = ByteBuffer.allocate(8 + head.length + pad + (int) offset).order(ByteOrder.LITTLE_ENDIAN);
+        b.putLong(head.length + pad).put(head);
+        for (int i = 0; i < pad; i++) b.put((byte) ' ');
+        for (String name : shapes.keySet()) for (float v : values.get(name)) b.putFloat(v);
+        return b.array();
+    }
+
     public static Map<String, Tensor> load(File file) throws IOException {
         return parse(Files2.readBytes(file), file.getName());
     }
