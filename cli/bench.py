@@ -79,6 +79,13 @@ def cmd_bench_device(args) -> int:
     from benchmarks.devicebench import format_table, run_adb, run_local
 
     log = progress_log(args.json)
+    if args.learning:  # on-device learning: time, memory, bytes per example, Rouge-L against the workstation's
+        from benchmarks.learnbench import format_learning, run_learning
+
+        result = run_learning(args.workdir / "learning", person=args.person, n=args.examples, tests=args.tests, log=log)
+        write_result(result, args.out / "device-learning.json", args.json, format_learning)
+        (args.out / "device-learning.txt").write_text(format_learning(result) + "\n")
+        return 0
     ptes = args.pte or None
     if args.adb and args.e2e:
         from benchmarks.devicebench import format_e2e, run_adb_e2e
@@ -228,6 +235,13 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--window", type=int, default=4, help="--e2e: draft-ahead window W (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="--e2e: tokens to generate (default 32)")
     p.add_argument("--tau", type=float, help="--e2e: gate threshold (default: the plugin's)")
+    p.add_argument("--learning", action="store_true",
+                   help="on-device learning instead: spa personalize (ExecuTorch training, states from a real "
+                        "gateway) against spa train --examples on the same examples: seconds and peak memory per "
+                        "example, bytes down per example with and without the projection, Rouge-L (~1 h here)")
+    p.add_argument("--person", default="outcome", help="--learning: whose examples (evaluation/people.py)")
+    p.add_argument("--examples", type=int, default=20, help="--learning: how many examples (default 20)")
+    p.add_argument("--tests", type=int, default=30, help="--learning: test documents for Rouge-L (default 30)")
     _add_outputs(p, cmd_bench_device)
 
     p = bench_sub.add_parser("bytes", help="bytes per token of each way down (taps, int4, zstd level) "

@@ -113,7 +113,8 @@ def learn(program: Program, tokens: DeviceTokens, s: TrainSettings | None = None
         weights, tau, metrics = _held_out(program, tokens, s, clock)
     metrics["val"]["loss_side_before"] = before  # the taught plugin's, side on, on the same tokens
     record = {"examples": count, "tokens": len(tokens), "validation": validation_rule(count),
-              "seconds": round(time.perf_counter() - t0, 1), "optimizer": "AdamW through ExecuTorch SGD",
+              "seconds": round(time.perf_counter() - t0, 1), "training_batches": clock.done,
+              "optimizer": "AdamW through ExecuTorch SGD",
               "side": program.side_method, "settings": s.record()}
     return Learned(weights, tau, metrics, record)
 

@@ -11,6 +11,7 @@
 `spa summarize --plugin STORE` then generates with it.
 """
 
+import resource
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,9 @@ async def personalize(url: str, plugin: Path, examples_path: Path, *, out: Path 
             "content_hash": store.config()["content_hash"], "tau": learned.tau, "examples": len(examples),
             "tokens": len(tokens), "validation": learned.record["validation"],
             "seconds_learning": round(seconds, 1), "seconds_per_example": round(seconds / len(examples), 2),
+            "training_batches": learned.record["training_batches"],
+            # this process's peak memory: Python, torch and ExecuTorch, the output head, the states, the programs
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "traffic": traffic.to_dict(), "metrics": learned.metrics,
             "loss": {"backbone": val["loss_backbone"], "before": val["loss_side_before"],
                      "side_always": val["loss_side_always"], "gated": val["loss_gated"],

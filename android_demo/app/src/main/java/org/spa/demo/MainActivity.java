@@ -1,5 +1,6 @@
 package org.spa.demo;
 
+import java.io.File;
 import java.io.IOException;
 import java.io.InputStream;
 import java.nio.charset.StandardCharsets;
@@ -23,9 +24,16 @@ import android.widget.TextView;
 import org.spa.demo.core.BoundedRead;
 import org.spa.demo.core.Failures;
 import org.spa.demo.core.GatewayConnector;
+import org.spa.demo.core.PersonalPlugins;
+import org.spa.demo.core.PersonalStore;
 import org.spa.demo.core.SessionRunner;
 import org.spa.demo.core.SharedContent;
+import org.spa.demo.core.Teacher;
+import org.spa.protocol.ClientException;
+import org.spa.protocol.PluginConfig;
 import org.spa.protocol.SessionResult;
+import org.spa.protocol.TeachClient;
+import org.spa.protocol.TeachSession;
 
 /**
  * Paste or share a document, pick the reader's plugin (.pte), name the gateway,
@@ -45,16 +53,18 @@ public class MainActivity extends Activity {
     private static final int PICK_PTE = 1;
     // fixed view ids: Android saves an EditText's text across re-creation only when it has an id
     private static final int ID_DOCUMENT = 0x5a01, ID_PTE = 0x5a02, ID_GATEWAY = 0x5a03, ID_TOKEN = 0x5a04,
-            ID_WINDOW = 0x5a05, ID_TAU = 0x5a06;
+            ID_WINDOW = 0x5a05, ID_TAU = 0x5a06, ID_TEACH = 0x5a07;
+    /** Teach runs here, one at a time, off the main thread (minutes of training on a phone CPU). */
+    private static final ExecutorService TEACH = Executors.newSingleThreadExecutor();
 
     /** The reader's sessions, shared by every instance of this activity in the process. */
     private static SessionRunner runner;
     /** Reads of shared and picked content (never on the main thread). */
     private static final ExecutorService IO = Executors.newSingleThreadExecutor();
 
-    private EditText document, ptePath, gateway, token, window, tau;
-    private Button run;
-    private TextView status, stats;
+    private EditText document, ptePath, gateway, token, window, tau, corrected;
+    private Button run, teach;
+    private TextView status, stats, teachStatus;
     private SummaryView summary;
     private SharedPreferences prefs;
 
@@ -62,7 +72,9 @@ public class MainActivity extends Activity {
         if (runner == null) {
             runner = new SessionRunner(new SessionRunner.PluginLoader() {
                 @Override
-                public SessionRunner.Plugin load(String path) {
+                public SessionRunner.Plugin load(String path) throws Exception {
+                    // the plugin the phone learned (Teach) is a store: its current version, in Java
+                    if (PersonalPlugins.isStore(path)) return PersonalPlugins.load(path);
                     return ExecuTorchPluginExecutor.load(path);
                 }
             }, new GatewayConnector());
@@ -130,6 +142,20 @@ public class MainActivity extends Activity {
         stats = new TextView(this);
         stats.setTextSize(12);
         col.addView(stats);
+        corrected = field(col, ID_TEACH, "Your summary: edit the one above as you would have written it, then Teach "
+                + "(the phone learns from it; the next summary uses what it learned)", "",
+                InputType.TYPE_TEXT_FLAG_MULTI_LINE);
+        teach = new Button(this);
+        teach.setText("Teach");
+        teach.setOnClickListener(new View.OnClickListener() {
+            @Override
+            public void onClick(View v) {
+                teach();
+            }
+        });
+        col.addView(teach);
+        teachStatus = new TextView(this);
+        col.addView(teachStatus);
 
         ScrollView scroll = new ScrollView(this);
         scroll.addView(col);
@@ -168,6 +194,7 @@ public class MainActivity extends Activity {
                 @Override
                 public void run() {
                     stats.setText(line);
+                    corrected.setText(result.text); // the reader corrects it, then Teach
                 }
             });
         }
@@ -310,6 +337,90 @@ public class MainActivity extends Activity {
             status.setText("Failed: " + Failures.describe(t));
         }
     }
+
+    /**
+     * Teach: the phone learns from the reader's corrected summary in the background (states from
+     * the gateway, ExecuTorch training here, the new plugin written atomically beside the export
+     * in `personal/`), then points the plugin field at it: the next summary uses it.
+     */
+    private void teach() {
+        final String doc = document.getText().toString(), mine = corrected.getText().toString();
+        final String path = ptePath.getText().toString().trim(), url = gateway.getText().toString().trim();
+        final String tok = token.getText().toString();
+        teach.setEnabled(false);
+        teachStatus.setText("Teaching…");
+        TEACH.execute(new Runnable() {
+            @Override
+            public void run() {
+                String message;
+                File learnedStore = null;
+                try {
+                    File exportDir = PersonalPlugins.isStore(path) ? new File(path).getParentFile()
+                            : new File(path).getAbsoluteFile().getParentFile();
+                    File root = PersonalPlugins.isStore(path) ? new File(path) : new File(exportDir, "personal");
+                    PersonalStore store = new File(root, PersonalStore.CURRENT).isFile() ? new PersonalStore(root)
+                            : PersonalStore.create(exportDir, root);
+                    final PluginConfig config = store.config();
+                    Teacher.StatesSource source = new Teacher.StatesSource() {
+                        @Override
+                        public java.util.List<TeachSession.ExampleStates> fetch(java.util.List<String[]> pairs,
+                                                                               TeachClient.Progress progress)
+                                throws ClientException {
+                            TeachSession s = new TeachSession(config.helloPlugin(), tok, "int8", 8, config.gateMargin,
+                                    config.hiddenSize, config.hiddenSize, null);
+                            return new TeachClient(url, s).fetch(pairs, progress);
+                        }
+                    };
+                    File head = new File(exportDir, "head.safetensors");
+                    File version = new Teacher(store, source, new ExecuTorchTrainer(head, 5)).teach(doc, mine, teachUi);
+                    if (version != null) learnedStore = store.root;
+                    message = version == null ? null : "Learned (" + version.getName() + "); the next summary uses it.";
+                } catch (IOException | RuntimeException e) {
+                    message = "Teach failed: " + Failures.describe(e);
+                }
+                final String m = message;
+                final File s = learnedStore;
+                post(new Runnable() {
+                    @Override
+                    public void run() {
+                        if (isDestroyed()) return;
+                        teach.setEnabled(true);
+                        if (m != null) teachStatus.setText(m);
+                        if (s != null) {
+                            ptePath.setText(s.getPath());
+                            prefs.edit().putString("pte", s.getPath()).apply();
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    private final Teacher.Ui teachUi = new Teacher.Ui() {
+        @Override
+        public void progress(final String stage, final int done, final int total) {
+            post(new Runnable() {
+                @Override
+                public void run() {
+                    teachStatus.setText("Teaching: " + stage + " " + done + "/" + total);
+                }
+            });
+        }
+
+        @Override
+        public void learned(File version, double tau) {}
+
+        @Override
+        public void failed(final String message, Throwable cause) {
+            Log.e(TAG, message, cause);
+            post(new Runnable() {
+                @Override
+                public void run() {
+                    teachStatus.setText(message + " (the previous plugin is kept)");
+                }
+            });
+        }
+    };
 
     private EditText field(LinearLayout parent, int id, String label, String value, int inputType) {
         TextView l = new TextView(this);

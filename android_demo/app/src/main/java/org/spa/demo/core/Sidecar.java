@@ -11,6 +11,7 @@ public final class Sidecar {
 
     /** A warning, or null when there is no sidecar or it names the same content hash. */
     public static String check(String ptePath, PluginConfig embedded) {
+        if (new File(ptePath).isDirectory()) return null; // a personal plugin store: its version holds the config
         File sidecar = new File(new File(ptePath).getAbsoluteFile().getParentFile(), "config.json");
         if (!sidecar.isFile()) return null;
         try {
