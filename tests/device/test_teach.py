@@ -151,3 +151,27 @@ def test_a_gateway_that_predates_teaching_is_one_clear_line(exported, tmp_path):
 
     with pytest.raises(SpaError, match="predates on-device learning"):
         asyncio.run(attempt())
+
+
+def test_the_states_are_spa_trains_forward(exported, gateway, backbone):
+    """What comes down for an example is the forward `spa train` caches (training/tapcache.py), here in f32."""
+    import torch
+
+    from device_runtime.teach_client import fetch_states
+    from spa.model.pte_plugin import PtePlugin
+    from spa.protocol import messages as m
+
+    out, manifest = exported
+    pte = PtePlugin(out / manifest["variants"]["fp32"]["file"])
+    document, summary = EXAMPLES[0]
+    prompt = device_prompt(pte.config, document)
+    parts, traffic = asyncio.run(fetch_states(
+        gateway.url, m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash),
+        [(prompt, summary)], hidden=pte.config.hidden_size, rank=pte.config.rank, token=GATEWAY_TOKEN, codec="f32"))
+    ids, target = backbone.encode(prompt), backbone.encode(summary) + [min(backbone.eos_token_ids)]
+    states = backbone.forward(torch.tensor([ids + target]), backbone.new_cache())[0][len(ids) - 1:-1]
+    assert parts[0].targets.tolist() == target
+    scale = float(states.abs().max())
+    assert np.abs(parts[0].f - states[:, -1].numpy()).max() <= 1e-4 * scale
+    assert np.abs(parts[0].x - states[:, pte.config.taps].numpy()).max() <= 1e-4 * scale
+    assert traffic.tokens == [len(target)]
