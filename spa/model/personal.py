@@ -55,7 +55,8 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> None:
+    """Write and sync: on disk before the rename that publishes it."""
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -140,17 +141,17 @@ class PersonalStore:
         config["content_hash"] = content_hash_of(config, {k: torch.from_numpy(v) for k, v in state.items()})
         tmp = self.root / f".tmp-{secrets.token_hex(4)}"
         tmp.mkdir()
-        _write(tmp / TRAIN_PTD, ptd)
-        _write(tmp / DIGEST, (hashlib.sha256(ptd).hexdigest() + "\n").encode())
-        _write(tmp / WEIGHTS_FILE, safetensors if safetensors is not None else save(state))
-        _write(tmp / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        write_file(tmp / TRAIN_PTD, ptd)
+        write_file(tmp / DIGEST, (hashlib.sha256(ptd).hexdigest() + "\n").encode())
+        write_file(tmp / WEIGHTS_FILE, safetensors if safetensors is not None else save(state))
+        write_file(tmp / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         _sync(tmp)
         versions = sorted(p.name for p in self.root.glob("v[0-9]*"))
         name = f"v{int(versions[-1][1:]) + 1 if versions else 0:06d}"
         os.rename(tmp, self.root / name)
         _sync(self.root)
         pointer = self.root / f"{CURRENT}.tmp"
-        _write(pointer, (name + "\n").encode())
+        write_file(pointer, (name + "\n").encode())
         previous = (self.root / CURRENT).read_text().strip() if (self.root / CURRENT).exists() else None
         os.replace(pointer, self.root / CURRENT)  # the one atomic step: from here on, the new plugin
         _sync(self.root)

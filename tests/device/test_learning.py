@@ -155,13 +155,13 @@ def test_a_crash_mid_write_leaves_the_previous_plugin(tiny, tmp_path, monkeypatc
     new = {k: v + 1 for k, v in old.items() if k != "side.scale"}
     import spa.model.personal as personal
 
-    real_write, real_rename, real_replace = personal._write, os.rename, os.replace
+    real_write = personal.write_file
 
     def boom(*args):
         raise OSError(f"power lost ({crash_at})")
 
     if crash_at == "files":  # the weights are half written
-        monkeypatch.setattr(personal, "_write", lambda path, data: (real_write(path, data[:len(data) // 2]), boom()))
+        monkeypatch.setattr(personal, "write_file", lambda path, data: (real_write(path, data[:len(data) // 2]), boom()))
     elif crash_at == "rename":
         monkeypatch.setattr(personal.os, "rename", boom)
     else:
