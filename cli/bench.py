@@ -117,6 +117,17 @@ def cmd_bench_bytes(args) -> int:
     return 0
 
 
+def cmd_bench_settle(args) -> int:
+    from benchmarks.provision import ensure_plugin
+    from benchmarks.settle_share import format_settle_share, run_settle_share
+
+    log = progress_log(args.json)
+    plugins = args.plugins or [str(ensure_plugin(None, args.workdir, log=log))]
+    result = run_settle_share(plugins, args.docs, args.max_new_tokens, log=log)
+    write_result(result, args.out / "settle.json", args.json, format_settle_share)
+    return 0 if all(e["lossless"] for e in result["plugins"]) else 1
+
+
 def cmd_bench_load(args) -> int:
     from benchmarks.load import format_load, run_load_bench
 
@@ -178,7 +189,7 @@ def _add_outputs(p, run, workdir_help=None, out_help=None, json_help=None) -> No
 
 
 def add_bench_parsers(bench_sub) -> None:
-    """Add `link`, `device`, `bytes`, `model` and `load` to the `spa bench` sub-subcommands."""
+    """Add `link`, `device`, `bytes`, `settle`, `model` and `load` to the `spa bench` sub-subcommands."""
     p = bench_sub.add_parser("link", help="every baseline side by side over an emulated mobile link (ratios, plot)")
     p.add_argument("--profile", nargs="+", default=["4g"], choices=["loopback", "5g", "4g", "3g"],
                    help="link profile(s): loopback, 5g (20 ms, 100/50 Mbit/s), 4g (50 ms, 20 Mbit/s), "
@@ -255,6 +266,13 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 3, 9, 19], help="zstd levels (default 1 3 9 19)")
     p.add_argument("--skip-cost", type=float, default=0.3, help="lambda of the quick plugins trained here (default 0.3)")
     _add_outputs(p, cmd_bench_bytes)
+
+    p = bench_sub.add_parser("settle", help="share of side tokens the device settles, and bytes per token both ways, "
+                                            "per plugin (in process: counts, not timings)")
+    p.add_argument("--plugins", nargs="+", help="plugin .pte files (default: the quick plugin in --workdir)")
+    p.add_argument("--docs", type=int, default=10, help="ACLSum test papers (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_outputs(p, cmd_bench_settle)
 
     p = bench_sub.add_parser("model", help="trace-driven model: predicted vs measured link rows, and the ratios "
                                            "a GPU-class gateway (5 and 10 ms per step) would reach")
