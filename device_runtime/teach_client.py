@@ -35,6 +35,7 @@ class TeachStats:
     tokens: list[int] = field(default_factory=list)  # summary tokens (EOS included) per example
     seconds: float = 0.0
     projection_uploads: int = 0
+    upload_bytes: int = 0  # of bytes_up: the teach frames that carried the projection's weights (once per gateway)
 
     def to_dict(self) -> dict:
         n = max(len(self.tokens), 1)
@@ -42,7 +43,9 @@ class TeachStats:
                 "bytes_down": sum(self.bytes_down), "bytes_down_per_example": sum(self.bytes_down) / n,
                 "bytes_up_per_example": sum(self.bytes_up) / n,
                 "bytes_down_per_token": sum(self.bytes_down) / max(sum(self.tokens), 1),
-                "seconds": self.seconds, "projection_uploads": self.projection_uploads}
+                "bytes_up_per_example_without_upload": (sum(self.bytes_up) - self.upload_bytes) / n,
+                "seconds": self.seconds, "projection_uploads": self.projection_uploads,
+                "upload_bytes": self.upload_bytes}
 
 
 async def fetch_states(url: str, plugin: m.Plugin, examples: list[tuple[str, str]], *, hidden: int, rank: int,
@@ -54,17 +57,19 @@ async def fetch_states(url: str, plugin: m.Plugin, examples: list[tuple[str, str
     projection as uploaded (named by hash first; sent with its weights when the gateway has none).
     `progress(done, total)` after each example; `on_frame(direction, bytes)` sees every frame ("up"/"down")."""
     stats, parts = TeachStats(), []
-    sent_projection = projection.by_hash() if projection is not None else None
+    # The projection is named by its hash; where the gateway holds none, one teach carries the weights
+    # and the gateway keeps them (in memory, by hash), so the next teaches name them again.
+    sent = {"projection": projection.by_hash() if projection is not None else None}
     tls = client_tls(cafile) if url.startswith("wss://") else None
     t0 = time.perf_counter()
     while len(parts) < len(examples):
         try:
-            await _connection(url, plugin, examples, parts, stats, token, codec, outliers, margin, sent_projection,
+            await _connection(url, plugin, examples, parts, stats, token, codec, outliers, margin, sent,
                               hidden, rank if projection is not None else hidden, limits, open_timeout, tls,
                               progress, on_frame)
         except PeerError as exc:
-            if exc.code == "upload_needed" and projection is not None and sent_projection.weight is None:
-                sent_projection = projection  # this gateway does not hold the weights: the next teach carries them
+            if exc.code == "upload_needed" and projection is not None and sent["projection"].weight is None:
+                sent["projection"] = projection  # this gateway does not hold the weights: the next teach carries them
                 stats.projection_uploads += 1
                 continue
             if exc.code == "unknown_type":
@@ -79,7 +84,7 @@ async def fetch_states(url: str, plugin: m.Plugin, examples: list[tuple[str, str
     return parts, stats
 
 
-async def _connection(url, plugin, examples, parts, stats, token, codec, outliers, margin, projection, hidden, cols,
+async def _connection(url, plugin, examples, parts, stats, token, codec, outliers, margin, sent, hidden, cols,
                       limits, open_timeout, tls, progress, on_frame) -> None:
     """Teach the examples not yet answered, on one connection."""
     frames = FrameCodec(limits.max_frame_bytes, limits.max_message_bytes)
@@ -88,7 +93,8 @@ async def _connection(url, plugin, examples, parts, stats, token, codec, outlier
         try:
             while len(parts) < len(examples):
                 prompt, summary = examples[len(parts)]
-                up = frames.pack(m.Teach(token, plugin, prompt, summary, codec, outliers, margin, projection).to_dict())
+                up = frames.pack(m.Teach(token, plugin, prompt, summary, codec, outliers, margin,
+                                         sent["projection"]).to_dict())
                 on_frame and on_frame("up", up)
                 await conn.send(up)
                 received, down = [], 0
@@ -107,6 +113,9 @@ async def _connection(url, plugin, examples, parts, stats, token, codec, outlier
                     if check_states(received, len(plugin.taps), hidden, cols, margin):
                         break
                 parts.append(join_states(received, len(plugin.taps)))
+                if sent["projection"] is not None and sent["projection"].weight is not None:
+                    stats.upload_bytes += len(up)
+                    sent["projection"] = sent["projection"].by_hash()  # the gateway holds the weights now
                 stats.bytes_up.append(len(up))
                 stats.bytes_down.append(down)
                 stats.tokens.append(received[0].total)

@@ -49,3 +49,12 @@ def test_the_check_would_see_what_a_runtime_lacks(exported, runtime):
                  xnn_handlers=runtime["xnn_handlers"] - {"Gelu"})
     assert pte_runtime_check.missing(older, needs) == ["operator aten::mean.out", "XNNPACK node XNNGelu"]
     assert pte_runtime_check.missing(runtime, dict(needs, identifier="ET13")) == ["program identifier 'ET13'"]
+
+
+def test_the_apks_runtime_registers_every_operator_of_the_training_program(exported, runtime):
+    """The Teach action's program (export/training_program.py: forward and backward, portable kernels)."""
+    out, manifest = exported
+    needs = pte_runtime_check.program_needs((out / manifest["training"]["file"]).read_bytes())
+    assert needs["identifier"] == "ET12" and needs["delegates"] == set()
+    assert {"aten::mm.out", "aten::_log_softmax.out", "aten::gather.out"} <= needs["operators"], needs["operators"]
+    assert pte_runtime_check.missing(runtime, needs) == []

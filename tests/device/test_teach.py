@@ -175,3 +175,35 @@ def test_the_states_are_spa_trains_forward(exported, gateway, backbone):
     assert np.abs(parts[0].f - states[:, -1].numpy()).max() <= 1e-4 * scale
     assert np.abs(parts[0].x - states[:, pte.config.taps].numpy()).max() <= 1e-4 * scale
     assert traffic.tokens == [len(target)]
+
+
+def test_with_the_projection_the_states_are_the_clouds_projections_and_the_weights_cross_once(exported, gateway,
+                                                                                              backbone):
+    from device_runtime.teach_client import fetch_states
+    from spa.model.projection import project
+    from spa.model.pte_plugin import PtePlugin
+    from spa.protocol import messages as m
+
+    out, manifest = exported
+    pte = PtePlugin(out / manifest["variants"]["fp32"]["file"])
+    weight, bias = pte.projection_weights()
+    weight = weight + np.float16(0.001)  # weights this gateway has not seen in another test
+    upload = m.Projection(weight.shape[1], weight.astype("<f2").tobytes(), bias.astype("<f4").tobytes())
+    pairs = [(device_prompt(pte.config, d), s) for d, s in EXAMPLES[:3]]
+    wire = m.Plugin(pte.config.backbone["fingerprint"], tuple(pte.config.taps), pte.content_hash)
+    frames = []
+    parts, traffic = asyncio.run(fetch_states(
+        gateway.url, wire, pairs, hidden=pte.config.hidden_size, rank=pte.config.rank, token=GATEWAY_TOKEN,
+        codec="f32", projection=upload, on_frame=lambda direction, data: frames.append((direction, data))))
+    assert traffic.projection_uploads == 1  # named by hash, upload_needed, then the weights once
+    with_weights = [f for d, f in frames if d == "up" and "weight" in frame_map(f).get("projection", {})]
+    assert len(with_weights) == 1
+    assert traffic.to_dict()["bytes_up_per_example_without_upload"] < 2000
+    ids = backbone.encode(pairs[0][0])
+    target = backbone.encode(pairs[0][1]) + [min(backbone.eos_token_ids)]
+    import torch
+
+    states = backbone.forward(torch.tensor([ids + target]), backbone.new_cache())[0][len(ids) - 1:-1]
+    assert parts[0].x.shape == (len(target), len(pte.config.taps), pte.config.rank)
+    want = np.stack([project(row[pte.config.taps].numpy(), weight, bias) for row in states])
+    assert np.abs(parts[0].x - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
