@@ -22,6 +22,7 @@ names), a tau and the metrics; spa/model/personal.py stores them.
 """
 
 import dataclasses
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -101,6 +102,13 @@ def learn(program: Program, tokens: DeviceTokens, s: TrainSettings | None = None
     """The recipe (module docstring) on the examples' states; `progress(done, total, what)` is told
     of every training batch."""
     s = s or example_settings()
+    try:
+        return _learn(program, tokens, s, progress)
+    finally:
+        shutil.rmtree(program.workdir, ignore_errors=True)  # the weights files of the helpers
+
+
+def _learn(program: Program, tokens: DeviceTokens, s: TrainSettings, progress) -> Learned:
     count = int(tokens.doc_index.max()) + 1
     clock = Progress(progress, _planned_batches(program, tokens, count, s))
     t0 = time.perf_counter()

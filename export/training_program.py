@@ -204,9 +204,9 @@ def lower_training(plugin: Plugin, head: OutputHead, content_hash: str) -> tuple
     constants = {"plugin_hash": torch.tensor([ord(c) for c in content_hash], dtype=torch.int64),
                  "plugin_config": torch.tensor(list(config.encode()), dtype=torch.uint8)}
     edge = to_edge(programs, constant_methods=constants)
-    # The inputs are copied into each method's planned memory (the head, 113 MB, too: ~30 ms a call).
-    # Reading them in place (MemoryPlanningPass(alloc_graph_input=False)) crashed the 1.5.1 runtime in
-    # the training methods.
+    # The inputs are copied into each method's planned memory (the head too: 113 MB per loaded loss
+    # method, ~30 ms a call). Reading them in place (MemoryPlanningPass(alloc_graph_input=False)) gave
+    # wrong gate losses and crashed side_loss in the 1.5.1 runtime together with external weights.
     program = edge.to_executorch(ExecutorchBackendConfig(external_constants=True))
     data = program._tensor_data  # {file name: its bytes}; one file: every constant of every method
     if len(data) != 1:

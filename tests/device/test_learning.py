@@ -93,6 +93,24 @@ def test_one_training_step_on_the_device_equals_eager_pytorch(tiny):
         assert moved > 1e-3  # the step did move the weights
 
 
+def test_a_gate_step_on_the_device_equals_eager_pytorch(tiny):
+    export, plugin_dir, _ = tiny
+    info = ProgramInfo.read(export / "plugin-train.json")
+    g = torch.Generator().manual_seed(5)
+    rows, labels = torch.randn(300, H, generator=g) * 3, torch.randint(0, 2, (300,), generator=g)
+    device = Trainee(export / "plugin-train.pte", export / "plugin-train.ptd", "gate_loss", 1e-2)
+    out = device.run((torch.from_numpy(padded(rows.numpy(), info.gate_batch)),
+                      torch.from_numpy(padded(labels.numpy(), info.gate_batch)),
+                      torch.from_numpy(padded(np.ones(300, np.float32), info.gate_batch))))
+    plugin = load_plugin(plugin_dir)
+    loss = F.cross_entropy(plugin.gate.logits(rows), labels)
+    loss.backward()
+    assert out[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    np.testing.assert_allclose(out[1].numpy()[:300], plugin.gate(rows)[:, 0].detach().numpy(), atol=1e-6)
+    for name, p in plugin.gate.named_parameters():
+        np.testing.assert_allclose(device.gradients()[f"gate.{name}"], p.grad.numpy(), atol=1e-6)
+
+
 def synthetic_examples(n_examples=20, seed=3, taps=len(TAPS)):
     """Examples whose targets a side network can learn: the head's argmax of f + a fixed direction of the taps."""
     g = torch.Generator().manual_seed(seed)
