@@ -138,13 +138,20 @@ class Progress:
 
 
 def _planned_batches(program: Program, tokens: DeviceTokens, count: int, s: TrainSettings) -> int:
-    """About how many training batches the recipe runs (for the progress bar)."""
-    b = program.info.batch
+    """How many side-network training batches the recipe runs (for the progress bar)."""
+    def batches(n: int, epochs: int) -> int:
+        return epochs * -(-n // s.batch_tokens)
+
+    docs = tokens.doc_index
     if count < FOLD_BELOW:
-        epochs = s.epochs or side_epochs(len(tokens) * (FOLDS - 1) // FOLDS, s.batch_tokens)
-        return FOLDS * epochs * -(-len(tokens) // b) + epochs * -(-len(tokens) // b)
-    epochs = s.epochs or side_epochs(len(tokens) * 4 // 5, s.batch_tokens)
-    return (1 + s.label_folds) * epochs * -(-len(tokens) // b)
+        folds = min(FOLDS, count)
+        epochs = s.epochs or side_epochs(len(tokens) * (folds - 1) // folds, s.batch_tokens)
+        helpers = sum(batches(int((docs % folds != k).sum()), epochs) for k in range(folds))
+        return helpers + batches(len(tokens), epochs)  # the final one runs the folds' best count: at most this
+    train = docs[~held_out(torch.from_numpy(docs)).numpy()]
+    epochs = s.epochs or side_epochs(len(train), s.batch_tokens)
+    helpers = sum(batches(int((train % s.label_folds != k).sum()), epochs) for k in range(s.label_folds))
+    return batches(len(train), epochs) + helpers
 
 
 # --- the side network ---------------------------------------------------------------------------
