@@ -12,12 +12,13 @@ import java.io.PrintStream;
  * java -cp ... org.spa.protocol.Cli --gateway ws://127.0.0.1:PORT --plugin EXPORT_DIR --prompt-file FILE
  *      [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] [--max-new-tokens N]
  *      [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none|...]
- *      [--in-flight N] [--no-push-taps] [--cloud-projection] [--no-reconnect]
+ *      [--in-flight N] [--no-push-taps] [--no-cloud-projection] [--no-reconnect]
  * </pre>
  *
- * --in-flight, --no-push-taps, --cloud-projection: as `spa summarize`'s (side outputs awaiting their
+ * --in-flight, --no-push-taps, --no-cloud-projection: as `spa summarize`'s (side outputs awaiting their
  * verdict at once; do not upload the gate, which lets the gateway push taps with the steps where it
- * opens; upload the per-tap projections).
+ * opens; keep the per-tap projections on the device: by default they are named by hash and uploaded
+ * once, to a gateway that answers upload_needed).
  * A lost connection is resumed within the gateway's grace unless --no-reconnect.
  *
  * --compression: the frame compressions offered in hello, preferred first (default auto: zstd and
@@ -27,8 +28,8 @@ import java.io.PrintStream;
  * Prints one JSON object (ASCII, non-ASCII escaped): tokens, text, sigma (and sigmas),
  * gate_p (the gate's p at each token's position, to check margins to tau), finish_reason, stats.
  * Defaults match `spa summarize`: window 4, 4 side outputs in flight, pushed taps, int8, 8 outliers, 64 new tokens,
- * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN; but no settlement (not implemented
- * here) and no cloud-side projection unless asked (this client uploads its weights in every hello, not by hash).
+ * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN, the cloud-side projection; but no
+ * settlement (not implemented here: the gateway's verdicts decide every side token).
  * Exit status: 0 on success, 1 when the session failed, 2 on bad arguments.
  */
 public final class Cli {
@@ -45,7 +46,7 @@ public final class Cli {
         int timeout = 120;
         java.util.List<String> offer = null; // auto
         int inFlight = 4; // spa summarize's default
-        boolean pushTaps = true, cloudProjection = false, reconnect = true; // spa summarize's defaults
+        boolean pushTaps = true, cloudProjection = true, reconnect = true; // spa summarize's defaults
         Messages.Options options = new Messages.Options();
         options.window = 4;
         options.maxNewTokens = 64;
@@ -61,8 +62,8 @@ public final class Cli {
                     pushTaps = a.equals("--push-taps");
                     continue;
                 }
-                if (a.equals("--cloud-projection")) {
-                    cloudProjection = true;
+                if (a.equals("--cloud-projection") || a.equals("--no-cloud-projection")) {
+                    cloudProjection = a.equals("--cloud-projection");
                     continue;
                 }
                 if (a.equals("--no-reconnect")) {
@@ -126,6 +127,6 @@ public final class Cli {
         return "usage: java -cp CLASSPATH org.spa.protocol.Cli --gateway ws://HOST:PORT --plugin EXPORT_DIR "
                 + "--prompt-file FILE [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] "
                 + "[--max-new-tokens N] [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none] "
-                + "[--in-flight N] [--no-push-taps] [--cloud-projection] [--no-reconnect]";
+                + "[--in-flight N] [--no-push-taps] [--no-cloud-projection] [--no-reconnect]";
     }
 }

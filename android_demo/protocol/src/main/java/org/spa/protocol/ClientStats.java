@@ -14,6 +14,7 @@ import java.util.TreeMap;
 final class ClientStats {
     long up, down, handshakeUp, handshakeDown;
     int roundTrips;
+    int projectionUploads; // hellos sent again with the projection's weights (upload_needed)
     String compression; // the frame compression the gateway chose (ready/resumed), last connection
     final Map<String, Object> messagesDown = new TreeMap<String, Object>(); // message type -> count
     final Map<String, Object> messagesUp = new TreeMap<String, Object>(); // (flushed messages; not hello)
@@ -62,6 +63,7 @@ final class ClientStats {
         s.put("messages_down", messagesDown);
         s.put("messages_up", messagesUp);
         s.put("round_trips", roundTrips);
+        s.put("projection_uploads", projectionUploads);
         s.put("round_trips_per_token", roundTrips / (double) n);
         s.put("ttft_s", tFirst < 0 ? null : (Object) ((tFirst - tStart) / 1e9));
         s.put("tokens_per_s", tFirst >= 0 && tLast > tFirst ? (Object) ((r.tokens.size() - 1) / ((tLast - tFirst) / 1e9)) : null);

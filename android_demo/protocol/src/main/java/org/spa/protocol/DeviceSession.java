@@ -40,7 +40,7 @@ public final class DeviceSession {
     /** Where a sigma = 1 position stands: waiting for its taps, for its side output, for its verdict. */
     private enum Wait { TAPS, SIDE, VERDICT }
 
-    public final Messages.Hello hello;
+    public Messages.Hello hello; // its projection swaps to the weights on upload_needed ({@link #upload})
     public final int window;
     public final int maxInFlight;
     private Phase phase = Phase.HELLO;
@@ -131,6 +131,14 @@ public final class DeviceSession {
 
     public Map<String, Object> helloMessage() {
         return hello.toMap();
+    }
+
+    /** The gateway answered `upload_needed`: the next hello (or resume hello) carries the projection's weights. */
+    public void upload(Messages.Projection projection) {
+        require((phase == Phase.HELLO || phase == Phase.RESUMING) && hello.projection != null
+                && projection.digest().equals(hello.projection.digest()), "upload()");
+        hello = new Messages.Hello(hello.token, hello.plugin, hello.prompt, hello.options, hello.resume, projection,
+                hello.gate, hello.compression);
     }
 
     /** The committed text; a trailing partial UTF-8 character shows as U+FFFD. */

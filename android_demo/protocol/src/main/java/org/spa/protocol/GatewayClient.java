@@ -116,14 +116,18 @@ public final class GatewayClient {
     public SessionResult run(String prompt, Messages.Options options, Listener listener) throws ClientException {
         options.gateMargin = executor.gateReadsMargin(); // the plugin's gate decides whether steps carry margins
         Messages.Hello hello;
+        Messages.Projection projection;
         try {
+            projection = cloudProjection ? PluginUploads.projection(executor) : null;
+            // named by hash: a gateway that kept the weights from an earlier session needs no upload
             hello = new Messages.Hello(token, plugin, prompt, options, null,
-                    cloudProjection ? PluginUploads.projection(executor) : null,
+                    projection == null ? null : projection.byHash(),
                     pushTaps ? PluginUploads.gate(executor, tau) : null, offer);
         } catch (UnsupportedOperationException e) {
             throw new ClientException(e.getMessage());
         }
         Session s = new Session(new DeviceSession(hello, maxInFlight), listener);
+        s.projection = projection;
         OkHttpClient http = new OkHttpClient.Builder()
                 .connectTimeout(openTimeoutSeconds, TimeUnit.SECONDS)
                 .readTimeout(timeoutSeconds, TimeUnit.SECONDS)
@@ -153,6 +157,10 @@ public final class GatewayClient {
             String reason;
             try {
                 connection(http, s);
+                continue;
+            } catch (UploadNeeded e) { // this gateway does not hold the projection: the next hello carries it
+                s.session.upload(s.projection);
+                s.stats.projectionUploads++;
                 continue;
             } catch (Lost e) {
                 reason = e.getMessage();
@@ -193,7 +201,7 @@ public final class GatewayClient {
      * One websocket connection: hello (or the resume hello), then messages until the end.
      * Throws {@link Lost} when it ends early in a way a resume may repair.
      */
-    private void connection(OkHttpClient http, Session s) throws ClientException, Lost {
+    private void connection(OkHttpClient http, Session s) throws ClientException, Lost, UploadNeeded {
         DeviceSession session = s.session;
         ConnectionEvents events = new ConnectionEvents();
         current = events;
@@ -236,6 +244,9 @@ public final class GatewayClient {
             ws.close(ErrorCodes.NORMAL_CLOSE, null);
         } catch (PeerException e) {
             ws.cancel();
+            if ("upload_needed".equals(e.code) && s.projection != null && s.session.hello.projection.weight == null) {
+                throw new UploadNeeded();
+            }
             if ("resume_failed".equals(e.code)) {
                 throw new ClientException("the gateway no longer has this session (it restarted, or the session expired): "
                         + "resume_failed: " + e.detail);
@@ -336,11 +347,17 @@ public final class GatewayClient {
         final Utf8Stream utf8 = new Utf8Stream();
         // p of each gated, not yet committed position (a voided draft was never gated)
         final Map<Long, Float> gateP = new HashMap<Long, Float>();
+        Messages.Projection projection; // the projection's weights, sent only to a gateway that asks
 
         Session(DeviceSession session, Listener listener) {
             this.session = session;
             this.listener = listener;
         }
+    }
+
+    /** The gateway does not hold the projection this hello named by hash (`upload_needed`). */
+    private static final class UploadNeeded extends Exception {
+        private static final long serialVersionUID = 1L;
     }
 
     /** The connection ended before the session did, in a way a resume may repair. */

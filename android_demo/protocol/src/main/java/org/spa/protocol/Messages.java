@@ -390,6 +390,26 @@ public final class Messages {
             this.hash = hash;
         }
 
+        /** "sha256:" + hex of weight then bias: what names these weights once a gateway holds them. */
+        public String digest() {
+            if (weight == null) return hash;
+            try {
+                java.security.MessageDigest md = java.security.MessageDigest.getInstance("SHA-256");
+                md.update(weight);
+                md.update(bias);
+                StringBuilder sb = new StringBuilder("sha256:");
+                for (byte x : md.digest()) sb.append(String.format(Locale.ROOT, "%02x", x & 0xff));
+                return sb.toString();
+            } catch (java.security.NoSuchAlgorithmException e) {
+                throw new IllegalStateException("no SHA-256 on this JVM", e);
+            }
+        }
+
+        /** The same upload named by its hash alone (docs/PROTOCOL.md section 4, "Cloud-side projection"). */
+        public Projection byHash() {
+            return new Projection(rank, null, null, digest());
+        }
+
         Map<String, Object> toMap() {
             Map<String, Object> d = new LinkedHashMap<String, Object>();
             d.put("rank", (long) rank);

@@ -17,8 +17,9 @@ public final class GatewayConnector implements SessionRunner.Connector {
     private final int inFlight;
     private final boolean pushTaps, cloudProjection;
 
+    /** spa summarize's defaults: 4 in flight, pushed taps, the cloud-side projection (named by hash). */
     public GatewayConnector() {
-        this(4, true, false);
+        this(4, true, true);
     }
 
     public GatewayConnector(int inFlight, boolean pushTaps, boolean cloudProjection) {
