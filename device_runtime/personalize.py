@@ -32,6 +32,18 @@ from spa.protocol import messages as m
 STORE_NAME = "personal"
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM (Linux; ru_maxrss would carry the parent's peak over a
+    fork and exec), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def open_store(plugin: Path, out: Path | None) -> tuple[PersonalStore, bool]:
     """(the store to learn into, whether it was made now). `plugin`: a store, an export directory or a
     `.pte` in one; `out`: where to make the store (default: `personal/` in the export directory)."""
@@ -95,7 +107,7 @@ async def personalize(url: str, plugin: Path, examples_path: Path, *, out: Path 
             "seconds_learning": round(seconds, 1), "seconds_per_example": round(seconds / len(examples), 2),
             "training_batches": learned.record["training_batches"],
             # this process's peak memory: Python, torch and ExecuTorch, the output head, the states, the programs
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "traffic": traffic.to_dict(), "metrics": learned.metrics,
             "loss": {"backbone": val["loss_backbone"], "before": val["loss_side_before"],
                      "side_always": val["loss_side_always"], "gated": val["loss_gated"],
