@@ -53,6 +53,44 @@ def fresh_plugin(backbone, examples, settings, out: Path):
     return out
 
 
+def step_seconds(export: Path, head, repeats: int = 5) -> dict:
+    """Median seconds of one side_loss step (64 tokens: forward, backward, AdamW through SGD) in ExecuTorch,
+    and of the same step in eager PyTorch, on this CPU."""
+    import statistics
+
+    import torch.nn.functional as F
+
+    from export.training_program import SideLoss
+    from spa.model.plugin import load_plugin
+    from spa.model.train_program import ProgramInfo, Trainee
+
+    info = ProgramInfo.read(export / "plugin-train.json")
+    plugin = load_plugin(export)
+    c = plugin.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(info.batch, len(c.taps), c.hidden_size, generator=g) * 15
+    f, targets, w = x[:, -1].clone(), torch.randint(0, head.vocab_size, (info.batch,), generator=g), torch.ones(info.batch)
+    weight = torch.from_numpy(head.weight)
+    device = Trainee(export / "plugin-train.pte", export / "plugin-train.ptd", "side_loss", 1e-3)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        device.run((x, f, targets, w, weight))
+        device.step()
+        times.append(time.perf_counter() - t0)
+    eager, loss_of = [], SideLoss(plugin, head, projected=False)
+    opt = torch.optim.AdamW(plugin.side.parameters(), lr=1e-3, weight_decay=0.01)
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(loss_of.head(f + plugin.side(x), weight), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        eager.append(time.perf_counter() - t0)
+    return {"executorch": statistics.median(times[1:]), "eager": statistics.median(eager[1:]),
+            "torch_threads": torch.get_num_threads(), "load_average": load_average()}
+
+
 def personalize_child(url: str, export: Path, examples: Path, store: Path, projection: bool, log) -> dict:
     """`spa personalize --json` as its own process (the device): its report."""
     args = ["personalize", "--examples", examples, "--plugin", export / "plugin-fp32.pte", "--gateway", url,
@@ -105,6 +143,8 @@ def run_learning(workdir: Path = Path("runs/bench/learning"), person: str = "out
     training_program = export_training_program(fresh, export, head)
     export_s = time.time() - t0
 
+    log(f"one training step, ExecuTorch and eager (load {load_average()})")
+    steps = step_seconds(export, head)
     runs = {}
     with GatewayProcess() as gateway:
         for projection in (False, True):
@@ -146,7 +186,7 @@ def run_learning(workdir: Path = Path("runs/bench/learning"), person: str = "out
             "cpu": os.cpu_count(), "load_average": loads, "seconds": round(time.time() - t_start),
             "workstation": {"seconds": round(workstation_s, 1), "tau": reference.config.tau,
                             "val": ref_metrics["val"]},
-            "export": {"seconds": round(export_s, 1), "training_program": training_program},
+            "export": {"seconds": round(export_s, 1), "training_program": training_program}, "step_seconds": steps,
             "device": runs, "rouge": table, "device_minus_workstation_spa": against,
             "device_minus_workstation_always_on": against_always, "goal_points": GOAL_POINTS,
             "command": "spa " + " ".join(sys.argv[1:])}
@@ -163,6 +203,10 @@ def format_learning(r: dict) -> str:
     t = r["export"]["training_program"]
     lines.append(f"training program: {t['bytes'] / 1024:.0f} KB + weights {t['weights_bytes'] / 1024:.0f} KB "
                  f"(the output head, an input: 113 MB the device holds for settlement)")
+    st = r.get("step_seconds")
+    if st:
+        lines.append(f"one step (64 tokens, forward + backward + AdamW): ExecuTorch {st['executorch']:.2f} s, eager "
+                     f"PyTorch {st['eager']:.2f} s ({st['torch_threads']} torch threads; load {st['load_average']})")
     lines.append("")
     lines.append(f"{'device run':28} {'s/example':>9} {'peak RSS':>9} {'KB down/ex':>10} {'KB up/ex':>8} "
                  f"{'loss before':>11} {'always on':>9} {'gated':>7} {'usage':>6}")
