@@ -26,7 +26,8 @@ def run_demo(profile: str, workdir: Path, document: str, spa) -> int:
     pte = str(export_dir / "plugin-fp32.pte")
     _step(spa, 1, 5, f"train a quick plugin for the '{profile}' reader",
           ["train", "--quick", "--profile", profile, "--out", str(plugin_dir)])
-    _step(spa, 2, 5, "export it to ExecuTorch and verify it", ["export", str(plugin_dir), "--out", str(export_dir)])
+    _step(spa, 2, 5, "export it to ExecuTorch and verify it",  # (the training program: spa export without --no-training)
+          ["export", str(plugin_dir), "--out", str(export_dir), "--no-training"])
     print("\n== demo step 3/5: start the cloud gateway on loopback\n$ spa gateway --port 0", flush=True)
     with GatewayProcess() as gateway:
         print(gateway.output[-1].rstrip(), flush=True)

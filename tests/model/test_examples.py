@@ -151,7 +151,7 @@ def garden_plugin(tmp_path_factory):
     train = json.loads(run_spa("train", "--examples", data, "--out", root / "plugin", "--quick", "--epochs", "4",
                                "--json").stdout)
     manifest = json.loads(run_spa("export", root / "plugin", "--out", root / "pte", "--variants", "fp32",
-                                  "--json").stdout)
+                                  "--no-training", "--json").stdout)
     return data, train, root / "plugin", root / "pte" / manifest["variants"]["fp32"]["file"], manifest
 
 

@@ -118,7 +118,7 @@ def margin_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("margin")
     run_spa("train", "--quick", "--profile", "outcome", "--gate-labels", "flip", "--gate-margin",
             "--out", root / "plugin")
-    run_spa("export", root / "plugin", "--out", root / "export", "--variants", "fp32")
+    run_spa("export", root / "plugin", "--out", root / "export", "--variants", "fp32", "--no-training")
     return root
 
 
