@@ -16,20 +16,18 @@ from export.training_program import SideLoss, export_training_program
 from spa.errors import PluginError
 from spa.model.output_head import OutputHead
 from spa.model.personal import PersonalPlugin, PersonalStore
-from spa.model.plugin import Plugin, PluginConfig, load_plugin, save_plugin
+from spa.model.plugin import MARGIN_GATE, PLAIN_GATE, Plugin, PluginConfig, load_plugin, save_plugin
 from spa.model.train_program import ProgramInfo, Trainee, padded
 from training.examples import example_settings
 
 H, LAYERS, V, TAPS = 64, 4, 300, [0, 2, 4]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_export(root, gate_input=PLAIN_GATE):
     """(export dir, plugin dir, head): a plugin with a trained-looking side network, exported with its program."""
-    root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     config = PluginConfig(backbone={"name": "tiny", "fingerprint": "tiny0", "hidden_size": H, "num_layers": LAYERS},
-                          taps=TAPS, rank=8, side_scale=3.0, instruction="Summarize this text.")
+                          taps=TAPS, rank=8, side_scale=3.0, instruction="Summarize this text.", gate_input=gate_input)
     plugin = Plugin(config)
     with torch.no_grad():  # W_out starts at zero; a taught plugin has learned something already
         plugin.side.w_out.weight.normal_(0, 0.05)
@@ -41,6 +39,11 @@ def tiny(tmp_path_factory):
     for name in ("config.json", "plugin.safetensors"):
         (root / "export" / name).write_bytes((root / "plugin" / name).read_bytes())
     return root / "export", root / "plugin", head
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_export(tmp_path_factory.mktemp("tiny"))
 
 
 def batch(n, seed=1, taps=len(TAPS)):
@@ -93,11 +96,14 @@ def test_one_training_step_on_the_device_equals_eager_pytorch(tiny):
         assert moved > 1e-3  # the step did move the weights
 
 
-def test_a_gate_step_on_the_device_equals_eager_pytorch(tiny):
-    export, plugin_dir, _ = tiny
+@pytest.mark.parametrize("gate_input", [PLAIN_GATE, MARGIN_GATE])
+def test_a_gate_step_on_the_device_equals_eager_pytorch(tiny, tmp_path, gate_input):
+    export, plugin_dir, _ = tiny if gate_input == PLAIN_GATE else tiny_export(tmp_path, MARGIN_GATE)
     info = ProgramInfo.read(export / "plugin-train.json")
     g = torch.Generator().manual_seed(5)
     rows, labels = torch.randn(300, H, generator=g) * 3, torch.randint(0, 2, (300,), generator=g)
+    if gate_input == MARGIN_GATE:  # [f, m]: the backbone's top-2 logit margin, >= 0
+        rows = torch.cat([rows, torch.rand(300, 1, generator=g) * 5], dim=1)
     device = Trainee(export / "plugin-train.pte", export / "plugin-train.ptd", "gate_loss", 1e-2)
     out = device.run((torch.from_numpy(padded(rows.numpy(), info.gate_batch)),
                       torch.from_numpy(padded(labels.numpy(), info.gate_batch)),
