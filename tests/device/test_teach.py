@@ -207,3 +207,21 @@ def test_with_the_projection_the_states_are_the_clouds_projections_and_the_weigh
     assert parts[0].x.shape == (len(target), len(pte.config.taps), pte.config.rank)
     want = np.stack([project(row[pte.config.taps].numpy(), weight, bias) for row in states])
     assert np.abs(parts[0].x - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+
+
+def test_teaches_waiting_together_are_one_forward_with_the_solo_states(backbone):
+    """cloud_gateway/teaching.py's batched forward (right-padded rows) against each row's solo forward."""
+    from cloud_gateway.teaching import forward
+
+    taps = [0, 10, 20, 30]
+    requests = []
+    for document, summary in EXAMPLES[:3]:
+        prompt, target = backbone.encode(document), backbone.encode(summary) + [min(backbone.eos_token_ids)]
+        requests.append((prompt + target, len(prompt), taps, True))
+    batched = forward(backbone, requests)
+    for request, (f, x, margins) in zip(requests, batched):
+        solo_f, solo_x, solo_m = forward(backbone, [request])[0]
+        assert f.shape == solo_f.shape and x.shape == solo_x.shape == (len(request[0]) - request[1], len(taps), 576)
+        scale = float(np.abs(solo_x).max())
+        assert np.abs(x - solo_x).max() <= 1e-3 * scale and np.abs(f - solo_f).max() <= 1e-3 * scale
+        assert np.abs(margins - solo_m).max() <= 1e-2
