@@ -225,14 +225,53 @@ def rss_before(fuzz_gateway):
     return _rss()
 
 
+def _projection(ident, rank: int = 2, by_hash: bool = False) -> m.Projection:
+    """A cloud-side projection for _hello's 3 taps: its weights, or their hash alone."""
+    weight = np.random.default_rng(rank).normal(0, 0.02, (3, rank, ident.hidden_size)).astype("<f2").tobytes()
+    projection = m.Projection(rank, weight, np.zeros((3, rank), "<f4").tobytes())
+    return projection.by_hash() if by_hash else projection
+
+
+def first_messages(ident) -> list[dict]:
+    """Every kind of first message a device sends: hellos of versions 2 and 3, with settlement,
+    with the projection's weights or only their hash (a gateway that lacks them answers
+    upload_needed), and a teaching connection's teach."""
+    from spa.protocol.teach_messages import Teach
+
+    plugin = m.Plugin(ident.fingerprint, (1, 5, ident.num_layers), "h")
+    with_projection = _hello(ident)
+    with_projection["projection"] = _projection(ident).to_dict()
+    by_hash = _hello(ident)
+    by_hash["projection"] = _projection(ident, rank=3, by_hash=True).to_dict()  # never uploaded: upload_needed
+    return [_hello(ident), {**_hello(ident), "version": 2}, _hello(ident, settle=True), with_projection, by_hash,
+            Teach("", plugin, PROMPT, "Hello.").to_dict()]
+
+
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_handshake_frames(fuzz_gateway, good_session, rss_before, ident, data):
-    valid = FrameCodec().pack(_hello(ident))
-    frame = data.draw(st.one_of(raw_frames(valid), mutated(_hello(ident)).map(lambda d: FrameCodec().pack(d))))
+    first = data.draw(st.sampled_from(first_messages(ident)))
+    valid = FrameCodec().pack(first)
+    frame = data.draw(st.one_of(raw_frames(valid), mutated(first).map(lambda d: FrameCodec().pack(d))))
     got, close_code = _talk(fuzz_gateway.url, [frame])
-    if _check(got, close_code) is None and close_code == 1000:  # a mutation that is still a valid hello
-        assert got[0]["type"] == "ready"
+    if _check(got, close_code) is None and close_code == 1000:  # a mutation that is still a valid first message
+        assert got[0]["type"] == ("states" if first["type"] == "teach" else "ready"), got[:1]
+
+
+def test_a_hello_naming_an_unknown_projection_gets_upload_needed_and_then_uploads(fuzz_gateway, ident):
+    """The projection by hash: unknown to the gateway, upload_needed (4010); sent with its
+    weights, ready; named by hash again on a new connection, ready without the weights."""
+    fc, projection = FrameCodec(), _projection(ident, rank=4)
+    hello = _hello(ident)
+    hello["projection"] = projection.by_hash().to_dict()
+    got, close_code = _talk(fuzz_gateway.url, [fc.pack(hello)])
+    assert _check(got, close_code) == "upload_needed"
+    hello["projection"] = projection.to_dict()
+    got, close_code = _talk(fuzz_gateway.url, [fc.pack(hello)])
+    assert _check(got, close_code) is None and got[0]["type"] == "ready"
+    hello["projection"] = projection.by_hash().to_dict()
+    got, close_code = _talk(fuzz_gateway.url, [fc.pack(hello)])
+    assert _check(got, close_code) is None and got[0]["type"] == "ready"
 
 
 # --- every message type during a generation ----------------------------------------------------
@@ -282,12 +321,11 @@ def _talk_scripted(url, frames, reads):
 
 
 @pytest.fixture(scope="module")
-def verdict_sides(fuzz_gateway, backbone, ident) -> dict:
-    """Side outputs for the first position of a PROMPT session, by the verdict
-    they lead to: "unchanged" (the draft), "runner_up_1"/"runner_up_2" (a
-    runner-up of the draft: the token of a branch line), "miss" (a token no
-    branch line drafted). Computed from the exact f of that position (a
-    session with codec f32), with margin."""
+def first_position(fuzz_gateway, backbone, ident):
+    """The exact f of a PROMPT session's first position (a session with codec f32) and the
+    tokens a verdict there can lead to: "unchanged" (the draft), "runner_up_1"/"runner_up_2"
+    (a runner-up of the draft: the token of a branch line), "miss" (a token no branch line
+    drafted)."""
     import torch
 
     got, _ = _talk(fuzz_gateway.url, [FrameCodec().pack(_hello(ident, codec="f32"))], read_first=2)
@@ -300,8 +338,19 @@ def verdict_sides(fuzz_gateway, backbone, ident) -> dict:
     # The draft and the K = 2 runners-up the gateway branches on stand clear of the rest.
     assert logits[order[0]] - logits[order[1]] > 0.05 and logits[order[2]] - logits[order[3]] > 0.05, logits[order[:4]]
     eos = backbone.eos_token_ids
-    targets = {"runner_up_1": order[1], "runner_up_2": order[2],
+    return f, {"unchanged": order[0], "runner_up_1": order[1], "runner_up_2": order[2],
                "miss": next(t for t in order[3:] if t not in eos)}
+
+
+@pytest.fixture(scope="module")
+def verdict_sides(first_position, backbone) -> dict:
+    """Side outputs for the first position of a PROMPT session, by the verdict
+    they lead to (first_position's names), with margin."""
+    import torch
+
+    f, tokens = first_position
+    eos = backbone.eos_token_ids
+    targets = {name: token for name, token in tokens.items() if name != "unchanged"}
     sides = {"unchanged": np.zeros((1, f.shape[1]), np.float32)}
     for name, token in targets.items():
         if token in eos:  # no branch line for an EOS runner-up
@@ -385,6 +434,73 @@ def test_fuzzed_messages_during_generation(fuzz_gateway, good_session, rss_befor
     print("fuzzed sessions' branching:", counts)
     zero = [k for k in ("branch_points", "forked", "adopted", "discarded") if counts[k] == 0]
     assert not zero, f"no fuzzed session {', '.join(zero)}: {counts}"
+
+
+@st.composite
+def settling_messages(draw, step: dict, tokens: dict, vocab: int) -> dict | tuple:
+    """A device message for a settling session (version 3, options.settle) whose first step
+    is `step`: a settled exchange (need_taps, then `settled` with the draft, a runner-up the
+    gateway streams a branch line for, or another token), or a `settled` valid, out of order,
+    beyond the vocabulary or mutated, or any other device message."""
+    pos = step["pos"]
+    kind = draw(st.sampled_from(["exchange", "exchange", "exchange", "settled", "settled", "other"]))
+    if kind == "exchange":
+        verdict = draw(st.sampled_from(sorted(tokens)))
+        return {"type": "need_taps", "epoch": 0, "pos": pos}, {"type": "settled", "epoch": 0, "pos": pos,
+                                                               "token": tokens[verdict]}
+    if kind == "settled":
+        base = {"type": "settled", "epoch": draw(st.sampled_from([0, 0, 1])),
+                "pos": draw(st.integers(0, pos + 80) | st.integers(0, 2**31 - 1)),
+                "token": draw(st.sampled_from(sorted(tokens.values())) | st.integers(0, vocab - 1)
+                              | st.integers(vocab, 2**31 - 1))}
+        return draw(st.one_of(st.just(base), mutated(base)))
+    other = {"type": draw(st.sampled_from(["accept", "need_taps", "side"])), "epoch": 0, "pos": pos, "upto": pos,
+             "s": _act("int8")}
+    return draw(mutated(other))
+
+
+@FUZZ
+@given(data=st.data())
+def _fuzz_settlement(fuzz_gateway, ident, first_position, data):
+    fc = FrameCodec()
+    hello = _hello(ident, settle=True)
+    box = {}
+    _, tokens = first_position
+
+    def fuzzed(got):
+        assert got[0].get("settle") is True, got[0]  # the gateway agreed to settlement
+        box["msg"] = data.draw(settling_messages(got[1], tokens, ident.vocab_size))
+        box["exchange"] = isinstance(box["msg"], tuple)
+        if box["exchange"]:  # the taps come with exact f; settle once the branch lines are streaming
+            need_taps, box["msg"] = box["msg"]
+            last = need_taps["pos"] + hello["options"]["window"]
+            return [fc.pack(need_taps), lambda d: d.get("type") == "taps" and "exact" in d,
+                    lambda d: d.get("type") == "step" and d.get("pos") == last and "branch" not in d,
+                    fc.pack(box["msg"])]
+        return fc.pack(box["msg"])
+
+    got, close_code = _talk(fuzz_gateway.url, [fc.pack(hello), fuzzed], read_first=2)
+    code = _check(got, close_code)
+    if box["exchange"]:  # a settled token is taken as the device proved it: no verdict, no error
+        assert code is None and "verdict" not in [g.get("type") for g in got], got
+        session = [w for w in WATCHED if w["prompt"] == PROMPT][-1]["stats"]
+        assert session.settled == 1 and session.heads == 0, session
+
+
+def test_fuzzed_messages_in_a_settling_session(fuzz_gateway, good_session, rss_before, ident, first_position):
+    """The fuzzer, settling (protocol version 3): every new message and field, and sessions
+    that settled an unchanged token, a changed one that adopted a streamed branch line, and a
+    changed one that no branch line continued."""
+    first = len(WATCHED)
+    _fuzz_settlement(fuzz_gateway, ident, first_position)
+    sessions = [w["stats"] for w in WATCHED[first:] if w["prompt"] == PROMPT]
+    counts = {"settled": sum(s.settled > 0 for s in sessions),
+              "changed": sum(s.settled_changed > 0 for s in sessions),
+              "streamed": sum(s.branch_streamed > 0 for s in sessions),
+              "adopted": sum(s.branch_hits > 0 for s in sessions),
+              "missed": sum(s.branch_misses > 0 for s in sessions)}
+    print("fuzzed settling sessions:", counts)
+    assert all(counts.values()), counts
 
 
 def test_gateway_memory_is_bounded_and_returned(fuzz_gateway, good_session, rss_before):
