@@ -157,7 +157,7 @@ def cmd_bench_load(args) -> int:
 
 
 def cmd_bench_model(args) -> int:
-    from benchmarks.tracemodel import compare, format_model, gpu_goal, gpu_predictions
+    from benchmarks.tracemodel import compare, format_model, gpu_goals, gpu_predictions
     from spa.errors import SpaError
 
     results = []
@@ -169,7 +169,7 @@ def cmd_bench_model(args) -> int:
         if "cloud_only" not in results[-1].get("rows", {}) or "spa_draft" not in results[-1]["rows"]:
             raise SpaError(f"{path}: needs the cloud_only and spa_draft rows of a spa bench link run")
     result = {"inputs": [str(p) for p in args.results], "compare": [compare(r) for r in results],
-              "gpu": {r["profile"]["name"]: gpu_predictions(r) for r in results}, "gpu_goal": gpu_goal(results)}
+              "gpu": {r["profile"]["name"]: gpu_predictions(r) for r in results}, "gpu_goals": gpu_goals(results)}
     out = args.out / "model.json"
     write_result(result, out, args.json, lambda _: format_model(results))
     if not args.json:

@@ -83,7 +83,7 @@ def test_branch_lines_hit_where_the_trace_says_and_a_hit_still_waits_for_the_ver
     span = lambda r: r["commit_ms"][-1] - r["commit_ms"][0]  # noqa: E731
     saved_per_change = (span(misses) - span(hits)) / misses["rollbacks"]
     assert 0 < saved_per_change < costs.rtt_ms
-    free = simulate(Trace.synthetic(64, 0.25, 0.0), row, costs)  # changes settled at no cost: the what-if's bound
+    free = simulate(Trace.synthetic(64, 0.25, 0.0), row, costs)  # no change at all: the bound a hit falls short of
     assert free["tokens_per_s"] > 1.1 * hits["tokens_per_s"]
 
 
@@ -114,7 +114,7 @@ def test_a_run_with_traces_is_replayed_document_by_document():
     draft["traces"] = [{"sigma": "0110000100", "changed": "0100000100"}, {"sigma": "00100", "changed": "00000"}]
     traces = traces_from_result(result, hit_rate=0.0)
     assert [len(t.sigma) for t in traces] == [10, 5] and sum(sum(t.changed) for t in traces) == 2
-    assert sum(sum(t.changed) for t in traces_from_result(result, settled=0.5)) == 1  # half the changes settled
+    assert sum(sum(t.hit) for t in traces_from_result(result, hit_rate=0.5)) == 1  # half the changes branch hits
     costs = Costs(rtt_ms=50, step_ms=40)
     row = Row("draft", 8)
     whole = rate(traces, row, costs)
