@@ -142,7 +142,9 @@ class Gateway:
             if isinstance(action, (Prefill, ResumeWanted)):
                 connection.negotiate(action.hello.compression)  # frame compression: ready names it (PROTOCOL.md §2)
             if isinstance(action, Prefill):
-                if len(self.sessions) >= self.limits.max_sessions:
+                from cloud_gateway.teaching import teaching_connections
+
+                if len(self.sessions) + teaching_connections(self) >= self.limits.max_sessions:
                     raise ProtocolError("busy", f"the gateway serves {self.limits.max_sessions} sessions already; "
                                                 "retry later")
                 session = GatewaySession(self.engine, self.limits, proto)

@@ -41,6 +41,11 @@ _active: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # gateway ->
 _batchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # gateway -> its Batcher
 
 
+def teaching_connections(gateway) -> int:
+    """Teaching connections open on this gateway: they count toward max_sessions as sessions do."""
+    return _active.get(gateway, 0)
+
+
 async def serve_teaching(gateway, connection, first: dict) -> None:
     """Serve a teaching connection whose first map is `first` (a teach); ProtocolError for the caller
     to send (cloud_gateway/server.py)."""

@@ -19,7 +19,7 @@ directories are removed on the next write.
 `PtePlugin` (spa/model/pte_plugin.py), so `spa summarize`, the in-process reference and the
 benchmarks take either. (The inference `.pte` files of `spa export` are XNNPACK programs with
 their weights compiled in; a device cannot rewrite them without the exporter. The training
-program's methods are portable kernels: slower per call, still ~0.1 ms per gate.)
+program's methods are portable kernels: slower per call than XNNPACK's.)
 """
 
 import hashlib
@@ -222,4 +222,4 @@ def open_plugin(path: str | Path):
     return PtePlugin(path)
 
 
-__all__ = ["PersonalPlugin", "PersonalStore", "is_store", "open_plugin", "patched_weights"]
+__all__ = ["PersonalPlugin", "PersonalStore", "is_store", "open_plugin"]
