@@ -225,3 +225,41 @@ def test_teaches_waiting_together_are_one_forward_with_the_solo_states(backbone)
         scale = float(np.abs(solo_x).max())
         assert np.abs(x - solo_x).max() <= 1e-3 * scale and np.abs(f - solo_f).max() <= 1e-3 * scale
         assert np.abs(margins - solo_m).max() <= 1e-2
+
+
+def test_a_teaching_connection_counts_as_a_session(backbone):
+    """With max_sessions 1, an open teaching connection makes a new session (or a second teaching
+    connection) `busy`; once it says bye, a session starts."""
+    from websockets.asyncio.client import connect as ws_connect
+
+    from cloud_gateway.process import ThreadedGateway
+    from spa.protocol import messages as m
+    from spa.protocol.frames import FrameCodec
+    from spa.protocol.limits import Limits
+
+    plugin = m.Plugin(backbone.identity.fingerprint, (0, 30), "h")
+    teach = m.Teach("", plugin, "A short prompt.", "A summary.", "int8", 8).to_dict()
+    hello = m.Hello("", plugin, "A short prompt.", m.Options(max_new_tokens=2)).to_dict()
+
+    async def scenario(url):
+        frames = FrameCodec()
+        async with ws_connect(url, compression=None) as teacher:
+            await teacher.send(frames.pack(teach))
+            assert frames.unpack(await teacher.recv())["type"] == "states"
+            for first in (hello, teach):  # the teaching connection is still open
+                async with ws_connect(url, compression=None) as other:
+                    await other.send(FrameCodec().pack(first))
+                    answer = FrameCodec().unpack(await other.recv())
+                    assert answer["type"] == "error" and answer["code"] == "busy", answer
+            await teacher.send(frames.pack(m.Bye().to_dict()))
+        for _ in range(50):  # the gateway frees the teaching connection's place as the close completes
+            async with ws_connect(url, compression=None) as session:
+                await session.send(FrameCodec().pack(hello))
+                answer = FrameCodec().unpack(await session.recv())
+            if answer["type"] != "error":
+                break
+            await asyncio.sleep(0.1)
+        assert answer["type"] == "ready", answer
+
+    with ThreadedGateway(backbone, Limits(max_sessions=1)) as gw:
+        asyncio.run(scenario(gw.url))
