@@ -25,7 +25,7 @@ from spa.data.examples import read_examples
 from spa.errors import SpaError
 from spa.model.output_head import find_head
 from spa.model.personal import PersonalStore, is_store
-from spa.model.plugin import PluginConfig
+from spa.model.plugin import CONFIG_FILE, read_config
 from spa.model.projection import projection_weights
 from spa.protocol import messages as m
 
@@ -44,21 +44,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def open_store(plugin: Path, out: Path | None) -> tuple[PersonalStore, bool]:
-    """(the store to learn into, whether it was made now). `plugin`: a store, an export directory or a
-    `.pte` in one; `out`: where to make the store (default: `personal/` in the export directory)."""
+def find_store(plugin: Path, out: Path | None) -> tuple[PersonalStore | None, Path, Path]:
+    """(the store to learn into, or None where it is still to be made; the export; the store's directory).
+    `plugin`: a store, an export directory or a `.pte` in one; `out`: where to make the store (default:
+    `personal/` in the export directory). Nothing is written here."""
     plugin = Path(plugin)
     if is_store(plugin):
         if out is not None and Path(out).resolve() != plugin.resolve():
             raise SpaError(f"{plugin} is a personal plugin store already: it learns in place (drop --out)")
-        return PersonalStore(plugin), False
+        return PersonalStore(plugin), plugin.parent, plugin
     export_dir = plugin.parent if plugin.is_file() else plugin
-    if not export_dir.is_dir():
+    if not export_dir.is_dir() or not (export_dir / CONFIG_FILE).is_file():
         raise SpaError(f"{plugin}: no such export (give the .pte or the directory `spa export` wrote)")
     root = Path(out) if out is not None else export_dir / STORE_NAME
-    if is_store(root):
-        return PersonalStore(root), False
-    return PersonalStore.create(export_dir, root), True
+    return (PersonalStore(root) if is_store(root) else None), export_dir, root
 
 
 def projection_upload(weights: dict, taps: int) -> m.Projection:
@@ -71,15 +70,17 @@ async def personalize(url: str, plugin: Path, examples_path: Path, *, out: Path 
                       cloud_projection: bool = False, settings=None, progress=None, log=print,
                       on_frame=None) -> dict:
     """Learn from the examples file; returns the report (`spa personalize --json`)."""
-    store, made = open_store(plugin, out)
-    config = PluginConfig.from_dict(store.config())
-    examples = read_examples(examples_path, config.max_doc_tokens)  # bad files fail before any traffic
+    store, export_dir, root = find_store(plugin, out)
+    config, _ = read_config(store.current if store is not None else export_dir)
+    examples = read_examples(examples_path, config.max_doc_tokens)  # bad files fail before any traffic or file
     if examples.note():
         log(f"spa personalize: {examples.note()}")
     head = find_head(config.backbone["fingerprint"])
     if head is None:
         raise SpaError(f"this device holds no output head for backbone {config.backbone.get('name')!r}; the loss "
                        f"needs it: run `spa export` of the plugin on this machine (it writes the head)")
+    made = store is None
+    store = store or PersonalStore.create(export_dir, root)
     if head.vocab_size != store.info.vocab_size:
         raise SpaError(f"the output head has {head.vocab_size} tokens, the training program {store.info.vocab_size}")
     start = store.weights()

@@ -263,3 +263,17 @@ def test_a_teaching_connection_counts_as_a_session(backbone):
 
     with ThreadedGateway(backbone, Limits(max_sessions=1)) as gw:
         asyncio.run(scenario(gw.url))
+
+
+def test_bad_input_to_spa_personalize_is_one_line_and_writes_nothing(exported, tmp_path):
+    out, _ = exported
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"document": "a text", "summary": ""}\n')
+    for args, says in ((["--examples", tmp_path / "none.jsonl", "--plugin", out], "no such file"),
+                       (["--examples", bad, "--plugin", out], "line 1"),
+                       (["--examples", bad, "--plugin", tmp_path / "nothing.pte"], "no such export")):
+        proc = run_spa("personalize", *args, "--out", tmp_path / "store", "--gateway", "ws://127.0.0.1:9", check=False)
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[-1].startswith("spa personalize: error:") and says in lines[-1], lines[-1]
+        assert not (tmp_path / "store").exists()
