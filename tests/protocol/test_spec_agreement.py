@@ -51,8 +51,10 @@ def in_spec(text: str) -> bool:
 
 
 def test_version_rule():
-    assert in_spec(f"an int other than `{m.VERSION}` is error `version`; a missing `version`, or one that is not an int")
-    for other in (m.VERSION - 1, m.VERSION + 1):
+    assert in_spec(f"protocol version: `{m.VERSION}` (this text), or `2` for a device that knows nothing of settlement")
+    assert in_spec("another int is error `version`; a missing `version`, or one that is not an int")
+    assert m.VERSIONS == (2, 3)
+    for other in (min(m.VERSIONS) - 1, max(m.VERSIONS) + 1):
         assert error_of({**HELLO, "version": other, "plugin": None}).code == "version"
     for bad in ("1", 1.0, None, True, -1):
         e = error_of({**HELLO, "version": bad})
@@ -331,9 +333,11 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def config():
-    data = json.loads((ROOT / "tests" / "vectors" / "plugin_vectors" / "config.json").read_text())
-    return types.SimpleNamespace(prompt_template=data["prompt_template"], instruction=data["instruction"])
+def config(backbone):
+    """A plugin config as `spa train` records it: the backbone's own chat template and the instruction."""
+    from spa.data.prompts import GENERIC_INSTRUCTION, chat_template
+
+    return types.SimpleNamespace(prompt_template=chat_template(backbone.tokenizer), instruction=GENERIC_INSTRUCTION)
 
 
 def test_the_spec_names_the_trained_template_and_instruction(client, backbone):
