@@ -24,7 +24,7 @@ from pathlib import Path
 
 from spa.errors import SpaError
 
-ROOT = Path(__file__).resolve().parent.parent  # the project root: children run here
+ROOT = Path(__file__).resolve().parents[2]  # the project root (spa/system/children.py is two folders down): children run here
 
 
 def python_env(**extra: str) -> dict:

@@ -319,7 +319,7 @@ def test_the_plugin_hosted_in_the_cloud_commits_the_spa_tokens_and_is_the_ceilin
     assert ceiling["side_usage"] == spa["side_usage"]  # the same gate on the same quantized f_t
     assert ceiling["round_trips_per_token"] == 0 and ceiling["bytes_up_per_token"] == 0
     assert ceiling["tokens_per_s_vs_ceiling"] == 1.0 and spa["tokens_per_s_vs_ceiling"] > 0
-    assert re.search(r"^row .* x cloud +min-max +x ceiling", out, re.M), out  # the column beside x cloud
+    assert re.search(r"^row .* x cloud +min-max +paired +x ceiling", out, re.M), out  # the columns beside x cloud
     assert re.search(r"^best SPA row: spa_draft, [\d.]+x cloud-only .*, [\d.]+x ceiling", out, re.M), out
     assert "lossless: tokens identical to cloud_plugin (8 tokens) in every repeat: spa_draft yes -> yes" in out, out
 

@@ -183,6 +183,16 @@ FAULTS = [
     Fault("up", "side", 2, mode="half"),
     Fault("up", "accept", 2),  # with the gate closed (tau = 1): accepts only
 ]
+# The same cuts on a settling session (PROTOCOL.md §6, "Settlement"): the device
+# proves its side tokens, so `settled` goes up where `side` did and no verdict
+# comes down for them.
+SETTLE_FAULTS = [
+    Fault("down", "step", 2),  # a draft, with its exact f_t, never arrives
+    Fault("down", "taps", 1),
+    Fault("up", "settled", 1),  # the device settled a token; the gateway never hears it
+    Fault("up", "settled", 2, mode="half"),
+    Fault("down", "end", 1),
+]
 
 
 def test_reference_has_side_tokens_and_rollbacks(reference):
@@ -192,11 +202,27 @@ def test_reference_has_side_tokens_and_rollbacks(reference):
 
 @pytest.mark.parametrize("fault", FAULTS, ids=repr)
 def test_lost_connection_resumes_with_identical_tokens(local_gateway, backbone, pte, prompt, reference, fault):
+    """The verdict path (`settle=False`): every side output goes up and its verdict comes down."""
     if fault.kind == "accept":
         reference = reference_generate(backbone, pte, prompt, tau=1.0, max_new_tokens=MAX_NEW)
     tau = 1.0 if fault.kind == "accept" else None
-    result, proxy = _through_proxy(local_gateway, pte, prompt, [fault], tau=tau)
+    result, proxy = _through_proxy(local_gateway, pte, prompt, [fault], tau=tau, settle=False)
     assert fault.fired, (fault, proxy.seen)
+    assert result.tokens == reference.tokens
+    assert result.sigmas == reference.sigmas
+    assert result.finish_reason == reference.finish_reason
+    assert result.stats["resumes"] == 1 and proxy.connections == 2
+    assert local_gateway.wait_until(lambda g: not g.sessions)  # the resumed session ended and was freed
+
+
+@pytest.mark.parametrize("fault", SETTLE_FAULTS, ids=repr)
+def test_lost_connection_of_a_settling_session_resumes_with_identical_tokens(local_gateway, pte, prompt, reference,
+                                                                             fault):
+    """The settling path: the device proves its side tokens and sends `settled`; a cut anywhere resumes to the
+    reference's tokens, and tokens were settled (the path ran)."""
+    result, proxy = _through_proxy(local_gateway, pte, prompt, [fault], settle=True)
+    assert fault.fired, (fault, proxy.seen)
+    assert result.stats["settled"] > 0, result.stats
     assert result.tokens == reference.tokens
     assert result.sigmas == reference.sigmas
     assert result.finish_reason == reference.finish_reason
@@ -208,7 +234,7 @@ def test_several_cuts_in_one_session_lock_step_and_draft_ahead(local_gateway, pt
     for window in (0, 4):
         faults = [Fault("down", "step", 3, conn=0), Fault("up", "side", 1, conn=1),
                   Fault("down", "verdict", 1, conn=2), Fault("down", "step", 2, mode="half", conn=3)]
-        result, proxy = _through_proxy(local_gateway, pte, prompt, faults, window=window)
+        result, proxy = _through_proxy(local_gateway, pte, prompt, faults, window=window, settle=False)
         assert all(f.fired for f in faults), faults
         assert result.tokens == reference.tokens, window
         assert result.stats["resumes"] == 4

@@ -90,6 +90,7 @@ class GatewayProtocol(Verifying, Resuming):
             raise ValueError("settlement needs the vocabulary's pieces")
         self.settle_offered, self.pieces = settle, pieces or []
         self.settling = False  # this session settles: the device asked (version 3, greedy) and we offer it
+        self._resume_tokens: tuple | None = None  # a resume hello's committed tokens (check_resume)
         self.stats = GatewayStats()
         self.branching = Branching(branches, self.stats)
         self.resumption = Resumption(resume_tokens, limits.resume_grace_s)

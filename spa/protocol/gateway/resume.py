@@ -12,6 +12,7 @@ from collections import deque
 from spa.protocol import messages as m
 from spa.protocol.errors import ProtocolError
 from spa.protocol.gateway.actions import LINE_WORK
+from spa.protocol.gateway.drafts import SidePos
 from spa.protocol.gateway.handshake import check_hello, check_prompt
 
 
@@ -37,6 +38,7 @@ class Resuming:
             n = min(len(sent), len(mine))
             if list(sent[:n]) != mine[:n]:
                 raise ProtocolError("resume_failed", "the committed tokens differ from the session's")
+        self._resume_tokens = sent
 
     def resume(self, next_pos: int, secret: str | None = None) -> None:
         """Continue after a lost connection; the device has committed every position < next_pos.
@@ -50,7 +52,8 @@ class Resuming:
             raise ProtocolError("resume_failed", f"device resumes at position {next_pos}; the gateway verified "
                                                  f"up to {self.verified}")
         if next_pos > self.verified:  # the device committed drafts; their accept was lost
-            if any(p < next_pos for p in self._sides):
+            self._settled_before(next_pos)
+            if any(p < next_pos and side.token is None for p, side in self._sides.items()):
                 raise ProtocolError("resume_failed", f"position {min(self._sides)} awaits a side output")
             self.decided = max(self.decided, next_pos)
             self._verify()
@@ -79,6 +82,27 @@ class Resuming:
             return
         self._outbox += [self._step(d) for d in self._drafts]  # identical to the first time
         self._maybe_end()
+
+    def _settled_before(self, next_pos: int) -> None:
+        """A settling device commits the token it proved at once, before the gateway hears it: when
+        that `settled` was lost, the resume hello's committed tokens say what it proved. A position
+        that awaits a side output (asked with need_taps), or whose pushed taps the device answered
+        with another token than the draft, was settled with the device's token (G9 trusts the
+        device's proof in any case); the other positions before next_pos were accepted."""
+        tokens = self._resume_tokens
+        if not self.settling or tokens is None:
+            return
+        for d in list(self._drafts):
+            if not self.verified <= d.pos < next_pos or d.pos - self.first_pos >= len(tokens):
+                break
+            token, side = int(tokens[d.pos - self.first_pos]), self._sides.get(d.pos)
+            if side is not None and side.taps_sent and side.s is None and side.token is None:
+                side.token = token
+            elif side is None and d.pos in self.pushed and token != d.token:
+                self._sides[d.pos] = SidePos(taps_sent=True, token=token)
+                self.stats.side_positions += 1
+            if token != d.token:  # a change voids every later draft: nothing after it was committed
+                break
 
     def check_rebuild(self, hello: m.Hello) -> None:
         """On the fresh protocol whose `ResumeWanted` names a session this gateway does not hold:
