@@ -15,6 +15,12 @@ Each choice comes back as a `Choice`: the token, and the top-1 minus top-2
 logit margin of the logits it was chosen from (a draft's: the backbone's own,
 which a margin gate on the device reads).
 
+* a **job**: any other work on a session's caches (cut a line back, fork a
+  line, a teaching forward), run at the end of the next round: after every
+  draft already asked for, so a line is never cut or copied under a decode
+  step that was asked for before (a settled token that changed its draft
+  cuts the line while the next draft may still wait for its round).
+
 A draft or a head may also ask for the `alternatives` runners-up of its
 choice (branch drafting: the gateway drafts their continuations on forked
 KV caches, as further rows of the same batched forward).
@@ -75,6 +81,14 @@ class _Head:
     result: object = None  # Choice
 
 
+@dataclass
+class _Job:
+    fn: object
+    args: tuple
+    result: object = None
+    error: BaseException | None = None  # raised in the session that asked, not in the round's others
+
+
 def batching_supported(backbone) -> bool:
     """Whether the backbone runs several sessions' rows in one forward (any decoder family with
     sdpa or eager attention); where not, rows run one by one."""
@@ -126,6 +140,7 @@ class Engine:
         self._prefills: list[tuple[_Prefill, asyncio.Future]] = []
         self._drafts: list[tuple[_Draft, asyncio.Future]] = []
         self._heads: list[tuple[_Head, asyncio.Future]] = []
+        self._jobs: list[tuple[_Job, asyncio.Future]] = []
         self._running = False
         # Counters (read by tests and `spa bench load`): forward rounds, rows,
         # rounds with more than one row, largest batch; the same for prefills.
@@ -134,8 +149,9 @@ class Engine:
                       "prefill_forwards": 0, "prefill_rows": 0, "max_prefill_batch": 0}
 
     async def run(self, fn, *args):
-        """Any other backbone work (truncate, a solo prefill), on the compute thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        """fn(*args) on the compute thread, at the end of the next round: after every draft and
+        head asked for before it (a truncate or fork of a line waits for the drafts on that line)."""
+        return await self._submit(self._jobs, _Job(fn, args))
 
     async def prefill(self, ids: list[int]):
         """The prompt's (KV cache, states [L + 1, H] of its last position), as `spa.model.generate.prefill`;
@@ -166,15 +182,17 @@ class Engine:
         prefills, self._prefills = self._prefills[: self.max_batch], self._prefills[self.max_batch :]
         drafts, self._drafts = self._drafts[: self.max_batch], self._drafts[self.max_batch :]
         heads, self._heads = self._heads[: self.max_batch], self._heads[self.max_batch :]
-        if not prefills and not drafts and not heads:
+        # Jobs wait while drafts asked before them wait for a later round (over max_batch).
+        jobs, self._jobs = (self._jobs, []) if not self._drafts and not self._heads else ([], self._jobs)
+        if not prefills and not drafts and not heads and not jobs:
             self._running = False
             return
         job = self._thread.submit(self._round, [p for p, _ in prefills], [d for d, _ in drafts],
-                                  [h for h, _ in heads])
+                                  [h for h, _ in heads], [j for j, _ in jobs])
 
         def done(j):
             try:
-                loop.call_soon_threadsafe(self._finish_round, loop, j, prefills + drafts + heads)
+                loop.call_soon_threadsafe(self._finish_round, loop, j, prefills + drafts + heads + jobs)
             except RuntimeError:  # the event loop is closed: nobody waits for these
                 pass
 
@@ -187,6 +205,8 @@ class Engine:
                 continue
             if exc is not None:
                 fut.set_exception(exc)
+            elif getattr(item, "error", None) is not None:
+                fut.set_exception(item.error)
             else:
                 fut.set_result(item.result)
         # Sessions woken by these results submit their next requests in this
@@ -207,8 +227,17 @@ class Engine:
                 group.append(p)
         return groups
 
-    def _round(self, prefills: list[_Prefill], drafts: list[_Draft], heads: list[_Head]) -> None:
-        """On the compute thread: batched prefills, one batched decode step, then one lm_head over every row."""
+    def _round(self, prefills: list[_Prefill], drafts: list[_Draft], heads: list[_Head], jobs: list[_Job]) -> None:
+        """On the compute thread: batched prefills, one batched decode step, one lm_head over every
+        row, then the jobs in the order they were asked for."""
+        self._forwards(prefills, drafts, heads)
+        for j in jobs:
+            try:
+                j.result = j.fn(*j.args)
+            except Exception as e:  # noqa: BLE001 — the asking session gets it
+                j.error = e
+
+    def _forwards(self, prefills: list[_Prefill], drafts: list[_Draft], heads: list[_Head]) -> None:
         bb = self.backbone
         with torch.inference_mode():
             for group in self._prefill_groups(prefills):

@@ -233,6 +233,31 @@ def test_engine_prefills_sessions_that_start_together_in_one_forward(tokenizer):
     assert torch.equal(alone[1], prefill(bb, prompts[0])[1])  # a lone session: the solo function, exactly
 
 
+def test_engine_cuts_a_line_only_after_the_drafts_asked_before(tokenizer):
+    """A settled token that changed its draft cuts the session's line while its next draft may
+    still wait for a round (other sessions fill the batch): the cut must land after that draft,
+    or the draft's stale position stays in the cache and every later token is wrong."""
+    from cloud_gateway.engine import Engine
+
+    bb = tiny("qwen3", tokenizer)
+    engine = Engine(bb, max_batch=2)
+    caches = [prefill(bb, p)[0] for p in _ids(bb)[:3]]
+    mine, keep = caches[2], caches[2].get_seq_length()
+
+    async def busy_then_cut():
+        drafts = [asyncio.ensure_future(engine.draft(c, 1, 0.0, 0, 0)) for c in caches]  # mine: the 2nd round
+        await asyncio.sleep(0)
+        await engine.run(truncate, mine, keep)  # asked after the draft: runs after it
+        return await asyncio.gather(*drafts)
+
+    try:
+        asyncio.run(busy_then_cut())
+    finally:
+        engine.close()
+    assert engine.stats["decode_rounds"] == 2, engine.stats  # the draft did wait for a second round
+    assert mine.get_seq_length() == keep  # cut after the draft grew it, not before
+
+
 def test_directories_load_in_either_dtype_with_one_identity(tokenizer, tmp_path):
     _model("gemma3", tokenizer).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
