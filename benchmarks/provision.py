@@ -57,7 +57,7 @@ def ensure_plugin(plugin: str | None, workdir: Path, profile: str = "outcome", t
         run_spa("train", "--quick", "--profile", profile, "--out", plugin_dir, *extra)
     log(f"exporting it to {export_dir} (spa export)...")
     try:
-        run_spa("export", plugin_dir, "--out", export_dir)
+        run_spa("export", plugin_dir, "--out", export_dir, "--no-training")  # a benchmark never learns on the device
     except SpaError:
         # `spa export` exits 1 when a variant misses its parity tolerance; the fp32 program is what
         # the link rows run, so go on if that one is good, and say which variant failed.

@@ -36,7 +36,7 @@ from spa.protocol.gateway import DropLine, ForkLine, GatewayProtocol
 from spa.protocol.limits import Limits
 from tests.strategies import msgpack_values, mutated
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 LIMITS = Limits(max_sessions=32, idle_timeout_s=10, resume_grace_s=0, max_message_bytes=1 << 20,
                 max_frame_bytes=256 << 10)
