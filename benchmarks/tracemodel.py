@@ -326,12 +326,19 @@ def costs_from_result(result: dict, step_ms: float | None = None, projected: boo
                  up_mbit=measured.get("up_mbit"), taps_bytes=taps_bytes, branch_row_cost=branch_row_cost)
 
 
+def traced_row(result: dict) -> dict | None:
+    """The SPA row whose traces the model replays (every SPA row commits the same tokens): the first
+    that recorded traces, else the first with a side usage (older results); None without one."""
+    spa = [r for name, r in result["rows"].items() if name.startswith("spa_") and "error" not in r]
+    return next((r for r in spa if r.get("traces")), next((r for r in spa if "side_usage" in r), None))
+
+
 def traces_from_result(result: dict, hit_rate: float = BRANCH_HIT_RATE) -> list[Trace]:
-    """The run's per-token traces, one per document (sigma and changed of the spa_draft row: every
-    SPA row commits the same tokens); a result saved before traces were recorded gives its
-    measured side usage and change rate spread over one document of max_new_tokens. Branch hits
-    are a share `hit_rate` of the changes, spread evenly over the run's changes."""
-    draft = result["rows"]["spa_draft"]
+    """The run's per-token traces, one per document (sigma and changed of an SPA row, `traced_row`);
+    a result saved before traces were recorded gives its measured side usage and change rate spread
+    over one document of max_new_tokens. Branch hits are a share `hit_rate` of the changes, spread
+    evenly over the run's changes."""
+    draft = traced_row(result)
     if not draft.get("traces"):
         tokens = max(result["max_new_tokens"], 8)
         return [Trace.synthetic(tokens, draft["side_usage"], draft["change_rate"], hit_rate)]
@@ -391,7 +398,7 @@ def explain_result(result: dict, name: str, step_ms: float | None = None) -> dic
     cost = GPU_BRANCH_ROW_COST if step_ms else CPU_BRANCH_ROW_COST
     costs = costs_from_result(result, step_ms=step_ms, projected=name in PROJECTED, branch_row_cost=cost)
     out = explain(traces_from_result(result), model_row(result, name), costs)
-    out["traced"] = bool(result["rows"]["spa_draft"].get("traces"))  # else: its rates, spread evenly
+    out["traced"] = bool(traced_row(result).get("traces"))  # else: its rates, spread evenly
     if step_ms is None:
         out["measured"] = result["rows"].get(name, {}).get("tokens_per_s_vs_cloud_only")
     return out

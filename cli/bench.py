@@ -157,7 +157,7 @@ def cmd_bench_load(args) -> int:
 
 
 def cmd_bench_model(args) -> int:
-    from benchmarks.tracemodel import compare, format_model, gpu_goals, gpu_predictions
+    from benchmarks.tracemodel import compare, format_model, gpu_goals, gpu_predictions, traced_row
     from spa.errors import SpaError
 
     results = []
@@ -166,8 +166,8 @@ def cmd_bench_model(args) -> int:
             results.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as exc:
             raise SpaError(f"cannot read the spa bench link result {path}: {exc}") from None
-        if "cloud_only" not in results[-1].get("rows", {}) or "spa_draft" not in results[-1]["rows"]:
-            raise SpaError(f"{path}: needs the cloud_only and spa_draft rows of a spa bench link run")
+        if "cloud_only" not in results[-1].get("rows", {}) or traced_row(results[-1]) is None:
+            raise SpaError(f"{path}: needs the cloud_only row and an SPA row (spa_*) of a spa bench link run")
     result = {"inputs": [str(p) for p in args.results], "compare": [compare(r) for r in results],
               "gpu": {r["profile"]["name"]: gpu_predictions(r) for r in results}, "gpu_goals": gpu_goals(results)}
     out = args.out / "model.json"

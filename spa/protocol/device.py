@@ -88,7 +88,7 @@ class DeviceStats:
     pushed_used: int = 0  # sigma = 1 positions answered from pushed taps (no need_taps)
     resumes: int = 0
     max_in_flight: int = 0  # most side outputs awaiting their verdict at once
-    settled: int = 0  # sigma = 1 positions whose token the device proved itself (settlement)
+    settled: int = 0  # committed sigma = 1 positions whose token the device proved itself (settlement)
     unproven: int = 0  # sigma = 1 positions of a settling session where the proof did not hold: side sent
     branch_adopted: int = 0  # streamed branch steps that became main-line steps after a change
 
@@ -399,6 +399,7 @@ class DeviceProtocol(Settling):
             elif pos in self.proven and self.side_state.get(pos) == "settled":
                 token, piece = self.proven.pop(pos)
                 draft = self.steps[pos][0].draft
+                self.stats.settled += 1  # counted at its commit: a proof voided by an earlier change is not
                 self._commit(pos, token, piece, True)
                 if token != draft:
                     self._changed(pos, token, self.epoch + 1)

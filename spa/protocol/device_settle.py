@@ -63,7 +63,6 @@ class Settling:
             self.outbox.append(m.Side(self.epoch, pos, encoded).to_dict())
             self.side_state[pos] = "verdict"
             return
-        self.stats.settled += 1
         self.outbox.append(m.Settled(self.epoch, pos, int(token)).to_dict())
         self.side_state[pos] = "settled"
         self.proven[pos] = (int(token), bytes(piece))

@@ -124,7 +124,8 @@ def test_a_run_with_traces_is_replayed_document_by_document():
     assert why["traced"] and why["documents"] == 2 and why["tokens"] == 15 and why["changes"] == 2
     assert why["measured"] == result["rows"]["spa_inflight_push"]["tokens_per_s_vs_cloud_only"]
     assert "replaying the run's 2 documents" in format_why(why)
-    del draft["traces"]  # a result saved before traces: its rates over one document of max_new_tokens
+    for r in result["rows"].values():  # a result saved before traces: its rates over one document of max_new_tokens
+        r.pop("traces", None)
     assert "spread over one document" in format_why(explain_result(result, "spa_inflight_push"))
 
 
@@ -142,3 +143,13 @@ def test_every_row_the_link_bench_may_call_best_is_modelled_with_its_own_taps():
     slow = dict(result, link={**result["link"], "measured": {**result["link"]["measured"], "up_mbit": 0.05}})
     proj, full = explain_result(slow, "spa_draft_proj"), explain_result(slow, "spa_draft")
     assert proj["predicted"] > full["predicted"]
+
+
+def test_a_run_without_the_draft_row_is_replayed_from_another_spa_row():
+    """The settlement run (benchmarks/results/settle/) has cloud_only and three SPA rows but no
+    spa_draft: the model replays the first SPA row's traces (every SPA row commits the same tokens)."""
+    result = json.loads((ROOT / "benchmarks/results/settle/link-4g.json").read_text())
+    assert "spa_draft" not in result["rows"]
+    why = explain_result(result, "spa_settle")
+    assert why["traced"] and why["documents"] == 10 and why["settle"]
+    assert why["predicted"] + sum(why["lost"].values()) == pytest.approx(1.0)
