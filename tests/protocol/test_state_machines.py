@@ -705,6 +705,30 @@ def test_a_draft_computed_across_a_rollback_is_dropped():
     assert _work(gp) == Draft(1, 5, 9)
 
 
+def test_a_side_output_voided_by_a_change_to_eos_is_dropped():
+    """Side outputs in flight: the device sent side(5) before the verdict of 4 reached it; that
+    verdict changed 4 to EOS, which ends the generation. side(5) arrives in the old epoch: it is
+    dropped (stale, G8) and `end` goes out, not an out_of_order error."""
+    gp = _generating_gateway(window=4)
+    _draft(gp, 4, 3, b"a")
+    _draft(gp, 5, 4, b"b")
+    for pos in (4, 5):
+        gp.receive(m.NeedTaps(0, pos).to_dict())
+        assert _work(gp) == SendTaps(0, pos)
+        gp.taps_ready(pos, RNG.normal(0, 15, (3, H)))
+        assert _sent(gp)["type"] == "taps"
+    gp.receive(m.Side(0, 4, F).to_dict())
+    head = _work(gp)
+    assert isinstance(head, Head) and head.pos == 4
+    gp.verdict_ready(4, 0, b"")  # changed to EOS (eos_ids=[0]): epoch 1, the generation ends
+    assert gp.finish_reason == "eos" and gp.epoch == 1
+    gp.receive(m.Side(0, 5, F).to_dict())  # sent before the device knew: stale
+    assert gp.stats.stale == 1
+    while gp.next_action() is not None:  # the line work of the change
+        pass
+    assert [d["type"] for d in gp.data_to_send()][-1] == "end"
+
+
 # --- branch drafting ----------------------------------------------------------
 
 

@@ -165,14 +165,14 @@ class GatewayProtocol(Verifying, Resuming):
             return
         if isinstance(msg, m.Hello):
             return self._on_hello(msg)
-        if self.phase != "generating" or self.finish_reason:
-            raise ProtocolError("out_of_order", f"{msg.TYPE} outside generation")
         # A device with several side outputs in flight may have decided positions that a
-        # rollback has since voided: those messages carry an older epoch and are dropped. A
-        # newer epoch is a broken device.
-        if msg.epoch < self.epoch:
+        # rollback has since voided: those messages carry an older epoch and are dropped, also
+        # when that rollback's token ended the generation. A newer epoch is a broken device.
+        if self.phase in ("generating", "ended") and msg.epoch < self.epoch:
             self.stats.stale += 1
             return
+        if self.phase != "generating" or self.finish_reason:
+            raise ProtocolError("out_of_order", f"{msg.TYPE} outside generation")
         if msg.epoch > self.epoch:
             raise ProtocolError("out_of_order", f"{msg.TYPE} has epoch {msg.epoch}, expected {self.epoch}")
         if isinstance(msg, m.Accept):
