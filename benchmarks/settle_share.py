@@ -12,13 +12,12 @@ committed the in-process reference's tokens. No network and no timing: what it c
 depend on the link or the machine's load.
 """
 
-import json
 import random
-import sys
 from pathlib import Path
 
 
 def session(backbone, pte, head, prompt: str, pieces, max_new: int, settle: bool) -> dict:
+    from device_runtime.client import upload_gate, upload_projection
     from spa.model.backbone_lines import BackboneLines
     from spa.model.cloud_gate import gate_probability
     from spa.model.spa_rule import gate_input
@@ -28,16 +27,12 @@ def session(backbone, pte, head, prompt: str, pieces, max_new: int, settle: bool
     from spa.protocol.gateway import GatewayProtocol
     from spa.protocol.loopback import DeviceHost, GatewayHost, Loopback
 
-    weights, bias = pte.projection_weights()
-    projection = m.Projection(weights.shape[1], weights.astype("<f2").tobytes(), bias.astype("<f4").tobytes())
-    gate_w, gate_b = pte.gate_weights()
     opts = m.Options(window=8, max_new_tokens=max_new, settle=settle, gate_margin=pte.config.gate_margin)
     hello = m.Hello("", m.Plugin(backbone.identity.fingerprint, tuple(pte.config.taps), pte.content_hash), prompt,
-                    opts, projection=projection,
-                    gate=m.GateUpload(gate_w.astype("<f4").tobytes(), gate_b.astype("<f4").tobytes(), pte.tau))
+                    opts, projection=upload_projection(pte), gate=upload_gate(pte, pte.tau))
     proto = GatewayProtocol(backbone.wire_info, backbone.eos_token_ids, settle=True, pieces=pieces,
                             predict_gate=gate_probability)
-    model = BackboneLines(backbone, prompt, pieces, pte.config.taps, projection=(weights, bias))
+    model = BackboneLines(backbone, prompt, pieces, pte.config.taps, projection=pte.projection_weights())
 
     def head_of(pos, f, s):
         token = head.certify(f, s).token
@@ -115,24 +110,3 @@ def format_settle_share(result: dict) -> str:
                  "not hold); settled tokens send their token id alone.")
     return "\n".join(lines)
 
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plugins", nargs="+", required=True, help=".pte files")
-    ap.add_argument("--docs", type=int, default=10)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    result = run_settle_share(args.plugins, args.docs, args.max_new_tokens,
-                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(format_settle_share(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".txt").write_text(format_settle_share(result) + "\n")
-    return 0 if all(e["lossless"] for e in result["plugins"]) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -125,6 +125,7 @@ def cmd_bench_settle(args) -> int:
     plugins = args.plugins or [str(ensure_plugin(None, args.workdir, log=log))]
     result = run_settle_share(plugins, args.docs, args.max_new_tokens, log=log)
     write_result(result, args.out / "settle.json", args.json, format_settle_share)
+    (args.out / "settle.txt").write_text(format_settle_share(result) + "\n")
     return 0 if all(e["lossless"] for e in result["plugins"]) else 1
 
 
@@ -275,7 +276,7 @@ def add_bench_parsers(bench_sub) -> None:
     _add_outputs(p, cmd_bench_settle)
 
     p = bench_sub.add_parser("model", help="trace-driven model: predicted vs measured link rows, and the ratios "
-                                           "a GPU-class gateway (5 and 10 ms per step) would reach")
+                                           "a GPU-class gateway (10, 20 and 40 ms per step) would reach")
     p.add_argument("results", nargs="+", type=Path, help="spa bench link results (link-PROFILE.json)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where model.json/model.txt go")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
