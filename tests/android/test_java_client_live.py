@@ -9,10 +9,12 @@ tokens. Every mode of the protocol is run: lock-step and draft-ahead, one and
 several side outputs in flight, pushed taps, the cloud-side projection, frame
 compression none/zstd, and resumption after dropped connections (the fault
 proxy of tests/gateway/test_faults.py between the Java client and the gateway).
-One shared gateway, 20 tokens per run, to keep the suite fast. The Python client
-runs with `settle=False`: the Java client does not settle (protocol version 3's
-device-side settlement), so both speak the same protocol and, in lock-step, send
-the same bytes.
+One shared gateway, 20 tokens per run, to keep the suite fast. The mode tests run
+both clients without settlement, so both speak the same protocol and, in lock-step,
+send the same bytes; the settlement tests (protocol version 3: the device proves its
+side tokens with the backbone's output head that `spa export` left in the cache) run
+both clients settling, on the shared gateway and on one that streams branch lines
+over a 300 ms link, and through cuts of the settling path.
 """
 
 import asyncio
@@ -79,7 +81,7 @@ def test_java_client_commits_the_python_device_tokens(gateway, exported, pte, ba
         python = asyncio.run(run_session(gateway.url, pte, prompt, Options(window=window, max_new_tokens=MAX_NEW),
                                          tau=tau, token=GATEWAY_TOKEN, settle=False))
         java = _java(gateway.url, export_dir, prompt_file, tau, "--window", str(window), "--in-flight", "1",
-                     "--no-push-taps", "--no-cloud-projection")
+                     "--no-push-taps", "--no-cloud-projection", "--no-settle")
         assert python.tokens == ref.tokens
         assert java["tokens"] == python.tokens, (window, java["text"], python.text)
         assert java["sigma"] == python.sigmas
@@ -107,7 +109,7 @@ def test_java_client_commits_the_python_device_tokens_in_every_mode(gateway, exp
     for name, java_args, python_kw in MODES:
         python = asyncio.run(run_session(gateway.url, pte, prompt, Options(window=4, max_new_tokens=MAX_NEW), tau=tau,
                                          token=GATEWAY_TOKEN, settle=False, **python_kw))
-        java = _java(gateway.url, export_dir, prompt_file, tau, "--window", "4", *java_args)
+        java = _java(gateway.url, export_dir, prompt_file, tau, "--window", "4", *java_args, "--no-settle")
         assert java["tokens"] == python.tokens, (name, java["text"], python.text)
         assert java["sigma"] == python.sigmas, name
         assert java["text"] == python.text, name
@@ -195,9 +197,94 @@ def test_java_client_resumes_after_dropped_connections_with_identical_tokens(gat
               Fault("down", "verdict", 1, conn=2), Fault("down", "step", 2, mode="half", conn=3)]
     with _ProxyThread(gateway.port, faults) as proxy:
         java = _java(f"ws://127.0.0.1:{proxy.port}", export_dir, prompt_file, tau, "--window", str(window),
-                     "--in-flight", str(in_flight), "--compression", "zstd")  # the proxy reads zstd frames
+                     "--in-flight", str(in_flight), "--compression", "zstd",  # the proxy reads zstd frames
+                     "--no-settle")  # these cuts hit side outputs and verdicts; settling: the test below
     assert all(f.fired for f in faults), (faults, proxy.proxy.seen)
     assert java["tokens"] == ref.tokens, java["text"]
     assert java["sigma"] == ref.sigmas
     assert java["stats"]["resumes"] == 4 and proxy.proxy.connections == 5
     assert java["stats"]["gateway"]["resumes"] == 4
+
+
+def _assert_settled(java: dict, ref) -> None:
+    """The Java device settled: it proved some side tokens, sent `side` only where a proof did not
+    hold, and the gateway computed no verdict head for a settled token."""
+    s = java["stats"]
+    assert s["settle"] and s["settled"] > 0, s
+    assert s["messages_up"].get("side", 0) == s["unproven"] == s["gateway"]["heads"], s
+    assert s["messages_up"].get("settled", 0) >= s["settled"], s
+    assert s["gateway"]["settled"] + s["gateway"]["heads"] == sum(ref.sigmas), (s, sum(ref.sigmas))
+
+
+def test_java_client_settles_its_side_tokens_like_the_python_device(gateway, exported, pte, doc0, java_ready):
+    """Settlement with the Java device (its own float32 proof on the memory-mapped output head): the
+    reference's tokens, lock-step and W 4 with pushed taps and 4 in flight; the same tokens proven
+    as by the Python device (both proofs are sound; they may differ only where a slack is within
+    float rounding of 0, which this document does not have)."""
+    export_dir, _ = exported
+    prompt, prompt_file, tau, ref = doc0
+    for window, args, kw in ((0, ["--in-flight", "1", "--no-push-taps"], {}),
+                             (4, ["--in-flight", "4", "--push-taps"], {"max_in_flight": 4, "push_taps": True})):
+        python = asyncio.run(run_session(gateway.url, pte, prompt, Options(window=window, max_new_tokens=MAX_NEW),
+                                         tau=tau, token=GATEWAY_TOKEN, settle=True, **kw))
+        java = _java(gateway.url, export_dir, prompt_file, tau, "--window", str(window), "--no-cloud-projection", *args)
+        assert java["tokens"] == python.tokens == ref.tokens, (window, java["text"], python.text)
+        assert java["sigma"] == ref.sigmas
+        _assert_settled(java, ref)
+        assert java["stats"]["settled"] == python.stats["settled"], (window, java["stats"], python.stats)
+        if window == 0:  # lock-step: the same messages, `settled` where the Python device sent it
+            assert java["stats"]["messages_up"] == python.stats["messages_up"]
+            assert java["stats"]["bytes_up"] == python.stats["bytes_up"]
+    # A device that does not settle gets the gateway's verdicts from the same gateway, same tokens.
+    plain = _java(gateway.url, export_dir, prompt_file, tau, "--window", "4", "--no-settle")
+    assert plain["tokens"] == ref.tokens and not plain["stats"]["settle"] and plain["stats"]["settled"] == 0
+
+
+@pytest.fixture(scope="module")
+def branch_gateway_300ms():
+    """A gateway streaming the branch lines of 2 alternatives, behind a 300 ms round trip (as in
+    tests/device/test_split.py: a line's first draft reaches the device before its proof needs it)."""
+    from benchmarks.link import LinkProfile, ProxyLink
+    from cloud_gateway.process import GatewayProcess
+
+    with GatewayProcess("--token", GATEWAY_TOKEN, "--max-sessions", "4", "--branches", "2") as gw, \
+            ProxyLink(LinkProfile("test-300ms", 300.0, None, None)) as link:
+        yield gw, link.device_url("127.0.0.1", gw.port)
+
+
+def test_java_client_continues_a_proven_change_on_a_streamed_branch_line(exported, pte, backbone, branch_gateway_300ms,
+                                                                       java_ready):
+    """With branch lines streamed, a token the Java device proved changed its draft continues on that
+    token's line without a round trip (branch_adopted > 0), and the tokens stay the reference's."""
+    export_dir, _ = exported
+    _, url = branch_gateway_300ms
+    adopted, rollbacks = 0, 0
+    for doc in ("aclsum:test:0", "aclsum:test:4"):
+        prompt = device_prompt(pte.config, load_document(doc, pte.config.max_doc_tokens))
+        tau, ref = _with_margin(backbone, pte, prompt)
+        prompt_file = export_dir.parent / f"java-branch-{doc.replace(':', '-')}.txt"
+        prompt_file.write_text(prompt)
+        java = _java(url, export_dir, prompt_file, tau, "--window", "4", "--in-flight", "4", "--push-taps",
+                     "--no-cloud-projection")
+        assert java["tokens"] == ref.tokens, (doc, java["text"])
+        _assert_settled(java, ref)
+        adopted += java["stats"]["branch_adopted"]
+        rollbacks += java["stats"]["rollbacks"]
+        assert java["stats"]["gateway"]["branch_streamed"] > 0, java["stats"]["gateway"]
+    assert rollbacks > 0 and adopted > 0, (rollbacks, adopted)
+
+
+def test_java_client_resumes_a_settling_session_after_dropped_connections(gateway, exported, doc0, java_ready):
+    """Cuts on the settling path, each on a new connection: a step (with its exact f) lost, taps lost,
+    a `settled` lost (the resume hello's committed tokens say what the device proved), a `settled`
+    cut in half. The Java device resumes each time; its tokens are the reference's."""
+    export_dir, _ = exported
+    prompt, prompt_file, tau, ref = doc0
+    faults = [Fault("down", "step", 2, conn=0), Fault("down", "taps", 1, conn=1),
+              Fault("up", "settled", 1, conn=2), Fault("up", "settled", 1, mode="half", conn=3)]
+    with _ProxyThread(gateway.port, faults) as proxy:
+        java = _java(f"ws://127.0.0.1:{proxy.port}", export_dir, prompt_file, tau, "--window", "4",
+                     "--in-flight", "4", "--no-push-taps", "--no-cloud-projection", "--compression", "zstd")
+    assert all(f.fired for f in faults), (faults, proxy.proxy.seen)
+    assert java["tokens"] == ref.tokens, java["text"]
+    assert java["stats"]["settled"] > 0 and java["stats"]["resumes"] == 4, java["stats"]

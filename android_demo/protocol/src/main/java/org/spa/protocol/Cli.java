@@ -12,7 +12,7 @@ import java.io.PrintStream;
  * java -cp ... org.spa.protocol.Cli --gateway ws://127.0.0.1:PORT --plugin EXPORT_DIR --prompt-file FILE
  *      [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] [--max-new-tokens N]
  *      [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none|...]
- *      [--in-flight N] [--no-push-taps] [--no-cloud-projection] [--no-reconnect]
+ *      [--in-flight N] [--no-push-taps] [--no-cloud-projection] [--no-reconnect] [--head FILE] [--no-settle]
  * </pre>
  *
  * --in-flight, --no-push-taps, --no-cloud-projection: as `spa summarize`'s (side outputs awaiting their
@@ -21,6 +21,11 @@ import java.io.PrintStream;
  * once, to a gateway that answers upload_needed).
  * A lost connection is resumed within the gateway's grace unless --no-reconnect.
  *
+ * Settlement (docs/PROTOCOL.md section 6): greedy side tokens are proven on this device with the
+ * backbone's output head, --head FILE, by default the one `spa export` leaves in the cache
+ * ($SPA_CACHE_DIR, else $XDG_CACHE_HOME/spa, else ~/.cache/spa: heads/FINGERPRINT.safetensors);
+ * without one (or with --no-settle) the gateway's verdicts decide every side token.
+ *
  * --compression: the frame compressions offered in hello, preferred first (default auto: zstd and
  * none if zstd-jni loads here, else none; docs/PROTOCOL.md section 2); stats.compression is the choice.
  *
@@ -28,8 +33,8 @@ import java.io.PrintStream;
  * Prints one JSON object (ASCII, non-ASCII escaped): tokens, text, sigma (and sigmas),
  * gate_p (the gate's p at each token's position, to check margins to tau), finish_reason, stats.
  * Defaults match `spa summarize`: window 4, 4 side outputs in flight, pushed taps, int8, 8 outliers, 64 new tokens,
- * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN, the cloud-side projection; but no
- * settlement (not implemented here: the gateway's verdicts decide every side token).
+ * greedy, seed 0, tau from the plugin config, token from $SPA_GATEWAY_TOKEN, the cloud-side projection, and
+ * settlement where the output head is at hand.
  * Exit status: 0 on success, 1 when the session failed, 2 on bad arguments.
  */
 public final class Cli {
@@ -46,7 +51,8 @@ public final class Cli {
         int timeout = 120;
         java.util.List<String> offer = null; // auto
         int inFlight = 4; // spa summarize's default
-        boolean pushTaps = true, cloudProjection = true, reconnect = true; // spa summarize's defaults
+        boolean pushTaps = true, cloudProjection = true, reconnect = true, settle = true; // spa summarize's defaults
+        String headFile = null; // default: the cache's
         Messages.Options options = new Messages.Options();
         options.window = 4;
         options.maxNewTokens = 64;
@@ -70,6 +76,10 @@ public final class Cli {
                     reconnect = false;
                     continue;
                 }
+                if (a.equals("--no-settle")) {
+                    settle = false;
+                    continue;
+                }
                 if (i + 1 >= args.length) throw new IllegalArgumentException(a + " needs a value");
                 String v = args[++i];
                 current = a + " " + v;
@@ -86,6 +96,7 @@ public final class Cli {
                 else if (a.equals("--tau")) tau = Double.parseDouble(v);
                 else if (a.equals("--timeout")) timeout = Integer.parseInt(v);
                 else if (a.equals("--in-flight")) inFlight = Integer.parseInt(v);
+                else if (a.equals("--head")) headFile = v;
                 else if (a.equals("--compression")) offer = v.equals("auto") ? null : java.util.Arrays.asList(v.split(","));
                 else throw new IllegalArgumentException("unknown option " + a);
             }
@@ -107,14 +118,24 @@ public final class Cli {
             HostPluginExecutor executor = HostPluginExecutor.load(new File(plugin));
             String prompt = Files2.readUtf8(new File(promptFile));
             double threshold = tau != null ? tau : executor.config.tau;
-            GatewayClient client = new GatewayClient(gateway, executor, executor.config.helloPlugin(), threshold, token)
+            Messages.Plugin helloPlugin = executor.config.helloPlugin();
+            OutputHead head = null;
+            if (settle && options.temperature == 0) {
+                File file = headFile != null ? new File(headFile) : OutputHead.cachedPath(helloPlugin.fingerprint);
+                if (headFile != null || file.isFile()) head = OutputHead.load(file); // a named head must load
+                else err.println("no output head at " + file + " (spa export writes it): the gateway's verdicts decide");
+            }
+            GatewayClient client = new GatewayClient(gateway, executor, helloPlugin, threshold, token)
                     .timeout(timeout).inFlight(inFlight).pushTaps(pushTaps).cloudProjection(cloudProjection)
-                    .reconnect(reconnect);
+                    .reconnect(reconnect).settle(head);
             if (offer != null) client.compression(offer);
             SessionResult result = client.run(prompt, options, null);
             out.println(Json.write(result.toMap()));
             return 0;
         } catch (IOException e) {
+            err.println("error: " + e.getMessage());
+            return 1;
+        } catch (IllegalArgumentException e) { // an output head of another backbone
             err.println("error: " + e.getMessage());
             return 1;
         } catch (ClientException e) {
@@ -127,6 +148,6 @@ public final class Cli {
         return "usage: java -cp CLASSPATH org.spa.protocol.Cli --gateway ws://HOST:PORT --plugin EXPORT_DIR "
                 + "--prompt-file FILE [--token T] [--window W] [--codec int8|int4|f32] [--outliers K] "
                 + "[--max-new-tokens N] [--temperature X] [--seed S] [--tau X] [--timeout SECONDS] [--compression auto|zstd|none|zstd,none] "
-                + "[--in-flight N] [--no-push-taps] [--no-cloud-projection] [--no-reconnect]";
+                + "[--in-flight N] [--no-push-taps] [--no-cloud-projection] [--no-reconnect] [--head FILE] [--no-settle]";
     }
 }

@@ -74,6 +74,10 @@ final class ClientStats {
         s.put("push_taps", pushTaps);
         s.put("pushed_taps_used", session.pushedUsed);
         s.put("max_in_flight", session.maxInFlightSeen);
+        s.put("settle", options.settle && session.settles());
+        s.put("settled", session.settled);
+        s.put("unproven", session.unproven);
+        s.put("branch_adopted", session.branchAdopted);
         s.put("tau", tau);
         s.put("gateway", session.end().stats);
         s.put("resumes", session.resumes);

@@ -1,6 +1,6 @@
 package org.spa.protocol;
 
-/** What the device must compute next: run the gate on f, or the side network on the taps. */
+/** What the device must compute next: run the gate on f, the side network on the taps, or the proof of a side token. */
 public abstract class DeviceAction {
     public final long pos;
 
@@ -40,6 +40,21 @@ public abstract class DeviceAction {
             super(pos);
             this.taps = taps;
             this.projected = projected;
+        }
+    }
+
+    /**
+     * A settling session's proof: the greedy token of lm_head(norm(f + s)) if provably the
+     * gateway's ({@link OutputHead#certify}); then call {@link DeviceSession#certified}.
+     */
+    public static final class RunHead extends DeviceAction {
+        public final float[] f; // the exact f_pos [hidden_size], from the gateway
+        public final float[] s; // the side output as the gateway decodes it [hidden_size]
+
+        RunHead(long pos, float[] f, float[] s) {
+            super(pos);
+            this.f = f;
+            this.s = s;
         }
     }
 }

@@ -3,6 +3,7 @@ package org.spa.protocol;
 import java.io.ByteArrayOutputStream;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
+import java.util.HashMap;
 import java.util.HashSet;
 import java.util.Iterator;
 import java.util.List;
@@ -20,6 +21,8 @@ import java.util.TreeMap;
  *   then until it is null: action = session.nextAction()
  *       RunGate -> session.gated(pos, gate(action.row()) > tau)
  *       RunSide -> session.sideOutput(pos, side(taps)), or sideProjected(taps) when action.projected
+ *       RunHead -> session.certified(pos, token, piece): a settling session's proof
+ *                  ({@link OutputHead#certify}), token null where it does not hold
  *   when no received message is waiting: send each of session.flush()
  *   session.ended() -> done; session.committed holds the tokens
  *   connection lost before the end: on a new connection send session.resumeHello();
@@ -33,12 +36,34 @@ import java.util.TreeMap;
  * position are settled (sigma = 0: the draft; sigma = 1: the verdict's token), so nothing shown
  * is ever taken back. A verdict that changes its token voids every later decision: the gateway
  * drops the device's messages about them by their old epoch, and the device drops its own state.
+ *
+ * <p>Settlement (version 3, options.settle, once ready.settle agrees): with a position's taps the
+ * gateway sends the exact f_t; after the side output the device tries to prove its token
+ * (RunHead). A proven token is committed here, in order, like a verdict's, and only the token goes
+ * up (`settled`): the side output stays on the device. Where the proof does not hold, `side` goes
+ * up and the verdict decides. A settled token that changes the draft voids every later decision at
+ * once, and when the gateway streamed the branch line of that token (step.branch), its drafts
+ * become the main line's: gating goes on without a round trip.
  */
 public final class DeviceSession {
     private enum Phase { HELLO, GENERATING, RESUMING, ENDED }
 
-    /** Where a sigma = 1 position stands: waiting for its taps, for its side output, for its verdict. */
-    private enum Wait { TAPS, SIDE, VERDICT }
+    /**
+     * Where a sigma = 1 position stands: waiting for its taps, for its side output, for its proof
+     * (settling), for its verdict; or proven here and waiting for the earlier positions' commits.
+     */
+    private enum Wait { TAPS, SIDE, HEAD, VERDICT, SETTLED }
+
+    /** A token proven on the device, with its bytes. */
+    private static final class Proven {
+        final long token;
+        final byte[] piece;
+
+        Proven(long token, byte[] piece) {
+            this.token = token;
+            this.piece = piece;
+        }
+    }
 
     public Messages.Hello hello; // its projection swaps to the weights on upload_needed ({@link #upload})
     public final int window;
@@ -59,6 +84,16 @@ public final class DeviceSession {
     private TreeMap<Long, Boolean> sigma = new TreeMap<Long, Boolean>();
     private TreeMap<Long, Wait> sideState = new TreeMap<Long, Wait>();
     private TreeMap<Long, float[][]> taps = new TreeMap<Long, float[][]>(); // of positions in state SIDE
+    // Settlement: whether the session settles (the hello asked, ready agreed); the exact f of
+    // positions whose taps came; the side output of positions in state HEAD (as the gateway decodes
+    // it); the proven tokens of positions in state SETTLED; streamed branch lines by (branch point,
+    // token); the branch point a change adopted (its late branch steps are main-line steps).
+    private boolean settles = false;
+    private TreeMap<Long, float[]> exact = new TreeMap<Long, float[]>();
+    private TreeMap<Long, Activation> heads = new TreeMap<Long, Activation>();
+    private TreeMap<Long, Proven> proven = new TreeMap<Long, Proven>();
+    private Map<Messages.BranchRef, List<Messages.Step>> branches = new HashMap<Messages.BranchRef, List<Messages.Step>>();
+    private Messages.BranchRef adopted = null;
     private Long pendingAccept = null; // end of a sigma = 0 run not yet sent
     private List<Messages.Message> outbox = new ArrayList<Messages.Message>();
     public final List<Commit> committed = new ArrayList<Commit>();
@@ -71,6 +106,9 @@ public final class DeviceSession {
     public int pushedUsed = 0; // sigma = 1 positions answered from pushed taps (no need_taps)
     public int resumes = 0;
     public int maxInFlightSeen = 0; // most side outputs awaiting their verdict at once
+    public int settled = 0; // committed sigma = 1 positions whose token the device proved itself
+    public int unproven = 0; // sigma = 1 positions of a settling session where the proof did not hold
+    public int branchAdopted = 0; // streamed branch steps that became main-line steps after a change
 
     /** One side output in flight at a time (gate the next draft only after the verdict). */
     public DeviceSession(Messages.Hello hello) {
@@ -99,6 +137,11 @@ public final class DeviceSession {
 
     public long epoch() {
         return epoch;
+    }
+
+    /** Whether this session settles its side tokens (the hello asked and ready agreed). */
+    public boolean settles() {
+        return settles;
     }
 
     /** The session id from `ready` (null before it). */
@@ -178,6 +221,7 @@ public final class DeviceSession {
                     + "', plugin needs '" + hello.plugin.fingerprint + "'");
         }
         ready = r;
+        settles = hello.options.settle && r.settle;
         sessionId = r.session;
         secret = r.secret;
         nextPos = nextGate = sentUpto = r.promptTokens - 1;
@@ -208,6 +252,8 @@ public final class DeviceSession {
         expect(inOrder, "resumed commits " + r.commits.size() + " positions then position " + r.pos
                 + "; the device is at " + nextPos);
         for (Commit c : r.commits) commit(c.pos, c.token, c.piece, c.sigma); // sigma as the gateway knew it
+        branches.clear(); // the gateway dropped its branch lines
+        adopted = null;
         secret = r.secret;
         epoch = r.epoch;
         forgetAfter(r.pos - 1);
@@ -220,8 +266,23 @@ public final class DeviceSession {
     }
 
     private void onStep(Messages.Step step) throws ProtocolException {
-        // Steps voided by a rollback all arrive before its verdict (one ordered
-        // stream), so any step that arrives carries the current epoch.
+        if (step.branch != null && !step.branch.equals(adopted)) {
+            onBranchStep(step);
+            return;
+        }
+        if (step.branch != null) { // the line a change adopted: streamed before the gateway learned of it
+            step = step.onMainLine(epoch);
+            branchAdopted++;
+        }
+        if (settles && (step.epoch < epoch || step.pos > voidAfter())) {
+            // A settling device changes tokens itself: the drafts the gateway made before it learned
+            // of the change arrive after it (in the old epoch, or past a change not committed yet)
+            // and are void.
+            dropped++;
+            return;
+        }
+        // Without settlement, steps voided by a rollback all arrive before its verdict (one
+        // ordered stream), so any step that arrives carries the current epoch.
         expect(step.epoch == epoch, "step of epoch " + step.epoch + ", expected " + epoch);
         expect(step.pos == lastStepPos + 1, "step " + step.pos + " after step " + lastStepPos);
         expect(step.pos <= gatewayVerified() + window,
@@ -236,14 +297,19 @@ public final class DeviceSession {
         if (step.taps != null) {
             expect(hello.gate != null, "step " + step.pos + " pushes taps; the hello did not ask for that");
             pushed.put(step.pos, tapsOf(step.taps, "step.taps"));
+            keepExact(step.pos, step.exact, "step.exact");
         }
         lastStepPos = step.pos;
     }
 
     private void onTaps(Messages.Taps t) throws ProtocolException {
+        if (settles && (t.epoch < epoch || t.pos > voidAfter())) {
+            return; // asked for before a token we proved changed its draft: void (the gateway drops it too)
+        }
         expect(sideState.get(t.pos) == Wait.TAPS, "taps for position " + t.pos + " not asked for");
         expect(t.epoch == epoch, "taps of epoch " + t.epoch + ", expected " + epoch);
         taps.put(t.pos, tapsOf(t.taps, "taps.taps"));
+        keepExact(t.pos, t.exact, "taps.exact");
         sideState.put(t.pos, Wait.SIDE);
     }
 
@@ -262,17 +328,58 @@ public final class DeviceSession {
         expect(v.epoch == epoch + (v.changed ? 1 : 0), "verdict epoch " + v.epoch + " after epoch " + epoch);
         if (v.secret != null) secret = v.secret; // a refreshed resume token
         commit(v.pos, v.token, v.piece, true);
-        if (v.changed) { // drafts after pos were built on the old token, and so were our decisions on them
-            rollbacks++;
-            changedPositions.add(v.pos);
-            dropped += steps.size();
-            forgetAfter(v.pos);
-            lastStepPos = v.pos;
-            nextGate = v.pos + 1;
-            sentUpto = Math.min(sentUpto, v.pos + 1);
-            epoch = v.epoch;
-        }
+        if (v.changed) changed(v.pos, v.token, v.epoch); // drafts after pos were built on the old token
         commitSettled();
+    }
+
+    /**
+     * pos is committed with `token`, not its draft: the new epoch begins. Every later step and
+     * decision is void, but a streamed branch line of that token becomes the main line.
+     */
+    private void changed(long pos, long token, long newEpoch) {
+        rollbacks++;
+        changedPositions.add(pos);
+        dropped += steps.size();
+        forgetAfter(pos);
+        lastStepPos = pos;
+        nextGate = pos + 1;
+        sentUpto = Math.min(sentUpto, pos + 1);
+        epoch = newEpoch;
+        Messages.BranchRef ref = new Messages.BranchRef(pos, token);
+        List<Messages.Step> line = branches.remove(ref);
+        branches.clear(); // the other lines continued tokens that lost
+        if (settles) adopted = ref;
+        if (line == null) return;
+        for (Messages.Step step : line) { // the branch's drafts, now the main line's in the new epoch
+            steps.put(step.pos, step.onMainLine(epoch));
+            lastStepPos = step.pos;
+        }
+        branchAdopted += line.size();
+    }
+
+    /**
+     * A streamed branch line's draft: kept until its branch point is committed (adopted if the
+     * point's token is the line's, dropped otherwise).
+     */
+    private void onBranchStep(Messages.Step step) throws ProtocolException {
+        expect(settles, "step " + step.pos + " streams a branch line; the session does not settle");
+        long at = step.branch.pos;
+        if (at < nextPos || step.epoch < epoch) return; // its point was committed another way: void
+        expect(step.epoch == epoch, "branch step of epoch " + step.epoch + ", expected " + epoch);
+        List<Messages.Step> line = branches.get(step.branch);
+        if (line == null) branches.put(step.branch, line = new ArrayList<Messages.Step>());
+        expect(step.pos == at + 1 + line.size() && step.pos <= at + 1 + window,
+                "branch step " + step.pos + " of the line of " + step.branch.token + " at " + at + " out of order");
+        checkShape(step.f, "step.f", 1, ready.backbone.hiddenSize);
+        line.add(step);
+    }
+
+    /** A settling session keeps the exact f of a position whose taps came. */
+    private void keepExact(long pos, Activation x, String what) throws ProtocolException {
+        if (!settles) return;
+        expect(x != null, what + ": missing; the session settles");
+        checkShape(x, what, 1, ready.backbone.hiddenSize);
+        exact.put(pos, x.values[0]);
     }
 
     /** Drop every uncommitted decision and step past pos (and queued messages about them). */
@@ -282,6 +389,9 @@ public final class DeviceSession {
         sigma = new TreeMap<Long, Boolean>(sigma.headMap(pos, true));
         sideState = new TreeMap<Long, Wait>(sideState.headMap(pos, true));
         taps = new TreeMap<Long, float[][]>(taps.headMap(pos, true));
+        exact = new TreeMap<Long, float[]>(exact.headMap(pos, true));
+        heads = new TreeMap<Long, Activation>(heads.headMap(pos, true));
+        proven = new TreeMap<Long, Proven>(proven.headMap(pos, true));
         if (pendingAccept != null && pendingAccept > pos) pendingAccept = null;
         for (Iterator<Messages.Message> it = outbox.iterator(); it.hasNext(); ) {
             if (positionOf(it.next()) > pos) it.remove();
@@ -292,6 +402,7 @@ public final class DeviceSession {
     private static long positionOf(Messages.Message m) {
         if (m instanceof Messages.NeedTaps) return ((Messages.NeedTaps) m).pos;
         if (m instanceof Messages.Side) return ((Messages.Side) m).pos;
+        if (m instanceof Messages.Settled) return ((Messages.Settled) m).pos;
         if (m instanceof Messages.Accept) return ((Messages.Accept) m).upto;
         return -1;
     }
@@ -307,17 +418,23 @@ public final class DeviceSession {
     // ------------------------------------------------------------------ the caller's work
 
     /**
-     * What to compute next, or null until more messages arrive: a side output whose taps are
-     * here first, then the next gate if fewer than maxInFlight side outputs await their verdict.
+     * What to compute next, or null until more messages arrive: a proof whose side output is
+     * here first, then a side output whose taps are here, then the next gate if fewer than
+     * maxInFlight side outputs await their verdict (and no proven change awaits its commit).
      */
     public DeviceAction nextAction() {
         if (phase != Phase.GENERATING) return null;
+        for (Map.Entry<Long, Activation> h : heads.entrySet()) {
+            if (sideState.get(h.getKey()) == Wait.HEAD) {
+                return new DeviceAction.RunHead(h.getKey(), exact.get(h.getKey()), h.getValue().values[0]);
+            }
+        }
         if (!taps.isEmpty()) {
             long pos = taps.firstKey();
             return new DeviceAction.RunSide(pos, taps.get(pos), hello.projection != null);
         }
         Messages.Step step = steps.get(nextGate);
-        if (step == null || inFlight() >= maxInFlight) return null;
+        if (step == null || inFlight() >= maxInFlight || changePending()) return null;
         return new DeviceAction.RunGate(nextGate, step.f.values[0], hello.options.gateMargin ? step.margin : null);
     }
 
@@ -350,9 +467,57 @@ public final class DeviceSession {
     public void sideOutput(long pos, float[] s) {
         require(sideState.get(pos) == Wait.SIDE, "sideOutput(" + pos + ")");
         Messages.Options o = hello.options;
-        outbox.add(new Messages.Side(epoch, pos, Activation.of(new float[][] {s}, o.codec, o.outliers)));
+        Activation encoded = Activation.of(new float[][] {s}, o.codec, o.outliers);
         taps.remove(pos);
+        if (settles && exact.containsKey(pos) && o.temperature == 0) { // try to prove the token first
+            heads.put(pos, encoded);
+            sideState.put(pos, Wait.HEAD);
+            return;
+        }
+        outbox.add(new Messages.Side(epoch, pos, encoded));
         sideState.put(pos, Wait.VERDICT);
+    }
+
+    /**
+     * Report the proof of a RunHead: the token of pos and its bytes, or null where the proof
+     * does not hold (the side output then goes up, and the verdict decides).
+     */
+    public void certified(long pos, Long token, byte[] piece) {
+        require(sideState.get(pos) == Wait.HEAD, "certified(" + pos + ")");
+        Activation encoded = heads.remove(pos);
+        exact.remove(pos);
+        if (token == null) {
+            unproven++;
+            outbox.add(new Messages.Side(epoch, pos, encoded));
+            sideState.put(pos, Wait.VERDICT);
+            return;
+        }
+        outbox.add(new Messages.Settled(epoch, pos, token));
+        sideState.put(pos, Wait.SETTLED);
+        proven.put(pos, new Proven(token, piece));
+        if (token != steps.get(pos).draft) { // every later decision is void, whatever comes before pos
+            forgetAfter(pos);
+            lastStepPos = pos;
+            nextGate = pos + 1;
+            sentUpto = Math.min(sentUpto, pos + 1);
+        }
+        commitSettled();
+    }
+
+    /**
+     * A proven token that changes its draft awaits its commit: nothing after it is gated before
+     * (its steps are void; the branch line's come in the new epoch).
+     */
+    private boolean changePending() {
+        return voidAfter() != Long.MAX_VALUE;
+    }
+
+    /** The position of the earliest proven token that changes its draft (later ones are void), or MAX_VALUE. */
+    private long voidAfter() {
+        for (Map.Entry<Long, Proven> e : proven.entrySet()) { // ascending
+            if (e.getValue().token != steps.get(e.getKey()).draft) return e.getKey();
+        }
+        return Long.MAX_VALUE;
     }
 
     /**
@@ -372,11 +537,26 @@ public final class DeviceSession {
 
     // ------------------------------------------------------------------ helpers
 
-    /** Commit the sigma = 0 positions that no earlier side output holds back. */
+    /**
+     * Commit, in order, the positions that are settled: sigma = 0 ones (their draft) and proven
+     * ones (their token; a change begins the new epoch, as a changed verdict does), until one
+     * still awaits its side output or verdict.
+     */
     private void commitSettled() {
-        while (Boolean.FALSE.equals(sigma.get(nextPos))) {
-            Messages.Step step = steps.get(nextPos);
-            commit(nextPos, step.draft, step.piece, false);
+        while (true) {
+            long pos = nextPos;
+            if (Boolean.FALSE.equals(sigma.get(pos))) {
+                Messages.Step step = steps.get(pos);
+                commit(pos, step.draft, step.piece, false);
+            } else if (proven.containsKey(pos) && sideState.get(pos) == Wait.SETTLED) {
+                Proven p = proven.remove(pos);
+                long draft = steps.get(pos).draft;
+                settled++; // counted at its commit: a proof voided by an earlier change is not
+                commit(pos, p.token, p.piece, true);
+                if (p.token != draft) changed(pos, p.token, epoch + 1);
+            } else {
+                return;
+            }
         }
     }
 
@@ -386,7 +566,13 @@ public final class DeviceSession {
         sigma.remove(pos);
         sideState.remove(pos);
         taps.remove(pos);
+        exact.remove(pos);
+        heads.remove(pos);
+        proven.remove(pos);
         nextPos = pos + 1;
+        for (Iterator<Messages.BranchRef> it = branches.keySet().iterator(); it.hasNext(); ) {
+            if (it.next().pos < pos) it.remove();
+        }
     }
 
     private static void checkShape(Activation a, String what, int rows, int cols) throws ProtocolException {

@@ -21,8 +21,9 @@ import okio.ByteString;
  * ({@link #reconnect}, on by default): the client reconnects with backoff (50 ms to 1 s) for
  * up to the gateway's `resume_grace_s` and resumes with the latest signed token, the committed
  * tokens and the first hello's uploads (docs/PROTOCOL.md section 6); nothing committed is lost
- * or repeated. Device-side settlement is not offered (the client predates it); a gateway that
- * offers it gets the plain protocol, and unknown optional fields are ignored.
+ * or repeated. Device-side settlement ({@link #settle}, version 3): with the backbone's output
+ * head on the device, greedy side tokens are proven here and only their ids go up; a gateway that
+ * does not offer it (or a sampled session) gets the gateway's verdicts, as before.
  *
  * Binary frames only; the client refuses a connection on which the gateway negotiated a
  * websocket extension (the protocol forbids permessage-deflate). {@link #run} blocks the
@@ -48,6 +49,7 @@ public final class GatewayClient {
     private List<String> offer = Frames.offer(); // frame compressions this device can load, preferred first
     private int maxInFlight = 1;
     private boolean pushTaps = false, cloudProjection = false, reconnect = true;
+    private OutputHead head = null; // settlement: the backbone's output head, null for none
     private volatile boolean cancelled = false;
     private volatile ConnectionEvents current; // the connection cancel() must reach
 
@@ -99,6 +101,20 @@ public final class GatewayClient {
         return this;
     }
 
+    /**
+     * Settle side tokens on the device (docs/PROTOCOL.md section 6, "Settlement") with the
+     * backbone's output head ({@link OutputHead#load}; null: do not settle, the default). Only
+     * greedy sessions settle; the side output of a settled token never leaves the device.
+     */
+    public GatewayClient settle(OutputHead head) {
+        if (head != null && !head.fingerprint.equals(plugin.fingerprint)) {
+            throw new IllegalArgumentException("the output head is backbone '" + head.fingerprint
+                    + "'s, the plugin's is '" + plugin.fingerprint + "'");
+        }
+        this.head = head;
+        return this;
+    }
+
     /** Resume the session after a lost connection, within the gateway's grace (default on). */
     public GatewayClient reconnect(boolean on) {
         reconnect = on;
@@ -115,6 +131,7 @@ public final class GatewayClient {
     /** Generate one summary; blocks until `end` (or a failure). */
     public SessionResult run(String prompt, Messages.Options options, Listener listener) throws ClientException {
         options.gateMargin = executor.gateReadsMargin(); // the plugin's gate decides whether steps carry margins
+        options.settle = head != null && options.temperature == 0; // a sampled token cannot be proven
         Messages.Hello hello;
         Messages.Projection projection;
         try {
@@ -308,7 +325,7 @@ public final class GatewayClient {
         }
     }
 
-    /** Answer every action the protocol has for us: a side output whose taps are here, then gates. */
+    /** Answer every action the protocol has for us: proofs, side outputs whose taps are here, gates. */
     private void compute(DeviceSession session, Map<Long, Float> gateP) {
         DeviceAction action;
         while ((action = session.nextAction()) != null) {
@@ -316,6 +333,11 @@ public final class GatewayClient {
                 float p = executor.gate(((DeviceAction.RunGate) action).row());
                 gateP.put(action.pos, p);
                 session.gated(action.pos, (double) p > tau); // float32 p against the double tau, as Python does
+            } else if (action instanceof DeviceAction.RunHead) {
+                DeviceAction.RunHead proof = (DeviceAction.RunHead) action;
+                Integer token = head.certify(proof.f, proof.s).token;
+                session.certified(proof.pos, token == null ? null : (Long) (long) token,
+                        token == null ? new byte[0] : head.piece(token));
             } else {
                 DeviceAction.RunSide side = (DeviceAction.RunSide) action;
                 session.sideOutput(side.pos, side.projected ? executor.sideProjected(side.taps) : executor.side(side.taps));

@@ -7,11 +7,11 @@ import java.util.Locale;
 import java.util.Map;
 
 /**
- * Protocol messages, version 2 (docs/PROTOCOL.md section 4; reference
+ * Protocol messages, version 3 (docs/PROTOCOL.md section 4; reference
  * spa/protocol/messages.py; the types, directions and codes come from {@link Schema}, generated
  * from spa/protocol/schema.json). {@link #parse} validates every field of an unpacked map and
  * returns the message; {@code toMap()} builds the map to send. Unknown keys are ignored so that
- * version 2 can gain optional fields. tests/vectors/message_vectors.json (MessageVectorsTest)
+ * a version can gain optional fields. tests/vectors/message_vectors.json (MessageVectorsTest)
  * holds the maps every parser must accept or refuse.
  */
 public final class Messages {
@@ -77,9 +77,10 @@ public final class Messages {
         if ("ready".equals(kind)) return Ready.read(g);
         if ("step".equals(kind)) return Step.read(g);
         if ("taps".equals(kind)) {
-            Taps taps = new Taps(g.integer("epoch"), g.integer("pos"), g.activation("taps"));
-            if (g.d.get("exact") != null) g.activation("exact"); // version 3, settling sessions only: checked, not kept
-            return taps;
+            long epoch = g.integer("epoch"), pos = g.integer("pos");
+            Activation taps = g.activation("taps");
+            // version 3, settling sessions only: f_pos itself (f32), for the device's proof
+            return new Taps(epoch, pos, taps, g.d.get("exact") == null ? null : g.activation("exact"));
         }
         if ("verdict".equals(kind)) {
             return new Verdict(g.integer("epoch"), g.integer("pos"), g.integer("token"), g.blob("piece"), g.flag("changed"),
@@ -182,6 +183,9 @@ public final class Messages {
         public long seed = 0; // sampling noise for position t comes from (seed, t)
         // Each step carries the backbone's top-2 logit margin (a margin gate reads it); sent only when true.
         public boolean gateMargin = false;
+        // Version 3: the device settles its own side tokens where it can prove them (section 6,
+        // "Settlement"); sent only when true, like gate_margin.
+        public boolean settle = false;
 
         Map<String, Object> toMap() {
             Map<String, Object> d = new LinkedHashMap<String, Object>();
@@ -192,6 +196,7 @@ public final class Messages {
             d.put("temperature", temperature);
             d.put("seed", seed);
             if (gateMargin) d.put("gate_margin", true);
+            if (settle) d.put("settle", true);
             return d;
         }
 
@@ -204,8 +209,7 @@ public final class Messages {
             o.temperature = f.number("temperature", 0.0);
             o.seed = f.integer("seed", 0, Fields.INT64_MAX);
             o.gateMargin = f.d.get("gate_margin") != null && f.flag("gate_margin");
-            // version 3 (settlement): this client never asks for it; a map that carries it is checked
-            if (f.d.get("settle") != null) f.flag("settle");
+            o.settle = f.d.get("settle") != null && f.flag("settle");
             return o;
         }
     }
@@ -528,7 +532,7 @@ public final class Messages {
         }
     }
 
-    /** Version 3: a sigma = 1 position's token, proven on the device (this client does not settle). */
+    /** Version 3: a sigma = 1 position's token, proven on the device (section 6, "Settlement"). */
     public static final class Settled extends Message {
         public final long epoch, pos, token;
 
@@ -633,6 +637,10 @@ public final class Messages {
         public final Float margin; // the backbone's top-2 logit margin at pos (options.gate_margin), else null
         public final Activation taps; // pushed taps of pos (hello.gate), else null
         public final String secret; // a refreshed resume token, else null
+        // Version 3, a settling session: f_t itself (f32) with pushed taps, else null; and which branch
+        // line this step belongs to (null: the main line's).
+        public final Activation exact;
+        public final BranchRef branch;
 
         public Step(long epoch, long pos, Activation f, long draft, byte[] piece) {
             this(epoch, pos, f, draft, piece, null, null, null);
@@ -644,6 +652,11 @@ public final class Messages {
 
         public Step(long epoch, long pos, Activation f, long draft, byte[] piece, Float margin, Activation taps,
                     String secret) {
+            this(epoch, pos, f, draft, piece, margin, taps, secret, null, null);
+        }
+
+        public Step(long epoch, long pos, Activation f, long draft, byte[] piece, Float margin, Activation taps,
+                    String secret, Activation exact, BranchRef branch) {
             this.epoch = epoch;
             this.pos = pos;
             this.f = f;
@@ -652,6 +665,13 @@ public final class Messages {
             this.margin = margin;
             this.taps = taps;
             this.secret = secret;
+            this.exact = exact;
+            this.branch = branch;
+        }
+
+        /** This step in epoch e on the main line (a branch line a change adopted). */
+        Step onMainLine(long e) {
+            return new Step(e, pos, f, draft, piece, margin, taps, secret, exact, null);
         }
 
         @Override
@@ -668,6 +688,8 @@ public final class Messages {
             d.put("draft", draft);
             d.put("piece", piece);
             if (taps != null) d.put("taps", taps.encoded);
+            if (exact != null) d.put("exact", exact.encoded);
+            if (branch != null) d.put("branch", branch.toMap());
             if (secret != null) d.put("secret", secret);
             if (margin != null) d.put("margin", (double) margin);
             return d;
@@ -679,27 +701,29 @@ public final class Messages {
             long draft = g.integer("draft");
             byte[] piece = g.blob("piece");
             Activation taps = g.d.get("taps") == null ? null : g.activation("taps");
-            // version 3, sent only to a settling device (this client never asks): checked, not kept
-            if (g.d.get("exact") != null) g.activation("exact");
-            if (g.d.get("branch") != null) {
-                Fields b = g.map("branch");
-                b.integer("pos");
-                b.integer("token");
-            }
+            // version 3, sent only to a settling device
+            Activation exact = g.d.get("exact") == null ? null : g.activation("exact");
+            BranchRef branch = g.d.get("branch") == null ? null : BranchRef.read(g.map("branch"));
             String secret = g.d.get("secret") == null ? null : g.text("secret");
             Float margin = g.d.get("margin") == null ? null : (Float) g.float32("margin", 0.0);
-            return new Step(epoch, pos, f, draft, piece, margin, taps, secret);
+            return new Step(epoch, pos, f, draft, piece, margin, taps, secret, exact, branch);
         }
     }
 
     public static final class Taps extends Message {
         public final long epoch, pos;
         public final Activation taps; // one row per tapped layer, in plugin.taps order
+        public final Activation exact; // version 3, a settling session: f_pos itself (f32), else null
 
         public Taps(long epoch, long pos, Activation taps) {
+            this(epoch, pos, taps, null);
+        }
+
+        public Taps(long epoch, long pos, Activation taps, Activation exact) {
             this.epoch = epoch;
             this.pos = pos;
             this.taps = taps;
+            this.exact = exact;
         }
 
         @Override
@@ -713,7 +737,39 @@ public final class Messages {
             d.put("epoch", epoch);
             d.put("pos", pos);
             d.put("taps", taps.encoded);
+            if (exact != null) d.put("exact", exact.encoded);
             return d;
+        }
+    }
+
+    /** Which branch line a streamed step belongs to: the continuation of `token` at branch point `pos`. */
+    public static final class BranchRef {
+        public final long pos, token;
+
+        public BranchRef(long pos, long token) {
+            this.pos = pos;
+            this.token = token;
+        }
+
+        Map<String, Object> toMap() {
+            Map<String, Object> d = new LinkedHashMap<String, Object>();
+            d.put("pos", pos);
+            d.put("token", token);
+            return d;
+        }
+
+        static BranchRef read(Fields f) throws ProtocolException {
+            return new BranchRef(f.integer("pos"), f.integer("token"));
+        }
+
+        @Override
+        public boolean equals(Object o) {
+            return o instanceof BranchRef && ((BranchRef) o).pos == pos && ((BranchRef) o).token == token;
+        }
+
+        @Override
+        public int hashCode() {
+            return Long.valueOf(pos * 31 + token).hashCode();
         }
     }
 
