@@ -99,6 +99,7 @@ class OutputHead:
         if self.bias is not None:
             z += self.bias
         err = self.c * self.row_l1 * float(np.max(np.abs(y)))  # every row, cheaply
+        raw = z  # before softcapping and scaling: the rivals' exact bounds are transformed from it
         z, err = self._monotone(z, err)
         best = int(np.argmax(z))
         order = np.argsort(-z)
@@ -107,7 +108,7 @@ class OutputHead:
         rivals = np.flatnonzero(z + err >= z[best] - err[best])
         if len(rivals) > 1:
             exact = self.c * (np.abs(self.weight[rivals]) @ np.abs(y)).astype(np.float64)
-            _, exact = self._monotone(z[rivals], exact)
+            _, exact = self._monotone(raw[rivals], exact)
             err[rivals] = exact
         reach = z + err
         reach[best] = -np.inf

@@ -135,7 +135,8 @@ public class BenchmarkActivity extends Activity {
                     return ExecuTorchPluginExecutor.load(path);
                 }
             }, new GatewayConnector(Math.max(1, intent.getIntExtra("in_flight", 4)), intent.getBooleanExtra("push_taps", true),
-                    intent.getBooleanExtra("cloud_projection", true)), url, intent.getStringExtra("token"), prompt, options, tauValue);
+                    intent.getBooleanExtra("cloud_projection", true),
+                    intent.getBooleanExtra("settle", true) ? GatewayConnector.HEADS : null), url, intent.getStringExtra("token"), prompt, options, tauValue);
         } else {
             final int iterations = Math.max(1, intent.getIntExtra("iterations", 200));
             final int warmup = Math.max(0, intent.getIntExtra("warmup", 20));

@@ -83,6 +83,7 @@ final class Fakes {
         volatile int tokens = 3;
         volatile CountDownLatch running; // when set, run() waits for cancel
         volatile boolean cancelled;
+        volatile boolean runStarted; // run() began: the connection is attached to its session
 
         @Override
         public SessionRunner.Connection connect(String url, final PluginExecutor executor, Messages.Plugin plugin, double tau, String token) {
@@ -90,6 +91,7 @@ final class Fakes {
             return new SessionRunner.Connection() {
                 @Override
                 public SessionResult run(String prompt, Messages.Options options, GatewayClient.Listener listener) throws ClientException {
+                    runStarted = true;
                     SessionResult r = new SessionResult();
                     for (int i = 0; i < tokens; i++) {
                         executor.gate(new float[8]);

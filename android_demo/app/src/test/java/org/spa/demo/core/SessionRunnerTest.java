@@ -97,7 +97,8 @@ public class SessionRunnerTest {
         Fakes.Ui ui = new Fakes.Ui();
         runner.attach(ui);
         runner.start(request(pte("a.pte", 10)));
-        while (gateway.urls.isEmpty()) Thread.sleep(5);
+        // wait for run(), not connect(): a Stop between the two is "Stopped before connecting."
+        while (!gateway.runStarted) Thread.sleep(5);
         runner.stop();
         await(ui.ended);
         assertTrue(gateway.cancelled);
