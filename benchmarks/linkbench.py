@@ -531,7 +531,7 @@ def format_result(result: dict) -> str:
              f"{result['max_new_tokens']} new tokens (per-layer row: {result['per_layer_tokens']}), greedy, "
              f"codec {result['codec']}, draft window W={result['window']}, side outputs in flight "
              f"{result.get('in_flight', 1)} (in-flight rows), {result.get('repeats', 1)} repeat(s), rows interleaved"
-             + ("; SPA rows' device: the Java client (host JVM, plugin in pure Java, no settlement)"
+             + ("; SPA rows' device: the Java client (host JVM, plugin and output head in pure Java)"
                 if result.get("device_client") == "java" else "")]
     pi = result.get("plugin_info")
     if pi:

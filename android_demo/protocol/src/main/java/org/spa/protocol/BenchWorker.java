@@ -20,9 +20,11 @@ import java.util.Map;
  * java -cp ... org.spa.protocol.BenchWorker JOB.json OUT.json     (android_demo/scripts/bench_worker.sh)
  * JOB: {"mode": "spa", "prompts": [...], "max_new_tokens", "url", "token", "pte" (its directory holds
  *       config.json and plugin.safetensors), "options": {window, codec, outliers}, "tau" (null: the
- *       plugin's), "max_in_flight", "push_taps", "cloud_projection"}
+ *       plugin's), "max_in_flight", "push_taps", "cloud_projection", "settle" (prove side tokens with the
+ *       backbone's output head in the cache, as `spa summarize` does)}
  * OUT: {"mode", "load_s", "client": "java", "docs": [{tokens, sigmas, changed, commit_s, ttft_s, bytes_down,
- *       bytes_up, handshake_down, handshake_up, round_trips, side_tokens, rollbacks, messages_down, messages_up}]}
+ *       bytes_up, handshake_down, handshake_up, round_trips, side_tokens, rollbacks, messages_down, messages_up,
+ *       settled}]}
  * </pre>
  *
  * The clock starts before the connection is opened and a token counts when it is committed,
@@ -53,8 +55,14 @@ public final class BenchWorker {
         double loadS = (System.nanoTime() - t0) / 1e9;
         Object tau = job.get("tau");
         double threshold = tau instanceof Number ? ((Number) tau).doubleValue() : plugin.config.tau;
+        OutputHead head = null; // loaded once for every document (memory-mapped)
+        if (Boolean.TRUE.equals(job.get("settle"))) {
+            File file = OutputHead.cachedPath(plugin.config.helloPlugin().fingerprint);
+            if (!file.isFile()) throw new ClientException("settle: no output head at " + file + " (spa export writes it)");
+            head = OutputHead.load(file);
+        }
         List<Object> docs = new ArrayList<Object>();
-        for (Object prompt : (List<?>) job.get("prompts")) docs.add(one(job, plugin, threshold, String.valueOf(prompt)));
+        for (Object prompt : (List<?>) job.get("prompts")) docs.add(one(job, plugin, threshold, String.valueOf(prompt), head));
         Map<String, Object> out = new LinkedHashMap<String, Object>();
         out.put("mode", "spa");
         out.put("load_s", loadS);
@@ -63,8 +71,8 @@ public final class BenchWorker {
         return out;
     }
 
-    private static Map<String, Object> one(Map<String, Object> job, HostPluginExecutor plugin, double tau, String prompt)
-            throws ClientException {
+    private static Map<String, Object> one(Map<String, Object> job, HostPluginExecutor plugin, double tau, String prompt,
+                                           OutputHead head) throws ClientException {
         Map<?, ?> o = (Map<?, ?>) job.get("options");
         Messages.Options options = new Messages.Options();
         options.window = ((Number) o.get("window")).intValue();
@@ -76,7 +84,8 @@ public final class BenchWorker {
                 job.get("token") == null ? "" : String.valueOf(job.get("token")))
                 .inFlight(inFlight instanceof Number ? ((Number) inFlight).intValue() : 1)
                 .pushTaps(Boolean.TRUE.equals(job.get("push_taps")))
-                .cloudProjection(Boolean.TRUE.equals(job.get("cloud_projection")));
+                .cloudProjection(Boolean.TRUE.equals(job.get("cloud_projection")))
+                .settle(head);
         final List<Object> times = new ArrayList<Object>();
         final long start = System.nanoTime();
         SessionResult r = client.run(prompt, options, new GatewayClient.Listener() {
@@ -100,6 +109,7 @@ public final class BenchWorker {
         d.put("rollbacks", s.get("rollbacks"));
         d.put("messages_down", s.get("messages_down"));
         d.put("messages_up", s.get("messages_up"));
+        d.put("settled", s.get("settled"));
         return d;
     }
 
