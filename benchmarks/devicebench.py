@@ -49,6 +49,7 @@ from spa.errors import SpaError
 SCHEMA = "spa-android-bench/1"
 PACKAGE = "org.spa.demo"
 REMOTE_DIR = "/data/local/tmp/spa"
+REMOTE_HEADS = f"{REMOTE_DIR}/heads"  # where the app looks for output heads (GatewayConnector.HEADS)
 REMOTE_FILES = f"/sdcard/Android/data/{PACKAGE}/files"
 REMOTE_OUT = f"{REMOTE_FILES}/bench.json"
 ACTIVITY = f"{PACKAGE}/.BenchmarkActivity"
@@ -306,7 +307,7 @@ def run_adb(ptes, *, plugin_dir: Path = Path("runs/bench"), serial: str | None =
 
 E2E_OUT = f"{REMOTE_FILES}/e2e.json"
 E2E_PROMPT = f"{REMOTE_FILES}/prompt.txt"
-E2E_KEYS = ("tokens_per_s", "bytes_down_per_token", "bytes_up_per_token", "round_trips_per_token", "ttft_s")
+E2E_KEYS = ("tokens_per_s", "bytes_down_per_token", "bytes_up_per_token", "round_trips_per_token", "ttft_s", "settled")
 
 
 def run_adb_e2e(pte: Path | None = None, *, doc: str = "aclsum:test:0", window: int = 4, max_new_tokens: int = 32,
@@ -325,6 +326,7 @@ def run_adb_e2e(pte: Path | None = None, *, doc: str = "aclsum:test:0", window: 
     from device_runtime.client import run_session
     from device_runtime.documents import device_prompt, load_document
     from spa.protocol.messages import Options
+    from spa.model.output_head import head_path
     from spa.model.pte_plugin import PtePlugin
 
     pte = Path(pte) if pte else default_ptes(plugin_dir, log)[0]
@@ -355,6 +357,13 @@ def run_adb_e2e(pte: Path | None = None, *, doc: str = "aclsum:test:0", window: 
             phone("shell", "mkdir", "-p", REMOTE_DIR)
             phone("push", str(pte), REMOTE_DIR + "/", timeout=600)
             phone("push", str(local_prompt), E2E_PROMPT, timeout=120)
+            head = head_path(plugin.config.backbone["fingerprint"])
+            if head.is_file():  # the app settles side tokens with it (android_demo/README.md, "Device-side settlement")
+                log(f"phone {serial}: pushing the output head {head.name} ({head.stat().st_size >> 20} MB) for settlement...")
+                phone("shell", "mkdir", "-p", REMOTE_HEADS)
+                phone("push", str(head), REMOTE_HEADS + "/", timeout=900)
+            else:
+                log(f"no output head at {head} (spa export writes it): the app takes the gateway's verdicts")
         remote_pte = f"{REMOTE_DIR}/{pte.name}"
         phone("shell", "rm", "-f", E2E_OUT, check=False)
         phone("logcat", "-c")
@@ -396,7 +405,7 @@ def run_adb_e2e(pte: Path | None = None, *, doc: str = "aclsum:test:0", window: 
 
 
 def format_e2e(r: dict) -> str:
-    head = f"{'client':24} {'tokens':>6} {'tokens/s':>9} {'B down/tok':>11} {'B up/tok':>9} {'RT/tok':>7} {'TTFT s':>7}"
+    head = f"{'client':24} {'tokens':>6} {'tokens/s':>9} {'B down/tok':>11} {'B up/tok':>9} {'RT/tok':>7} {'TTFT s':>7} {'settled':>7}"
     lines = [f"spa bench device --adb --e2e: {r['doc']}, W={r['window']}, {r['max_new_tokens']} new tokens, "
              f"gateway {r['gateway']} (phone: {r['phone_url']} through adb reverse)"]
     if r.get("stand_in"):
@@ -409,7 +418,8 @@ def format_e2e(r: dict) -> str:
     for name, row in (("phone (app, Java, ExecuTorch)", r["phone"]), ("host (Python client)", r["host"])):
         lines.append(f"{name:24} {len(row['tokens'] or []):>6} {fmt(row['tokens_per_s'], '9.1f')} "
                      f"{fmt(row['bytes_down_per_token'], '11.0f')} {fmt(row['bytes_up_per_token'], '9.0f')} "
-                     f"{fmt(row['round_trips_per_token'], '7.2f')} {fmt(row['ttft_s'], '7.2f')}")
+                     f"{fmt(row['round_trips_per_token'], '7.2f')} {fmt(row['ttft_s'], '7.2f')} "
+                     f"{fmt(row.get('settled'), '7d')}")
     lines.append("same tokens on both clients" if r["same_tokens"] else
                  "the clients' tokens differ (different numerics: compare with the margin rules of tests/android/test_java_client_live.py)")
     return "\n".join(lines)

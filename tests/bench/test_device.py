@@ -200,6 +200,8 @@ def test_end_to_end_on_the_phone_through_adb_reverse(adb_state, built_apk, pte_p
                     log=lambda _: None)
     seen = calls(adb_state)
     assert ["install", "-r", str(built_apk)] in seen
+    # the output head `spa export` cached goes where the app looks for it (GatewayConnector.HEADS)
+    assert any(c[0] == "push" and c[1].endswith(".safetensors") and c[2] == "/data/local/tmp/spa/heads/" for c in seen)
     rev = seen.index(["reverse", f"tcp:{port}", f"tcp:{port}"])
     start = next(i for i, c in enumerate(seen) if c[:3] == ["shell", "am", "start"])
     assert rev < start < seen.index(["reverse", "--remove", f"tcp:{port}"])  # forwarded for the run, removed after
