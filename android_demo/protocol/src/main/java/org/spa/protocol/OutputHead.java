@@ -317,7 +317,7 @@ public final class OutputHead {
             for (int i = 0; i < h; i++) ay[i] = Math.abs(yd[i]);
             for (int t = 0; t < v; t++) {
                 if (!(zt[t] + err[t] >= floor)) continue;
-                monotone(z[t], c * absRowDot(t, ay), pair); // around the raw logit (Python passes the transformed one)
+                monotone(z[t], c * absRowDot(t, ay), pair); // around the raw logit, as Python
                 err[t] = pair[1];
             }
         }
